@@ -1,0 +1,15 @@
+.PHONY: demo test bench deps
+
+# The main job: management (embedded IdP, SQLite), one peer, a first SSH login.
+demo:
+	scripts/demo.sh
+
+# The whole test suite, installing what it needs first.
+test:
+	scripts/test.sh
+
+bench:
+	scripts/install-deps.sh && .venv/bin/python -m bench
+
+deps:
+	scripts/install-deps.sh

@@ -1,0 +1,1 @@
+"""meshssh: the client (login, connect, proxy for OpenSSH, cp, fan-out)."""

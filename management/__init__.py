@@ -1,0 +1,1 @@
+"""meshmgmt: the management server (store, OIDC issuer, policies, network maps, audit)."""

@@ -1,0 +1,241 @@
+"""Server settings: one frozen value, built from a TOML file (standalone `meshsshd serve`)
+or from a network map (managed `meshsshd up`), and validated when built.
+
+"Where settings come from" lives here and in `agent.py`; "what the server does" lives in
+`server.py`, which only ever sees a `ServerSettings`. A new value is applied whole
+(`MeshSSHServer.apply`), so a half-valid change never reaches live sessions.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .netmap import SSH_PORT, AccessRule, NetmapError, NetworkMap
+
+DEFAULT_STATE_DIR = Path("/var/lib/meshsshd")
+SFTP_SERVER_CANDIDATES = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+    "/usr/libexec/sftp-server",
+)
+
+
+@dataclass(frozen=True)
+class JWTSettings:
+    """How tokens are checked. jwks (inline document) wins over jwks_file over jwks_url."""
+
+    issuer: str = ""
+    audience: tuple[str, ...] = ()
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    jwks: dict[str, Any] | None = None
+    max_token_age: float = 600.0
+    leeway: float = 30.0
+    user_claim: str = "sub"
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.issuer and self.audience and (self.jwks or self.jwks_file or self.jwks_url))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """OpenSSH-like limits asyncssh does not have (LoginGraceTime, MaxAuthTries, ...)."""
+
+    login_grace: float = 30.0
+    max_auth_tries: int = 6
+    max_sessions: int = 10
+    # MaxStartups start:rate:full — beyond `start` unauthenticated connections, drop new
+    # ones with probability rate% rising linearly to 100% at `full`.
+    max_startups: tuple[int, int, int] = (10, 30, 100)
+    keepalive_interval: float = 15.0
+    keepalive_count_max: int = 3
+    # Per-source penalty after repeated auth failures (OpenSSH's PerSourcePenalties).
+    penalty_failures: int = 10
+    penalty_seconds: float = 30.0
+    dial_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", SSH_PORT),)
+    state_dir: Path = DEFAULT_STATE_DIR
+    use_system_host_keys: bool = False
+    sftp: bool = False
+    local_port_forwarding: bool = False
+    remote_port_forwarding: bool = False
+    root_login: bool = False
+    disable_auth: bool = False
+    authorized_keys: bool = False
+    jwt: JWTSettings = field(default_factory=JWTSettings)
+    access: tuple[AccessRule, ...] = ()
+    subsystems: dict[str, str] = field(default_factory=dict)
+    sftp_server: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    # Addresses a -R forward may bind besides loopback (the peer's own mesh IP).
+    own_addresses: tuple[str, ...] = ()
+    metrics_listen: tuple[str, int] | None = None
+
+    def with_(self, **changes: Any) -> ServerSettings:
+        return replace(self, **changes)
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """"127.0.0.1:22022", "[::1]:22022", "0.0.0.0" → (host, port); port defaults to 22022."""
+    spec = spec.strip()
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        port_s = rest.lstrip(":")
+    elif spec.count(":") == 1:
+        host, _, port_s = spec.partition(":")
+    else:
+        host, port_s = spec, ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(f"listen address {spec!r}: {host!r} is not an IP address") from exc
+    try:
+        port = int(port_s) if port_s else SSH_PORT
+    except ValueError as exc:
+        raise ConfigError(f"listen address {spec!r}: port is not a number") from exc
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"listen address {spec!r}: port out of range")
+    return host, port
+
+
+def find_sftp_server() -> str | None:
+    for candidate in SFTP_SERVER_CANDIDATES:
+        if Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def _bool(table: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false")
+    return value
+
+
+def _audience(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError("jwt.audience must be a string or a list of strings")
+
+
+KNOWN_KEYS = {
+    "listen", "state_dir", "use_system_host_keys", "sftp", "local_port_forwarding",
+    "remote_port_forwarding", "root_login", "disable_auth", "authorized_keys", "jwt",
+    "access", "subsystems", "sftp_server", "limits", "own_addresses", "metrics_listen",
+}
+JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
+
+
+def settings_from_toml(path: Path) -> ServerSettings:
+    """Read and validate a standalone config file; every problem names its key."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return settings_from_dict(data, base_dir=path.parent)
+
+
+def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> ServerSettings:
+    unknown = set(data) - KNOWN_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key(s): {', '.join(sorted(unknown))}")
+    listen_raw = data.get("listen", [f"127.0.0.1:{SSH_PORT}"])
+    if isinstance(listen_raw, str):
+        listen_raw = [listen_raw]
+    if not isinstance(listen_raw, list) or not listen_raw:
+        raise ConfigError("listen must be a non-empty list of host:port")
+    jwt_raw = data.get("jwt", {})
+    if not isinstance(jwt_raw, dict):
+        raise ConfigError("[jwt] must be a table")
+    unknown = set(jwt_raw) - JWT_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [jwt]: {', '.join(sorted(unknown))}")
+    jwks_file = jwt_raw.get("jwks_file")
+    jwt = JWTSettings(
+        issuer=str(jwt_raw.get("issuer", "")),
+        audience=_audience(jwt_raw["audience"]) if "audience" in jwt_raw else (),
+        jwks_file=(base_dir / jwks_file) if jwks_file else None,
+        jwks_url=jwt_raw.get("jwks_url"),
+        max_token_age=float(jwt_raw.get("max_token_age", 600)),
+        leeway=float(jwt_raw.get("leeway", 30)),
+        user_claim=str(jwt_raw.get("user_claim", "sub")),
+    )
+    access_raw = data.get("access", [])
+    if not isinstance(access_raw, list):
+        raise ConfigError("[[access]] must be an array of tables")
+    try:
+        access = tuple(AccessRule.from_dict(r) for r in access_raw)
+    except NetmapError as exc:
+        raise ConfigError(f"[[access]]: {exc}") from exc
+    subsystems = data.get("subsystems", {})
+    if not isinstance(subsystems, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in subsystems.items()
+    ):
+        raise ConfigError("[subsystems] must map names to command lines")
+    limits_raw = data.get("limits", {})
+    if not isinstance(limits_raw, dict):
+        raise ConfigError("[limits] must be a table")
+    try:
+        limits = Limits(**{
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in limits_raw.items()
+        })
+    except TypeError as exc:
+        raise ConfigError(f"[limits]: {exc}") from exc
+    metrics = data.get("metrics_listen")
+    settings = ServerSettings(
+        listen=tuple(parse_listen(s) for s in listen_raw),
+        state_dir=Path(data.get("state_dir", DEFAULT_STATE_DIR)),
+        use_system_host_keys=_bool(data, "use_system_host_keys"),
+        sftp=_bool(data, "sftp"),
+        local_port_forwarding=_bool(data, "local_port_forwarding"),
+        remote_port_forwarding=_bool(data, "remote_port_forwarding"),
+        root_login=_bool(data, "root_login"),
+        disable_auth=_bool(data, "disable_auth"),
+        authorized_keys=_bool(data, "authorized_keys"),
+        jwt=jwt,
+        access=access,
+        subsystems=dict(subsystems),
+        sftp_server=data.get("sftp_server") or find_sftp_server(),
+        limits=limits,
+        own_addresses=tuple(data.get("own_addresses", [])),
+        metrics_listen=parse_listen(metrics) if metrics else None,
+    )
+    if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
+        raise ConfigError(
+            "no way to log in: configure [jwt] (issuer, audience, jwks_file or jwks_url), "
+            "or set authorized_keys = true, or disable_auth = true"
+        )
+    return settings
+
+
+def settings_from_netmap(base: ServerSettings, netmap: NetworkMap) -> ServerSettings:
+    """The managed mode: local flags and state stay, who-may-log-in comes from the map."""
+    ssh = netmap.ssh
+    return base.with_(
+        jwt=JWTSettings(
+            issuer=ssh.issuer,
+            audience=ssh.audience or (netmap.peer.id,),
+            jwks=ssh.jwks,
+            max_token_age=base.jwt.max_token_age,
+            leeway=base.jwt.leeway,
+            user_claim=ssh.user_claim,
+        ),
+        access=ssh.access,
+        subsystems={**base.subsystems, **ssh.subsystems},
+        own_addresses=(netmap.peer.mesh_ip,),
+    )

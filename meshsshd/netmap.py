@@ -1,0 +1,260 @@
+"""Wire types shared by the peer daemon, the management server and the client.
+
+The network map is one JSON document per peer. Management computes it
+(`management/netmap.py`), the peer applies it (`meshsshd/agent.py`), and the client
+reads the peer list that comes from the same types. Everything here is a frozen
+dataclass with `to_dict`/`from_dict` so that the JSON shape is defined in one place.
+
+Schema history (bump SCHEMA_VERSION and add a line when the shape changes):
+  1 — first version: self, peers, firewall rules, SSH section with inline JWKS.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# The port the embedded SSH server listens on; mesh traffic to 22 is redirected here.
+SSH_PORT = 22022
+REDIRECTED_SSH_PORT = 22
+
+PROTOCOLS = ("tcp", "udp", "icmp", "all")
+
+
+class NetmapError(ValueError):
+    """A network map (or one of its parts) does not have the expected shape."""
+
+
+def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in data:
+        raise NetmapError(f"missing field {key!r}")
+    value = data[key]
+    if not isinstance(value, kind):
+        raise NetmapError(f"field {key!r} has the wrong type")
+    return value
+
+
+def _str_list(data: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise NetmapError(f"field {key!r} must be a list of strings")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """Who may log in as whom: source AND identity AND requested local user must match.
+
+    Shared by the standalone TOML config (`[[access]]`) and the managed map's SSH
+    section, so both modes are evaluated by the same code (`meshsshd/acl.py`).
+
+    - sources: CIDRs the TCP connection may come from (a peer's mesh IP is a /32).
+    - identities: JWT identity values, `*`, or `key:SHA256:...` public-key fingerprints.
+    - local_users: names, `localpart` (the part of the identity before `@`), or `*`
+      (any non-root user). `root` must be named explicitly and also needs root login on.
+    """
+
+    sources: tuple[str, ...] = ()
+    identities: tuple[str, ...] = ()
+    local_users: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for cidr in self.sources:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise NetmapError(f"access rule source {cidr!r} is not a CIDR") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AccessRule:
+        return cls(
+            sources=_str_list(data, "sources"),
+            identities=_str_list(data, "identities"),
+            local_users=_str_list(data, "local_users"),
+        )
+
+
+@dataclass(frozen=True)
+class FirewallRule:
+    """One inbound accept rule on the mesh interface; everything else is dropped.
+
+    ports: "22", "8000-8080"; empty means every port of the protocol.
+    """
+
+    sources: tuple[str, ...]
+    protocol: str = "tcp"
+    ports: tuple[str, ...] = ()
+    action: str = "accept"
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise NetmapError(f"firewall rule protocol {self.protocol!r} is not one of {PROTOCOLS}")
+        if self.action != "accept":
+            raise NetmapError("firewall rules only accept; the default is deny")
+        for port in self.ports:
+            parse_port_range(port)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sources": list(self.sources),
+            "protocol": self.protocol,
+            "ports": list(self.ports),
+            "action": self.action,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FirewallRule:
+        return cls(
+            sources=_str_list(data, "sources"),
+            protocol=data.get("protocol", "tcp"),
+            ports=_str_list(data, "ports"),
+            action=data.get("action", "accept"),
+        )
+
+
+def parse_port_range(spec: str) -> tuple[int, int]:
+    """"22" → (22, 22); "8000-8080" → (8000, 8080); raises NetmapError otherwise."""
+    lo_s, _, hi_s = spec.partition("-")
+    try:
+        lo = int(lo_s)
+        hi = int(hi_s) if hi_s else lo
+    except ValueError as exc:
+        raise NetmapError(f"port {spec!r} is not a number or range") from exc
+    if not (1 <= lo <= hi <= 65535):
+        raise NetmapError(f"port range {spec!r} is out of bounds")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """A peer as others see it: enough to route to it, firewall it and check its host key."""
+
+    id: str
+    name: str
+    fqdn: str
+    mesh_ip: str
+    wg_public_key: str = ""
+    endpoints: tuple[str, ...] = ()
+    ssh_host_keys: tuple[str, ...] = ()  # OpenSSH public-key lines: "ssh-ed25519 AAAA..."
+    ssh_enabled: bool = False
+    local_users: tuple[str, ...] = ()  # filled only in the per-user peer list
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("endpoints", "ssh_host_keys", "local_users"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeerInfo:
+        return cls(
+            id=_require(data, "id", str),
+            name=_require(data, "name", str),
+            fqdn=data.get("fqdn", "") or "",
+            mesh_ip=_require(data, "mesh_ip", str),
+            wg_public_key=data.get("wg_public_key", "") or "",
+            endpoints=_str_list(data, "endpoints"),
+            ssh_host_keys=_str_list(data, "ssh_host_keys"),
+            ssh_enabled=bool(data.get("ssh_enabled", False)),
+            local_users=_str_list(data, "local_users"),
+        )
+
+
+@dataclass(frozen=True)
+class SSHSection:
+    """What the peer's SSH server needs from management: who may log in as whom.
+
+    jwks is the issuer's JWKS document inline, so peers validate tokens offline.
+    audience is what this peer expects in `aud` (its own peer id).
+    """
+
+    enabled: bool = False
+    issuer: str = ""
+    audience: tuple[str, ...] = ()
+    jwks: dict[str, Any] = field(default_factory=dict)
+    user_claim: str = "sub"
+    access: tuple[AccessRule, ...] = ()
+    subsystems: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "issuer": self.issuer,
+            "audience": list(self.audience),
+            "jwks": self.jwks,
+            "user_claim": self.user_claim,
+            "access": [r.to_dict() for r in self.access],
+            "subsystems": dict(self.subsystems),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SSHSection:
+        access = data.get("access", [])
+        if not isinstance(access, list):
+            raise NetmapError("field 'access' must be a list")
+        subsystems = data.get("subsystems", {})
+        if not isinstance(subsystems, dict):
+            raise NetmapError("field 'subsystems' must be a table")
+        jwks = data.get("jwks", {})
+        if not isinstance(jwks, dict):
+            raise NetmapError("field 'jwks' must be an object")
+        return cls(
+            enabled=bool(data.get("enabled", False)),
+            issuer=data.get("issuer", "") or "",
+            audience=_str_list(data, "audience"),
+            jwks=jwks,
+            user_claim=data.get("user_claim", "sub") or "sub",
+            access=tuple(AccessRule.from_dict(r) for r in access),
+            subsystems={str(k): str(v) for k, v in subsystems.items()},
+        )
+
+
+@dataclass(frozen=True)
+class NetworkMap:
+    """Everything one peer needs, with a serial that only grows."""
+
+    serial: int
+    peer: PeerInfo
+    network: str
+    peers: tuple[PeerInfo, ...] = ()
+    firewall_rules: tuple[FirewallRule, ...] = ()
+    ssh: SSHSection = field(default_factory=SSHSection)
+    version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "serial": self.serial,
+            "peer": self.peer.to_dict(),
+            "network": self.network,
+            "peers": [p.to_dict() for p in self.peers],
+            "firewall_rules": [r.to_dict() for r in self.firewall_rules],
+            "ssh": self.ssh.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NetworkMap:
+        if not isinstance(data, dict):
+            raise NetmapError("a network map is a JSON object")
+        version = data.get("version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise NetmapError(f"network map schema {version} is not supported (want {SCHEMA_VERSION})")
+        peers = _require(data, "peers", list)
+        rules = data.get("firewall_rules", [])
+        if not isinstance(rules, list):
+            raise NetmapError("field 'firewall_rules' must be a list")
+        return cls(
+            serial=_require(data, "serial", int),
+            peer=PeerInfo.from_dict(_require(data, "peer", dict)),
+            network=_require(data, "network", str),
+            peers=tuple(PeerInfo.from_dict(p) for p in peers),
+            firewall_rules=tuple(FirewallRule.from_dict(r) for r in rules),
+            ssh=SSHSection.from_dict(data.get("ssh", {}) or {}),
+            version=version,
+        )

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what meshsshd, its tests and its demo need on a fresh Debian machine:
+# the Debian packages (as root) and the Python packages into ./.venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(
+  openssh-client openssh-sftp-server openssh-server
+  nftables wireguard-tools wireguard-go iproute2
+  postgresql procps passwd login util-linux tmux
+)
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  for p in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # The reference sshd must not run as a system service; tests start their own.
+  if command -v systemctl >/dev/null && systemctl is-active -q ssh 2>/dev/null; then :; fi
+  mkdir -p /run/sshd
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test,pam]'
