@@ -1,0 +1,66 @@
+"""Tables of the embedded issuer, on the store's one declarative Base.
+
+- idp_signing_keys: the issuer's private keys (PKCS#8 PEM, encrypted when the operator
+  gave a key-encryption secret). Server-side only; the JWKS is derived from them.
+  `retired` is when a newer key took over signing; a retired key stays published for
+  the overlap period and is deleted afterwards.
+- idp_device_codes: RFC 8628 grants. The device code is stored as a SHA-256 digest (it is
+  a bearer secret); the user code is stored as shown ("BCDF-GHJK"), it is short-lived and
+  only useful together with a password.
+- idp_refresh_tokens: digests of refresh tokens. Each use marks the row `used` and adds a
+  successor in the same `family`; presenting a used (or revoked) token again revokes
+  the whole family (reuse detection, OAuth 2.0 Security BCP §4.14).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from management.store.models import Base, new_id, utcnow
+
+
+class SigningKeyRow(Base):
+    __tablename__ = "idp_signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    private_key_pem: Mapped[str] = mapped_column(Text)
+    encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    retired: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class DeviceCodeRow(Base):
+    __tablename__ = "idp_device_codes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    device_code_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    user_code: Mapped[str] = mapped_column(String(16), unique=True, index=True)
+    client_id: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(255), default="")
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    interval: Mapped[int] = mapped_column(Integer, default=5)
+    last_polled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    user_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("users.id", ondelete="CASCADE"), nullable=True
+    )
+
+
+class RefreshTokenRow(Base):
+    __tablename__ = "idp_refresh_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    family_id: Mapped[str] = mapped_column(String(32), index=True)
+    user_id: Mapped[str] = mapped_column(String(32), ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    client_id: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(255), default="")
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
