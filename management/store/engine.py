@@ -1,0 +1,213 @@
+"""The store: one async SQLAlchemy engine, sessions, the global serial and change feed.
+
+    store = Store.from_url(url) / Store.for_data_dir(dir)
+    await store.migrate()                 # Alembic upgrade to head (run at init and serve)
+    async with store.session() as s: ...  # reads (and writes the caller commits itself)
+    async with store.change("why") as s:  # a write that affects network maps: commits,
+        ...                               # bumps the serial, tells every replica
+    state = await store.load_state()      # a MeshState snapshot for the pure netmap code
+
+SQLite (default, a file in the data dir) runs in WAL mode with foreign keys on; a change
+is announced in-process. PostgreSQL (`postgresql://` URLs, driver asyncpg) announces
+changes with NOTIFY inside the writing transaction, and every replica LISTENs, so a
+change through one replica reaches sync streams on the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event as sa_event
+from sqlalchemy import insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from meshsshd.logs import event
+
+from .models import Meta
+
+log = logging.getLogger("meshmgmt.store")
+
+CHANNEL = "meshmgmt_changes"
+SERIAL_KEY = "serial"
+
+ChangeListener = Callable[[int], Awaitable[None] | None]
+
+
+def normalise_url(url: str) -> str:
+    """`postgresql://` → asyncpg driver; `sqlite:///path` → aiosqlite driver."""
+    if url.startswith(("postgres://", "postgresql://")):
+        return "postgresql+asyncpg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite://") and not url.startswith("sqlite+"):
+        return "sqlite+aiosqlite://" + url.split("://", 1)[1]
+    return url
+
+
+def sqlite_url(data_dir: Path) -> str:
+    return f"sqlite+aiosqlite:///{Path(data_dir).resolve() / 'meshmgmt.db'}"
+
+
+class Store:
+    def __init__(self, url: str, echo: bool = False) -> None:
+        self.url = normalise_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        self.is_postgres = self.url.startswith("postgresql")
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            sa_event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._listeners: list[ChangeListener] = []
+        self._pg_conn: Any = None
+        # SQLite allows one writer; serialising writes in-process avoids SQLITE_BUSY on
+        # read→write lock upgrades. PostgreSQL needs no such lock.
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path, database: str | None = None) -> Store:
+        return cls(database or sqlite_url(data_dir))
+
+    # --- sessions -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as s:
+            yield s
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        if self._write_lock is None:
+            yield
+        else:
+            async with self._write_lock:
+                yield
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """A write that does not affect network maps (audit events, last-seen): commits."""
+        async with self._locked(), self._sessions() as s:
+            yield s
+            await s.commit()
+
+    @contextlib.asynccontextmanager
+    async def change(self, reason: str = "") -> AsyncIterator[AsyncSession]:
+        """A write that may change network maps: commit + serial bump + notify, or nothing."""
+        async with self._locked(), self._sessions() as s:
+            yield s
+            serial = await self._bump(s)
+            if self.is_postgres:
+                await s.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": str(serial)})
+            await s.commit()
+        event(log, "store.changed", serial=serial, reason=reason)
+        if not self.is_postgres or self._pg_conn is None:
+            await self._fire(serial)
+
+    async def _bump(self, s: AsyncSession) -> int:
+        result = await s.execute(
+            update(Meta).where(Meta.key == SERIAL_KEY).values(value=Meta.value + 1).returning(Meta.value)
+        )
+        value = result.scalar_one_or_none()
+        if value is None:  # first change ever on a store created without migrate()
+            await s.execute(insert(Meta).values(key=SERIAL_KEY, value=1))
+            value = 1
+        return int(value)
+
+    async def serial(self) -> int:
+        async with self.session() as s:
+            value = (await s.execute(select(Meta.value).where(Meta.key == SERIAL_KEY))).scalar()
+            return int(value or 0)
+
+    async def bump_serial(self, reason: str) -> int:
+        """Announce a change that is not a row change (e.g. the issuer rotated its keys)."""
+        async with self.change(reason):
+            pass
+        return await self.serial()
+
+    # --- change feed ----------------------------------------------------------------
+
+    def add_listener(self, fn: ChangeListener) -> None:
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: ChangeListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
+    async def _fire(self, serial: int) -> None:
+        for fn in list(self._listeners):
+            try:
+                result = fn(serial)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:  # one broken listener must not stop the others
+                log.exception("change listener failed")
+
+    async def start_listening(self) -> None:
+        """PostgreSQL: LISTEN on a dedicated connection so other replicas' changes arrive."""
+        if not self.is_postgres or self._pg_conn is not None:
+            return
+        import asyncpg
+
+        dsn = "postgresql://" + self.url.split("://", 1)[1]
+        conn = await asyncpg.connect(dsn)
+        loop = asyncio.get_running_loop()
+
+        def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            try:
+                serial = int(payload)
+            except ValueError:
+                serial = 0
+            loop.create_task(self._fire(serial))
+
+        await conn.add_listener(CHANNEL, on_notify)
+        self._pg_conn = conn
+        event(log, "store.listening", channel=CHANNEL)
+
+    async def close(self) -> None:
+        if self._pg_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pg_conn.close()
+            self._pg_conn = None
+        await self.engine.dispose()
+
+    # --- schema ---------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        """Upgrade the schema to the newest Alembic revision (safe with several replicas)."""
+        from .migrate import upgrade
+
+        async with self.engine.begin() as conn:
+            if self.is_postgres:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+            await conn.run_sync(upgrade)
+        async with self.session() as s:
+            exists = (await s.execute(select(Meta.key).where(Meta.key == SERIAL_KEY))).scalar()
+            if exists is None:
+                with contextlib.suppress(Exception):
+                    await s.execute(insert(Meta).values(key=SERIAL_KEY, value=0))
+                    await s.commit()
+
+    # --- snapshot -------------------------------------------------------------------
+
+    async def load_state(self, network: str = "", dns_domain: str = "") -> Any:
+        """A consistent `management.netmap.MeshState` snapshot (no issuer/JWKS filled in)."""
+        from .snapshot import load_state
+
+        async with self.session() as s:
+            return await load_state(s, network=network, dns_domain=dns_domain)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
