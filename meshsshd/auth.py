@@ -32,7 +32,7 @@ import jwt
 
 from .config import JWTSettings
 from .errors import AuthRefused
-from .jwks import ALLOWED_ALGS, JWKSError, KeyStore, SigningKey, _printable
+from .jwks import ALLOWED_ALGS, JWKSError, KeyStore, SigningKey, printable
 from .logs import event
 
 log = logging.getLogger("meshsshd.auth")
@@ -92,7 +92,7 @@ def check_claims(claims: Mapping[str, Any], expect: ClaimExpectations, now: floa
         if claims.get(name) in (None, "", []):
             raise AuthRefused(
                 "missing-claim",
-                f"token lacks the `{_printable(name)}` claim — the issuer must include it",
+                f"token lacks the `{printable(name)}` claim — the issuer must include it",
             )
     for name in ("exp", "nbf", "iat"):
         if not _is_number(claims[name]):
@@ -100,13 +100,13 @@ def check_claims(claims: Mapping[str, Any], expect: ClaimExpectations, now: floa
     if not isinstance(claims["jti"], str) or not isinstance(claims["iss"], str):
         raise AuthRefused("malformed", f"token claims `iss`/`jti` must be strings — {LOGIN_HINT}")
     if not isinstance(claims[expect.user_claim], str):
-        raise AuthRefused("malformed", f"token claim `{_printable(expect.user_claim)}` is not a string")
+        raise AuthRefused("malformed", f"token claim `{printable(expect.user_claim)}` is not a string")
 
     if claims["iss"] != expect.issuer:
         raise AuthRefused(
             "wrong-issuer",
-            f"token is from issuer {_printable(claims['iss'])}, this peer trusts "
-            f"{_printable(expect.issuer)} — {LOGIN_HINT} with the right management server",
+            f"token is from issuer {printable(claims['iss'])}, this peer trusts "
+            f"{printable(expect.issuer)} — {LOGIN_HINT} with the right management server",
         )
     aud = claims["aud"]
     auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
@@ -237,8 +237,7 @@ class JWTValidator:
     def update(self, settings: JWTSettings) -> None:
         """New settings; keys are reloaded if their source changed; seen jtis are kept."""
         new_store = self._store_for(settings)
-        if not self._keys.same_source(jwks=new_store._inline, jwks_file=new_store._file,
-                                      jwks_url=new_store._url):
+        if not self._keys.same_source(new_store):
             self._old_stores.append(self._keys)
             self._keys = new_store
         self._settings = settings
@@ -266,7 +265,7 @@ class JWTValidator:
         if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
             raise AuthRefused(
                 "alg-not-allowed",
-                f"token algorithm {_printable(alg)} is not accepted (asymmetric RS/PS/ES/EdDSA "
+                f"token algorithm {printable(alg)} is not accepted (asymmetric RS/PS/ES/EdDSA "
                 "only) — the issuer must sign with an asymmetric key",
             )
         kid = header.get("kid")
@@ -279,7 +278,7 @@ class JWTValidator:
             raise AuthRefused(
                 "alg-not-allowed",
                 f"token algorithm {alg} does not match the type of signing key "
-                f"{_printable(kid) if kid else '(no kid)'} — the issuer's JWKS and token disagree",
+                f"{printable(kid) if kid else '(no kid)'} — the issuer's JWKS and token disagree",
             )
         payload = self._verify(token, alg, usable)
         try:
@@ -332,11 +331,11 @@ class JWTValidator:
             found = refreshed.find(kid)
             if found:
                 return found
-        event(log, "auth.unknown-kid", kid=_printable(kid), known=[k.kid for k in keyset.keys],
+        event(log, "auth.unknown-kid", kid=printable(kid), known=[k.kid for k in keyset.keys],
               refreshed=refreshed is not None)
         raise AuthRefused(
             "unknown-kid",
-            f"token signed with unknown key id {_printable(kid)} — {LOGIN_HINT} for a fresh "
+            f"token signed with unknown key id {printable(kid)} — {LOGIN_HINT} for a fresh "
             "token; if it persists, the peer's JWKS is out of date",
         )
 

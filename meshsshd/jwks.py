@@ -122,7 +122,7 @@ def parse_jwks(doc: Any, *, source: str) -> tuple[SigningKey, ...]:
                     keys.append(SigningKey(kid=kid if isinstance(kid, str) else None, algs=algs, key=key))
         if why is not None:
             event(log, "jwks.key-skipped", logging.WARNING, source=source, index=index,
-                  kid=_printable(kid), why=why)
+                  kid=printable(kid), why=why)
     if not keys:
         raise JWKSError(f"{source}: no usable signing key (asymmetric RSA/EC/Ed25519 only)")
     return tuple(keys)
@@ -140,7 +140,7 @@ def _skip_reason(jwk: Any) -> str | None:
     return None
 
 
-def _printable(value: Any, limit: int = 64) -> str:
+def printable(value: Any, limit: int = 64) -> str:
     """Attacker-supplied text (kid, alg, iss) made safe for a log line or a banner."""
     text = value if isinstance(value, str) else repr(value)
     text = "".join(ch if ch.isprintable() else "?" for ch in text)
@@ -193,8 +193,9 @@ class KeyStore:
             return str(self._file)
         return self._url or "none"
 
-    def same_source(self, *, jwks: Any, jwks_file: Path | None, jwks_url: str | None) -> bool:
-        return (jwks, jwks_file, jwks_url) == (self._inline, self._file, self._url)
+    def same_source(self, other: KeyStore) -> bool:
+        """Would `other` load the same keys? Then the cached set can stay."""
+        return (self._inline, self._file, self._url) == (other._inline, other._file, other._url)
 
     async def keys(self) -> KeySet:
         """The current set, loading it if missing or expired. Raises JWKSError only when
