@@ -123,3 +123,35 @@ def os_user(prefix: str = "mst") -> Iterator[pwd.struct_passwd]:
     finally:
         subprocess.run(["pkill", "-KILL", "-u", name], check=False)
         subprocess.run(["userdel", "-r", "-f", name], check=False, capture_output=True)
+
+
+def _netns_pids(name: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+@contextlib.contextmanager
+def netns(prefix: str = "mst") -> Iterator[str]:
+    """A throwaway network namespace (lo up), removed afterwards with every process in it.
+
+    wireguard-go keeps its socket in the shared /var/run/wireguard, so callers give each
+    interface a unique name; deleting the namespace deletes its links, which ends
+    wireguard-go, and any process still inside is killed first.
+    """
+    require_root()
+    require_tool("ip")
+    name = f"{prefix}{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = _netns_pids(name)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 3
+            while _netns_pids(name) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        subprocess.run(["ip", "netns", "del", name], check=False)
