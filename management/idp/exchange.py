@@ -1,0 +1,67 @@
+"""Token exchange (RFC 8693) for SSH: one identity, many target peers, one answer each.
+
+Pure: given the mesh snapshot, the identity and what the client named, decide per
+target whether an SSH token may be issued and with which local users, or why not. The
+issuer signs the tokens; this module never sees keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from management.netmap import compute_map, find_peer, ssh_access
+from management.state import MeshState, PeerRecord
+from meshsshd.acl import is_valid_login
+
+from .tokens import Identity
+
+
+@dataclass(frozen=True)
+class Allowed:
+    asked: str
+    peer: PeerRecord
+    local_users: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Refused:
+    asked: str
+    error: str  # RFC 8693 / 6749 code: invalid_target | access_denied
+    reason: str  # stable code for metrics and tests
+    description: str
+    status: int
+
+
+def resolve_local_users(patterns: tuple[str, ...], email: str) -> tuple[str, ...]:
+    """`localpart` becomes the identity's own name (when it is a valid login); `*`, names
+    and `root` stay. The peer applies the same meaning to the claim, so this only makes
+    the token readable, it grants nothing new."""
+    out: dict[str, None] = {}
+    for p in patterns:
+        if p == "localpart":
+            part = email.split("@", 1)[0]
+            if is_valid_login(part):
+                out.setdefault(part, None)
+        else:
+            out.setdefault(p, None)
+    return tuple(out)
+
+
+def decide(state: MeshState, identity: Identity, asked: str) -> Allowed | Refused:
+    peer = find_peer(state, asked) if asked.strip() else None
+    if peer is None:
+        return Refused(asked, "invalid_target", "unknown-peer", f"unknown peer {asked}", 400)
+    grant = ssh_access(state, identity.email, None, peer.id)
+    if grant is not None:
+        users = resolve_local_users(grant.local_users, identity.email)
+        if users:
+            return Allowed(asked, peer, users)
+    if not peer.allow_server_ssh:
+        return Refused(asked, "access_denied", "ssh-not-served",
+                       f"{peer.name} does not serve SSH (start meshsshd there with --allow-server-ssh)", 403)
+    netmap = compute_map(state, peer.id)
+    if netmap is None or not netmap.ssh.enabled:
+        return Refused(asked, "access_denied", "ssh-disabled",
+                       f"{peer.name} is not SSH-enabled (meshmgmt peer ssh on {peer.name})", 403)
+    return Refused(asked, "access_denied", "no-policy",
+                   f"no policy lets {identity.email} reach {peer.name}", 403)
