@@ -1,0 +1,162 @@
+"""`python -m bench`: start sshd and meshsshd side by side, run the measurements,
+print the table, write bench/out/results-<stamp>.json and refresh bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import machine, measure, report
+from .servers import Workspace
+from .stats import Figure, format_table, parse_size
+
+MEASUREMENTS = ("bulk", "sftp", "latency", "memory", "logins", "mgmt")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="meshsshd vs OpenSSH sshd on this machine, same run, ratios meshsshd/sshd.",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="rounds per measurement (default 5)")
+    p.add_argument("--size", default="1G", help="bytes per bulk/sftp transfer (default 1G; e.g. 64M)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help=f"run only these ({', '.join(MEASUREMENTS)}); repeat or comma-separate")
+    p.add_argument("--skip", action="append", default=[], metavar="NAME", help="leave these out")
+    p.add_argument("--latency-runs", type=int, default=10, help="`ssh true` runs per round and server")
+    p.add_argument("--sessions", default="100,500,1000", help="idle-session levels for memory")
+    p.add_argument("--login-seconds", type=float, default=10.0, help="length of one login burst")
+    p.add_argument("--login-concurrency", type=int, default=50)
+    p.add_argument("--login-procs", type=int, default=2,
+                   help="client processes sharing the concurrency (the client needs CPU too)")
+    p.add_argument("--kex", default="curve25519-sha256",
+                   help="key exchange of the asyncssh load clients ('' = asyncssh's default)")
+    p.add_argument("--max-startups", type=int, default=100,
+                   help="unauthenticated-connection allowance given to both servers")
+    p.add_argument("--self-check", action="store_true",
+                   help="A/A run: a second sshd stands in for meshsshd (ratios should be ~1)")
+    p.add_argument("--no-results-md", action="store_true", help="do not rewrite bench/RESULTS.md")
+    p.add_argument("--mgmt-args", default="", help="extra arguments for bench/mgmt_bench.py")
+    return p
+
+
+def _selected(args: argparse.Namespace) -> list[str]:
+    def split(items: Sequence[str]) -> list[str]:
+        return [x.strip() for item in items for x in item.split(",") if x.strip()]
+
+    only, skip = split(args.only), split(args.skip)
+    for name in only + skip:
+        if name not in MEASUREMENTS:
+            raise SystemExit(f"unknown measurement {name!r}; choose from {', '.join(MEASUREMENTS)}")
+    return [m for m in MEASUREMENTS if (not only or m in only) and m not in skip]
+
+
+def _raise_fd_limit() -> None:
+    """1000 idle sessions need more than the default 1024 descriptors in the daemon and
+    in the client pool; both inherit this limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    selected = _selected(args)
+    size = parse_size(args.size)
+    sessions = tuple(int(x) for x in args.sessions.split(",") if x.strip())
+    params = {"rounds": args.rounds, "size": args.size, "measurements": ",".join(selected),
+              "latency_runs": args.latency_runs, "sessions": args.sessions,
+              "login_seconds": args.login_seconds, "login_concurrency": args.login_concurrency,
+              "login_procs": args.login_procs, "kex": args.kex or "default",
+              "max_startups": args.max_startups}
+    desc = machine.describe()
+    _progress(f"machine: {machine.one_line(desc)}")
+    _raise_fd_limit()
+    figures: list[Figure] = []
+    notes: list[str] = []
+    t_start = time.monotonic()
+    stamp = report.stamp_now()
+    ws = Workspace.create()
+    try:
+        sshd = ws.start_sshd(args.max_startups)
+        if args.self_check:
+            mesh = ws.start_sshd(args.max_startups, label="meshsshd")
+            notes.append("self-check: the meshsshd column is a second OpenSSH sshd")
+        else:
+            mesh = ws.start_meshsshd(args.max_startups)
+        _progress(f"user {ws.user}; sshd on :{sshd.port} (pid {sshd.pid}), "
+                  f"meshsshd on :{mesh.port} (pid {mesh.pid})")
+        ctx = measure.Ctx(
+            ws=ws, sshd=sshd, mesh=mesh, rounds=args.rounds, size=size,
+            latency_runs=args.latency_runs, sessions=sessions, login_seconds=args.login_seconds,
+            login_concurrency=args.login_concurrency, login_procs=args.login_procs,
+            kex=args.kex, progress=_progress, notes=notes,
+        )
+        for name in selected:
+            t0 = time.monotonic()
+            try:
+                figures += _measure(name, ctx, args)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one broken measurement must not lose the others
+                notes.append(f"{name}: failed: {exc}")
+                _progress(f"{name} FAILED: {exc}")
+            _progress(f"{name} took {time.monotonic() - t0:.0f} s")
+    finally:
+        ws.close()
+    desc["loadavg_end"] = os.getloadavg()
+    desc["duration_seconds"] = round(time.monotonic() - t_start, 1)
+    print(format_table(figures))
+    for n in notes:
+        print(f"note: {n}")
+    path = report.write_json(figures, desc, params, notes, stamp)
+    _progress(f"wrote {path}")
+    if not args.no_results_md and not args.only and not args.self_check:
+        report.update_results_md(figures, desc, params, notes, stamp)
+        _progress(f"updated {report.RESULTS_MD}")
+    return 0
+
+
+def _measure(name: str, ctx: measure.Ctx, args: argparse.Namespace) -> list[Figure]:
+    if name == "bulk":
+        return measure.measure_bulk(ctx)
+    if name == "sftp":
+        return measure.measure_sftp(ctx)
+    if name == "latency":
+        from . import managed
+        native, baseline = measure.measure_latency_native(ctx)
+        return [native, *managed.measure_managed_latency(ctx, native.sshd, baseline)]
+    if name == "memory":
+        return measure.measure_memory(ctx)
+    if name == "logins":
+        return measure.measure_logins(ctx)
+    if name == "mgmt":
+        from . import mgmt
+        return mgmt.measure_mgmt(ctx, args.mgmt_args)
+    raise ValueError(name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        _progress("interrupted; cleaned up")
+        return 130
