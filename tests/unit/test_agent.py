@@ -1,0 +1,226 @@
+"""The agent's map handling and outages, with management replaced only to inject failures.
+
+The happy path against a real `meshmgmt serve` is in tests/integration/test_mesh_local.py.
+Here: management unreachable (persisted map served), peer deleted (stops, says why),
+broken maps and a failing data plane (old map stays, all-or-nothing), audit delivery
+through an outage with a bounded queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshsshd.agent import EXIT_PEER_DELETED, Agent, backoff_delay
+from meshsshd.audit import AuthRefused, SessionStarted
+from meshsshd.audit_uplink import ManagementAuditSink
+from meshsshd.dataplane._none import NoDataplane
+from meshsshd.errors import ConfigError, DataplaneError
+from meshsshd.mgmt_client import ManagementUnavailable, PeerDeleted, Registration
+from meshsshd.netmap import FirewallRule, NetworkMap, PeerInfo, SSHSection
+from meshsshd.state import Credential, StateDir, UpConfig, read_json, write_json
+
+
+def netmap(serial: int, ip: str = "127.77.0.2", rules: tuple[FirewallRule, ...] = ()) -> NetworkMap:
+    return NetworkMap(
+        serial=serial, peer=PeerInfo(id="p1", name="a", fqdn="a.mesh", mesh_ip=ip),
+        network="127.77.0.0/16", firewall_rules=rules, ssh=SSHSection(enabled=True),
+    )
+
+
+class Outage:
+    """Management that is down (or that has deleted us): every call fails."""
+
+    def __init__(self, deleted: bool = False) -> None:
+        self.deleted = deleted
+        self.sync_calls = 0
+
+    def _fail(self) -> Exception:
+        if self.deleted:
+            return PeerDeleted("management does not know this peer's credential any more: peer deleted")
+        return ManagementUnavailable("cannot reach management: connection refused")
+
+    async def register(self, req: Registration) -> dict[str, Any]:
+        raise self._fail()
+
+    async def update_self(self, cred: Credential, body: dict[str, Any]) -> None:
+        raise self._fail()
+
+    async def sync(self, cred: Credential) -> AsyncIterator[dict[str, Any]]:
+        self.sync_calls += 1
+        raise self._fail()
+        yield {}  # pragma: no cover - makes this an async generator
+
+    async def post_events(self, cred: Credential, events: list[dict[str, Any]]) -> None:
+        raise self._fail()
+
+    async def close(self) -> None:
+        pass
+
+
+class BrokenDataplane(NoDataplane):
+    """Failure injection: the data plane refuses maps whose serial is in `fail`."""
+
+    def __init__(self, fail: set[int]) -> None:
+        super().__init__()
+        self.fail = fail
+        self.applied: list[int] = []
+
+    async def apply(self, netmap: NetworkMap, serve_ssh: bool) -> None:
+        if netmap.serial in self.fail:
+            raise DataplaneError(f"nft refused map {netmap.serial}")
+        await super().apply(netmap, serve_ssh)
+        self.applied.append(netmap.serial)
+
+
+def registered_state(tmp_path: Path, with_map: NetworkMap | None) -> StateDir:
+    sd = StateDir(tmp_path / "state")
+    sd.ensure()
+    sd.save_credential(Credential(peer_id="p1", credential="c", management_url="http://127.0.0.1:9",
+                                  mesh_ip="127.77.0.2"))
+    if with_map is not None:
+        write_json(sd.netmap_path, with_map.to_dict())
+    return sd
+
+
+def config() -> UpConfig:
+    return UpConfig(management_url="http://127.0.0.1:9", dataplane="none")
+
+
+async def run_until(agent: Agent, predicate, timeout: float = 10.0) -> int:
+    task = asyncio.create_task(agent.run())
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                if task.done():
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        agent.stop()
+    return await task
+
+
+async def test_restart_while_management_is_down_serves_the_persisted_map(tmp_path: Path) -> None:
+    sd = registered_state(tmp_path, netmap(7))
+    mgmt = Outage()
+    agent = Agent(sd, config(), mgmt=mgmt, dataplane=NoDataplane())
+    code = await run_until(agent, lambda: mgmt.sync_calls >= 2 and sd.status_path.exists()
+                           and (read_json(sd.status_path) or {}).get("netmap_serial") == 7)
+    assert code == 0
+    assert agent.netmap is not None and agent.netmap.serial == 7
+    status = read_json(sd.status_path)
+    assert status["state"] == "stopped" and status["pid"] is None
+    assert "connection refused" in status["management"]["last_error"]
+    assert not sd.pid_path.exists()
+    assert sd.load_credential() is not None  # an outage is not a deletion
+
+
+async def test_deleted_credential_stops_serving_and_says_why(tmp_path: Path) -> None:
+    sd = registered_state(tmp_path, netmap(3))
+    agent = Agent(sd, config(), mgmt=Outage(deleted=True), dataplane=NoDataplane())
+    code = await asyncio.wait_for(agent.run(), 10)
+    assert code == EXIT_PEER_DELETED
+    status = read_json(sd.status_path)
+    assert status["state"] == "credential-deleted"
+    assert "peer deleted" in status["reason"]
+    assert status["ssh"]["running"] is False
+    assert sd.load_credential() is None and not sd.netmap_path.exists()
+
+
+async def test_unregistered_peer_without_setup_key_is_told_what_to_do(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path / "s")
+    agent = Agent(sd, config(), mgmt=Outage(), dataplane=NoDataplane())
+    with pytest.raises(ConfigError, match="--setup-key"):
+        await agent.run()
+
+
+@pytest.mark.parametrize(
+    ("doc", "match"),
+    [
+        pytest.param({"serial": 9}, "missing field", id="shape"),
+        pytest.param({**netmap(9).to_dict(), "peer": {**netmap(9).peer.to_dict(), "id": "p2"}}, "not for us",
+                     id="someone-elses-map"),
+        pytest.param(netmap(9, ip="127.78.0.1").to_dict(), "outside the network", id="ip-outside-network"),
+        pytest.param(netmap(9, ip="100.64.0.9").to_dict(), "outside the network", id="not-loopback"),
+    ],
+)
+async def test_bad_maps_are_rejected_and_the_old_one_stays(tmp_path: Path, doc: dict, match: str) -> None:
+    sd = registered_state(tmp_path, None)
+    agent = Agent(sd, config(), mgmt=Outage(), dataplane=NoDataplane())
+    agent.cred = sd.load_credential()
+    assert await agent.apply_map(netmap(8).to_dict())
+    with pytest.raises(ConfigError, match=match):
+        await agent.apply_map(doc)
+    assert agent.netmap == netmap(8)
+    assert read_json(sd.netmap_path)["serial"] == 8
+
+
+async def test_dataplane_failure_keeps_old_map_and_rolls_back(tmp_path: Path) -> None:
+    sd = registered_state(tmp_path, None)
+    dp = BrokenDataplane(fail={5})
+    agent = Agent(sd, config(), mgmt=Outage(), dataplane=dp)
+    agent.cred = sd.load_credential()
+    rule = FirewallRule(sources=("127.77.0.3",), ports=("22",))
+    await agent.apply_map(netmap(4).to_dict())
+    with pytest.raises(DataplaneError):
+        await agent.apply_map(netmap(5, rules=(rule,)).to_dict())
+    assert agent.netmap is not None and agent.netmap.serial == 4
+    assert dp.applied[-1] == 4  # rolled back to the map in force
+    assert read_json(sd.netmap_path)["serial"] == 4
+    assert await agent.apply_map(netmap(6).to_dict())
+    assert not await agent.apply_map(netmap(6).to_dict())  # identical: nothing to do
+
+
+async def test_ssh_not_allowed_locally_means_not_serving(tmp_path: Path) -> None:
+    sd = registered_state(tmp_path, None)
+    agent = Agent(sd, config(), mgmt=Outage(), dataplane=NoDataplane())
+    agent.cred = sd.load_credential()
+    await agent.apply_map(netmap(1).to_dict())
+    assert agent.server is None and not agent.serving
+    doc = await agent.status_doc()
+    assert doc["state"] == "ssh-off" and "--allow-server-ssh" in doc["reason"]
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    first = [backoff_delay(0) for _ in range(50)]
+    late = [backoff_delay(20) for _ in range(50)]
+    assert all(0.25 <= d <= 0.5 for d in first)
+    assert all(5.0 <= d <= 10.0 for d in late)
+    assert len(set(late)) > 1
+
+
+async def test_audit_events_survive_an_outage_in_a_bounded_queue(tmp_path: Path) -> None:
+    delivered: list[dict[str, Any]] = []
+    down = True
+
+    async def post(batch: list[dict[str, Any]]) -> None:
+        if down:
+            raise ManagementUnavailable("connection refused")
+        delivered.extend(batch)
+
+    sink = ManagementAuditSink(post, max_queue=5, batch_size=2, interval=0.01, max_backoff=0.05)
+    sink.start()
+    for i in range(7):
+        sink.emit(SessionStarted(session_id=f"s{i}", identity="alice@example.com"))
+    await asyncio.sleep(0.1)
+    assert sink.dropped == 2 and len(sink.queue) == 5 and delivered == []
+    down = False
+    async with asyncio.timeout(5):
+        while len(delivered) < 5:
+            await asyncio.sleep(0.01)
+    assert [d["session_id"] for d in delivered] == ["s2", "s3", "s4", "s5", "s6"]
+    assert delivered[0]["type"] == "session.started"
+    # What is still queued at shutdown is kept on disk for the next run.
+    down = True
+    sink.emit(AuthRefused(reason="expired", source_ip="127.77.0.3"))
+    path = tmp_path / "events.jsonl"
+    await sink.stop(path, flush_timeout=0.1)
+    saved = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["reason"] for e in saved] == ["expired"]
+    again = ManagementAuditSink(post)
+    assert again.load(path) == 1 and again.queue[0]["type"] == "auth.refused"
