@@ -1,0 +1,437 @@
+"""The SSH listener: authentication, limits and dispatch of sessions and forwards.
+
+`MeshSSHServer` owns the listening sockets, host keys, the JWT validator and the live
+connections; it only ever sees a `ServerSettings` (standalone `meshsshd serve` builds it
+from TOML, managed `meshsshd up` from the network map) and `apply()` swaps it whole.
+`_Connection` is asyncssh's per-connection `SSHServer`: its hooks parse, ask the pure
+cores (`acl.evaluate`, `limits`, `forwarding.may_listen`) and apply the answer.
+
+Authentication paths, all ending in the same access-rule check:
+- JWT as the SSH password (keyboard-interactive is bridged to it by asyncssh);
+- public keys from the target user's authorized_keys (`authorized_keys = true`);
+- "none" with `disable_auth` (identity `peer:<source ip>`).
+A refusal is one log line (reason code, never the token), an audit event, and a short
+message to the client through the userauth banner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import asyncssh
+
+from . import __version__, acl, algorithms, forwarding, hostkeys
+from .audit import AuditSink, ForwardOpened, LoggingAuditSink, SessionRevoked
+from .audit import AuthRefused as AuthRefusedEvent
+from .auth import Identity, JWTValidator, key_identity, peer_identity
+from .config import ServerSettings
+from .errors import AuthRefused
+from .limits import AuthTries, Penalties, StartupGate
+from .logs import event
+from .session import ChildSession, ConnectionInfo, SessionContext, resolve_subsystem
+from .users import LocalUser, lookup_user
+
+log = logging.getLogger("meshsshd.server")
+
+JWT_MARKER = "meshsshd-jwt"
+SOFTWARE_VERSION = "meshsshd_" + ".".join(__version__.split(".")[:2])
+
+
+def server_version(settings: ServerSettings) -> str:
+    """Software part of the identification string; the JWT marker tells clients
+    (`meshssh detect`) that a token is expected as the password."""
+    if jwt_enabled(settings):
+        return f"{SOFTWARE_VERSION} {JWT_MARKER}"
+    return SOFTWARE_VERSION
+
+
+def jwt_enabled(settings: ServerSettings) -> bool:
+    return not settings.disable_auth and settings.jwt.configured
+
+
+async def _load_authorized_keys(user: LocalUser) -> asyncssh.SSHAuthorizedKeys | None:
+    """S2's StrictModes-checking loader (imported late: it is optional for JWT-only peers)."""
+    from .authorized_keys import load_authorized_keys
+
+    if user.passwd is None:
+        return None
+    return await load_authorized_keys(user.passwd)
+
+
+class _Connection(asyncssh.SSHServer):
+    """One client connection, from TCP accept to close."""
+
+    def __init__(self, server: MeshSSHServer) -> None:
+        self.server = server
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.info = ConnectionInfo("", 0, "", 0)
+        self.login = ""
+        self.user: LocalUser | None = None
+        self.identity: Identity | None = None
+        self.ctx: SessionContext | None = None
+        self.sessions: set[ChildSession] = set()
+        self.opened = time.time()
+        self._tries = AuthTries(server.settings.limits.max_auth_tries)
+        self._authorized_keys: asyncssh.SSHAuthorizedKeys | None = None
+        self._key_options: dict[str, Any] | None = None
+        self._admitted = False
+        self._closing = False
+
+    # ---- connection -----------------------------------------------------------------
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("", 0)
+        local = conn.get_extra_info("sockname") or ("", 0)
+        self.info = ConnectionInfo(str(peer[0]), int(peer[1]), str(local[0]), int(local[1]))
+        srv = self.server
+        blocked = srv.penalties.blocked_for(self.info.client_ip)
+        if blocked > 0:
+            event(log, "connection.refused", source=self.info.client_ip, reason="penalty", seconds=round(blocked))
+            self._drop()
+            return
+        admission = srv.gate.admit(self)
+        if not admission.admitted:
+            event(log, "connection.dropped", level=logging.DEBUG, source=self.info.client_ip, reason=admission.reason,
+                  unauthenticated=srv.gate.unauthenticated)
+            srv.stats["dropped"] += 1
+            self._drop()
+            return
+        if admission.evict is not None:
+            srv.stats["evicted"] += 1
+            victim = admission.evict
+            assert isinstance(victim, _Connection)
+            victim._drop()
+        self._admitted = True
+        srv.connections.add(self)
+
+    def _drop(self) -> None:
+        """Close without ceremony (flood or penalty): the client has sent nothing yet."""
+        self._closing = True
+        conn = self.conn
+        if conn is not None:
+            asyncio.get_running_loop().call_soon(conn.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.gate.done(self)
+        self.server.connections.discard(self)
+
+    # ---- authentication -------------------------------------------------------------
+    async def begin_auth(self, username: str) -> bool:
+        srv = self.server
+        srv.gate.progressed(self)
+        self.login = username
+        self.identity = None
+        self._authorized_keys = None
+        self.user = await lookup_user(username)
+        settings = srv.settings
+        if self.user is not None and settings.authorized_keys and not self._closing:
+            try:
+                self._authorized_keys = await _load_authorized_keys(self.user)
+            except Exception as exc:  # a broken loader must not crash the connection
+                event(log, "authorized-keys.failed", level=logging.WARNING, user=username, error=str(exc))
+        if settings.disable_auth:
+            identity = peer_identity(self.info.client_ip)
+            if self._check_access(identity):
+                self.identity = identity
+                return False   # "none" succeeds
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return jwt_enabled(self.server.settings) and self.server.validator is not None
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        validator = self.server.validator
+        if validator is None:
+            return False
+        try:
+            identity = await validator.validate(password)
+        except AuthRefused as exc:
+            self._refuse(exc.reason, exc.user_message, method="jwt")
+            return False
+        return self._check_access(identity)
+
+    def public_key_auth_supported(self) -> bool:
+        return self.server.settings.authorized_keys
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        keys = self._authorized_keys
+        options = keys.validate(key, self.info.client_ip, self.info.client_ip) if keys else None
+        if options is None:
+            self._refuse("unknown-key", "public key not accepted", method="publickey", quiet=True)
+            return False
+        if self._check_access(key_identity(key.get_fingerprint("sha256"))):
+            self._key_options = dict(options)
+            return True
+        return False
+
+    def _check_access(self, identity: Identity) -> bool:
+        """The access rules for this login; on success remember the identity."""
+        settings = self.server.settings
+        if self.user is None:
+            self._refuse("local-user", f"you may not log in as {self.login} on this peer",
+                         method=identity.method, identity=identity.value)
+            return False
+        login = "root" if self.user.is_root else self.login
+        result = acl.evaluate(settings.access, self.info.client_ip, identity, login, root_login=settings.root_login)
+        if not result.allowed:
+            self._refuse(result.reason, result.message, method=identity.method, identity=identity.value)
+            return False
+        self.identity = identity
+        return True
+
+    def _refuse(self, reason: str, message: str, *, method: str, identity: str = "", quiet: bool = False) -> None:
+        srv = self.server
+        event(log, "auth.refused", level=logging.INFO, reason=reason, method=method, user=self.login,
+              source=self.info.client_ip, identity=identity or None)
+        srv.audit.emit(AuthRefusedEvent(identity=identity, source_ip=self.info.client_ip,
+                                        local_user=self.login, reason=reason))
+        conn = self.conn
+        if conn is None:
+            return
+        if not quiet:
+            try:
+                conn.send_auth_banner(f"meshsshd: {message}\r\n")
+            except Exception:  # banner is best effort (only allowed before auth completes)
+                pass
+        if srv.penalties.record_failure(self.info.client_ip):
+            event(log, "source.penalized", source=self.info.client_ip,
+                  seconds=srv.settings.limits.penalty_seconds)
+        if self._tries.fail():
+            event(log, "auth.too-many-tries", source=self.info.client_ip, user=self.login)
+            self._closing = True
+            asyncio.get_running_loop().call_soon(
+                conn.disconnect, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                "too many authentication failures")
+
+    async def auth_completed(self) -> None:
+        srv = self.server
+        srv.gate.done(self)
+        assert self.user is not None and self.identity is not None and self.conn is not None
+        if self._key_options is not None:
+            # asyncssh resets key options when our validate_public_key accepted the key;
+            # restore them so from=, command=, no-pty, permitopen... keep working.
+            self.conn._key_options = self._key_options  # noqa: SLF001
+        self.ctx = SessionContext(
+            user=self.user, conn=self.info, identity=self.identity.value, via=self.identity.via,
+            audit=srv.audit, resolve_subsystem=lambda name: resolve_subsystem(srv.settings, name),
+            registry=srv.session_registry,
+        )
+        event(log, "auth.accepted", method=self.identity.method, identity=self.identity.value,
+              user=self.user.name, source=self.info.client_ip)
+
+    # ---- channels -------------------------------------------------------------------
+    def session_requested(self) -> asyncssh.SSHServerSession | bool:
+        if self.ctx is None:
+            return False
+        live = {s for s in self.sessions if not s.closed}
+        self.sessions = live
+        if len(live) >= self.server.settings.limits.max_sessions:
+            event(log, "session.refused", reason="max-sessions", source=self.info.client_ip)
+            return False
+        session = ChildSession(self.ctx)
+        self.sessions.add(session)
+        return session
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        settings = self.server.settings
+        if self.ctx is None or not settings.local_port_forwarding:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "local port forwarding is disabled on this peer")
+        assert self.conn is not None
+        self.server.audit.emit(ForwardOpened(**self.ctx.base_event(""), forward=f"local {dest_host}:{dest_port}"))
+        return forwarding.dial(self.conn, dest_host, dest_port, settings.limits.dial_timeout)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        settings = self.server.settings
+        if self.ctx is None or not settings.remote_port_forwarding:
+            event(log, "forward.refused", kind="remote", reason="disabled", source=self.info.client_ip)
+            return False
+        decision = forwarding.may_listen(listen_host, listen_port, uid=self.ctx.user.uid,
+                                         own_addresses=settings.own_addresses)
+        if not decision.allowed:
+            event(log, "forward.refused", kind="remote", reason=decision.reason, host=listen_host,
+                  port=listen_port, source=self.info.client_ip)
+            return False
+        self.server.audit.emit(ForwardOpened(**self.ctx.base_event(""), forward=f"remote {listen_host}:{listen_port}"))
+        return True
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        return False
+
+    # ---- revocation -----------------------------------------------------------------
+    def revoke(self, reason: str, message: str) -> None:
+        """Close every session and the connection, telling the user why."""
+        srv = self.server
+        assert self.ctx is not None
+        srv.audit.emit(SessionRevoked(**self.ctx.base_event(""), reason=reason))
+        event(log, "session.revoked", reason=reason, identity=self.ctx.identity, user=self.ctx.user.name,
+              source=self.info.client_ip)
+        for session in list(self.sessions):
+            session.close(message)
+        if self.conn is not None:
+            conn = self.conn
+            asyncio.get_running_loop().call_later(
+                0.2, conn.disconnect, asyncssh.DISC_BY_APPLICATION, f"meshsshd: {message}")
+
+
+class MeshSSHServer:
+    """The embedded SSH server; see the module docstring."""
+
+    def __init__(self, settings: ServerSettings, *, audit: AuditSink | None = None) -> None:
+        self.settings = settings
+        self.audit: AuditSink = audit or LoggingAuditSink()
+        self.validator: JWTValidator | None = None
+        self.gate = StartupGate(settings.limits)
+        self.penalties = Penalties(settings.limits)
+        self.connections: set[_Connection] = set()
+        self.session_registry: dict[str, dict[str, Any]] = {}
+        self.stats: dict[str, int] = {"dropped": 0, "evicted": 0}
+        self._host_keys: hostkeys.HostKeys | None = None
+        self._acceptors: dict[tuple[str, int], asyncssh.SSHAcceptor] = {}
+        self._prune_task: asyncio.Task | None = None
+        bad = algorithms.weak_names(algorithms.KEX_ALGS + algorithms.ENCRYPTION_ALGS + algorithms.MAC_ALGS)
+        assert not bad, f"weak algorithms in the allowlist: {bad}"
+
+    # ---- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._host_keys = await loop.run_in_executor(
+            None, hostkeys.load_or_create, self.settings.state_dir, self.settings.use_system_host_keys)
+        self._update_validator(self.settings)
+        for address in self.settings.listen:
+            await self._bind(address)
+        self._prune_task = loop.create_task(self._prune_forever())
+        event(log, "server.started", listen=[f"{h}:{p}" for h, p in self.bound_addresses],
+              jwt=jwt_enabled(self.settings), disable_auth=self.settings.disable_auth,
+              authorized_keys=self.settings.authorized_keys, sftp=self.settings.sftp)
+
+    def _listen_options(self, settings: ServerSettings) -> dict[str, Any]:
+        limits = settings.limits
+        assert self._host_keys is not None
+        return dict(
+            server_host_keys=algorithms.host_keypairs(self._host_keys.keys),
+            server_version=server_version(settings),
+            encoding=None,
+            line_editor=False,
+            allow_scp=False,
+            x11_forwarding=False,
+            agent_forwarding=True,
+            login_timeout=limits.login_grace,
+            keepalive_interval=limits.keepalive_interval,
+            keepalive_count_max=limits.keepalive_count_max,
+            **algorithms.listen_options(),
+        )
+
+    async def _bind(self, address: tuple[str, int]) -> None:
+        host, port = address
+        acceptor = await asyncssh.listen(
+            host, port, server_factory=lambda: _Connection(self), reuse_address=True,
+            backlog=max(128, self.settings.limits.max_startups[2] * 2), **self._listen_options(self.settings))
+        self._acceptors[address] = acceptor
+
+    async def stop(self) -> None:
+        if self._prune_task is not None:
+            self._prune_task.cancel()
+            self._prune_task = None
+        for acceptor in self._acceptors.values():
+            acceptor.close()
+        for acceptor in self._acceptors.values():
+            await acceptor.wait_closed()
+        self._acceptors.clear()
+        for c in list(self.connections):
+            for s in list(c.sessions):
+                s.close("the server is shutting down")
+            if c.conn is not None:
+                c.conn.disconnect(asyncssh.DISC_BY_APPLICATION, "meshsshd is shutting down")
+        if self.validator is not None:
+            await self.validator.close()
+            self.validator = None
+        event(log, "server.stopped")
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            self.penalties.prune()
+
+    # ---- settings -------------------------------------------------------------------
+    def _update_validator(self, settings: ServerSettings) -> None:
+        if jwt_enabled(settings):
+            if self.validator is None:
+                self.validator = JWTValidator(settings.jwt)
+            else:
+                self.validator.update(settings.jwt)
+
+    async def apply(self, settings: ServerSettings) -> None:
+        """Swap settings whole; rebind changed listeners; revoke what is no longer allowed."""
+        old = self.settings
+        self.settings = settings
+        self.gate.limits = settings.limits
+        self.penalties.limits = settings.limits
+        self._update_validator(settings)
+        if not jwt_enabled(settings) and self.validator is not None:
+            validator, self.validator = self.validator, None
+            await validator.close()
+        if self._host_keys is not None and old.use_system_host_keys != settings.use_system_host_keys:
+            self._host_keys = await asyncio.get_running_loop().run_in_executor(
+                None, hostkeys.load_or_create, settings.state_dir, settings.use_system_host_keys)
+        wanted = set(settings.listen)
+        for address in list(self._acceptors):
+            if address not in wanted:
+                acceptor = self._acceptors.pop(address)
+                acceptor.close()
+                await acceptor.wait_closed()
+        for address, acceptor in self._acceptors.items():
+            acceptor.update(**self._listen_options(settings))
+        for address in settings.listen:
+            if address not in self._acceptors:
+                await self._bind(address)
+        self._revoke_disallowed(settings)
+        event(log, "server.applied", listen=[f"{h}:{p}" for h, p in self.bound_addresses],
+              rules=len(settings.access), jwt=jwt_enabled(settings))
+
+    def _revoke_disallowed(self, settings: ServerSettings) -> None:
+        for c in list(self.connections):
+            if c.ctx is None or c.identity is None:
+                continue
+            reason, message = self._still_allowed(settings, c)
+            if reason:
+                c.revoke(reason, message)
+
+    @staticmethod
+    def _still_allowed(settings: ServerSettings, c: _Connection) -> tuple[str, str]:
+        """("", "") when the connection may stay, else (reason, message for the user)."""
+        identity = c.identity
+        assert identity is not None and c.user is not None
+        method_on = {"jwt": jwt_enabled(settings), "publickey": settings.authorized_keys,
+                     "none": settings.disable_auth}.get(identity.method, False)
+        if not method_on:
+            return "method", f"{identity.method} logins were turned off on this peer"
+        login = "root" if c.user.is_root else c.login
+        result = acl.evaluate(settings.access, c.info.client_ip, identity, login, root_login=settings.root_login)
+        if not result.allowed:
+            return result.reason, f"access revoked: {result.message}"
+        return "", ""
+
+    # ---- introspection --------------------------------------------------------------
+    def sessions(self) -> list[dict]:
+        return [dict(s) for s in self.session_registry.values()]
+
+    @property
+    def host_public_keys(self) -> list[str]:
+        return self._host_keys.public_lines if self._host_keys else []
+
+    @property
+    def bound_addresses(self) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        for acceptor in self._acceptors.values():
+            for sock in acceptor.sockets or ():
+                name = sock.getsockname()
+                out.append((name[0], name[1]))
+        return out
+

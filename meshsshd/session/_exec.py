@@ -1,0 +1,373 @@
+"""One SSH session channel backed by a child process running as the local user.
+
+Covers everything OpenSSH's session does for us: PTY shells, `exec`, the no-PTY
+no-command shell (VS Code), `sftp` and configured subsystems (run as `$SHELL -c cmd`),
+signals to the process group, exit-status/exit-signal, stderr kept apart and never lost,
+flow control both ways, and the process group killed when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+
+from .. import audit
+from ..logs import event
+from ..users import LocalUser
+from . import _utmp
+from ._io import FdReader, FdWriter
+from ._pty import PTY
+from ._spawn import ConnectionInfo, build_child_argv, build_child_env, spawn
+
+log = logging.getLogger("meshsshd.session")
+
+KILL_GRACE = 2.0
+
+
+@dataclass
+class SessionContext:
+    """What a session needs from its connection; built by server.py after auth."""
+
+    user: LocalUser
+    conn: ConnectionInfo
+    identity: str
+    via: str | None
+    audit: audit.AuditSink
+    resolve_subsystem: Callable[[str], str | None]   # name → command line, None = refused
+    registry: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def base_event(self, session_id: str) -> dict[str, Any]:
+        return dict(session_id=session_id, identity=self.identity, source_ip=self.conn.client_ip,
+                    local_user=self.user.name, via=self.via)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name.removeprefix("SIG")
+    except ValueError:
+        return f"SIG{signum}"
+
+
+class ChildSession(asyncssh.SSHServerSession):
+    def __init__(self, ctx: SessionContext) -> None:
+        self.ctx = ctx
+        self.id = uuid.uuid4().hex[:12]
+        self._chan: asyncssh.SSHServerChannel | None = None
+        self._loop = asyncio.get_running_loop()
+        self._kind = "shell"
+        self._command: str | None = None
+        self._subsystem: str | None = None
+        self._term: str | None = None
+        self._size = (80, 24, 0, 0)
+        self._modes: Mapping[int, int] = {}
+        self._want_pty = False
+        self._pty: PTY | None = None
+        self._popen: subprocess.Popen | None = None
+        self._pidfd = -1
+        self._stdin: FdWriter | None = None
+        self._readers: list[FdReader] = []
+        self._input_buf: list[bytes] = []
+        self._input_eof = False
+        self._exit: tuple[int, int] | None = None   # (returncode, raw wait status)
+        self._finished = False
+        self._lost = False
+        self._started = time.time()
+        self._utmp: _utmp.LoginRecord | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._lost or self._finished
+
+    # ---- requests before start ------------------------------------------------------
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self._chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Mapping[int, int]) -> bool:
+        self._want_pty = True
+        self._term = term_type
+        self._size = term_size if term_size[0] and term_size[1] else (80, 24, 0, 0)
+        self._modes = dict(term_modes)
+        return True
+
+    def shell_requested(self) -> bool:
+        self._kind = "shell"
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self._kind, self._command = "exec", command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        command = self.ctx.resolve_subsystem(subsystem)
+        if command is None:
+            event(log, "subsystem.refused", session_id=self.id, subsystem=subsystem)
+            return False
+        self._kind, self._subsystem, self._command = "subsystem", subsystem, command
+        self._want_pty = False   # subsystems never get a terminal (as OpenSSH)
+        return True
+
+    def session_started(self) -> None:
+        self._loop.create_task(self._start())
+
+    # ---- start ----------------------------------------------------------------------
+    async def _start(self) -> None:
+        chan = self._chan
+        assert chan is not None
+        user = self.ctx.user
+        auth_sock = self._prepare_agent(chan)
+        pty = self._want_pty and self._kind != "subsystem"
+        child_fds: list[int] = []
+        try:
+            if pty:
+                self._pty = PTY(user.uid, self._size, self._modes)
+                stdin = stdout = stderr = self._pty.slave
+            else:
+                in_r, in_w = os.pipe()
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                child_fds = [in_r, out_w, err_w]
+                stdin, stdout, stderr = in_r, out_w, err_w
+                parent = (in_w, out_r, err_r)
+            env = build_child_env(
+                user, self.ctx.conn, chan.get_environment(),
+                term=self._term if pty else None,
+                tty_name=self._pty.name if self._pty else None,
+                auth_sock=auth_sock,
+                original_command=None,
+            )
+            executable, argv = build_child_argv(user.shell, self._command, pty=pty)
+            self._popen = await self._loop.run_in_executor(
+                None, lambda: spawn(user, executable, argv, env, stdin=stdin, stdout=stdout,
+                                    stderr=stderr, new_session=not pty))
+        except OSError as exc:
+            for fd in child_fds:
+                os.close(fd)
+            event(log, "session.spawn-failed", level=logging.WARNING, session_id=self.id,
+                  user=user.name, error=str(exc))
+            if not self._lost:
+                chan.write_stderr(f"meshsshd: cannot start session for {user.name}: {exc.strerror or exc}\r\n".encode())
+                chan.exit(1)
+            self._cleanup_fds()
+            return
+        for fd in child_fds:
+            os.close(fd)
+        if self._pty:
+            self._pty.close_slave()
+        self._register()
+        if self._lost:   # the client left while we were spawning
+            self._kill_group()
+        self._watch_child()
+        if self._pty:
+            master = self._pty.master
+            self._stdin = FdWriter(self._loop, os.dup(master), owns_fd=True,
+                                   on_pause=chan.pause_reading, on_resume=chan.resume_reading)
+            self._readers = [FdReader(self._loop, master, self._write_stdout, self._output_eof, owns_fd=False)]
+            self._utmp = _utmp.LoginRecord(self._popen.pid, self._pty.name, user.name, self.ctx.conn.client_ip)
+            self._loop.run_in_executor(None, _utmp.write_login, self._utmp)
+        else:
+            in_w, out_r, err_r = parent
+            self._stdin = FdWriter(self._loop, in_w, owns_fd=True,
+                                   on_pause=chan.pause_reading, on_resume=chan.resume_reading)
+            self._readers = [FdReader(self._loop, out_r, self._write_stdout, self._output_eof),
+                             FdReader(self._loop, err_r, self._write_stderr, self._output_eof)]
+        for data in self._input_buf:
+            self._stdin.write(data)
+        self._input_buf.clear()
+        if self._input_eof and not self._pty:
+            self._stdin.write_eof()
+
+    def _prepare_agent(self, chan: asyncssh.SSHServerChannel) -> str | None:
+        """asyncssh made the agent socket as root; hand it to the user, as sshd does."""
+        path = chan.get_agent_path()
+        if not path:
+            return None
+        user = self.ctx.user
+        try:
+            os.chown(os.path.dirname(path), user.uid, user.gid)
+            os.chown(path, user.uid, user.gid)
+        except OSError as exc:
+            event(log, "agent.chown-failed", level=logging.WARNING, session_id=self.id, error=str(exc))
+            return None
+        self.ctx.audit.emit(audit.ForwardOpened(**self.ctx.base_event(self.id), forward="agent"))
+        return path
+
+    def _register(self) -> None:
+        base = self.ctx.base_event(self.id)
+        self.ctx.registry[self.id] = {
+            "id": self.id, "identity": self.ctx.identity, "source": self.ctx.conn.client_ip,
+            "local_user": self.ctx.user.name, "kind": self._subsystem or self._kind,
+            "pty": self._pty is not None, "started": self._started, "pid": self._popen.pid if self._popen else None,
+        }
+        self.ctx.audit.emit(audit.SessionStarted(**base, kind=self._kind))
+        if self._kind == "exec":
+            self.ctx.audit.emit(audit.CommandExecuted(**base, command=self._command or ""))
+        elif self._kind == "subsystem":
+            self.ctx.audit.emit(audit.SubsystemStarted(**base, subsystem=self._subsystem or ""))
+
+    def _watch_child(self) -> None:
+        assert self._popen is not None
+        self._pidfd = os.pidfd_open(self._popen.pid)
+        self._loop.add_reader(self._pidfd, self._child_exited)
+
+    # ---- data -----------------------------------------------------------------------
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        if self._stdin is None:
+            self._input_buf.append(data)
+        else:
+            self._stdin.write(data)
+
+    def eof_received(self) -> bool:
+        self._input_eof = True
+        if self._stdin is not None and self._pty is None:
+            self._stdin.write_eof()
+        return True   # keep the channel half-open: output still flows
+
+    def _write_stdout(self, data: bytes) -> None:
+        if self._chan is not None and not self._lost:
+            self._chan.write(data)
+
+    def _write_stderr(self, data: bytes) -> None:
+        if self._chan is not None and not self._lost:
+            self._chan.write_stderr(data)
+
+    def pause_writing(self) -> None:
+        for r in self._readers:
+            r.pause()
+
+    def resume_writing(self) -> None:
+        for r in self._readers:
+            r.resume()
+
+    # ---- control --------------------------------------------------------------------
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        self._size = (width, height, pixwidth, pixheight)
+        if self._pty is not None:
+            self._pty.resize(width, height, pixwidth, pixheight)
+
+    def break_received(self, msec: int) -> bool:
+        if self._pty is None:
+            return False
+        self._pty.send_break(msec)
+        return True
+
+    def signal_received(self, signal_name: str) -> None:
+        if self._kind == "subsystem" or self._popen is None or self._exit is not None:
+            return
+        signum = getattr(signal, "SIG" + signal_name.upper(), None)
+        if signum is None:
+            return
+        try:
+            os.killpg(self._popen.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # ---- end ------------------------------------------------------------------------
+    def _child_exited(self) -> None:
+        assert self._popen is not None
+        try:
+            pid, status = os.waitpid(self._popen.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self._popen.pid, 0
+        if pid == 0:
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        rc = os.waitstatus_to_exitcode(status)
+        self._popen.returncode = rc
+        self._exit = (rc, status)
+        if self._utmp is not None:
+            self._loop.run_in_executor(None, _utmp.write_logout, self._utmp)
+            self._utmp = None
+        if self._pty is not None:
+            # The shell is gone: forward what it left in the terminal and finish, even if
+            # a background job still holds the slave open (as sshd does).
+            for r in self._readers:
+                r.drain()
+                r.stop()
+        self._maybe_finish()
+
+    def _output_eof(self) -> None:
+        if self._chan is not None and not self._lost and all(r.eof for r in self._readers) and self._exit is None:
+            self._chan.write_eof()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._finished or self._exit is None or not all(r.eof for r in self._readers):
+            return
+        self._finished = True
+        rc, status = self._exit
+        chan = self._chan
+        sig_name = None
+        if chan is not None and not self._lost:
+            if os.WIFSIGNALED(status):
+                sig_name = _signal_name(os.WTERMSIG(status))
+                chan.exit_with_signal(sig_name, os.WCOREDUMP(status), "", "")
+            else:
+                chan.exit(rc)
+        self._end(rc if sig_name is None else None, sig_name)
+
+    def _end(self, exit_status: int | None, exit_signal: str | None) -> None:
+        if self.ctx.registry.pop(self.id, None) is not None:
+            self.ctx.audit.emit(audit.SessionEnded(
+                **self.ctx.base_event(self.id), exit_status=exit_status, exit_signal=exit_signal,
+                bytes_in=self._stdin.bytes if self._stdin else 0,
+                bytes_out=sum(r.bytes for r in self._readers)))
+        self._cleanup_fds()
+
+    def _cleanup_fds(self) -> None:
+        for r in self._readers:
+            r.close()
+        if self._stdin is not None:
+            self._stdin.close()
+        if self._pty is not None and self._exit is not None:
+            self._pty.close()
+
+    def _kill_group(self) -> None:
+        popen = self._popen
+        if popen is None or self._exit is not None:
+            return
+        try:
+            os.killpg(popen.pid, signal.SIGHUP)
+            os.killpg(popen.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            return
+
+        def hard_kill() -> None:
+            if self._exit is None:
+                try:
+                    os.killpg(popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._loop.call_later(KILL_GRACE, hard_kill)
+
+    def close(self, message: str | None = None) -> None:
+        """Server-side close (revocation): tell the user, end the process group."""
+        if self._chan is not None and not self._lost:
+            if message:
+                self._chan.write_stderr(f"\r\nmeshsshd: {message}\r\n".encode())
+            self._chan.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._pty is not None and self._exit is None:
+            # Closing the master hangs up the terminal (SIGHUP to its session).
+            for r in self._readers:
+                r.stop()
+            if self._stdin is not None:
+                self._stdin.close()
+        self._kill_group()
+        if self._exit is not None or self._popen is None:
+            self._end(None, None)
+        elif self._pty is not None:
+            self._pty.close()

@@ -1,0 +1,168 @@
+"""Non-blocking fd pumps between a child's pipes/pty and an SSH channel.
+
+Raw fds with `loop.add_reader`/`add_writer` instead of asyncio subprocess streams:
+asyncssh's stream adapters race on pause/resume and can drop the whole connection on
+large transfers (see research notes, pitfall (a)).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Callable
+
+READ_SIZE = 65536
+HIGH_WATER = 256 * 1024
+
+
+class FdReader:
+    """Reads an fd until EOF (or EIO from a pty master) and hands chunks on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
+                 on_data: Callable[[bytes], None], on_eof: Callable[[], None],
+                 *, owns_fd: bool = True) -> None:
+        self._loop, self.fd, self._owns = loop, fd, owns_fd
+        self._on_data, self._on_eof = on_data, on_eof
+        self._paused = False
+        self.eof = False
+        self.bytes = 0
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EBADF):
+                raise
+            data = b""
+        if data:
+            self.bytes += len(data)
+            self._on_data(data)
+        else:
+            self._finish()
+
+    def drain(self) -> None:
+        """Read whatever is buffered right now (after the child exited)."""
+        while not self.eof:
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._finish()
+                return
+            self.bytes += len(data)
+            self._on_data(data)
+
+    def _finish(self) -> None:
+        if not self.eof:
+            self.eof = True
+            self._loop.remove_reader(self.fd)
+            self._on_eof()
+
+    def pause(self) -> None:
+        if not self._paused and not self.eof:
+            self._paused = True
+            self._loop.remove_reader(self.fd)
+
+    def resume(self) -> None:
+        if self._paused and not self.eof:
+            self._paused = False
+            self._loop.add_reader(self.fd, self._readable)
+
+    def stop(self) -> None:
+        """Stop reading, as if at EOF, without calling back."""
+        if not self.eof:
+            self.eof = True
+            self._loop.remove_reader(self.fd)
+
+    def close(self) -> None:
+        """Stop reading; closes the fd too when this reader owns it."""
+        if not self.eof:
+            self.eof = True
+            self._loop.remove_reader(self.fd)
+        if self._owns and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FdWriter:
+    """Buffers writes to an fd; tells the caller when to stop and restart reading input."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, *, owns_fd: bool,
+                 on_pause: Callable[[], None], on_resume: Callable[[], None]) -> None:
+        self._loop, self.fd, self._owns = loop, fd, owns_fd
+        self._on_pause, self._on_resume = on_pause, on_resume
+        self._buf = bytearray()
+        self._eof_pending = False
+        self._paused = False
+        self.closed = False
+        self.bytes = 0
+        os.set_blocking(fd, False)
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self._eof_pending:
+            return
+        self.bytes += len(data)
+        if not self._buf:
+            try:
+                n = os.write(self.fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:  # child closed its input (EPIPE): drop, as sshd does
+                self._close()
+                return
+            data = data[n:]
+            if not data:
+                return
+            self._loop.add_writer(self.fd, self._writable)
+        self._buf += data
+        if len(self._buf) > HIGH_WATER and not self._paused:
+            self._paused = True
+            self._on_pause()
+
+    def _writable(self) -> None:
+        try:
+            n = os.write(self.fd, self._buf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close()
+            return
+        del self._buf[:n]
+        if not self._buf:
+            self._loop.remove_writer(self.fd)
+            if self._eof_pending:
+                self._close()
+        if self._paused and len(self._buf) < HIGH_WATER // 4:
+            self._paused = False
+            self._on_resume()
+
+    def write_eof(self) -> None:
+        """Close the fd once everything buffered is written (child sees EOF)."""
+        if not self._buf:
+            self._close()
+        else:
+            self._eof_pending = True
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._buf:
+            self._loop.remove_writer(self.fd)
+            self._buf.clear()
+        if self._owns:
+            os.close(self.fd)
+        if self._paused:
+            self._paused = False
+            self._on_resume()
+
+    def close(self) -> None:
+        self._close()

@@ -1,0 +1,145 @@
+"""Starting a child process as the mapped local user.
+
+The pure halves (`build_child_env`, `build_child_argv`) decide what the child sees and are
+tested without root. `spawn` hands them to `subprocess.Popen`, whose C fork/exec path does
+setgroups/setgid/setuid, chdir, umask and setsid without running Python code in the child
+(the daemon has threads: executor workers). A PTY child additionally needs its terminal as
+controlling terminal; util-linux `setsid --ctty` does that in C right before exec, so no
+`preexec_fn` is needed either.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..users import LocalUser
+
+USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Client-supplied variables we pass on (OpenSSH's AcceptEnv LANG LC_* on Debian, plus
+# harmless presentation variables). Never LD_*, PATH, IFS, SHELL, HOME, ...
+ACCEPT_ENV = frozenset({"LANG", "LANGUAGE", "TERM", "TZ", "COLORTERM", "EDITOR", "VISUAL", "PAGER", "LESS", "LESSCHARSET"})
+ACCEPT_ENV_PREFIXES = ("LC_",)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+MAX_ENV_VALUE = 4096
+
+SETSID = shutil.which("setsid") or "/usr/bin/setsid"
+
+
+def is_accepted_env(name: str, value: str) -> bool:
+    if not _ENV_NAME.match(name) or name.startswith("LD_"):
+        return False
+    if "\0" in value or len(value) > MAX_ENV_VALUE:
+        return False
+    return name in ACCEPT_ENV or name.startswith(ACCEPT_ENV_PREFIXES)
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    client_ip: str
+    client_port: int
+    server_ip: str
+    server_port: int
+
+    @property
+    def ssh_client(self) -> str:
+        return f"{self.client_ip} {self.client_port} {self.server_port}"
+
+    @property
+    def ssh_connection(self) -> str:
+        return f"{self.client_ip} {self.client_port} {self.server_ip} {self.server_port}"
+
+
+def build_child_env(
+    user: LocalUser,
+    conn: ConnectionInfo,
+    client_env: Mapping[str, str],
+    *,
+    term: str | None = None,
+    tty_name: str | None = None,
+    auth_sock: str | None = None,
+    original_command: str | None = None,
+) -> dict[str, str]:
+    """The child's whole environment: nothing leaks from the daemon's own."""
+    env = {k: v for k, v in client_env.items() if is_accepted_env(k, v)}
+    if term:
+        env["TERM"] = term
+    env.update({
+        "USER": user.name,
+        "LOGNAME": user.name,
+        "HOME": user.home,
+        "SHELL": user.shell,
+        "PATH": ROOT_PATH if user.is_root else USER_PATH,
+        "MAIL": f"/var/mail/{user.name}",
+        "SSH_CLIENT": conn.ssh_client,
+        "SSH_CONNECTION": conn.ssh_connection,
+    })
+    if tty_name:
+        env["SSH_TTY"] = tty_name
+    if auth_sock:
+        env["SSH_AUTH_SOCK"] = auth_sock
+    if original_command is not None:
+        env["SSH_ORIGINAL_COMMAND"] = original_command
+    return env
+
+
+def build_child_argv(shell: str, command: str | None, *, pty: bool) -> tuple[str, list[str]]:
+    """(executable, argv) as OpenSSH builds them.
+
+    A command runs as `shell -c command` with argv[0] the shell's base name. Without a
+    command the shell is a login shell (argv[0] `-bash`). With a PTY, `setsid --ctty`
+    makes the terminal the controlling terminal; it cannot set argv[0], so the login
+    shell gets `-l` instead of the leading dash.
+    """
+    base = os.path.basename(shell) or "sh"
+    if command is not None:
+        argv = [base, "-c", command]
+        if pty:
+            return SETSID, [SETSID, "--ctty", shell, "-c", command]
+        return shell, argv
+    if pty:
+        return SETSID, [SETSID, "--ctty", shell, "-l"]
+    return shell, ["-" + base]
+
+
+def spawn(
+    user: LocalUser,
+    executable: str,
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    stdin: int,
+    stdout: int,
+    stderr: int,
+    new_session: bool,
+) -> subprocess.Popen:
+    """Blocking fork/exec as the user; run it in an executor. Raises OSError."""
+    kwargs = dict(
+        executable=executable, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
+        close_fds=True, restore_signals=True, umask=0o022,
+        start_new_session=new_session,
+    )
+    if os.geteuid() == 0 or user.uid != os.geteuid():
+        kwargs.update(user=user.uid, group=user.gid, extra_groups=list(user.groups))
+    cwd = user.home if os.path.isdir(user.home) else "/"
+    try:
+        return subprocess.Popen(argv, cwd=cwd, **kwargs)
+    except (PermissionError, FileNotFoundError) as exc:
+        if cwd != "/" and getattr(exc, "filename", None) in (cwd, None):
+            return subprocess.Popen(argv, cwd="/", **kwargs)
+        raise
+
+
+def reset_inherited_signals() -> None:
+    """SIG_IGN survives exec: make sure the daemon does not ignore what children need."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP, signal.SIGPIPE):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
