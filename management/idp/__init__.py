@@ -32,6 +32,11 @@ __all__ = ["ISSUER_KEY", "Identity", "IdpError", "Issuer", "IssuerSettings", "Si
 
 ISSUER_KEY: web.AppKey[Issuer] = web.AppKey("meshmgmt_issuer", Issuer)
 
+try:  # the management app's snapshot loader (fills in the DNS domain of FQDNs)
+    from management.api.keys import LOAD_STATE as _LOAD_STATE
+except ImportError:  # the issuer also runs on a bare app (tests)
+    _LOAD_STATE = None
+
 
 def setup_idp(app: web.Application, store, issuer_url: str, settings: IssuerSettings | None = None) -> Issuer:
     """Register the issuer's routes on `app`; keys are loaded (or created) at startup.
@@ -44,6 +49,12 @@ def setup_idp(app: web.Application, store, issuer_url: str, settings: IssuerSett
     issuer = Issuer(store, issuer_url, settings)
     app[ISSUER_KEY] = issuer
     IdpRoutes(issuer).add_to(app)
+
+    async def load_state():  # noqa: ANN202
+        loader = app.get(_LOAD_STATE) if _LOAD_STATE is not None else None
+        return await (loader() if loader is not None else store.load_state())
+
+    issuer.load_state = load_state
 
     async def on_store_change(_serial: int) -> None:
         await issuer.reload_keys()  # another replica may have rotated

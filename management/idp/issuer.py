@@ -82,6 +82,9 @@ class Issuer:
         self._callbacks: list[KeysChanged] = []
         self._last_reload = 0.0
         self._reload_lock = asyncio.Lock()
+        # How token exchange reads the mesh: the app's loader when there is one (it knows
+        # the DNS domain that FQDNs use), else the store's default snapshot.
+        self.load_state: Callable[[], Awaitable[Any]] = store.load_state
 
     # --- keys -----------------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class Issuer:
             raise IdpError("invalid_request", "name at least one peer in `audience`", reason="no-audience")
         if len(audiences) > MAX_AUDIENCES:
             raise IdpError("invalid_request", f"at most {MAX_AUDIENCES} audiences per request", reason="too-many-audiences")
-        state = await self.store.load_state()
+        state = await self.load_state()
         return identity, [exchange.decide(state, identity, a) for a in audiences]
 
     def ssh_token(self, identity: tokens.Identity, allowed: exchange.Allowed, via: str | None = None) -> str:

@@ -1,0 +1,1 @@
+"""REST routes of meshmgmt: `peers` (peer- and user-facing) and `admin`."""

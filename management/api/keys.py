@@ -1,0 +1,25 @@
+"""Typed application state (aiohttp `web.AppKey`), shared by the app factory and routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..events import EventFeed
+from ..metrics import Registry
+from ..ratelimit import RateLimiter
+from ..settings import MgmtSettings
+from ..store import Store
+from ..sync import SyncHub
+
+STORE = web.AppKey("store", Store)
+SETTINGS = web.AppKey("settings", MgmtSettings)
+HUB = web.AppKey("hub", SyncHub)
+EVENTS = web.AppKey("events", EventFeed)
+METRICS = web.AppKey("metrics", Registry)
+REGISTER_LIMITER = web.AppKey("register_limiter", RateLimiter)
+ISSUER = web.AppKey("issuer", Any)  # management.idp.Issuer, or None before the issuer exists
+
+# async () -> MeshState with the issuer's URL and JWKS filled in
+LOAD_STATE = web.AppKey("load_state", Any)

@@ -1,0 +1,267 @@
+"""Peer-facing routes: register, self-update, the sync WebSocket, audit ingest — and the
+user-facing list of reachable peers (`GET /api/me/peers`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import re
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from meshsshd.logs import event
+
+from ..errors import BadRequest, Conflict, TooManyRequests, Unauthorized
+from ..events import MAX_EVENTS_PER_POST, parse_peer_event
+from ..netmap import reachable_peers
+from ..store import Group, Peer, SetupKey, aware, hash_secret, new_secret, utcnow
+from . import _validate as v
+from ._auth import require_peer, require_user
+from .keys import EVENTS, HUB, LOAD_STATE, REGISTER_LIMITER, SETTINGS, STORE
+
+log = logging.getLogger("meshmgmt.api.peers")
+routes = web.RouteTableDef()
+
+PEER_FLAGS = (
+    "allow_server_ssh",
+    "enable_ssh_sftp",
+    "enable_ssh_local_port_forwarding",
+    "enable_ssh_remote_port_forwarding",
+    "enable_ssh_root",
+    "disable_ssh_auth",
+)
+MAX_ENDPOINTS = 16
+
+
+def parse_flags(value: Any) -> dict[str, bool]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest("field 'flags' must be an object of booleans", field="flags")
+    out: dict[str, bool] = {}
+    for k in PEER_FLAGS:
+        b = v.boolean(value, k, field=f"flags.{k}")
+        if b is not None:
+            out[k] = b
+    return out
+
+
+def parse_endpoints(doc: dict[str, Any]) -> list[str] | None:
+    eps = v.str_list(doc, "endpoints", max_items=MAX_ENDPOINTS, max_len=64)
+    if eps is None:
+        return None
+    return [v.endpoint(e, f"endpoints[{i}]") for i, e in enumerate(eps)]
+
+
+_LABEL_BAD = re.compile(r"[^a-z0-9-]+")
+
+
+def dns_label(hostname: str) -> str:
+    """A DNS label from a hostname: first label, lowercase, [a-z0-9-], ≤ 50 characters."""
+    label = _LABEL_BAD.sub("-", hostname.split(".")[0].lower()).strip("-")[:50].strip("-")
+    return label or "peer"
+
+
+async def unique_name(s: Any, base: str, exclude_id: str | None = None) -> str:
+    taken = set((await s.execute(select(Peer.name).where(Peer.name.like(f"{base}%")))).scalars())
+    if exclude_id is not None:
+        own = (await s.execute(select(Peer.name).where(Peer.id == exclude_id))).scalar()
+        taken.discard(own)
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
+
+
+def first_free_address(network: str, used: set[str]) -> str:
+    """Lowest free host address; the network address, the first host (kept for a
+    gateway/management) and the broadcast address are never handed out."""
+    net = ipaddress.ip_network(network)
+    for i in range(2, net.num_addresses - 1):
+        candidate = str(net.network_address + i)
+        if candidate not in used:
+            return candidate
+    raise Conflict(f"the address pool {network} is exhausted", code="pool_exhausted")
+
+
+def setup_key_problem(key: SetupKey | None) -> str | None:
+    if key is None:
+        return "unknown setup key"
+    if key.revoked:
+        return "the setup key was revoked"
+    expires = aware(key.expires_at)
+    if expires is not None and expires <= utcnow():
+        return "the setup key has expired"
+    limit = key.usage_limit if key.reusable else 1
+    if limit and key.used_count >= limit:
+        return "the setup key has been used up"
+    return None
+
+
+@routes.post("/api/peers/register")
+async def register(request: web.Request) -> web.Response:
+    decision = request.app[REGISTER_LIMITER].hit(request.remote or "?")
+    if not decision.allowed:
+        raise TooManyRequests("too many registrations from this address; slow down", decision.retry_after)
+    doc = await v.json_object(request)
+    setup_key = v.string(doc, "setup_key", required=True, max_len=200, min_len=1)
+    wg = v.wg_key(v.string(doc, "wg_public_key", required=True, max_len=64) or "")
+    host_key = v.ssh_public_key(v.string(doc, "ssh_host_key", default="", max_len=16384) or "")
+    hostname = v.string(doc, "hostname", required=True, max_len=255, min_len=1) or ""
+    flags = parse_flags(doc.get("flags"))
+    version = v.string(doc, "version", default="", max_len=64) or ""
+    endpoints = parse_endpoints(doc) or []
+    settings = request.app[SETTINGS]
+    store = request.app[STORE]
+    credential = new_secret()
+    for attempt in range(8):
+        try:
+            async with store.change("peer.registered") as s:
+                q = select(SetupKey).where(SetupKey.key_hash == hash_secret(setup_key or ""))
+                if store.is_postgres:
+                    q = q.with_for_update()
+                key = (await s.execute(q)).scalar_one_or_none()
+                problem = setup_key_problem(key)
+                if problem is not None:
+                    raise Unauthorized(problem, field="setup_key", code="invalid_setup_key")
+                assert key is not None
+                key.used_count += 1
+                key.last_used = utcnow()
+                peer = (await s.execute(select(Peer).where(Peer.wg_public_key == wg))).scalar_one_or_none()
+                created = peer is None
+                if peer is None:
+                    used = set((await s.execute(select(Peer.mesh_ip))).scalars())
+                    peer = Peer(
+                        name=await unique_name(s, dns_label(hostname)),
+                        mesh_ip=first_free_address(settings.network, used),
+                        wg_public_key=wg,
+                        credential_hash=hash_secret(credential),
+                        setup_key_id=key.id,
+                    )
+                    s.add(peer)
+                peer.credential_hash = hash_secret(credential)
+                peer.hostname = hostname
+                peer.ssh_host_key = host_key
+                peer.flags = flags
+                peer.version = version
+                peer.endpoints = endpoints
+                peer.last_seen = utcnow()
+                if key.auto_groups:
+                    groups = (await s.execute(select(Group).where(Group.id.in_(list(key.auto_groups))))).scalars()
+                    for g in groups:
+                        if peer not in g.peers:
+                            g.peers.append(peer)
+                await s.flush()
+                result = {"peer_id": peer.id, "name": peer.name, "mesh_ip": peer.mesh_ip}
+            break
+        except IntegrityError:
+            if attempt == 7:
+                raise Conflict("could not allocate a name and address; try again", code="busy") from None
+            await asyncio.sleep(0.01 * (attempt + 1))
+    result.update(fqdn=f"{result['name']}.{settings.dns_domain}", network=settings.network,
+                  credential=credential)
+    event(log, "peer.registered", peer=result["peer_id"], peer_name=result["name"], mesh_ip=result["mesh_ip"],
+          new=created)
+    await request.app[EVENTS].record("peer.registered" if created else "peer.reregistered",
+                                     peer_id=result["peer_id"], name=result["name"], mesh_ip=result["mesh_ip"],
+                                     hostname=hostname)
+    return web.json_response(result, status=201)
+
+
+@routes.post("/api/peers/self")
+async def update_self(request: web.Request) -> web.Response:
+    peer = await require_peer(request)
+    doc = await v.json_object(request)
+    changes: dict[str, Any] = {}
+    if "flags" in doc and doc["flags"] is not None:
+        changes["flags"] = parse_flags(doc["flags"])
+    version = v.string(doc, "version", max_len=64)
+    if version is not None:
+        changes["version"] = version
+    endpoints = parse_endpoints(doc)
+    if endpoints is not None:
+        changes["endpoints"] = endpoints
+    host_key = v.string(doc, "ssh_host_key", max_len=16384)
+    if host_key is not None:
+        changes["ssh_host_key"] = v.ssh_public_key(host_key)
+    store = request.app[STORE]
+    differs = any(getattr(peer, k) != val for k, val in changes.items())
+    ctx = store.change("peer.updated") if differs else store.write()
+    async with ctx as s:
+        row = await s.get(Peer, peer.id)
+        if row is None:
+            raise Unauthorized("unknown peer", code="peer_unauthorized")
+        for k, val in changes.items():
+            setattr(row, k, val)
+        row.last_seen = utcnow()
+    settings = request.app[SETTINGS]
+    return web.json_response({"peer_id": peer.id, "name": peer.name, "mesh_ip": peer.mesh_ip,
+                              "fqdn": f"{peer.name}.{settings.dns_domain}", "network": settings.network})
+
+
+async def _touch(request: web.Request, peer_id: str) -> None:
+    with contextlib.suppress(Exception):
+        async with request.app[STORE].write() as s:
+            row = await s.get(Peer, peer_id)
+            if row is not None:
+                row.last_seen = utcnow()
+
+
+@routes.get("/api/peers/sync")
+async def sync(request: web.Request) -> web.StreamResponse:
+    peer = await require_peer(request)
+    ws = web.WebSocketResponse(heartbeat=30.0)
+    if not ws.can_prepare(request).ok:
+        raise BadRequest("this endpoint is a WebSocket", field="Upgrade", code="websocket_required")
+    await ws.prepare(request)
+    hub = request.app[HUB]
+    await _touch(request, peer.id)
+    stream = await hub.attach(peer.id, ws)
+    event(log, "sync.connected", peer=peer.id)
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            with contextlib.suppress(ValueError, TypeError):
+                doc = json.loads(msg.data)
+                if isinstance(doc, dict) and doc.get("type") == "ping":
+                    await ws.send_json({"type": "pong"})
+    finally:
+        hub.detach(stream)
+        event(log, "sync.disconnected", peer=peer.id)
+        await _touch(request, peer.id)
+    return ws
+
+
+@routes.post("/api/peers/events")
+async def ingest_events(request: web.Request) -> web.Response:
+    peer = await require_peer(request)
+    doc = await v.json_object(request)
+    items = doc.get("events")
+    if not isinstance(items, list):
+        raise BadRequest("field 'events' must be a list of events", field="events")
+    if len(items) > MAX_EVENTS_PER_POST:
+        raise BadRequest(f"at most {MAX_EVENTS_PER_POST} events per request", field="events")
+    parsed = [parse_peer_event(e, f"events[{i}]") for i, e in enumerate(items)]
+    n = await request.app[EVENTS].ingest(peer.id, parsed)
+    return web.json_response({"accepted": n}, status=202)
+
+
+@routes.get("/api/me/peers")
+async def my_peers(request: web.Request) -> web.Response:
+    caller = await require_user(request)
+    state = await request.app[LOAD_STATE]()
+    peers = reachable_peers(state, caller.email or "")
+    return web.json_response({"peers": [p.to_dict() for p in peers]})
+
+
+__all__ = ["routes", "dns_label", "first_free_address", "setup_key_problem", "timedelta"]

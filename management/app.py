@@ -1,0 +1,147 @@
+"""The aiohttp application factory: `create_app(settings, store=None) -> web.Application`.
+
+Wiring, in order: the store (migrated at startup, LISTENing on PostgreSQL), the audit
+feed, the sync hub (recomputes maps on every store change), the embedded issuer
+(`management.idp.setup_idp`; its JWKS goes into every map and its access tokens
+authenticate admins and users), then the REST routes, /metrics, /healthz and the
+OpenAPI document. Every error leaves as JSON (`{"error", "message", "field"?}`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from meshsshd.logs import event
+
+from .api import admin, peers
+from .api.keys import EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, REGISTER_LIMITER, SETTINGS, STORE
+from .errors import ManagementError, TooManyRequests
+from .events import EventFeed
+from .metrics import Registry
+from .openapi import openapi_document
+from .ratelimit import RateLimiter
+from .settings import MgmtSettings
+from .state import MeshState
+from .store import Store
+from .sync import SyncHub
+
+log = logging.getLogger("meshmgmt.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json_error(status: int, code: str, message: str, field: str | None = None,
+                headers: dict[str, str] | None = None) -> web.Response:
+    doc = {"error": code, "message": message}
+    if field:
+        doc["field"] = field
+    return web.json_response(doc, status=status, headers=headers)
+
+
+_HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ManagementError as exc:
+        headers = {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))} if isinstance(exc, TooManyRequests) else None
+        if exc.status == 401:
+            headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+        return web.json_response(exc.to_dict(), status=exc.status, headers=headers)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return _json_error(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason, headers=headers)
+    except ConnectionResetError:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _json_error(500, "internal", "internal error; see the server log")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    try:
+        serial = await store.serial()
+    except Exception as exc:
+        return _json_error(503, "store_unavailable", f"the store does not answer: {type(exc).__name__}")
+    return web.json_response({"status": "ok", "serial": serial})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[METRICS].render(), content_type="text/plain",
+                        headers={"X-Content-Type": "text/plain; version=0.0.4"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(request.app[SETTINGS].public_url))
+
+
+def _setup_issuer(app: web.Application, store: Store, settings: MgmtSettings):  # noqa: ANN202
+    try:
+        from .idp import IssuerSettings, setup_idp
+    except ImportError as exc:  # only while the issuer package is incomplete
+        event(log, "idp.unavailable", level=logging.WARNING, error=str(exc))
+        return None
+    idp_settings = IssuerSettings(**settings.idp_options) if settings.idp_options else None
+    return setup_idp(app, store, settings.public_url, idp_settings)
+
+
+def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Application:
+    store = store or Store.for_data_dir(settings.data_dir, settings.database)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=2 * 1024 * 1024)
+    registry = Registry()
+    app[SETTINGS] = settings
+    app[STORE] = store
+    app[METRICS] = registry
+    app[EVENTS] = EventFeed(store)
+    app[REGISTER_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
+
+    async def load_state() -> MeshState:
+        state = await store.load_state(network=settings.network, dns_domain=settings.dns_domain)
+        issuer = app[ISSUER]
+        if issuer is not None:
+            state = dataclasses.replace(state, issuer=issuer.issuer_url, jwks=issuer.jwks())
+        return state
+
+    app[LOAD_STATE] = load_state
+    hub = SyncHub(load_state, registry)
+    app[HUB] = hub
+
+    async def store_ctx(_app: web.Application) -> AsyncIterator[None]:
+        await store.migrate()
+        await store.start_listening()
+        event(log, "mgmt.store_ready", backend="postgresql" if store.is_postgres else "sqlite",
+              serial=await store.serial())
+        yield
+        await store.close()
+
+    async def hub_ctx(_app: web.Application) -> AsyncIterator[None]:
+        store.add_listener(hub.changed)
+        issuer = app[ISSUER]
+        if issuer is not None:
+            issuer.on_keys_changed(lambda: store.bump_serial("issuer.keys_changed"))
+            registry.add_text_source(issuer.metrics.render)
+        hub.start()
+        yield
+        store.remove_listener(hub.changed)
+        await hub.close()
+
+    app.cleanup_ctx.append(store_ctx)
+    app[ISSUER] = _setup_issuer(app, store, settings)  # its own startup hook runs after store_ctx
+    app.cleanup_ctx.append(hub_ctx)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/openapi.json", openapi)
+    app.router.add_routes(peers.routes)  # before admin: /api/peers/sync must win over /api/peers/{id}
+    app.router.add_routes(admin.routes)
+    return app

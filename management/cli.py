@@ -1,0 +1,116 @@
+"""`meshmgmt`: set up and run the management server, and administer it over its API.
+
+    meshmgmt init  --data-dir DIR --admin-email EMAIL [--admin-password-stdin] [--database URL]
+    meshmgmt serve --data-dir DIR --listen HOST:PORT [--database URL] [--public-url URL] [--network CIDR]
+    meshmgmt [--url URL] [--token-file F] [--json] <users|groups|setup-keys|policies|peers|events> <verb> ...
+
+Admin commands read the URL and token from the flags, or from MESHMGMT_URL /
+MESHMGMT_TOKEN_FILE; they print tables for people and JSON with --json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ManagementError
+
+EXIT_USAGE = 2
+
+
+def _listen(spec: str) -> tuple[str, int]:
+    spec = spec.strip()
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        port_s = rest.lstrip(":")
+    else:
+        host, _, port_s = spec.rpartition(":")
+    try:
+        port = int(port_s)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{spec!r} is not HOST:PORT", param_hint="--listen") from None
+    return host or "127.0.0.1", port
+
+
+# --- the command group ---------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--url", envvar="MESHMGMT_URL", default="http://127.0.0.1:8080", show_default=True,
+              help="management server URL (admin commands)")
+@click.option("--token-file", envvar="MESHMGMT_TOKEN_FILE", type=click.Path(dir_okay=False),
+              help="file holding the admin token or an admin's access token (admin commands)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+@click.pass_context
+def main(ctx: click.Context, url: str, token_file: str | None, as_json: bool) -> None:
+    """meshmgmt: the meshsshd management server and its admin commands."""
+    ctx.obj = {"url": url.rstrip("/"), "token_file": token_file, "json": as_json}
+
+
+@main.command()
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--admin-email", required=True)
+@click.option("--admin-password-stdin", is_flag=True, help="read the admin's password from stdin")
+@click.option("--database", envvar="MESHMGMT_DATABASE", help="postgresql://... (default: SQLite in DATA_DIR)")
+def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database: str | None) -> None:
+    """Create the store, the issuer's signing key, the first admin and DIR/admin.token."""
+    os.umask(0o077)  # the database and the token file are secrets
+    from .setup import AlreadyInitialised, initialise
+
+    password = None
+    if admin_password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if len(password) < 8:
+            raise click.ClickException("the admin password must have at least 8 characters")
+    try:
+        result = asyncio.run(initialise(data_dir, admin_email, password, database))
+    except AlreadyInitialised as exc:
+        raise click.ClickException(str(exc)) from None
+    except ManagementError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"initialised {data_dir}")
+    click.echo(f"  admin user:   {result['email']} ({'with' if password else 'without'} a password)")
+    click.echo(f"  admin token:  {result['token_file']} (mode 0600)")
+    click.echo(f"  signing key:  {result['kid']}")
+
+
+@main.command()
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--listen", "listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT")
+@click.option("--database", envvar="MESHMGMT_DATABASE", help="postgresql://... (default: SQLite in DATA_DIR)")
+@click.option("--public-url", help="URL peers and browsers use (issuer URL); default http://LISTEN")
+@click.option("--network", default="100.64.0.0/10", show_default=True, help="mesh address pool")
+@click.option("--dns-domain", default="mesh.internal", show_default=True, help="peer FQDN suffix")
+@click.option("--log-level", default="info", show_default=True)
+def serve(data_dir: Path, listen: str, database: str | None, public_url: str | None, network: str,
+          dns_domain: str, log_level: str) -> None:
+    """Run the management server (REST API, issuer, sync streams)."""
+    os.umask(0o077)
+    from .setup import run_server
+
+    host, port = _listen(listen)
+    url_host = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::"):
+        url_host = "127.0.0.1"
+    try:
+        run_server(data_dir, host, port, database=database,
+                   public_url=public_url or f"http://{url_host}:{port}", network=network,
+                   dns_domain=dns_domain, log_level=log_level)
+    except ManagementError as exc:
+        click.echo(f"meshmgmt: {exc.message}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+from . import cli_admin  # noqa: E402  (registers the admin sub-commands on `main`)
+
+cli_admin.register(main)
+
+__all__ = ["main", "json", "os", "Any"]

@@ -1,0 +1,385 @@
+"""Admin sub-commands of `meshmgmt`: thin calls to the REST API with readable output.
+
+Each command resolves names to ids where people type names (groups, peers, policies,
+users by email), calls one endpoint, and prints a rich table, or the JSON with --json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+from rich.console import Console
+from rich.table import Table
+
+
+class ApiError(click.ClickException):
+    pass
+
+
+class Client:
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    async def call(self, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
+        try:
+            async with aiohttp.ClientSession(headers=self.headers, timeout=aiohttp.ClientTimeout(total=30)) as http:
+                async with http.request(method, self.url + path, json=body, params=params) as resp:
+                    text = await resp.text()
+                    doc = json.loads(text) if text and resp.content_type == "application/json" else None
+                    if resp.status >= 400:
+                        msg = doc.get("message", text) if isinstance(doc, dict) else text
+                        raise ApiError(f"{method} {path}: {resp.status} {msg}")
+                    return doc
+        except aiohttp.ClientError as exc:
+            raise ApiError(f"cannot reach {self.url}: {exc}") from exc
+
+
+def _client(ctx: click.Context) -> Client:
+    obj = ctx.find_root().obj
+    token_file = obj.get("token_file")
+    if not token_file:
+        raise click.UsageError("admin commands need --token-file (or MESHMGMT_TOKEN_FILE)")
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as exc:
+        raise click.UsageError(f"cannot read token file {token_file}: {exc.strerror}") from None
+    return Client(obj["url"], token)
+
+
+def _run(ctx: click.Context, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
+    return asyncio.run(_client(ctx).call(method, path, body, params))
+
+
+def _json_mode(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().obj.get("json"))
+
+
+def _emit(ctx: click.Context, doc: Any, rows: list[dict[str, Any]] | None = None,
+          columns: tuple[str, ...] = (), title: str = "") -> None:
+    if _json_mode(ctx):
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    rows = rows if rows is not None else ([doc] if isinstance(doc, dict) else [])
+    table = Table(title=title or None, show_lines=False)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*(_cell(r.get(c)) for c in columns))
+    Console(width=200).print(table)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, list):
+        return ", ".join(_cell(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_cell(x)}" for k, x in sorted(v.items()) if x)
+    return str(v)
+
+
+def _resolve(ctx: click.Context, collection: str, ref: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    items = _run(ctx, "GET", f"/api/{collection}")[collection.replace("-", "_")]
+    for item in items:
+        if ref == item["id"] or any(str(item.get(k, "")).lower() == ref.lower() for k in keys):
+            return item
+    raise click.ClickException(f"no {collection[:-1]} {ref!r}")
+
+
+def _ok(ctx: click.Context, message: str, doc: Any = None) -> None:
+    if _json_mode(ctx):
+        click.echo(json.dumps(doc if doc is not None else {"ok": True, "message": message}, indent=2, sort_keys=True))
+    else:
+        click.echo(message)
+
+
+def register(main: click.Group) -> None:
+    # --- users ------------------------------------------------------------------------
+    @main.group()
+    def users() -> None:
+        """Users and service users."""
+
+    @users.command("list")
+    @click.pass_context
+    def users_list(ctx: click.Context) -> None:
+        doc = _run(ctx, "GET", "/api/users")
+        _emit(ctx, doc, doc["users"], ("id", "email", "name", "role", "service", "client_id", "blocked", "groups"))
+
+    @users.command("create")
+    @click.argument("email")
+    @click.option("--name", default="")
+    @click.option("--role", type=click.Choice(["user", "admin"]), default="user", show_default=True)
+    @click.option("--service", is_flag=True, help="a service user (client credentials, for CI and machines)")
+    @click.option("--password-stdin", is_flag=True, help="read a password from stdin")
+    @click.pass_context
+    def users_create(ctx: click.Context, email: str, name: str, role: str, service: bool, password_stdin: bool) -> None:
+        body: dict[str, Any] = {"email": email, "name": name, "role": role, "service": service}
+        if password_stdin:
+            body["password"] = sys.stdin.readline().rstrip("\r\n")
+        doc = _run(ctx, "POST", "/api/users", body)
+        _emit(ctx, doc, columns=("id", "email", "role", "service", "client_id"))
+        if doc.get("client_secret") and not _json_mode(ctx):
+            click.echo(f"client secret (shown once): {doc['client_secret']}")
+
+    @users.command("delete")
+    @click.argument("user")
+    @click.pass_context
+    def users_delete(ctx: click.Context, user: str) -> None:
+        u = _resolve(ctx, "users", user, ("email",))
+        _run(ctx, "DELETE", f"/api/users/{u['id']}")
+        _ok(ctx, f"deleted user {u['email']}")
+
+    @users.command("block")
+    @click.argument("user")
+    @click.pass_context
+    def users_block(ctx: click.Context, user: str) -> None:
+        u = _resolve(ctx, "users", user, ("email",))
+        _ok(ctx, f"blocked {u['email']}", _run(ctx, "PUT", f"/api/users/{u['id']}", {"blocked": True}))
+
+    @users.command("unblock")
+    @click.argument("user")
+    @click.pass_context
+    def users_unblock(ctx: click.Context, user: str) -> None:
+        u = _resolve(ctx, "users", user, ("email",))
+        _ok(ctx, f"unblocked {u['email']}", _run(ctx, "PUT", f"/api/users/{u['id']}", {"blocked": False}))
+
+    # --- groups -------------------------------------------------------------------------
+    @main.group()
+    def groups() -> None:
+        """Groups of peers and users (what policies name)."""
+
+    @groups.command("list")
+    @click.pass_context
+    def groups_list(ctx: click.Context) -> None:
+        doc = _run(ctx, "GET", "/api/groups")
+        _emit(ctx, doc, doc["groups"], ("id", "name", "peer_names", "user_emails"))
+
+    @groups.command("create")
+    @click.argument("name")
+    @click.option("--peer", "peers", multiple=True, help="peer id or name (repeat)")
+    @click.option("--user", "users_", multiple=True, help="user id or email (repeat)")
+    @click.pass_context
+    def groups_create(ctx: click.Context, name: str, peers: tuple[str, ...], users_: tuple[str, ...]) -> None:
+        doc = _run(ctx, "POST", "/api/groups", {"name": name, "peers": list(peers), "users": list(users_)})
+        _emit(ctx, doc, columns=("id", "name", "peer_names", "user_emails"))
+
+    @groups.command("update")
+    @click.argument("group")
+    @click.option("--name", help="new name")
+    @click.option("--peer", "peers", multiple=True, help="replace the peers (repeat)")
+    @click.option("--user", "users_", multiple=True, help="replace the users (repeat)")
+    @click.option("--add-peer", multiple=True)
+    @click.option("--add-user", multiple=True)
+    @click.pass_context
+    def groups_update(ctx: click.Context, group: str, name: str | None, peers: tuple[str, ...],
+                      users_: tuple[str, ...], add_peer: tuple[str, ...], add_user: tuple[str, ...]) -> None:
+        g = _resolve(ctx, "groups", group, ("name",))
+        body: dict[str, Any] = {}
+        if name:
+            body["name"] = name
+        if peers or add_peer:
+            body["peers"] = list(peers) if peers else g["peers"] + list(add_peer)
+        if users_ or add_user:
+            body["users"] = list(users_) if users_ else g["users"] + list(add_user)
+        doc = _run(ctx, "PUT", f"/api/groups/{g['id']}", body)
+        _emit(ctx, doc, columns=("id", "name", "peer_names", "user_emails"))
+
+    @groups.command("delete")
+    @click.argument("group")
+    @click.pass_context
+    def groups_delete(ctx: click.Context, group: str) -> None:
+        g = _resolve(ctx, "groups", group, ("name",))
+        _run(ctx, "DELETE", f"/api/groups/{g['id']}")
+        _ok(ctx, f"deleted group {g['name']}")
+
+    # --- setup keys -----------------------------------------------------------------------
+    @main.group("setup-keys")
+    def setup_keys() -> None:
+        """Keys peers register with."""
+
+    @setup_keys.command("list")
+    @click.pass_context
+    def keys_list(ctx: click.Context) -> None:
+        doc = _run(ctx, "GET", "/api/setup-keys")
+        _emit(ctx, doc, doc["setup_keys"], ("id", "name", "reusable", "used_count", "usage_limit", "expires_at",
+                                           "state", "auto_groups"))
+
+    @setup_keys.command("create")
+    @click.option("--name", default="")
+    @click.option("--reusable", is_flag=True)
+    @click.option("--expires-in", type=int, default=0, help="seconds; 0 = never")
+    @click.option("--usage-limit", type=int, default=0, help="0 = unlimited (reusable keys)")
+    @click.option("--auto-group", "auto_groups", multiple=True, help="group new peers join (repeat)")
+    @click.pass_context
+    def keys_create(ctx: click.Context, name: str, reusable: bool, expires_in: int, usage_limit: int,
+                    auto_groups: tuple[str, ...]) -> None:
+        doc = _run(ctx, "POST", "/api/setup-keys", {"name": name, "reusable": reusable, "expires_in": expires_in,
+                                                   "usage_limit": usage_limit, "auto_groups": list(auto_groups)})
+        _emit(ctx, doc, columns=("id", "name", "reusable", "usage_limit", "expires_at", "auto_groups"))
+        if not _json_mode(ctx):
+            click.echo(f"setup key (shown once): {doc['key']}")
+
+    @setup_keys.command("revoke")
+    @click.argument("key_id")
+    @click.pass_context
+    def keys_revoke(ctx: click.Context, key_id: str) -> None:
+        k = _resolve(ctx, "setup-keys", key_id, ("name",))
+        _run(ctx, "DELETE", f"/api/setup-keys/{k['id']}")
+        _ok(ctx, f"revoked setup key {k['id']}")
+
+    # --- policies ----------------------------------------------------------------------------
+    @main.group()
+    def policies() -> None:
+        """Access policies."""
+
+    @policies.command("list")
+    @click.pass_context
+    def policies_list(ctx: click.Context) -> None:
+        doc = _run(ctx, "GET", "/api/policies")
+        rows = []
+        for p in doc["policies"]:
+            for i, r in enumerate(p["rules"]):
+                rows.append({"id": p["id"] if i == 0 else "", "name": p["name"] if i == 0 else "",
+                             "enabled": p["enabled"], **r})
+        _emit(ctx, doc, rows, ("id", "name", "enabled", "sources", "destinations", "protocol", "ports",
+                               "bidirectional", "local_users", "allow_root"))
+
+    @policies.command("create")
+    @click.argument("name")
+    @click.option("--source", "sources", multiple=True, help="group name or user:<email> (repeat)")
+    @click.option("--destination", "destinations", multiple=True, help="group name (repeat)")
+    @click.option("--protocol", type=click.Choice(["tcp", "udp", "icmp", "all", "ssh"]), default="tcp",
+                  show_default=True)
+    @click.option("--port", "ports", multiple=True, help='"22" or "8000-8080" (repeat)')
+    @click.option("--bidirectional", is_flag=True)
+    @click.option("--local-user", "local_users", multiple=True, help="login name, localpart or * (repeat)")
+    @click.option("--allow-root", is_flag=True)
+    @click.option("--disabled", is_flag=True)
+    @click.option("--rules-file", type=click.Path(exists=True, dir_okay=False), help="JSON list of rules instead")
+    @click.pass_context
+    def policies_create(ctx: click.Context, name: str, sources: tuple[str, ...], destinations: tuple[str, ...],
+                        protocol: str, ports: tuple[str, ...], bidirectional: bool, local_users: tuple[str, ...],
+                        allow_root: bool, disabled: bool, rules_file: str | None) -> None:
+        if rules_file:
+            rules = json.loads(Path(rules_file).read_text())
+        else:
+            if not sources or not destinations:
+                raise click.UsageError("give --source and --destination (or --rules-file)")
+            rules = [{"sources": list(sources), "destinations": list(destinations), "protocol": protocol,
+                      "ports": list(ports), "bidirectional": bidirectional, "local_users": list(local_users),
+                      "allow_root": allow_root}]
+        doc = _run(ctx, "POST", "/api/policies", {"name": name, "enabled": not disabled, "rules": rules})
+        _emit(ctx, doc, columns=("id", "name", "enabled"))
+
+    def _toggle(ctx: click.Context, policy: str, enabled: bool) -> None:
+        p = _resolve(ctx, "policies", policy, ("name",))
+        doc = _run(ctx, "PUT", f"/api/policies/{p['id']}", {"enabled": enabled})
+        _ok(ctx, f"policy {p['name']} {'enabled' if enabled else 'disabled'}", doc)
+
+    @policies.command("enable")
+    @click.argument("policy")
+    @click.pass_context
+    def policies_enable(ctx: click.Context, policy: str) -> None:
+        _toggle(ctx, policy, True)
+
+    @policies.command("disable")
+    @click.argument("policy")
+    @click.pass_context
+    def policies_disable(ctx: click.Context, policy: str) -> None:
+        _toggle(ctx, policy, False)
+
+    @policies.command("delete")
+    @click.argument("policy")
+    @click.pass_context
+    def policies_delete(ctx: click.Context, policy: str) -> None:
+        p = _resolve(ctx, "policies", policy, ("name",))
+        _run(ctx, "DELETE", f"/api/policies/{p['id']}")
+        _ok(ctx, f"deleted policy {p['name']}")
+
+    # --- peers ---------------------------------------------------------------------------------
+    @main.group()
+    def peers() -> None:
+        """Registered peers."""
+
+    @peers.command("list")
+    @click.pass_context
+    def peers_list(ctx: click.Context) -> None:
+        doc = _run(ctx, "GET", "/api/peers")
+        _emit(ctx, doc, doc["peers"], ("id", "name", "mesh_ip", "connected", "ssh_enabled", "flags", "groups",
+                                       "version", "last_seen"))
+
+    @peers.command("rename")
+    @click.argument("peer")
+    @click.argument("new_name")
+    @click.pass_context
+    def peers_rename(ctx: click.Context, peer: str, new_name: str) -> None:
+        p = _resolve(ctx, "peers", peer, ("name", "mesh_ip", "fqdn"))
+        doc = _run(ctx, "PUT", f"/api/peers/{p['id']}", {"name": new_name})
+        _ok(ctx, f"renamed {p['name']} to {doc['name']}", doc)
+
+    @peers.command("delete")
+    @click.argument("peer")
+    @click.pass_context
+    def peers_delete(ctx: click.Context, peer: str) -> None:
+        p = _resolve(ctx, "peers", peer, ("name", "mesh_ip", "fqdn"))
+        _run(ctx, "DELETE", f"/api/peers/{p['id']}")
+        _ok(ctx, f"deleted peer {p['name']}")
+
+    @peers.command("ssh")
+    @click.argument("peer")
+    @click.argument("state", type=click.Choice(["on", "off"]))
+    @click.pass_context
+    def peers_ssh(ctx: click.Context, peer: str, state: str) -> None:
+        """Turn the admin SSH toggle of a peer on or off."""
+        p = _resolve(ctx, "peers", peer, ("name", "mesh_ip", "fqdn"))
+        doc = _run(ctx, "PUT", f"/api/peers/{p['id']}", {"ssh_enabled": state == "on"})
+        _ok(ctx, f"SSH {state} for {p['name']}", doc)
+
+    # --- events ----------------------------------------------------------------------------------
+    @main.group()
+    def events() -> None:
+        """The audit log."""
+
+    @events.command("list")
+    @click.option("--since", type=int, default=0)
+    @click.option("--limit", type=int, default=100)
+    @click.option("--follow", "-f", is_flag=True, help="keep printing new events (Ctrl-C to stop)")
+    @click.pass_context
+    def events_list(ctx: click.Context, since: int, limit: int, follow: bool) -> None:
+        cols = ("id", "received_at", "type", "peer_id", "identity", "local_user", "source_ip", "command", "reason")
+        if not follow:
+            doc = _run(ctx, "GET", "/api/events", params={"since": since, "limit": limit})
+            _emit(ctx, doc, doc["events"], cols)
+            return
+        client = _client(ctx)
+        json_mode = _json_mode(ctx)
+
+        async def follow_() -> None:
+            async with aiohttp.ClientSession(headers=client.headers) as http:
+                params = {"since": str(since)} if since else {}
+                async with http.ws_connect(client.url + "/api/events/stream", params=params) as ws:
+                    async for msg in ws:
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            break
+                        e = json.loads(msg.data).get("event", {})
+                        if json_mode:
+                            click.echo(json.dumps(e, sort_keys=True))
+                        else:
+                            click.echo("  ".join(f"{c}={_cell(e.get(c))}" for c in cols if e.get(c) is not None))
+                        sys.stdout.flush()
+
+        try:
+            asyncio.run(follow_())
+        except KeyboardInterrupt:
+            pass
+        except aiohttp.ClientError as exc:
+            raise ApiError(f"event stream failed: {exc}") from exc

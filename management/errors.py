@@ -1,0 +1,67 @@
+"""Exceptions of the management server.
+
+    ManagementError              base; `status` (HTTP), `code` (stable), `field` (optional)
+    ├── BadRequest        400    a body/query field is missing or malformed
+    ├── Unauthorized      401    no or wrong credentials
+    ├── Forbidden         403    authenticated, but not allowed
+    ├── NotFound          404
+    ├── Conflict          409    unique name taken, object in use
+    └── TooManyRequests   429    rate limited; `retry_after` seconds
+
+The API's error middleware turns each into `{"error", "message", "field"?}` JSON
+(docs/protocol.md); the CLI turns them into a one-line message and exit code 1.
+"""
+
+from __future__ import annotations
+
+
+class ManagementError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, str]:
+        doc = {"error": self.code, "message": self.message}
+        if self.field:
+            doc["field"] = self.field
+        return doc
+
+
+class BadRequest(ManagementError):
+    status = 400
+    code = "invalid_request"
+
+
+class Unauthorized(ManagementError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ManagementError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ManagementError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ManagementError):
+    status = 409
+    code = "conflict"
+
+
+class TooManyRequests(ManagementError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -1,0 +1,140 @@
+"""The audit log: events peers post (sessions, execs, forwards, refusals) and events
+management records itself (peer registered/deleted, policy changed), listed and followed.
+
+Peer events are validated field by field (`parse_peer_event`), stored with `peer_id` and
+`received_at`, and handed out in id order, so `since=<last id>` pages without gaps.
+Following (`EventFeed.wait`) wakes at once for events written through this process and
+polls the database about once a second for those written through other replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import select
+
+from .errors import BadRequest
+from .store import Event, Store, aware, utcnow
+
+PEER_EVENT_TYPES = (
+    "session.started",
+    "session.ended",
+    "exec",
+    "subsystem",
+    "forward.opened",
+    "forward.closed",
+    "auth.refused",
+    "session.revoked",
+)
+_STR_FIELDS = ("session_id", "identity", "source_peer", "source_ip", "local_user", "command",
+               "subsystem", "forward", "reason", "via", "signal")
+_INT_FIELDS = ("bytes_in", "bytes_out", "exit_status")
+MAX_EVENTS_PER_POST = 1000
+_TYPE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+
+
+def parse_time(value: Any, field: str) -> datetime:
+    if not isinstance(value, str) or len(value) > 64:
+        raise BadRequest(f"field {field!r} must be an ISO 8601 time", field=field)
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BadRequest(f"field {field!r} must be an ISO 8601 time", field=field) from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc)
+
+
+def parse_peer_event(doc: Any, where: str) -> tuple[str, datetime | None, dict[str, Any]]:
+    """(type, time, data) of one posted AuditEvent; unknown fields are dropped."""
+    if not isinstance(doc, dict):
+        raise BadRequest(f"{where} must be an object", field=where)
+    etype = doc.get("type")
+    if not isinstance(etype, str) or etype not in PEER_EVENT_TYPES:
+        raise BadRequest(f"{where}.type must be one of {', '.join(PEER_EVENT_TYPES)}", field=f"{where}.type")
+    when = parse_time(doc["time"], f"{where}.time") if doc.get("time") is not None else None
+    data: dict[str, Any] = {}
+    for k in _STR_FIELDS:
+        v = doc.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, str) or len(v) > 4096:
+            raise BadRequest(f"{where}.{k} must be a string (≤ 4096 characters)", field=f"{where}.{k}")
+        data[k] = v
+    for k in _INT_FIELDS:
+        v = doc.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not -(2**31) <= v < 2**63:
+            raise BadRequest(f"{where}.{k} must be an integer", field=f"{where}.{k}")
+        data[k] = v
+    return etype, when, data
+
+
+def event_to_dict(e: Event) -> dict[str, Any]:
+    doc: dict[str, Any] = {"id": e.id, "type": e.type}
+    if e.peer_id:
+        doc["peer_id"] = e.peer_id
+    if e.time is not None:
+        doc["time"] = aware(e.time).isoformat().replace("+00:00", "Z")  # type: ignore[union-attr]
+    doc["received_at"] = aware(e.received_at).isoformat().replace("+00:00", "Z")  # type: ignore[union-attr]
+    doc.update(e.data or {})
+    return doc
+
+
+class EventFeed:
+    """Writes and reads the audit log; wakes followers when something new arrives."""
+
+    def __init__(self, store: Store, poll_interval: float = 1.0) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self._cond = asyncio.Condition()
+
+    async def record(self, etype: str, *, peer_id: str | None = None, when: datetime | None = None,
+                     **data: Any) -> None:
+        """A management-side event (e.g. `peer.registered`)."""
+        if not _TYPE.match(etype):
+            raise ValueError(f"bad event type {etype!r}")
+        async with self.store.write() as s:
+            s.add(Event(type=etype, peer_id=peer_id, time=when or utcnow(), data=data))
+        await self._wake()
+
+    async def ingest(self, peer_id: str, events: list[tuple[str, datetime | None, dict[str, Any]]]) -> int:
+        now = utcnow()
+        async with self.store.write() as s:
+            for etype, when, data in events:
+                s.add(Event(type=etype, peer_id=peer_id, time=when, received_at=now, data=data))
+        await self._wake()
+        return len(events)
+
+    async def _wake(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    async def list(self, since: int = 0, limit: int = 100, peer_id: str | None = None,
+                   etype: str | None = None) -> list[dict[str, Any]]:
+        q = select(Event).where(Event.id > since)
+        if peer_id:
+            q = q.where(Event.peer_id == peer_id)
+        if etype:
+            q = q.where(Event.type == etype)
+        async with self.store.session() as s:
+            rows = (await s.execute(q.order_by(Event.id).limit(limit))).scalars().all()
+        return [event_to_dict(e) for e in rows]
+
+    async def latest_id(self) -> int:
+        from sqlalchemy import func
+
+        async with self.store.session() as s:
+            return int((await s.execute(select(func.max(Event.id)))).scalar() or 0)
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Until something may have been written here, or the poll interval passed."""
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait(), timeout or self.poll_interval)
+            except TimeoutError:
+                pass

@@ -1,0 +1,35 @@
+"""MgmtSettings: everything `meshmgmt serve` is configured with, validated when built."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadRequest
+
+DEFAULT_NETWORK = "100.64.0.0/10"
+DEFAULT_DNS_DOMAIN = "mesh.internal"
+
+
+@dataclass(frozen=True)
+class MgmtSettings:
+    data_dir: Path
+    database: str | None = None  # None: SQLite file in data_dir
+    public_url: str = "http://127.0.0.1:8080"
+    network: str = DEFAULT_NETWORK
+    dns_domain: str = DEFAULT_DNS_DOMAIN
+    register_rate: float = 2.0  # registrations per second per client address ...
+    register_burst: int = 20  # ... after a burst of this many
+    idp_options: dict | None = None  # passed to setup_idp as keyword arguments
+
+    def __post_init__(self) -> None:
+        try:
+            net = ipaddress.ip_network(self.network, strict=True)
+        except ValueError as exc:
+            raise BadRequest(f"--network {self.network!r} is not a CIDR network address: {exc}",
+                             field="network") from exc
+        if net.num_addresses < 8:
+            raise BadRequest("--network must have room for at least a few peers (/29 or larger)",
+                             field="network")
+        object.__setattr__(self, "public_url", self.public_url.rstrip("/"))

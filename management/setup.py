@@ -1,0 +1,100 @@
+"""`meshmgmt init` and `meshmgmt serve` behind the CLI: first-run setup, then serving."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from meshsshd.logs import setup_logging
+
+from .errors import BadRequest, ManagementError
+from .store import AdminToken, Store, User, hash_password_async, hash_secret
+
+TOKEN_FILE = "admin.token"
+
+
+class AlreadyInitialised(ManagementError):
+    status = 409
+    code = "already_initialised"
+
+
+def _write_secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+
+
+async def initialise(data_dir: Path, admin_email: str, password: str | None, database: str | None) -> dict[str, Any]:
+    from .api._validate import email as valid_email
+
+    email = valid_email(admin_email, "admin-email")
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token_file = data_dir / TOKEN_FILE
+    if token_file.exists():
+        raise AlreadyInitialised(f"{data_dir} is already initialised ({token_file} exists); nothing changed")
+    store = Store.for_data_dir(data_dir, database)
+    try:
+        await store.migrate()
+        async with store.session() as s:
+            if (await s.execute(select(func.count()).select_from(AdminToken))).scalar():
+                raise AlreadyInitialised("the store is already initialised (it has an admin token); nothing changed")
+        kid = ""
+        try:
+            from .idp import ensure_signing_key
+
+            kid = await ensure_signing_key(store)
+        except ImportError:
+            kid = "(created at first start)"
+        token = "mt_" + secrets.token_urlsafe(32)
+        pw_hash = await hash_password_async(password) if password else None
+        async with store.change("init") as s:
+            user = (await s.execute(select(User).where(User.email == email))).scalar_one_or_none()
+            if user is None:
+                s.add(User(email=email, name=email.split("@")[0], role="admin", password_hash=pw_hash))
+            else:
+                user.role = "admin"
+                if pw_hash:
+                    user.password_hash = pw_hash
+            s.add(AdminToken(token_hash=hash_secret(token), name="init"))
+        _write_secret(token_file, token)
+    finally:
+        await store.close()
+    return {"email": email, "token_file": str(token_file), "kid": kid}
+
+
+async def _check_initialised(store: Store) -> None:
+    await store.migrate()
+    async with store.session() as s:
+        if not (await s.execute(select(func.count()).select_from(AdminToken))).scalar():
+            raise BadRequest("the store is not initialised: run `meshmgmt init` first")
+
+
+def run_server(data_dir: Path, host: str, port: int, *, database: str | None, public_url: str, network: str,
+               dns_domain: str, log_level: str = "info") -> None:
+    from aiohttp import web
+
+    from .app import create_app
+    from .settings import MgmtSettings
+
+    setup_logging(log_level)
+    settings = MgmtSettings(data_dir=data_dir, database=database, public_url=public_url, network=network,
+                            dns_domain=dns_domain)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def make_app() -> web.Application:
+        store = Store.for_data_dir(data_dir, database)
+        try:
+            await _check_initialised(store)
+        finally:
+            await store.close()
+        return create_app(settings)
+
+    web.run_app(make_app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
+
+
+__all__ = ["initialise", "run_server", "AlreadyInitialised", "asyncio"]

@@ -1,0 +1,157 @@
+"""The sync hub: every open peer sync stream, and the recompute-on-change loop.
+
+On connect a stream gets its full map. On every store change (in-process, or NOTIFY from
+another replica) the hub loads one fresh snapshot, recomputes the map of every
+connected peer from it and sends it only where the content changed. A stream whose
+peer no longer exists gets `{"type": "error", "error": "peer-deleted"}` and is closed.
+Maps sent on one stream never go backwards in serial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from meshsshd.logs import event
+
+from .metrics import Registry
+from .netmap import compute_map, map_fingerprint
+from .state import MeshState
+
+log = logging.getLogger("meshmgmt.sync")
+
+SEND_TIMEOUT = 10.0
+
+
+@dataclass(eq=False)
+class Stream:
+    peer_id: str
+    ws: web.WebSocketResponse
+    last_fp: str = ""
+    last_serial: int = -1
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+
+
+class SyncHub:
+    def __init__(self, load_state: Callable[[], Awaitable[MeshState]], metrics: Registry) -> None:
+        self._load_state = load_state
+        self._streams: dict[str, set[Stream]] = {}
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._state: MeshState | None = None
+        self._computed = metrics.counter("meshmgmt_maps_computed_total", "Network maps computed")
+        self._sent = metrics.counter("meshmgmt_maps_sent_total", "Network maps sent on sync streams")
+        self._duration = metrics.histogram(
+            "meshmgmt_map_compute_seconds", "Time to compute one peer's network map"
+        )
+        self._recompute_duration = metrics.histogram(
+            "meshmgmt_recompute_seconds", "Time from a change to every connected peer's new map"
+        )
+        metrics.callback_gauge("meshmgmt_peers_connected", "Peers with an open sync stream",
+                               lambda: float(len(self._streams)))
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for streams in list(self._streams.values()):
+            for st in list(streams):
+                with contextlib.suppress(Exception):
+                    await st.ws.close()
+        self._streams.clear()
+
+    def changed(self, _serial: int = 0) -> None:
+        """Store change listener: mark dirty; the loop coalesces bursts of changes."""
+        self._dirty.set()
+
+    @property
+    def connected_peers(self) -> set[str]:
+        return set(self._streams)
+
+    # --- streams -------------------------------------------------------------------------
+
+    async def attach(self, peer_id: str, ws: web.WebSocketResponse) -> Stream:
+        st = Stream(peer_id, ws)
+        self._streams.setdefault(peer_id, set()).add(st)
+        state = self._state if (self._state is not None and not self._dirty.is_set()) else await self._load()
+        await self._send_map(st, state)
+        return st
+
+    def detach(self, st: Stream) -> None:
+        st.closed = True
+        streams = self._streams.get(st.peer_id)
+        if streams is not None:
+            streams.discard(st)
+            if not streams:
+                del self._streams[st.peer_id]
+
+    async def _load(self) -> MeshState:
+        state = await self._load_state()
+        if self._state is None or state.serial >= self._state.serial:
+            self._state = state
+        return state
+
+    async def _send_map(self, st: Stream, state: MeshState) -> None:
+        t0 = time.perf_counter()
+        netmap = compute_map(state, st.peer_id)
+        self._duration.observe(time.perf_counter() - t0)
+        self._computed.inc()
+        async with st.lock:
+            if st.closed:
+                return
+            if netmap is None:
+                await self._close_deleted(st)
+                return
+            if state.serial < st.last_serial:
+                return  # an older snapshot raced a newer one; the newer already went out
+            fp = map_fingerprint(netmap)
+            if fp == st.last_fp:
+                return
+            try:
+                await asyncio.wait_for(st.ws.send_json({"type": "netmap", "netmap": netmap.to_dict()}), SEND_TIMEOUT)
+            except (ConnectionError, RuntimeError, TimeoutError) as exc:
+                event(log, "sync.send_failed", level=logging.WARNING, peer=st.peer_id, error=type(exc).__name__)
+                await st.ws.close()
+                return
+            st.last_fp, st.last_serial = fp, state.serial
+            self._sent.inc()
+            event(log, "sync.map_sent", level=logging.DEBUG, peer=st.peer_id, serial=state.serial)
+
+    async def _close_deleted(self, st: Stream) -> None:
+        with contextlib.suppress(Exception):
+            await st.ws.send_json({"type": "error", "error": "peer-deleted",
+                                   "message": "this peer was deleted from the mesh; register again"})
+        st.closed = True
+        with contextlib.suppress(Exception):
+            await st.ws.close()
+        event(log, "sync.peer_deleted", peer=st.peer_id)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            t0 = time.perf_counter()
+            try:
+                state = await self._load()
+                streams = [st for group in list(self._streams.values()) for st in list(group)]
+                await asyncio.gather(*(self._send_map(st, state) for st in streams))
+                self._recompute_duration.observe(time.perf_counter() - t0)
+            except Exception:  # keep serving; the next change retries
+                log.exception("recompute failed")
+                await asyncio.sleep(0.5)
+                self._dirty.set()
