@@ -379,15 +379,12 @@ class Agent:
                 self.server = None
                 event(log, "ssh.stopped")
             return
-        if self.server is not None and getattr(self.server, "settings", settings).listen != settings.listen:
-            await _maybe_await(self.server.stop())  # the mesh IP moved: listen anew
-            self.server = None
         if self.server is None:
             server = self._make_server(settings)
             await _maybe_await(server.start())
             self.server = server
             event(log, "ssh.started", listen=[f"{h}:{p}" for h, p in settings.listen])
-        else:
+        else:  # also rebinds when the mesh IP moved, and closes sessions no longer allowed
             await _maybe_await(self.server.apply(settings))
 
     # sync ----------------------------------------------------------------------------

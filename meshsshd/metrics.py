@@ -4,8 +4,8 @@ Counters come from the audit events the server emits (the same stream management
 so the numbers agree with the audit log): logins refused by reason, sessions started and
 ended, bytes moved, live-session revocations. Gauges are read when scraped: live sessions
 from the server, the applied map's serial, whether the sync stream is up, the audit queue.
-If the server object offers `stats()` (a dict of counters such as auth successes), those
-are exported too. The text format is rendered here (`render()` is pure); no client library.
+The server's own `stats` dict (connections dropped by MaxStartups, evicted, ...) is
+exported as `meshsshd_server_<name>`. The text format is rendered here (`render()` is pure); no client library.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ class MetricsServer:
             if inspect.isawaitable(sessions):
                 sessions = await sessions
             live = len(sessions)
-            if hasattr(server, "stats"):
-                stats = server.stats() or {}
+            raw = getattr(server, "stats", None)
+            raw = raw() if callable(raw) else raw
+            stats = dict(raw) if isinstance(raw, dict) else {}
         netmap = getattr(agent, "netmap", None)
         mgmt = getattr(agent, "_mgmt", {})
         uplink = getattr(agent, "uplink", None)
