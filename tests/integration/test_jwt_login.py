@@ -1,0 +1,213 @@
+"""JWT logins against the real `meshsshd serve`, driven by an asyncssh client.
+
+One server for the module ([jwt] with a jwks_file written here, one access rule for a
+throwaway user). Each bad token is refused with its own reason, visible to the client in
+the auth banner and in the server log; the server stays up and a good token still works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from tests.integration.serverkit import ServerKit
+
+pytestmark = pytest.mark.root
+
+ISSUER = "https://issuer.meshsshd.test"
+AUDIENCE = "peer-jwt-test"
+
+
+class Keys:
+    def __init__(self) -> None:
+        self.main = ed25519.Ed25519PrivateKey.generate()
+        self.rotated = ec.generate_private_key(ec.SECP256R1())
+        self.attacker = ed25519.Ed25519PrivateKey.generate()
+
+    @staticmethod
+    def jwk(key: Any, alg: str, kid: str) -> dict[str, Any]:
+        jwk = json.loads(jwt.get_algorithm_by_name(alg).to_jwk(key.public_key()))
+        return {**jwk, "kid": kid, "alg": alg, "use": "sig"}
+
+
+@pytest.fixture(scope="module")
+def keys() -> Keys:
+    return Keys()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, session_user: Any, keys: Keys) -> Iterator[ServerKit]:
+    tmp = tmp_path_factory.mktemp("jwt-login")
+    jwks_file = tmp / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [Keys.jwk(keys.main, "EdDSA", "main")]}))
+    config = {
+        "jwt": {"issuer": ISSUER, "audience": [AUDIENCE], "jwks_file": str(jwks_file), "user_claim": "email"},
+        # Many refusals from 127.0.0.1 are the point of this module; do not penalise the source.
+        "limits": {"penalty_failures": 10_000},
+        "access": [{"sources": ["127.0.0.0/8"], "identities": ["alice@example.com", "carol@example.com"],
+                    "local_users": [session_user.pw_name]}],
+    }
+    with ServerKit(tmp, config) as srv:
+        yield srv
+
+
+def claims(**over: Any) -> dict[str, Any]:
+    now = int(time.time())
+    c: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "sub": "u-1", "email": "alice@example.com",
+                         "iat": now, "nbf": now, "exp": now + 60, "jti": secrets.token_hex(12)}
+    for k, v in over.items():
+        if v is None:
+            c.pop(k)
+        else:
+            c[k] = v
+    return c
+
+
+def sign(key: Any, c: dict[str, Any], alg: str = "EdDSA", kid: str = "main") -> str:
+    return jwt.encode(c, key, algorithm=alg, headers={"kid": kid})
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class _BannerClient(asyncssh.SSHClient):
+    def __init__(self, banners: list[str]) -> None:
+        self.banners = banners
+
+    def auth_banner_received(self, msg: str, lang: str) -> None:
+        self.banners.append(msg)
+
+
+async def login(srv: ServerKit, user: str, token: str) -> tuple[str | None, str]:
+    """(output of `id -un` or None if refused, the banner text the client saw)."""
+    banners: list[str] = []
+    try:
+        async with asyncssh.connect(
+            srv.host, srv.port, username=user, password=token, known_hosts=None,
+            client_factory=lambda: _BannerClient(banners), preferred_auth=["password"],
+            client_keys=None, agent_path=None, connect_timeout=15,
+        ) as conn:
+            result = await asyncio.wait_for(conn.run("id -un", check=True), 30)
+            out = result.stdout
+            return (out.decode() if isinstance(out, bytes) else str(out)).strip(), "".join(banners)
+    except asyncssh.PermissionDenied:
+        return None, "".join(banners)
+
+
+def refusals(srv: ServerKit) -> list[dict[str, Any]]:
+    out = []
+    for line in srv.output().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("event") == "auth.refused":
+            out.append(doc)
+    return out
+
+
+def _hs256_with_public_key(keys: Keys) -> str:
+    pem = keys.main.public_key().public_bytes(serialization.Encoding.PEM,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    head = b64(json.dumps({"alg": "HS256", "kid": "main"}).encode())
+    body = b64(json.dumps(claims()).encode())
+    return f"{head}.{body}.{b64(hmac.new(pem, f'{head}.{body}'.encode(), hashlib.sha256).digest())}"
+
+
+def _alg_none(keys: Keys) -> str:
+    return f"{b64(json.dumps({'alg': 'none', 'kid': 'main'}).encode())}.{b64(json.dumps(claims()).encode())}."
+
+
+BAD_TOKENS = [
+    pytest.param(lambda k: sign(k.attacker, claims()), "bad-signature", "signature is invalid", id="forged"),
+    pytest.param(_alg_none, "alg-not-allowed", "algorithm none", id="alg-none"),
+    pytest.param(_hs256_with_public_key, "alg-not-allowed", "algorithm HS256", id="hs256-public-key"),
+    pytest.param(lambda k: sign(k.main, claims(iss="https://evil.test")), "wrong-issuer", "from issuer",
+                 id="wrong-issuer"),
+    pytest.param(lambda k: sign(k.main, claims(aud="peer-other")), "wrong-audience", "token is for another peer",
+                 id="wrong-audience"),
+    pytest.param(lambda k: sign(k.main, claims(exp=int(time.time()) - 100, iat=int(time.time()) - 200,
+                                               nbf=int(time.time()) - 200)),
+                 "expired", "token expired", id="expired"),
+    pytest.param(lambda k: sign(k.main, claims(nbf=int(time.time()) + 300)), "not-yet-valid",
+                 "clock skew: token issued in the future", id="nbf-future"),
+    pytest.param(lambda k: sign(k.main, claims(iat=int(time.time()) - 1000, nbf=int(time.time()) - 1000)),
+                 "too-old", "was issued", id="too-old"),
+    pytest.param(lambda k: sign(k.main, claims(), kid="nobody-knows"), "unknown-kid", "unknown key id nobody-knows",
+                 id="unknown-kid"),
+    pytest.param(lambda k: sign(k.main, claims(jti=None)), "missing-claim", "lacks the `jti` claim",
+                 id="missing-jti"),
+    pytest.param(lambda k: sign(k.main, claims(pad="x" * 20_000)), "too-large", "larger than 16384",
+                 id="too-large"),
+    pytest.param(lambda k: "hunter2", "malformed", "not a token", id="plain-password"),
+    pytest.param(lambda k: sign(k.main, claims(email="bob@example.com")), "identity", "may not log in",
+                 id="identity-not-in-rules"),
+    pytest.param(lambda k: sign(k.main, claims(local_users=["someone-else"])), "token-users",
+                 "your token does not allow", id="token-local-users"),
+]
+
+
+@pytest.mark.parametrize("make_token, reason, words", BAD_TOKENS)
+async def test_bad_token_refused_with_reason(server: ServerKit, session_user: Any, keys: Keys,
+                                             make_token: Any, reason: str, words: str) -> None:
+    token = make_token(keys)
+    before = len([r for r in refusals(server) if r.get("reason") == reason])
+    out, banner = await login(server, session_user.pw_name, token)
+    assert out is None
+    assert words in banner, banner
+    after = [r for r in refusals(server) if r.get("reason") == reason]
+    assert len(after) == before + 1
+    assert after[-1]["user"] == session_user.pw_name
+    assert token not in server.output()
+    # The server is still up and the next good login works.
+    out, _ = await login(server, session_user.pw_name, sign(keys.main, claims()))
+    assert out == session_user.pw_name
+
+
+async def test_good_token_logs_in_once(server: ServerKit, session_user: Any, keys: Keys) -> None:
+    token = sign(keys.main, claims(local_users=[session_user.pw_name]))
+    out, banner = await login(server, session_user.pw_name, token)
+    assert out == session_user.pw_name
+    assert banner == ""
+    out, banner = await login(server, session_user.pw_name, token)
+    assert out is None
+    assert "already used" in banner
+    assert refusals(server)[-1]["reason"] == "replayed"
+
+
+async def test_key_rotation_in_the_jwks_file(tmp_path: Path, session_user: Any, keys: Keys) -> None:
+    """A new kid appears in the file: the first token signed with it makes the server reload.
+    (Its own server, so the unknown-kid cooldown of the shared one does not interfere.)"""
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [Keys.jwk(keys.main, "EdDSA", "main")]}))
+    config = {
+        "jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks_file), "user_claim": "email"},
+        "access": [{"sources": ["127.0.0.1/32"], "identities": ["*"], "local_users": ["localpart", "*"]}],
+    }
+    with ServerKit(tmp_path, config) as srv:
+        out, banner = await login(srv, session_user.pw_name, sign(keys.main, claims()))
+        assert out == session_user.pw_name, banner
+        jwks_file.write_text(json.dumps({"keys": [Keys.jwk(keys.main, "EdDSA", "main"),
+                                                  Keys.jwk(keys.rotated, "ES256", "rotated")]}))
+        token = sign(keys.rotated, claims(email="carol@example.com"), alg="ES256", kid="rotated")
+        out, banner = await login(srv, session_user.pw_name, token)
+        assert out == session_user.pw_name, banner
+        accepted = [json.loads(line) for line in srv.output().splitlines() if '"auth.accepted"' in line]
+        assert [a["identity"] for a in accepted] == ["alice@example.com", "carol@example.com"]
+        loaded = [json.loads(line) for line in srv.output().splitlines() if '"jwks.loaded"' in line]
+        assert [d["kids"] for d in loaded] == [["main"], ["main", "rotated"]]
