@@ -287,7 +287,7 @@ class Agent:
             mesh_ip=doc["mesh_ip"], network=str(doc.get("network", "")),
         )
         await asyncio.to_thread(self.state.save_credential, cred)
-        event(log, "register.done", peer_id=cred.peer_id, mesh_ip=cred.mesh_ip, name=cred.name)
+        event(log, "register.done", peer_id=cred.peer_id, mesh_ip=cred.mesh_ip, peer_name=cred.name)
         return cred
 
     # maps --------------------------------------------------------------------------
@@ -353,7 +353,8 @@ class Agent:
         if not self.config.flags.allow_server_ssh:
             return "SSH server not allowed on this peer (start with --allow-server-ssh)"
         if not netmap.ssh.enabled:
-            return "SSH is turned off for this peer by management"
+            return ("management has not enabled SSH on this peer (no policy grants SSH to it, "
+                    "or an admin turned it off)")
         return ""
 
     async def _rollback_dataplane(self, prev: NetworkMap | None, prev_serve: bool) -> None:

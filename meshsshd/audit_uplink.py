@@ -11,6 +11,7 @@ rest is saved to the state dir (events.jsonl) and loaded again on the next start
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -116,9 +117,14 @@ class ManagementAuditSink:
             await asyncio.wait_for(self.flush_once(), flush_timeout)
         except (MeshsshdError, asyncio.TimeoutError):
             pass
-        if state_file is not None:
-            data = "".join(json.dumps(d, separators=(",", ":")) + "\n" for d in self.queue)
-            await asyncio.to_thread(atomic_write, state_file, data.encode(), SECRET_MODE)
+        if state_file is None:
+            return
+        if not self.queue:
+            with contextlib.suppress(FileNotFoundError):
+                state_file.unlink()
+            return
+        data = "".join(json.dumps(d, separators=(",", ":")) + "\n" for d in self.queue)
+        await asyncio.to_thread(atomic_write, state_file, data.encode(), SECRET_MODE)
 
     def load(self, state_file: Path) -> int:
         """Queue events saved by the previous run; returns how many."""
