@@ -238,7 +238,8 @@ class JWTValidator:
         """New settings; keys are reloaded if their source changed; seen jtis are kept."""
         new_store = self._store_for(settings)
         if not self._keys.same_source(new_store):
-            self._old_stores.append(self._keys)
+            if self._keys.has_session:
+                self._old_stores.append(self._keys)  # its HTTP session is closed in close()
             self._keys = new_store
         self._settings = settings
         self._expect = ClaimExpectations.from_settings(settings)

@@ -193,6 +193,10 @@ class KeyStore:
             return str(self._file)
         return self._url or "none"
 
+    @property
+    def has_session(self) -> bool:
+        return self._session is not None
+
     def same_source(self, other: KeyStore) -> bool:
         """Would `other` load the same keys? Then the cached set can stay."""
         return (self._inline, self._file, self._url) == (other._inline, other._file, other._url)

@@ -6,6 +6,7 @@ inline, or a real aiohttp server on 127.0.0.1. The clock is injected, so nothing
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -311,6 +312,14 @@ async def test_replay_is_checked_after_the_signature(validator: JWTValidator, rs
     await validator.validate(rsa_signer.sign(c))
     exc = await refused(validator, other_rsa.sign(c))
     assert exc.reason == "bad-signature"
+
+
+async def test_concurrent_use_of_one_token_lets_exactly_one_in(validator: JWTValidator,
+                                                                 ec_signer: Signer) -> None:
+    token = ec_signer.sign(claims())
+    results = await asyncio.gather(*(validator.validate(token) for _ in range(5)), return_exceptions=True)
+    assert sum(isinstance(r, Identity) for r in results) == 1
+    assert sorted(r.reason for r in results if isinstance(r, AuthRefused)) == ["replayed"] * 4
 
 
 def test_replay_cache_entries_expire_and_it_is_bounded() -> None:
