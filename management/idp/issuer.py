@@ -12,7 +12,6 @@ the `on_keys_changed` callbacks run so network maps (which carry the JWKS) are p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from pathlib import Path
 from typing import Any
 
 import aiohttp

@@ -9,7 +9,6 @@ tests/integration/test_idp_serve.py.
 from __future__ import annotations
 
 import base64
-import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
