@@ -90,8 +90,11 @@ def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database:
 @click.option("--network", default="100.64.0.0/10", show_default=True, help="mesh address pool")
 @click.option("--dns-domain", default="mesh.internal", show_default=True, help="peer FQDN suffix")
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--register-rate", type=float, default=2.0, show_default=True,
+              help="peer registrations per second per client address (after the burst)")
+@click.option("--register-burst", type=int, default=20, show_default=True)
 def serve(data_dir: Path, listen: str, database: str | None, public_url: str | None, network: str,
-          dns_domain: str, log_level: str) -> None:
+          dns_domain: str, log_level: str, register_rate: float, register_burst: int) -> None:
     """Run the management server (REST API, issuer, sync streams)."""
     os.umask(0o077)
     from .setup import run_server
@@ -103,7 +106,8 @@ def serve(data_dir: Path, listen: str, database: str | None, public_url: str | N
     try:
         run_server(data_dir, host, port, database=database,
                    public_url=public_url or f"http://{url_host}:{port}", network=network,
-                   dns_domain=dns_domain, log_level=log_level)
+                   dns_domain=dns_domain, log_level=log_level, register_rate=register_rate,
+                   register_burst=register_burst)
     except ManagementError as exc:
         click.echo(f"meshmgmt: {exc.message}", err=True)
         sys.exit(EXIT_USAGE)

@@ -75,7 +75,8 @@ async def _check_initialised(store: Store) -> None:
 
 
 def run_server(data_dir: Path, host: str, port: int, *, database: str | None, public_url: str, network: str,
-               dns_domain: str, log_level: str = "info") -> None:
+               dns_domain: str, log_level: str = "info", register_rate: float = 2.0,
+               register_burst: int = 20) -> None:
     from aiohttp import web
 
     from .app import create_app
@@ -83,7 +84,8 @@ def run_server(data_dir: Path, host: str, port: int, *, database: str | None, pu
 
     setup_logging(log_level)
     settings = MgmtSettings(data_dir=data_dir, database=database, public_url=public_url, network=network,
-                            dns_domain=dns_domain)
+                            dns_domain=dns_domain, register_rate=register_rate,
+                            register_burst=register_burst)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     async def make_app() -> web.Application:
