@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from management.ratelimit import RateLimiter
 from meshsshd.logs import event
 
 from . import exchange, tokens
@@ -79,7 +80,7 @@ class Issuer:
         self._published: tuple[str, ...] = ()
         self._fingerprint: tuple[tuple[str, float | None], ...] = ()
         self._callbacks: list[KeysChanged] = []
-        self._last_reload = 0.0
+        self._unknown_kid_reloads = RateLimiter(rate=2.0, burst=5)
         self._reload_lock = asyncio.Lock()
         # How token exchange reads the mesh: the app's loader when there is one (it knows
         # the DNS domain that FQDNs use), else the store's default snapshot.
@@ -92,7 +93,6 @@ class Issuer:
         self._ring = await self.keystore.ensure(self.clock())
         self._fingerprint = await self.keystore.kids()
         self._published = self._published_kids()
-        self._last_reload = time.monotonic()
         event(log, "idp.started", issuer=self.issuer_url, kid=self._ring.current().kid,
               keys=len(self._published))
 
@@ -122,7 +122,6 @@ class Issuer:
             if fingerprint != self._fingerprint or not self._ring.keys:
                 self._ring = await self.keystore.ensure(self.clock())
                 self._fingerprint = await self.keystore.kids()
-            self._last_reload = time.monotonic()
             published = self._published_kids()
             changed = published != self._published
             self._published = published
@@ -173,8 +172,9 @@ class Issuer:
         try:
             return tokens.verify(token, self._ring, self.issuer_url, audience, self.clock(), typ=typ)
         except IdpError as exc:
-            # Another replica may have rotated: reload once (at most every 5 s) and retry.
-            if exc.reason != "unknown-key" or time.monotonic() - self._last_reload < 5:
+            # Another replica may have rotated: look at the store (bounded, since anyone can
+            # send tokens with made-up kids) and retry once.
+            if exc.reason != "unknown-key" or not self._unknown_kid_reloads.allow("kid"):
                 raise
         await self.reload_keys()
         return tokens.verify(token, self._ring, self.issuer_url, audience, self.clock(), typ=typ)

@@ -107,7 +107,7 @@ class KeyStore:
         async with self.store.session() as s:
             result = await s.execute(
                 delete(SigningKeyRow).where(
-                    SigningKeyRow.retired.is_not(None), SigningKeyRow.retired < _dt(now - self.overlap)
+                    SigningKeyRow.retired.is_not(None), SigningKeyRow.retired <= _dt(now - self.overlap)
                 )
             )
             await s.commit()

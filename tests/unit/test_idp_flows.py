@@ -582,3 +582,56 @@ async def test_logs_never_contain_tokens_or_passwords(mesh: Mesh, caplog: pytest
     for secret in (PASSWORD, tokens["access_token"], tokens["refresh_token"], ex["access_token"],
                    tokens["access_token"].split(".")[2]):
         assert secret not in text
+
+
+async def test_two_replicas_share_keys_and_follow_a_rotation(tmp_path: Path) -> None:
+    """Replica B learns A's new key from the store: at once for a token with an unknown
+    kid, and through reload_keys (the store change feed) for its JWKS."""
+    from management.idp.issuer import Issuer
+    from management.idp.tokens import ACCESS_TOKEN_TYPE, Identity, access_claims, sign
+
+    store = Store(sqlite_url(tmp_path))
+    await store.migrate()
+    clock = Clock()
+    try:
+        a = Issuer(store, "http://mgmt", IssuerSettings(clock=clock))
+        b = Issuer(store, "http://mgmt", IssuerSettings(clock=clock))
+        await a.start()
+        await b.start()
+        assert a.jwks() == b.jwks()
+        changed: list[str] = []
+        b.on_keys_changed(lambda: changed.append("b"))
+        await a.rotate_keys()
+        token = sign(access_claims(Identity("u1", "a@example.com"), "http://mgmt", "meshssh", clock.now),
+                     a._ring.current(), ACCESS_TOKEN_TYPE)
+        assert (await b.verify_access_token(token))["sub"] == "u1"  # unknown kid → reload
+        assert b.jwks() == a.jwks() and len(b.jwks()["keys"]) == 2
+        assert changed == ["b"]
+        assert await b.reload_keys() is False  # nothing new
+    finally:
+        await store.close()
+
+
+async def test_automatic_rotation_and_pruning(tmp_path: Path) -> None:
+    from management.idp.issuer import Issuer
+
+    store = Store(sqlite_url(tmp_path))
+    await store.migrate()
+    clock = Clock()
+    try:
+        issuer = Issuer(store, "http://mgmt", IssuerSettings(clock=clock, key_rotation_interval=86400))
+        await issuer.start()
+        first = issuer.jwks()["keys"][0]["kid"]
+        await issuer.maintain()
+        assert [k["kid"] for k in issuer.jwks()["keys"]] == [first]  # not due yet
+        clock.now += 86400
+        await issuer.maintain()
+        kids = [k["kid"] for k in issuer.jwks()["keys"]]
+        assert len(kids) == 2 and kids[1] == first
+        assert issuer.metrics.key_rotations == 1
+        clock.now += 3600
+        await issuer.maintain()
+        assert [k["kid"] for k in issuer.jwks()["keys"]] == [kids[0]]
+        assert len((await issuer.keystore.load()).keys) == 1  # the retired key was deleted
+    finally:
+        await store.close()
