@@ -12,7 +12,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from tests.integration.serverkit import ServerKit
+from tests.support import require_tool
 
 pytestmark = pytest.mark.root
 
@@ -211,3 +214,36 @@ async def test_key_rotation_in_the_jwks_file(tmp_path: Path, session_user: Any, 
         assert [a["identity"] for a in accepted] == ["alice@example.com", "carol@example.com"]
         loaded = [json.loads(line) for line in srv.output().splitlines() if '"jwks.loaded"' in line]
         assert [d["kids"] for d in loaded] == [["main"], ["main", "rotated"]]
+
+
+def _openssh_with_token(srv: ServerKit, user: str, token: str, tmp: Path) -> subprocess.CompletedProcess:
+    """Native `ssh`, the token typed by SSH_ASKPASS, banners shown (default LogLevel)."""
+    token_file = tmp / f"token-{secrets.token_hex(4)}"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    askpass = tmp / "askpass.sh"
+    askpass.write_text('#!/bin/sh\nexec cat "$MESHSSHD_TEST_TOKEN"\n')
+    askpass.chmod(0o700)
+    argv = [require_tool("ssh"), "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "PreferredAuthentications=password",
+            "-o", "NumberOfPasswordPrompts=1", "-o", "ConnectTimeout=10", "-p", str(srv.port),
+            f"{user}@{srv.host}", "id -un"]
+    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0",
+           "MESHSSHD_TEST_TOKEN": str(token_file)}
+    return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+
+
+@pytest.mark.openssh
+def test_openssh_client_sees_the_reason(server: ServerKit, session_user: Any, keys: Keys, tmp_path: Path) -> None:
+    good = sign(keys.main, claims())
+    assert len(good) < 1023  # OpenSSH cuts askpass input at 1023 bytes
+    r = _openssh_with_token(server, session_user.pw_name, good, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == session_user.pw_name
+
+    now = int(time.time())
+    expired = sign(keys.main, claims(exp=now - 300, iat=now - 400, nbf=now - 400))
+    r = _openssh_with_token(server, session_user.pw_name, expired, tmp_path)
+    assert r.returncode == 255
+    assert "meshsshd: token expired" in r.stderr.decode()
+    assert "Permission denied" in r.stderr.decode()
