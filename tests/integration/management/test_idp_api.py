@@ -1,4 +1,4 @@
-"""The embedded issuer inside a real `meshmgmt serve` process (SQLite).
+"""The embedded issuer inside a real `meshmgmt serve` process (SQLite and PostgreSQL).
 
 An admin builds the mesh over the REST API (users, a service user, a setup key, three
 registered peers, groups, policies); then a "browser" approves a device login on the
@@ -9,9 +9,7 @@ tokens and a service user logs in with client credentials.
 from __future__ import annotations
 
 import asyncio
-import base64
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from typing import Any
@@ -19,10 +17,9 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from tests.support import Proc
 
-from tests.support import Proc, console_script, free_port, wait_for_port
+from .mgmtkit import Mgmt, host_key, wg_key
 
 DEVICE = "urn:ietf:params:oauth:grant-type:device_code"
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -40,34 +37,11 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def mgmt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    data_dir = tmp_path_factory.mktemp("mgmt")
-    meshmgmt = console_script("meshmgmt")
-    subprocess.run([meshmgmt, "init", "--data-dir", str(data_dir), "--admin-email", "admin@example.com",
-                    "--admin-password-stdin"], input="admin-password-123\n", text=True, check=True,
-                   capture_output=True)
-    port = free_port()
-    proc = Proc([meshmgmt, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
-                data_dir / "serve.log")
-    try:
-        wait_for_port("127.0.0.1", port, proc=proc.popen)
-        server = Server(f"http://127.0.0.1:{port}", (data_dir / "admin.token").read_text().strip(), proc, {})
-        server.data = asyncio.run(_build_mesh(server))
-        yield server
-    except BaseException:
-        print(proc.output())
-        raise
-    finally:
-        proc.stop()
-
-
-def _wg_key() -> str:
-    return base64.b64encode(x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
-
-
-def _host_key() -> str:
-    key = ed25519.Ed25519PrivateKey.generate().public_key()
-    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+def server(mgmt: Mgmt) -> Server:
+    """M1's `meshmgmt serve` (SQLite and PostgreSQL) with our mesh built over the admin API."""
+    srv = Server(mgmt.url, mgmt.token, mgmt.proc, {})
+    srv.data = asyncio.run(_build_mesh(srv))
+    return srv
 
 
 async def _build_mesh(server: Server) -> dict[str, Any]:
@@ -88,7 +62,7 @@ async def _build_mesh(server: Server) -> dict[str, Any]:
         key = (await post("/api/setup-keys", {"name": "test", "reusable": True}))["key"]
         for name, ssh in (("laptop-1", False), ("web-1", True), ("db-1", True)):
             reg = await post("/api/peers/register", {
-                "setup_key": key, "wg_public_key": _wg_key(), "ssh_host_key": _host_key(), "hostname": name,
+                "setup_key": key, "wg_public_key": wg_key(), "ssh_host_key": host_key(), "hostname": name,
                 "flags": {"allow_server_ssh": ssh}, "version": "test", "endpoints": []}, auth=False)
             out[name] = reg
         await post("/api/groups", {"name": "devs", "peers": ["laptop-1"], "users": ["alice@example.com", "ci@example.com"]})
@@ -116,16 +90,16 @@ class _Form(HTMLParser):
 
 
 @pytest.fixture
-async def browser(mgmt: Server) -> AsyncIterator[aiohttp.ClientSession]:
+async def browser(server: Server) -> AsyncIterator[aiohttp.ClientSession]:
     # A browser keeps cookies for an IP-address host; aiohttp needs unsafe=True for that.
-    async with aiohttp.ClientSession(mgmt.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+    async with aiohttp.ClientSession(server.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
         yield s
 
 
 @pytest.fixture
-async def cli(mgmt: Server) -> AsyncIterator[aiohttp.ClientSession]:
+async def cli(server: Server) -> AsyncIterator[aiohttp.ClientSession]:
     """The command-line client: no cookies, form posts to the OAuth endpoints."""
-    async with aiohttp.ClientSession(mgmt.url) as s:
+    async with aiohttp.ClientSession(server.url) as s:
         yield s
 
 
@@ -164,16 +138,16 @@ async def _exchange(cli: aiohttp.ClientSession, access: str, *audiences: str) ->
     return await _form_post(cli, "/oauth/token", data)
 
 
-async def test_discovery_points_at_this_server(mgmt: Server, cli: aiohttp.ClientSession) -> None:
+async def test_discovery_points_at_this_server(server: Server, cli: aiohttp.ClientSession) -> None:
     async with cli.get("/.well-known/openid-configuration") as r:
         doc = await r.json()
-    assert doc["issuer"] == mgmt.url
-    async with cli.get(doc["jwks_uri"].removeprefix(mgmt.url)) as r:
+    assert doc["issuer"] == server.url
+    async with cli.get(doc["jwks_uri"].removeprefix(server.url)) as r:
         jwks = await r.json()
     assert jwks["keys"] and all("d" not in k for k in jwks["keys"])
 
 
-async def test_device_flow_end_to_end(mgmt: Server, cli: aiohttp.ClientSession, browser: aiohttp.ClientSession) -> None:
+async def test_device_flow_end_to_end(server: Server, cli: aiohttp.ClientSession, browser: aiohttp.ClientSession) -> None:
     status, start = await _form_post(cli, "/oauth/device/code", {"client_id": "meshssh", "scope": "openid"})
     assert status == 200
     poll = {"grant_type": DEVICE, "client_id": "meshssh", "device_code": start["device_code"]}
@@ -191,7 +165,7 @@ async def test_device_flow_end_to_end(mgmt: Server, cli: aiohttp.ClientSession, 
     status, tokens = await _form_post(cli, "/oauth/token", poll)
     assert status == 200, tokens
     claims = jwt.decode(tokens["access_token"], options={"verify_signature": False})
-    assert (claims["aud"], claims["email"], claims["iss"]) == ("meshmgmt", "alice@example.com", mgmt.url)
+    assert (claims["aud"], claims["email"], claims["iss"]) == ("meshmgmt", "alice@example.com", server.url)
     assert tokens["refresh_token"]
 
     # The access token works on the management API (M1's user endpoints).
@@ -208,13 +182,13 @@ async def test_device_flow_end_to_end(mgmt: Server, cli: aiohttp.ClientSession, 
     assert (status, body["error"]) == (400, "invalid_grant")
 
 
-async def test_token_exchange_allowed_and_refused(mgmt: Server, cli: aiohttp.ClientSession,
+async def test_token_exchange_allowed_and_refused(server: Server, cli: aiohttp.ClientSession,
                                                   browser: aiohttp.ClientSession) -> None:
     alice = (await _login(cli, browser, "alice@example.com"))["access_token"]
     status, body = await _exchange(cli, alice, "web-1")
     assert status == 200, body
     claims = jwt.decode(body["access_token"], options={"verify_signature": False})
-    assert claims["aud"] == mgmt.data["web-1"]["peer_id"]
+    assert claims["aud"] == server.data["web-1"]["peer_id"]
     assert claims["local_users"] == ["alice"] and claims["exp"] - claims["iat"] == 60
 
     status, body = await _exchange(cli, alice, "db-1")
@@ -226,21 +200,21 @@ async def test_token_exchange_allowed_and_refused(mgmt: Server, cli: aiohttp.Cli
     assert (status, body["error_description"]) == (403, "no policy lets carol@example.com reach web-1")
 
     # Fan-out by FQDN and mesh IP, with one failure in the middle.
-    web = mgmt.data["web-1"]
+    web = server.data["web-1"]
     status, body = await _exchange(cli, alice, "web-1.mesh.internal", "db-9", web["mesh_ip"])
     assert status == 200
     assert [t.get("error") for t in body["tokens"]] == [None, "invalid_target", None]
 
     # The admin turns SSH on for db-1 (the toggle needs a rule admitting TCP 22: there is none).
-    async with cli.put(f"/api/peers/{mgmt.data['db-1']['peer_id']}", json={"ssh_enabled": True},
-                       headers={"Authorization": f"Bearer {mgmt.admin_token}"}) as r:
+    async with cli.put(f"/api/peers/{server.data['db-1']['peer_id']}", json={"ssh_enabled": True},
+                       headers={"Authorization": f"Bearer {server.admin_token}"}) as r:
         assert r.status == 200, await r.text()
     status, body = await _exchange(cli, alice, "db-1")
     assert status == 403 and body["error"] == "access_denied"
 
 
-async def test_client_credentials_for_a_service_user(mgmt: Server, cli: aiohttp.ClientSession) -> None:
-    client_id, secret = mgmt.data["svc"]
+async def test_client_credentials_for_a_service_user(server: Server, cli: aiohttp.ClientSession) -> None:
+    client_id, secret = server.data["svc"]
     status, body = await _form_post(cli, "/oauth/token", {"grant_type": "client_credentials",
                                                           "client_id": client_id, "client_secret": secret})
     assert status == 200, body
@@ -253,11 +227,11 @@ async def test_client_credentials_for_a_service_user(mgmt: Server, cli: aiohttp.
     assert (status, body["error"]) == (401, "invalid_client")
 
 
-async def test_metrics_and_logs(mgmt: Server, cli: aiohttp.ClientSession) -> None:
+async def test_metrics_and_logs(server: Server, cli: aiohttp.ClientSession) -> None:
     async with cli.get("/metrics") as r:
         text = await r.text()
     assert "meshmgmt_token_grants_total" in text and "meshmgmt_token_refusals_total" in text
-    log = mgmt.proc.output()
+    log = server.proc.output()
     assert '"event":"idp.login"' in log
-    assert PASSWORD not in log and mgmt.data["svc"][1] not in log
+    assert PASSWORD not in log and server.data["svc"][1] not in log
     assert "eyJ" not in log  # no JWT (header or payload) in any log line
