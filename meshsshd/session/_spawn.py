@@ -138,8 +138,13 @@ def spawn(
 
 
 def reset_inherited_signals() -> None:
-    """SIG_IGN survives exec: make sure the daemon does not ignore what children need."""
-    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP, signal.SIGPIPE):
+    """SIG_IGN survives exec: make sure the daemon does not ignore what children need.
+
+    SIGPIPE is deliberately left ignored in the daemon (Python's default): with it at
+    SIG_DFL a write to a child's closed pipe would kill the whole server. Children get
+    SIGPIPE back through Popen(restore_signals=True).
+    """
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP):
         if signal.getsignal(sig) == signal.SIG_IGN:
             signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
