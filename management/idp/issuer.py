@@ -256,10 +256,15 @@ class Issuer:
 
     async def exchange(self, subject_token: str, audiences: list[str]) -> tuple[tokens.Identity, list[exchange.Allowed | exchange.Refused]]:
         """Who asks, and the per-audience decisions of an SSH token exchange (nothing signed)."""
-        claims = await self.verify_access_token(subject_token)
+        # RFC 8693 §2.2.2: an invalid or unacceptable subject token is `invalid_request`.
+        try:
+            claims = await self.verify_access_token(subject_token)
+        except IdpError as exc:
+            raise IdpError("invalid_request", f"subject_token: {exc.description}; run `meshssh login`",
+                           reason=f"subject-{exc.reason}") from exc
         identity = await self.grants.identity(str(claims["sub"]))
         if identity is None:
-            raise IdpError("invalid_grant", "the user is blocked or deleted", reason="user-blocked")
+            raise IdpError("invalid_request", "the user is blocked or deleted", reason="user-blocked")
         if not audiences:
             raise IdpError("invalid_request", "name at least one peer in `audience`", reason="no-audience")
         if len(audiences) > MAX_AUDIENCES:

@@ -518,10 +518,10 @@ async def test_exchange_refuses_bad_subject_tokens(mesh: Mesh) -> None:
     ssh = (await mesh.exchange(tokens["access_token"], "web-1"))[1]["access_token"]
     for subject in (ssh, tokens["id_token"], "garbage", tokens["refresh_token"]):
         status, body = await mesh.exchange(subject, "web-1")
-        assert (status, body["error"]) == (400, "invalid_grant"), subject[:10]
+        assert (status, body["error"]) == (400, "invalid_request"), subject[:10]
     mesh.clock.now += 900 + 31
     status, body = await mesh.exchange(tokens["access_token"], "web-1")
-    assert (status, body["error"]) == (400, "invalid_grant") and "expired" in body["error_description"]
+    assert (status, body["error"]) == (400, "invalid_request") and "expired" in body["error_description"]
 
 
 async def test_exchange_refused_once_the_user_is_blocked(mesh: Mesh) -> None:
@@ -530,7 +530,7 @@ async def test_exchange_refused_once_the_user_is_blocked(mesh: Mesh) -> None:
         (await s.get(User, mesh.ids["alice"])).blocked = True
         await s.commit()
     status, body = await mesh.exchange(access, "web-1")
-    assert (status, body["error"]) == (400, "invalid_grant") and "blocked" in body["error_description"]
+    assert (status, body["error"]) == (400, "invalid_request") and "blocked" in body["error_description"]
 
 
 # --- rotation, metrics -----------------------------------------------------------------------------------
