@@ -505,15 +505,16 @@ class Agent:
             doc["sessions"] = []
         if not force and doc == self._last_status:
             return
+        try:
+            await write_json_async(self.state.status_path, {**doc, "updated": _now_iso()}, PUBLIC_MODE)
+        except StateError as exc:  # status is for people; a full disk must not stop serving
+            event(log, "status.write_failed", logging.WARNING, error=str(exc))
+            return
         self._last_status = doc
-        await write_json_async(self.state.status_path, {**doc, "updated": _now_iso()}, PUBLIC_MODE)
 
     async def _status_loop(self) -> None:
         while True:
-            try:
-                await self._write_status()
-            except StateError as exc:
-                event(log, "status.write_failed", logging.WARNING, error=str(exc))
+            await self._write_status()
             await asyncio.sleep(1.0)
 
     async def _start_metrics(self) -> None:

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ DIR_MODE = 0o755
 
 def atomic_write(path: Path, data: bytes, mode: int = SECRET_MODE) -> None:
     """Replace `path` with `data` in one step; never leaves a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per call: two writers of the same file (threads of one daemon) must not share it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
         try:
@@ -285,6 +287,8 @@ class StateDir:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """True while the process runs; an exited one its parent has not reaped yet (a zombie)
+    counts as gone."""
     if not pid:
         return False
     try:
@@ -293,4 +297,8 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
