@@ -25,10 +25,11 @@ from .errors import IdpError
 from .issuer import Issuer, IssuerSettings
 from .keys import SigningKey
 from .keystore import KeyStore
+from .secret import SECRET_FILE, KeySecretError, load_or_create_key_secret
 from .tokens import Identity
 
-__all__ = ["ISSUER_KEY", "Identity", "IdpError", "Issuer", "IssuerSettings", "SigningKey",
-           "ensure_signing_key", "setup_idp"]
+__all__ = ["ISSUER_KEY", "SECRET_FILE", "Identity", "IdpError", "Issuer", "IssuerSettings", "KeySecretError",
+           "SigningKey", "ensure_signing_key", "load_or_create_key_secret", "setup_idp"]
 
 ISSUER_KEY: web.AppKey[Issuer] = web.AppKey("meshmgmt_issuer", Issuer)
 

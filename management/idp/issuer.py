@@ -130,12 +130,17 @@ class Issuer:
             await self._changed()
         return changed
 
-    async def rotate_keys(self) -> None:
-        """A new key signs from now on; the old one stays published for the overlap."""
+    async def rotate_keys(self, *, drop_previous: bool = False) -> None:
+        """A new key signs from now on; the old one stays published for the overlap, or,
+        with `drop_previous` (suspected leak), is withdrawn at once: every token it signed
+        stops working and users log in again."""
         now = self.clock()
-        self._ring = await self.keystore.rotate(now)
+        self._ring = await self.keystore.rotate(now, drop_previous=drop_previous)
         self.metrics.key_rotations += 1
-        event(log, "idp.keys_rotated", kid=self._ring.current().kid, overlap=self.settings.key_overlap)
+        event(log, "idp.keys_rotated", kid=self._ring.current().kid,
+              overlap=0 if drop_previous else self.settings.key_overlap)
+        if drop_previous:
+            await self.keystore.prune(now)
         await self.reload_keys()
 
     async def maintain(self) -> None:

@@ -75,12 +75,14 @@ class KeyStore:
             await s.commit()
         return await self.load()
 
-    async def rotate(self, now: float) -> KeyRing:
-        """Retire every active key and add a new one, in one transaction."""
+    async def rotate(self, now: float, *, drop_previous: bool = False) -> KeyRing:
+        """Retire every active key and add a new one, in one transaction. With
+        `drop_previous` (a key may have leaked) the old keys stop verifying at once."""
         new = generate_key(now, self.alg)
+        retired = now - self.overlap if drop_previous else now
         async with self.store.session() as s:
             await s.execute(
-                update(SigningKeyRow).where(SigningKeyRow.retired.is_(None)).values(retired=_dt(now))
+                update(SigningKeyRow).where(SigningKeyRow.retired.is_(None)).values(retired=_dt(retired))
             )
             s.add(self._to_row(new))
             await s.commit()

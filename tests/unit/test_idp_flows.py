@@ -635,3 +635,18 @@ async def test_automatic_rotation_and_pruning(tmp_path: Path) -> None:
         assert len((await issuer.keystore.load()).keys) == 1  # the retired key was deleted
     finally:
         await store.close()
+
+
+async def test_rotation_dropping_a_leaked_key(mesh: Mesh) -> None:
+    tokens = await mesh.login()
+    await mesh.issuer.rotate_keys(drop_previous=True)
+    assert len(mesh.issuer.jwks()["keys"]) == 1
+    assert mesh.changed == [1]
+    status, body = await mesh.exchange(tokens["access_token"], "web-1")
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert "unknown or retired key" in body["error_description"]
+    # The refresh token is not a JWT: it still works and yields tokens under the new key.
+    status, fresh = await mesh.form("/oauth/token", {"grant_type": "refresh_token", "client_id": "meshssh",
+                                                      "refresh_token": tokens["refresh_token"]})
+    assert status == 200
+    assert (await mesh.exchange(fresh["access_token"], "web-1"))[0] == 200

@@ -246,3 +246,19 @@ def test_device_flow_denied_and_expired() -> None:
     approved = device.decide(g, True, "u1", T0 + 5)
     assert isinstance(approved, device.DeviceGrant)
     assert device.poll(approved, T0 + 601)[0] is device.PollOutcome.EXPIRED  # approved too late to redeem
+
+
+def test_key_secret_file(tmp_path) -> None:  # noqa: ANN001
+    import os
+
+    from management.idp.secret import KeySecretError, load_or_create_key_secret
+
+    path = tmp_path / "issuer.secret"
+    first = load_or_create_key_secret(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert load_or_create_key_secret(path) == first and len(first) >= 32
+    os.chmod(path, 0o644)
+    with pytest.raises(KeySecretError, match="readable by others"):
+        load_or_create_key_secret(path)
+    with pytest.raises(KeySecretError, match="cannot read"):
+        load_or_create_key_secret(tmp_path / "missing", create=False)
