@@ -47,10 +47,14 @@ def resolve_local_users(patterns: tuple[str, ...], email: str) -> tuple[str, ...
     return tuple(out)
 
 
+MAX_AUDIENCE_LEN = 253  # the longest DNS name
+
+
 def decide(state: MeshState, identity: Identity, asked: str) -> Allowed | Refused:
-    peer = find_peer(state, asked) if asked.strip() else None
+    peer = find_peer(state, asked) if asked.strip() and len(asked) <= MAX_AUDIENCE_LEN else None
     if peer is None:
-        return Refused(asked, "invalid_target", "unknown-peer", f"unknown peer {asked}", 400)
+        shown = asked if len(asked) <= MAX_AUDIENCE_LEN else asked[:40] + "…"
+        return Refused(shown, "invalid_target", "unknown-peer", f"unknown peer {shown}", 400)
     grant = ssh_access(state, identity.email, None, peer.id)
     if grant is not None:
         users = resolve_local_users(grant.local_users, identity.email)

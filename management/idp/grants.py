@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from management.store.models import User, aware, hash_secret, new_id
@@ -111,10 +111,11 @@ class Grants:
         return identity_of(user)
 
     async def authenticate_user(self, email: str, password: str) -> Identity | None:
-        """Email + password of a local (non-service, unblocked) user; constant work on misses."""
+        """Email + password of a local (non-service, unblocked) user; constant work on misses.
+        Emails are stored lower-case (the API normalises them), so the unique index serves."""
         async with self.store.session() as s:
             user = (
-                await s.execute(select(User).where(func.lower(User.email) == email.strip().lower()))
+                await s.execute(select(User).where(User.email == email.strip().lower()))
             ).scalar_one_or_none()
         usable = user is not None and not user.blocked and not user.is_service
         ok = await verify_password_async(user.password_hash if usable and user else None, password)

@@ -485,6 +485,13 @@ async def test_exchange_refused_with_a_clear_reason(mesh: Mesh, who: str, target
     assert (got, body["error"], body["error_description"]) == (status, error, message)
 
 
+async def test_exchange_huge_audience_is_not_echoed(mesh: Mesh) -> None:
+    access = (await mesh.login())["access_token"]
+    status, body = await mesh.exchange(access, "x" * 100_000)
+    assert (status, body["error"]) == (400, "invalid_target")
+    assert len(body["error_description"]) < 100
+
+
 async def test_exchange_fan_out(mesh: Mesh) -> None:
     access = (await mesh.login())["access_token"]
     status, body = await mesh.exchange(access, "web-1", "db-1", "db-9", "100.64.0.20")
