@@ -7,11 +7,13 @@ exists, and the tests call them between awaits without holding connections open 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +28,38 @@ from tests.support import Proc, console_script, free_port, wait_for_port
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 SSH_TOKEN = "urn:meshsshd:token-type:ssh"
+
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run_in_netns(name: str | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call fn in a thread that joined network namespace `name` (setns is per thread), so
+    every socket it opens — urllib, an asyncio loop with asyncssh — lives in that namespace."""
+    if name is None:
+        return fn(*args)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["value"] = fn(*args)
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name=f"netns-{name}")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def loopback_network() -> str:
@@ -96,7 +130,7 @@ class Management:
         deadline = time.monotonic() + 20
         while True:  # the port may be in another namespace: ask the API, not the socket
             try:
-                http("GET", self.url + "/healthz", timeout=1)
+                self.request("GET", "/healthz", timeout=1)
                 return
             except (OSError, HTTPError):
                 if self.proc.popen.poll() is not None or time.monotonic() > deadline:
@@ -108,8 +142,13 @@ class Management:
             self.proc.stop()
             self.proc = None
 
+    def request(self, method: str, path: str, doc: Any = None, token: str | None = None,
+                form: dict | None = None, timeout: float = 10.0) -> Any:
+        """HTTP to management, from inside its namespace when it runs in one."""
+        return run_in_netns(self.netns, lambda: http(method, self.url + path, doc, token, form, timeout))
+
     def api(self, method: str, path: str, doc: Any = None) -> Any:
-        return http(method, self.url + path, doc, token=self.admin_token)
+        return self.request(method, path, doc, token=self.admin_token)
 
 
 @dataclass
@@ -181,7 +220,7 @@ class Identity:
 
     def access_token(self) -> str:
         if time.monotonic() > self._access_until:
-            doc = http("POST", self.mgmt.url + "/oauth/token", form={
+            doc = self.mgmt.request("POST", "/oauth/token", form={
                 "grant_type": "client_credentials", "client_id": self.client_id,
                 "client_secret": self.client_secret})
             self._access = doc["access_token"]
@@ -189,7 +228,7 @@ class Identity:
         return self._access
 
     def ssh_token(self, peer_id: str) -> str:
-        doc = http("POST", self.mgmt.url + "/oauth/token", form={
+        doc = self.mgmt.request("POST", "/oauth/token", form={
             "grant_type": EXCHANGE, "subject_token": self.access_token(), "subject_token_type": ACCESS,
             "requested_token_type": SSH_TOKEN, "audience": peer_id})
         return doc["access_token"]
@@ -211,4 +250,4 @@ def pid_gone(pid: int) -> bool:
 
 
 __all__ = ["Identity", "Management", "Peer", "HTTPError", "free_port", "host_keys_from_map", "http",
-           "loopback_network", "wait_for_port"]
+           "loopback_network", "run_in_netns", "wait_for_port"]
