@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -13,10 +14,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import machine, measure, report
-from .servers import Workspace
+from .servers import Server, Workspace
 from .stats import Figure, format_table, parse_size
 
-MEASUREMENTS = ("bulk", "sftp", "latency", "memory", "logins", "mgmt")
+# Memory first: it is measured on daemons that have not yet served a bulk transfer; the
+# memory both hold after the whole run is reported at the end ("memory after the run").
+MEASUREMENTS = ("memory", "logins", "latency", "bulk", "sftp", "mgmt")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="key exchange of the asyncssh load clients ('' = asyncssh's default)")
     p.add_argument("--max-startups", type=int, default=100,
                    help="unauthenticated-connection allowance given to both servers")
+    p.add_argument("--mesh-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for meshsshd serve, for experiments (recorded in the JSON)")
     p.add_argument("--self-check", action="store_true",
                    help="A/A run: a second sshd stands in for meshsshd (ratios should be ~1)")
     p.add_argument("--no-results-md", action="store_true", help="do not rewrite bench/RESULTS.md")
@@ -85,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
               "login_seconds": args.login_seconds, "login_concurrency": args.login_concurrency,
               "login_procs": args.login_procs, "kex": args.kex or "default",
               "max_startups": args.max_startups}
+    mesh_env = dict(kv.split("=", 1) for kv in args.mesh_env)
+    if mesh_env:
+        params["mesh_env"] = " ".join(args.mesh_env)
     desc = machine.describe()
     _progress(f"machine: {machine.one_line(desc)}")
     _raise_fd_limit()
@@ -99,16 +107,17 @@ def run(args: argparse.Namespace) -> int:
             mesh = ws.start_sshd(args.max_startups, label="meshsshd")
             notes.append("self-check: the meshsshd column is a second OpenSSH sshd")
         else:
-            mesh = ws.start_meshsshd(args.max_startups)
+            mesh = ws.start_meshsshd(args.max_startups, env=mesh_env)
         _progress(f"user {ws.user}; sshd on :{sshd.port} (pid {sshd.pid}), "
                   f"meshsshd on :{mesh.port} (pid {mesh.pid})")
         ctx = measure.Ctx(
             ws=ws, sshd=sshd, mesh=mesh, rounds=args.rounds, size=size,
             latency_runs=args.latency_runs, sessions=sessions, login_seconds=args.login_seconds,
             login_concurrency=args.login_concurrency, login_procs=args.login_procs,
-            kex=args.kex, progress=_progress, notes=notes,
+            kex=args.kex, progress=_progress, notes=notes, restart=_restarter(ws, args),
         )
         for name in selected:
+            ctx.check_alive(f"the time before {name}")
             t0 = time.monotonic()
             try:
                 figures += _measure(name, ctx, args)
@@ -118,8 +127,10 @@ def run(args: argparse.Namespace) -> int:
                 notes.append(f"{name}: failed: {exc}")
                 _progress(f"{name} FAILED: {exc}")
             _progress(f"{name} took {time.monotonic() - t0:.0f} s")
+        ctx.check_alive("the last measurement")
+        figures += measure.memory_after_run(ctx)
     finally:
-        ws.close()
+        ws.close(keep_logs_in=report.OUT_DIR, stamp=stamp)
     desc["loadavg_end"] = os.getloadavg()
     desc["duration_seconds"] = round(time.monotonic() - t_start, 1)
     print(format_table(figures))
@@ -133,6 +144,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restarter(ws: Workspace, args: argparse.Namespace) -> Any:
+    def restart(label: str) -> Server:
+        report.OUT_DIR.mkdir(parents=True, exist_ok=True)
+        old = ws.servers[label]
+        shutil.copy(old.log, report.OUT_DIR / f"{report.stamp_now()}-{label}-died.log")
+        if label == "sshd" or args.self_check:
+            return ws.start_sshd(args.max_startups, label=label)
+        return ws.start_meshsshd(args.max_startups, env=dict(kv.split("=", 1) for kv in args.mesh_env))
+    return restart
+
+
 def _measure(name: str, ctx: measure.Ctx, args: argparse.Namespace) -> list[Figure]:
     if name == "bulk":
         return measure.measure_bulk(ctx)
@@ -141,7 +163,7 @@ def _measure(name: str, ctx: measure.Ctx, args: argparse.Namespace) -> list[Figu
     if name == "latency":
         from . import managed
         native, baseline = measure.measure_latency_native(ctx)
-        return [native, *managed.measure_managed_latency(ctx, native.sshd, baseline)]
+        return [*native, *managed.measure_managed_latency(ctx, native[0].sshd, baseline)]
     if name == "memory":
         return measure.measure_memory(ctx)
     if name == "logins":

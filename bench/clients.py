@@ -9,8 +9,10 @@
         each worker loops connect + key auth + exec `true` + close; prints one JSON line
         {"ok": n, "failed": n, "elapsed": s, "latencies": [...]} at the end.
 
-Key exchange is pinned to curve25519-sha256 by default so both servers do the same work
-(sshd 9.2 lacks ML-KEM; asyncssh would pick mlkem768x25519 with meshsshd).
+Key exchange is pinned to curve25519-sha256 and the host key algorithm to ssh-ed25519 by
+default so both servers do the same work (sshd 9.2 lacks ML-KEM, so asyncssh would pick
+mlkem768x25519 with meshsshd only; and asyncssh's client prefers RSA host keys, which
+sshd here does not have: meshsshd would sign with RSA-3072, sshd with ed25519).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.kex:
         opts["kex_algs"] = [args.kex]
+    if args.host_key_alg:
+        # asyncssh's client prefers rsa-sha2-* over ssh-ed25519 when it has no known_hosts;
+        # sshd here has only an ed25519 host key, so pin it for the same signing work.
+        opts["server_host_key_algs"] = [args.host_key_alg]
     return opts
 
 
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--user", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--kex", default="curve25519-sha256", help="'' for asyncssh's default order")
+    p.add_argument("--host-key-alg", default="ssh-ed25519", help="'' for asyncssh's default order")
     p.add_argument("--parallel", type=int, default=20, help="pool: connections opened at once")
     p.add_argument("--settle", type=float, default=2.0)
     p.add_argument("--concurrency", type=int, default=50)

@@ -10,9 +10,12 @@ and so overstates a forking server; both are reported.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -95,3 +98,69 @@ def tree_cpu(root: int, pids: Iterable[int] | None = None) -> float:
     of the tree and show in its cumulative child time, so a difference of two readings
     is the tree's CPU between them."""
     return sum(_cpu(p) for p in (pids if pids is not None else process_tree(root)))
+
+
+class CpuGroup:
+    """A cgroup (v1 cpuacct, or v2) holding one daemon and everything it forks.
+
+    sshd's privilege-separation monitor exits without waiting for its user child, so
+    that child's CPU (the one doing the crypto) is reaped by init and never appears in
+    any cumulative time of the listener's tree; a cgroup counts it. Falls back to the
+    /proc tree sum (`tree_cpu`) where no cgroup can be made.
+    """
+
+    V1 = Path("/sys/fs/cgroup/cpuacct")
+    V2 = Path("/sys/fs/cgroup/unified")
+
+    def __init__(self, name: str) -> None:
+        self.path: Path | None = None
+        for base, counter in ((self.V1, "cpuacct.usage"), (self.V2, "cpu.stat")):
+            if not (base / counter).exists() and not (base / "cgroup.procs").exists():
+                continue
+            try:
+                path = base / name
+                path.mkdir()
+            except OSError:
+                continue
+            if (path / counter).exists():
+                self.path, self._counter = path, counter
+                return
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+    def add(self, pid: int) -> bool:
+        if self.path is None:
+            return False
+        try:
+            (self.path / "cgroup.procs").write_text(f"{pid}\n")
+            return True
+        except OSError:
+            return False
+
+    def seconds(self) -> float | None:
+        if self.path is None:
+            return None
+        text = (self.path / self._counter).read_text()
+        if self._counter == "cpuacct.usage":
+            return int(text) / 1e9
+        for line in text.splitlines():
+            if line.startswith("usage_usec"):
+                return int(line.split()[1]) / 1e6
+        return None
+
+    def remove(self) -> None:
+        """Move any stragglers to the parent group and delete ours."""
+        if self.path is None:
+            return
+        parent = self.path.parent / "cgroup.procs"
+        with contextlib.suppress(OSError):
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    parent.write_text(f"{pid}\n")
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.path = None

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .procs import CpuGroup, tree_cpu
+
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 
@@ -63,10 +65,19 @@ class Server:
     port: int
     proc: subprocess.Popen
     log: Path
+    cgroup: CpuGroup | None = None
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        """CPU used so far by the daemon and everything it ever forked."""
+        if self.cgroup is not None:
+            got = self.cgroup.seconds()
+            if got is not None:
+                return got
+        return tree_cpu(self.pid)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -87,6 +98,8 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        if self.cgroup is not None:
+            self.cgroup.remove()
 
 
 @dataclass
@@ -149,15 +162,22 @@ class Workspace:
 
     # --- servers --------------------------------------------------------------------
 
-    def _spawn(self, label: str, argv: list[str], port: int) -> Server:
+    def _spawn(self, label: str, argv: list[str], port: int,
+               env: dict[str, str] | None = None) -> Server:
         log = self.tmp / f"{label}.log"
         logf = open(log, "ab")
         proc = subprocess.Popen(
             argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, env={**os.environ, **(env or {})},
         )
         logf.close()
-        server = Server(label=label, host="127.0.0.1", port=port, proc=proc, log=log)
+        # Into its own CPU cgroup before it can accept a connection, so every process
+        # it forks is counted (see procs.CpuGroup).
+        cgroup = CpuGroup(f"{self.tmp.name}-{label}-{proc.pid}")
+        if not cgroup.add(proc.pid):
+            cgroup.remove()
+            cgroup = None
+        server = Server(label=label, host="127.0.0.1", port=port, proc=proc, log=log, cgroup=cgroup)
         self.servers[label] = server
         try:
             wait_for_port("127.0.0.1", port, proc)
@@ -196,7 +216,9 @@ class Workspace:
         ]))
         return self._spawn(label, [SSHD, "-D", "-e", "-f", str(conf)], port)
 
-    def start_meshsshd(self, max_startups: int) -> Server:
+    def start_meshsshd(self, max_startups: int, env: dict[str, str] | None = None) -> Server:
+        """`meshsshd serve` from the venv; `env` is for experiments (--mesh-env), e.g.
+        MALLOC_ARENA_MAX or PYTHONMALLOC, and is recorded with the results."""
         port = free_port()
         state = self.tmp / "meshsshd-state"
         state.mkdir(mode=0o700, exist_ok=True)
@@ -218,17 +240,22 @@ class Workspace:
             f'local_users = ["{self.user}"]',
             "",
         ]))
-        return self._spawn("meshsshd", [venv_script("meshsshd"), "serve", "--config", str(conf)], port)
+        return self._spawn("meshsshd", [venv_script("meshsshd"), "serve", "--config", str(conf)], port,
+                           env=env)
 
     # --- teardown -------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, keep_logs_in: Path | None = None, stamp: str = "") -> None:
         if self._closed:
             return
         self._closed = True
         for server in self.servers.values():
             with contextlib.suppress(Exception):
                 server.stop()
+            if keep_logs_in is not None:
+                with contextlib.suppress(OSError):
+                    keep_logs_in.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(server.log, keep_logs_in / f"{stamp}-{server.label}.log")
         if self.user:
             subprocess.run(["pkill", "-KILL", "-u", self.user], check=False)
             time.sleep(0.2)
