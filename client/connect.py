@@ -1,0 +1,457 @@
+"""Reaching a peer: resolve, verify its host key, authenticate with an SSH token, and
+run `meshssh [options] [user@]host [command ...]` like `ssh` does.
+
+`dial()` is shared with the proxy: it opens an asyncssh connection from the right
+source address, accepts only the host keys management published for that peer, and
+answers the server's password prompt with a fresh per-peer SSH token (fetched while the
+key exchange runs). A token from the cache that the peer refuses is replaced once by a
+new one in the same connection. Whatever the peer says while refusing (auth banners,
+disconnect reasons) is shown as is, because that is where it names the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import getpass
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshsshd.netmap import SSH_PORT, PeerInfo
+
+from .errors import AccessDenied, ClientError, HostKeyMismatch, PeerNotFound
+from .options import SSHArgs, env_to_send, want_pty
+
+if TYPE_CHECKING:
+    import asyncssh
+
+    from .auth import ExchangeResult, Session
+
+STATUS_FILE_ENV = "MESHSSHD_STATUS_FILE"
+DEFAULT_STATUS_FILES = ("/var/lib/meshsshd/status.json",)
+
+
+@dataclass
+class Target:
+    peer: PeerInfo
+    port: int
+    username: str
+    address: str = ""
+
+    def __post_init__(self) -> None:
+        self.address = self.address or self.peer.mesh_ip
+
+    @property
+    def name(self) -> str:
+        return self.peer.name or self.peer.fqdn or self.peer.mesh_ip
+
+
+def local_username() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "root" if os.geteuid() == 0 else str(os.geteuid())
+
+
+def status_source_address(management_url: str, paths: tuple[str, ...] | None = None) -> str | None:
+    """Our own peer's mesh IP from meshsshd's status file, when it is in the same mesh.
+
+    In single-machine mode every peer is a loopback address; binding the connection to
+    our peer's address is what lets the server see which peer it comes from.
+    """
+    env = os.environ.get(STATUS_FILE_ENV)
+    candidates = (env,) if env else (paths or DEFAULT_STATUS_FILES)
+    for path in candidates:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict) or not doc.get("mesh_ip"):
+            continue
+        murl = str(doc.get("management_url", "")).rstrip("/")
+        if murl and murl != management_url.rstrip("/"):
+            continue
+        return str(doc["mesh_ip"])
+    return None
+
+
+def choose_source_address(explicit: str | None, management_url: str) -> str | None:
+    return explicit or os.environ.get("MESHSSH_SOURCE_ADDRESS") or status_source_address(management_url)
+
+
+def host_key_warning(target: Target, offered: Any, trusted: list[Any]) -> str:
+    got = offered.get_fingerprint() if offered is not None else "an unknown key"
+    alg = offered.get_algorithm() if offered is not None else ""
+    want = ", ".join(k.get_fingerprint() for k in trusted) or "no key at all"
+    bar = "@" * 59
+    return (
+        f"{bar}\n@    WARNING: PEER HOST KEY DOES NOT MATCH THE MESH'S!    @\n{bar}\n"
+        f"{target.name} ({target.address} port {target.port}) presented {alg} {got},\n"
+        f"but management publishes {want} for this peer.\n"
+        "Someone may be intercepting this connection, or the peer's key changed without\n"
+        "management knowing. Refusing to connect (meshssh never trusts a key on first use)."
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _client_class() -> type:
+    """Built on first use so that importing this module does not import asyncssh."""
+    import asyncssh
+
+    class MeshClient(asyncssh.SSHClient):
+        """Token as password, banners to stderr, the offered host key recorded."""
+
+        def __init__(self, ctx: DialContext) -> None:
+            self.ctx = ctx
+
+        def auth_banner_received(self, msg: str, lang: str) -> None:
+            text = msg if msg.endswith("\n") else msg + "\n"
+            self.ctx.banners.append(msg.strip())
+            if not self.ctx.quiet:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+
+        def validate_host_public_key(self, host: str, addr: str, port: int, key: Any) -> bool:
+            self.ctx.offered_key = key
+            return False
+
+        async def password_auth_requested(self) -> str | None:
+            return await self.ctx.next_token()
+
+        def auth_completed(self) -> None:
+            self.ctx.authenticated = True
+
+    return MeshClient
+
+
+@dataclass
+class DialContext:
+    target: Target
+    session: Session | None
+    quiet: bool = False
+    banners: list[str] = field(default_factory=list)
+    offered_key: Any = None
+    authenticated: bool = False
+    token_error: ClientError | None = None
+    used: ExchangeResult | None = None
+    attempts: int = 0
+    prefetch: asyncio.Task | None = None
+
+    def start_prefetch(self) -> None:
+        if self.session is not None:
+            self.prefetch = asyncio.ensure_future(asyncio.to_thread(
+                self.session.ssh_token, self.target.peer.id, self.target.name))
+
+    async def next_token(self) -> str | None:
+        if self.session is None:
+            return None
+        self.attempts += 1
+        try:
+            if self.attempts == 1 and self.prefetch is not None:
+                res = await self.prefetch
+            elif self.attempts == 2 and self.used is not None and self.used.cached:
+                # A cached token the peer refused (expired, replayed): one fresh try.
+                res = await asyncio.to_thread(self.session.ssh_token, self.target.peer.id,
+                                              self.target.name, True)
+            else:
+                return None
+        except ClientError as exc:
+            self.token_error = exc
+            return None
+        self.used = res
+        return res.token
+
+    async def cancel(self) -> None:
+        if self.prefetch is not None and not self.prefetch.done():
+            self.prefetch.cancel()
+            with contextlib.suppress(BaseException):
+                await self.prefetch
+
+
+async def dial(target: Target, session: Session | None, *, source: str | None = None,
+               quiet: bool = False, client_keys: Any = None, agent_path: Any = (),
+               agent_forwarding: bool = False, keepalive: float = 0.0,
+               connect_timeout: float = 30.0, trusted_keys: list[Any] | None = None,
+               **extra: Any) -> asyncssh.SSHClientConnection:
+    """Connect and authenticate; raise a ClientError that says what went wrong."""
+    import asyncssh
+
+    from .peers import host_keys
+
+    keys = trusted_keys if trusted_keys is not None else host_keys(target.peer)
+    if not keys:
+        raise HostKeyMismatch(
+            f"management publishes no SSH host key for {target.name}; refusing to connect "
+            "without one (no trust on first use)")
+    ctx = DialContext(target, session, quiet=quiet)
+    ctx.start_prefetch()
+    kwargs: dict[str, Any] = dict(
+        username=target.username, known_hosts=(keys, [], []), config=None,
+        client_factory=lambda: _client_class()(ctx), preferred_auth="publickey,password",
+        encoding=None, agent_forwarding=agent_forwarding, keepalive_interval=keepalive,
+        connect_timeout=connect_timeout, client_keys=client_keys,
+        login_timeout=connect_timeout, **extra,
+    )
+    if agent_path != ():
+        kwargs["agent_path"] = agent_path
+    if source:
+        kwargs["local_addr"] = (source, 0)
+    try:
+        conn = await asyncssh.connect(target.address, target.port, **kwargs)
+    except asyncssh.HostKeyNotVerifiable as exc:
+        await ctx.cancel()
+        raise HostKeyMismatch(host_key_warning(target, ctx.offered_key, keys)) from exc
+    except asyncssh.PermissionDenied as exc:
+        await ctx.cancel()
+        if ctx.token_error is not None:
+            raise ctx.token_error from exc
+        hint = "" if ctx.banners else f" ({exc.reason})"
+        raise AccessDenied(f"{target.username}@{target.name}: permission denied{hint}") from exc
+    except asyncssh.DisconnectError as exc:
+        await ctx.cancel()
+        raise ClientError(f"{target.name}: disconnected: {exc.reason}") from exc
+    except (OSError, asyncio.TimeoutError) as exc:
+        await ctx.cancel()
+        what = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+        raise ClientError(f"ssh: connect to host {target.name} ({target.address}) port "
+                          f"{target.port}: {what}") from exc
+    await ctx.cancel()
+    if ctx.used is not None and session is not None:
+        used = ctx.used
+        await asyncio.to_thread(session.consume, target.peer.id, used.token)
+    return conn
+
+
+def resolve(args_host: str, session: Session, port: int | None, user: str | None) -> Target:
+    """Resolve through the peer list and refuse peers that cannot take SSH at all."""
+    from .peers import PeerDirectory
+
+    try:
+        peer = PeerDirectory(session).resolve(args_host)
+    except PeerNotFound:
+        # Management knows why (unknown peer, no policy, SSH off there): ask it.
+        res = session.ssh_tokens([(args_host, args_host)], no_cache=True)[args_host]
+        if res.error:
+            raise AccessDenied(res.error) from None
+        raise
+    if not peer.ssh_enabled:
+        raise AccessDenied(f"{peer.name} is not SSH-enabled (meshmgmt peer ssh on {peer.name})")
+    return Target(peer=peer, port=port or SSH_PORT, username=user or local_username())
+
+
+async def dial_verified(target: Target, session: Session, **kw: Any) -> asyncssh.SSHClientConnection:
+    """dial(), but on a host-key mismatch refetch the peer list once (a key may have
+    rotated since the list was cached) before refusing."""
+    from .peers import PeerDirectory, match_peer
+
+    try:
+        return await dial(target, session, **kw)
+    except HostKeyMismatch:
+        fresh = await asyncio.to_thread(PeerDirectory(session).peers, True)
+        peer = match_peer(fresh, target.peer.id)
+        if peer is None or peer.ssh_host_keys == target.peer.ssh_host_keys:
+            raise
+        target.peer = peer
+        return await dial(target, session, **kw)
+
+
+# ---------------------------------------------------------------- interactive run
+
+_TERM_FLAGS = (  # (PTY opcode name, termios flag group index, flag name)
+    ("IGNPAR", 0, "IGNPAR"), ("PARMRK", 0, "PARMRK"), ("INPCK", 0, "INPCK"),
+    ("ISTRIP", 0, "ISTRIP"), ("INLCR", 0, "INLCR"), ("IGNCR", 0, "IGNCR"),
+    ("ICRNL", 0, "ICRNL"), ("IXON", 0, "IXON"), ("IXANY", 0, "IXANY"), ("IXOFF", 0, "IXOFF"),
+    ("IMAXBEL", 0, "IMAXBEL"), ("IUTF8", 0, "IUTF8"),
+    ("ISIG", 3, "ISIG"), ("ICANON", 3, "ICANON"), ("ECHO", 3, "ECHO"), ("ECHOE", 3, "ECHOE"),
+    ("ECHOK", 3, "ECHOK"), ("ECHONL", 3, "ECHONL"), ("NOFLSH", 3, "NOFLSH"),
+    ("TOSTOP", 3, "TOSTOP"), ("IEXTEN", 3, "IEXTEN"), ("ECHOCTL", 3, "ECHOCTL"),
+    ("ECHOKE", 3, "ECHOKE"), ("OPOST", 1, "OPOST"), ("ONLCR", 1, "ONLCR"),
+    ("CS7", 2, "CS7"), ("CS8", 2, "CS8"), ("PARENB", 2, "PARENB"), ("PARODD", 2, "PARODD"),
+)
+_TERM_CHARS = ("VINTR", "VQUIT", "VERASE", "VKILL", "VEOF", "VEOL", "VEOL2", "VSTART",
+               "VSTOP", "VSUSP", "VREPRINT", "VWERASE", "VLNEXT", "VDISCARD")
+
+
+def local_term_modes(fd: int) -> dict[int, int]:
+    """The local terminal's modes as SSH pty-req opcodes, as OpenSSH sends them."""
+    import termios
+
+    import asyncssh
+
+    try:
+        attrs = termios.tcgetattr(fd)
+    except termios.error:
+        return {}
+    modes: dict[int, int] = {}
+    for name in _TERM_CHARS:
+        op = getattr(asyncssh, f"PTY_{name}", None)
+        idx = getattr(termios, name, None)
+        if op is not None and idx is not None:
+            c = attrs[6][idx]
+            modes[op] = c[0] if isinstance(c, bytes) and c else (c if isinstance(c, int) else 255)
+    for name, group, flag in _TERM_FLAGS:
+        op = getattr(asyncssh, f"PTY_{name}", None)
+        bit = getattr(termios, flag, None)
+        if op is not None and bit is not None:
+            modes[op] = 1 if attrs[group] & bit else 0
+    return modes
+
+
+class _RawTerminal:
+    """Raw mode on entry, the saved settings back on exit — whatever happens."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.saved: Any = None
+
+    def __enter__(self) -> _RawTerminal:
+        import termios
+        import tty
+
+        try:
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd)
+        except termios.error:
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import termios
+
+        if self.saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+
+def _restore_blocking() -> None:
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            os.set_blocking(fd, True)
+
+
+async def _setup_forwards(conn: Any, args: SSHArgs) -> list[str]:
+    """Start -L/-R/-D; return warnings (OpenSSH warns and goes on unless told not to)."""
+    problems = []
+    for f in args.local:
+        try:
+            await conn.forward_local_port(f.listen_host, f.listen_port, f.dest_host, f.dest_port)
+        except (OSError, Exception) as exc:  # noqa: BLE001
+            problems.append(f"Warning: local port forwarding {f.listen_port} failed: {exc}")
+    for f in args.dynamic:
+        try:
+            await conn.forward_socks(f.listen_host, f.listen_port)
+        except (OSError, Exception) as exc:  # noqa: BLE001
+            problems.append(f"Warning: dynamic forwarding {f.listen_port} failed: {exc}")
+    for f in args.remote:
+        try:
+            listener = await conn.forward_remote_port(f.listen_host, f.listen_port,
+                                                      f.dest_host, f.dest_port)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"Warning: remote port forwarding failed for listen port "
+                            f"{f.listen_port}: {getattr(exc, 'reason', exc)}")
+            continue
+        if f.listen_port == 0:
+            sys.stderr.write(f"Allocated port {listener.get_port()} for remote forward to "
+                             f"{f.dest_host}:{f.dest_port}\n")
+            sys.stderr.flush()
+    return problems
+
+
+async def run_session(args: SSHArgs, session: Session) -> int:
+    """The `meshssh host [command]` body; returns the process exit code."""
+    import asyncssh
+
+    target = await asyncio.to_thread(resolve, args.destination, session, args.port, args.user)
+    source = choose_source_address(args.bind_address, session.login.management_url)
+    keepalive = float(args.option("serveraliveinterval") or 0)
+    connect_timeout = float(args.option("connecttimeout") or 30)
+    agent_path: Any = ()
+    client_keys: Any = list(args.identities) if args.identities else ()
+    conn = await dial_verified(
+        target, session, source=source, quiet=args.quiet, client_keys=client_keys,
+        agent_path=agent_path, agent_forwarding=bool(args.agent),
+        keepalive=keepalive, connect_timeout=connect_timeout,
+    )
+    async with conn:
+        problems = await _setup_forwards(conn, args)
+        for p in problems:
+            sys.stderr.write(p + "\n")
+        if problems and (args.option("exitonforwardfailure") or "").lower() == "yes":
+            return 255
+        if args.no_command:
+            await conn.wait_closed()
+            return 0
+        stdin_tty = os.isatty(0)
+        pty = want_pty(args, stdin_tty)
+        if args.tty == 1 and not stdin_tty and not args.quiet:
+            sys.stderr.write("Pseudo-terminal will not be allocated because stdin is not a terminal.\n")
+        env = env_to_send(args.send_env, dict(os.environ))
+        env.update(dict(args.set_env))
+        kw: dict[str, Any] = dict(env=env, encoding=None)
+        if pty:
+            size = os.get_terminal_size(0) if stdin_tty else os.terminal_size((80, 24))
+            kw.update(term_type=os.environ.get("TERM", "xterm"), term_size=(size.columns, size.lines),
+                      term_modes=local_term_modes(0) if stdin_tty else {}, request_pty="force")
+        else:
+            kw.update(request_pty=False)
+        stdin: Any = asyncssh.DEVNULL if args.stdin_null else os.dup(0)
+        try:
+            process = await conn.create_process(args.remote_command, **kw)
+        except asyncssh.ChannelOpenError as exc:
+            sys.stderr.write(f"{target.name}: session refused: {exc.reason}\n")
+            return 255
+        loop = asyncio.get_running_loop()
+        raw = _RawTerminal(0) if pty and stdin_tty else contextlib.nullcontext()
+        with raw:
+            if pty and stdin_tty:
+                def winch() -> None:
+                    with contextlib.suppress(OSError, asyncssh.Error):
+                        sz = os.get_terminal_size(0)
+                        process.change_terminal_size(sz.columns, sz.lines)
+                loop.add_signal_handler(signal.SIGWINCH, winch)
+            try:
+                await process.redirect(stdin=stdin, stdout=os.dup(1), stderr=os.dup(2))
+                await process.wait_closed()
+            finally:
+                if pty and stdin_tty:
+                    loop.remove_signal_handler(signal.SIGWINCH)
+        if process.exit_signal is not None:
+            sig = process.exit_signal[0]
+            if args.verbose:
+                sys.stderr.write(f"remote command was killed by signal {sig}\n")
+            return 255
+        if process.exit_status is None:
+            if not args.quiet:
+                sys.stderr.write(f"Connection to {target.name} closed by remote host.\n")
+            return 255
+        if pty and not args.quiet and args.remote_command is None:
+            sys.stderr.write(f"Connection to {target.name} closed.\r\n" if stdin_tty else "")
+        return process.exit_status
+
+
+def main_connect(args: SSHArgs) -> int:
+    """Entry from the CLI: build the session, run, translate errors to exit 255."""
+    import logging
+
+    from .auth import Session, parse_ttl
+
+    level = logging.DEBUG if args.verbose >= 2 else logging.INFO if args.verbose else logging.CRITICAL
+    logging.basicConfig(level=level, stream=sys.stderr, format="debug: %(name)s: %(message)s")
+    if args.verbose < 3:
+        logging.getLogger("asyncssh").setLevel(max(level, logging.INFO if args.verbose else logging.CRITICAL))
+    ttl = parse_ttl(args.ssh_jwt_cache_ttl if args.ssh_jwt_cache_ttl is not None
+                    else os.environ.get("MESHSSH_SSH_JWT_CACHE_TTL"))
+    try:
+        session = Session(ttl=ttl, no_cache=args.no_cache)
+        return asyncio.run(run_session(args, session))
+    except ClientError as exc:
+        sys.stderr.write(f"meshssh: {exc}\n")
+        return exc.exit_code
+    finally:
+        _restore_blocking()
