@@ -1,9 +1,240 @@
-"""The OpenAPI 3 document of the REST API (hand-written; tests check it matches the routes)."""
+"""The OpenAPI 3 document of meshmgmt's REST API, written by hand next to the routes.
+
+A test compares its paths and methods with the app's router, so a route cannot be added
+without documenting it; the schemathesis fuzz run reads it to generate requests.
+The OIDC endpoints are described by `/.well-known/openid-configuration`, not here.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_INT = {"type": "integer"}
+_STRS = {"type": "array", "items": {"type": "string"}}
+_TIME = {"type": "string", "format": "date-time", "nullable": True}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(props: dict[str, Any], required: tuple[str, ...] = (), extra: bool = False) -> dict[str, Any]:
+    doc: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": extra}
+    if required:
+        doc["required"] = list(required)
+    return doc
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "invalid input (the `field` names what)", 401: "missing or wrong credentials",
+            403: "not allowed", 404: "no such object", 409: "conflict (name taken, object in use)",
+            429: "rate limited (see Retry-After)"}
+    return {str(c): {"description": text[c], **_json(_ref("Error"))} for c in codes}
+
+
+def _op(summary: str, ok: dict[str, Any], *, body: dict[str, Any] | None = None, security: str = "admin",
+        errors: tuple[int, ...] = (400, 401, 403), params: list[dict[str, Any]] | None = None,
+        tag: str = "admin") -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": {**ok, **_errors(*errors)}}
+    if body is not None:
+        op["requestBody"] = {"required": True, **_json(body)}
+    if security:
+        op["security"] = [{security: []}]
+    if params:
+        op["parameters"] = params
+    return op
+
+
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_NO_CONTENT = {"204": {"description": "done"}}
+
+
+def _schemas() -> dict[str, Any]:
+    flags = _obj({k: _BOOL for k in ("allow_server_ssh", "enable_ssh_sftp", "enable_ssh_local_port_forwarding",
+                                     "enable_ssh_remote_port_forwarding", "enable_ssh_root", "disable_ssh_auth")},
+                 extra=True)
+    rule = _obj({
+        "sources": {**_STRS, "description": "group names or user:<email>"},
+        "destinations": {**_STRS, "description": "group names"},
+        "protocol": {"type": "string", "enum": ["tcp", "udp", "icmp", "all", "ssh"]},
+        "ports": {"type": "array", "items": {"oneOf": [_STR, _INT]}, "description": '"22", "8000-8080"'},
+        "bidirectional": _BOOL,
+        "local_users": {**_STRS, "description": "login names, localpart, or *"},
+        "allow_root": _BOOL,
+        "action": {"type": "string", "enum": ["accept"]},
+    }, ("sources", "destinations"))
+    peer_info = _obj({"id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "wg_public_key": _STR,
+                      "endpoints": _STRS, "ssh_host_keys": _STRS, "ssh_enabled": _BOOL, "local_users": _STRS},
+                     ("id", "name", "mesh_ip"))
+    return {
+        "Error": _obj({"error": _STR, "message": _STR, "field": _STR}, ("error", "message")),
+        "PeerFlags": flags,
+        "RegisterRequest": _obj({"setup_key": _STR, "wg_public_key": _STR, "ssh_host_key": _STR, "hostname": _STR,
+                                 "flags": flags, "version": _STR, "endpoints": _STRS},
+                                ("setup_key", "wg_public_key", "hostname"), extra=True),
+        "RegisterResponse": _obj({"peer_id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "network": _STR,
+                                  "credential": _STR}, ("peer_id", "name", "fqdn", "mesh_ip", "network", "credential")),
+        "SelfUpdate": _obj({"flags": flags, "version": _STR, "endpoints": _STRS, "ssh_host_key": _STR}, extra=True),
+        "PeerSelf": _obj({"peer_id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "network": _STR}),
+        "AuditEvent": _obj({"type": {"type": "string", "enum": [
+            "session.started", "session.ended", "exec", "subsystem", "forward.opened", "forward.closed",
+            "auth.refused", "session.revoked"]}, "time": {"type": "string", "format": "date-time"},
+            **{k: _STR for k in ("session_id", "identity", "source_peer", "source_ip", "local_user", "command",
+                                 "subsystem", "forward", "reason", "via", "signal")},
+            **{k: _INT for k in ("bytes_in", "bytes_out", "exit_status")}}, ("type",), extra=True),
+        "EventsPost": _obj({"events": {"type": "array", "items": _ref("AuditEvent"), "maxItems": 1000}}, ("events",)),
+        "StoredEvent": _obj({"id": _INT, "type": _STR, "peer_id": _STR, "time": _STR, "received_at": _STR},
+                            ("id", "type", "received_at"), extra=True),
+        "EventList": _obj({"events": {"type": "array", "items": _ref("StoredEvent")}, "next": _INT}),
+        "PeerInfo": peer_info,
+        "PeerList": _obj({"peers": {"type": "array", "items": peer_info}}),
+        "User": _obj({"id": _STR, "email": _STR, "name": _STR, "role": _STR, "service": _BOOL,
+                      "client_id": {"type": "string", "nullable": True}, "client_secret": _STR, "blocked": _BOOL,
+                      "has_password": _BOOL, "groups": _STRS, "created": _TIME}),
+        "UserCreate": _obj({"email": {"type": "string", "format": "email"}, "name": _STR,
+                            "password": {"type": "string", "minLength": 8},
+                            "role": {"type": "string", "enum": ["admin", "user"]}, "service": _BOOL}, ("email",)),
+        "UserUpdate": _obj({"name": _STR, "password": {"type": "string", "minLength": 8},
+                            "role": {"type": "string", "enum": ["admin", "user"]}, "blocked": _BOOL}),
+        "Group": _obj({"id": _STR, "name": _STR, "peers": _STRS, "peer_names": _STRS, "users": _STRS,
+                       "user_emails": _STRS, "created": _TIME}),
+        "GroupCreate": _obj({"name": _STR, "peers": {**_STRS, "description": "peer ids or names"},
+                             "users": {**_STRS, "description": "user ids or emails"}}, ("name",)),
+        "GroupUpdate": _obj({"name": _STR, "peers": _STRS, "users": _STRS}),
+        "SetupKey": _obj({"id": _STR, "name": _STR, "key": {**_STR, "description": "only in the create response"},
+                          "reusable": _BOOL, "expires_at": _TIME, "usage_limit": _INT, "used_count": _INT,
+                          "revoked": _BOOL, "valid": _BOOL, "state": _STR, "auto_groups": _STRS,
+                          "created": _TIME, "last_used": _TIME}),
+        "SetupKeyCreate": _obj({"name": _STR, "reusable": _BOOL,
+                                "expires_in": {"type": "integer", "minimum": 0, "description": "seconds; 0 = never"},
+                                "usage_limit": {"type": "integer", "minimum": 0}, "auto_groups": _STRS}),
+        "Rule": rule,
+        "Policy": _obj({"id": _STR, "name": _STR, "description": _STR, "enabled": _BOOL,
+                        "rules": {"type": "array", "items": rule}, "created": _TIME}),
+        "PolicyCreate": _obj({"name": _STR, "description": _STR, "enabled": _BOOL,
+                              "rules": {"type": "array", "items": rule, "minItems": 1}}, ("name", "rules")),
+        "PolicyUpdate": _obj({"name": _STR, "description": _STR, "enabled": _BOOL,
+                              "rules": {"type": "array", "items": rule, "minItems": 1}}),
+        "Peer": _obj({"id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "hostname": _STR,
+                      "wg_public_key": _STR, "ssh_host_key": _STR, "flags": flags, "version": _STR,
+                      "endpoints": _STRS, "ssh_enabled": _BOOL, "groups": _STRS, "connected": _BOOL,
+                      "created": _TIME, "last_seen": _TIME}),
+        "PeerUpdate": _obj({"name": _STR, "ssh_enabled": _BOOL}),
+    }
+
+
+def _list(key: str, item: str) -> dict[str, Any]:
+    return {"200": {"description": "the list", **_json(_obj({key: {"type": "array", "items": _ref(item)}}))}}
+
+
+def _one(item: str, status: str = "200") -> dict[str, Any]:
+    return {status: {"description": "the object", **_json(_ref(item))}}
+
 
 def openapi_document(server_url: str = "") -> dict[str, Any]:
-    return {"openapi": "3.0.3", "info": {"title": "meshmgmt", "version": "1"}, "paths": {}}
+    ws = "WebSocket: send `Connection: Upgrade` / `Upgrade: websocket`; a plain GET gets 400."
+    paths: dict[str, Any] = {
+        "/healthz": {"get": _op("liveness and store reachability", {"200": {"description": "ok"}}, security="",
+                                errors=(), tag="ops")},
+        "/metrics": {"get": _op("Prometheus metrics (text format)", {"200": {"description": "metrics"}},
+                                security="", errors=(), tag="ops")},
+        "/api/openapi.json": {"get": _op("this document", {"200": {"description": "OpenAPI 3"}}, security="",
+                                         errors=(), tag="ops")},
+        "/api/peers/register": {"post": _op(
+            "register a peer with a setup key (same WireGuard key again: same peer, new credential)",
+            _one("RegisterResponse", "201"), body=_ref("RegisterRequest"), security="", errors=(400, 401, 409, 429),
+            tag="peer")},
+        "/api/peers/self": {"post": _op("update what this peer advertises", _one("PeerSelf"),
+                                        body=_ref("SelfUpdate"), security="peer", errors=(400, 401), tag="peer")},
+        "/api/peers/sync": {"get": _op(f"the network-map stream. {ws}",
+                                       {"101": {"description": "switching to WebSocket"}}, security="peer",
+                                       errors=(400, 401), tag="peer")},
+        "/api/peers/events": {"post": _op("audit events from this peer", {"202": {
+            "description": "stored", **_json(_obj({"accepted": _INT}))}}, body=_ref("EventsPost"),
+            security="peer", errors=(400, 401), tag="peer")},
+        "/api/me/peers": {"get": _op("peers the caller may reach by SSH, with the local users", {"200": {
+            "description": "peers", **_json(_ref("PeerList"))}}, security="bearer", errors=(401, 403), tag="user")},
+        "/api/users": {
+            "get": _op("list users", _list("users", "User"), errors=(401, 403)),
+            "post": _op("create a user (service users get client_id and a one-time client_secret)",
+                        _one("User", "201"), body=_ref("UserCreate"), errors=(400, 401, 403, 409)),
+        },
+        "/api/users/{id}": {
+            "put": _op("update a user", _one("User"), body=_ref("UserUpdate"), params=[_ID],
+                       errors=(400, 401, 403, 404)),
+            "delete": _op("delete a user", _NO_CONTENT, params=[_ID], errors=(401, 403, 404)),
+        },
+        "/api/groups": {
+            "get": _op("list groups", _list("groups", "Group"), errors=(401, 403)),
+            "post": _op("create a group", _one("Group", "201"), body=_ref("GroupCreate"),
+                        errors=(400, 401, 403, 409)),
+        },
+        "/api/groups/{id}": {
+            "put": _op("update a group (a rename follows into policies)", _one("Group"), body=_ref("GroupUpdate"),
+                       params=[_ID], errors=(400, 401, 403, 404, 409)),
+            "delete": _op("delete a group no policy uses", _NO_CONTENT, params=[_ID], errors=(401, 403, 404, 409)),
+        },
+        "/api/setup-keys": {
+            "get": _op("list setup keys (never the keys themselves)", _list("setup_keys", "SetupKey"),
+                       errors=(401, 403)),
+            "post": _op("create a setup key (the key is in this response only)", _one("SetupKey", "201"),
+                        body=_ref("SetupKeyCreate"), errors=(400, 401, 403)),
+        },
+        "/api/setup-keys/{id}": {"delete": _op("revoke a setup key", _NO_CONTENT, params=[_ID],
+                                               errors=(401, 403, 404))},
+        "/api/policies": {
+            "get": _op("list policies", _list("policies", "Policy"), errors=(401, 403)),
+            "post": _op("create a policy", _one("Policy", "201"), body=_ref("PolicyCreate"),
+                        errors=(400, 401, 403, 409)),
+        },
+        "/api/policies/{id}": {
+            "put": _op("update a policy", _one("Policy"), body=_ref("PolicyUpdate"), params=[_ID],
+                       errors=(400, 401, 403, 404, 409)),
+            "delete": _op("delete a policy", _NO_CONTENT, params=[_ID], errors=(401, 403, 404)),
+        },
+        "/api/peers": {"get": _op("list peers", _list("peers", "Peer"), errors=(401, 403))},
+        "/api/peers/{id}": {
+            "get": _op("one peer (by id or name)", _one("Peer"), params=[_ID], errors=(401, 403, 404)),
+            "put": _op("rename a peer or switch its SSH toggle", _one("Peer"), body=_ref("PeerUpdate"),
+                       params=[_ID], errors=(400, 401, 403, 404, 409)),
+            "delete": _op("delete a peer (its sync stream gets peer-deleted)", _NO_CONTENT, params=[_ID],
+                          errors=(401, 403, 404)),
+        },
+        "/api/events": {"get": _op("the audit log, oldest first after `since`", {"200": {
+            "description": "events", **_json(_ref("EventList"))}}, errors=(400, 401, 403), params=[
+            {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+            {"name": "peer_id", "in": "query", "schema": _STR},
+            {"name": "type", "in": "query", "schema": _STR}])},
+        "/api/events/stream": {"get": _op(f"follow the audit log. {ws}",
+                                          {"101": {"description": "switching to WebSocket"}},
+                                          errors=(400, 401, 403),
+                                          params=[{"name": "since", "in": "query",
+                                                   "schema": {"type": "integer", "minimum": 0}}])},
+    }
+    doc: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {"title": "meshmgmt", "version": "1",
+                 "description": "Management API of meshsshd. Errors: {error, message, field?}. "
+                                "See docs/protocol.md."},
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {
+                "admin": {"type": "http", "scheme": "bearer",
+                          "description": "the admin token (DIR/admin.token) or an admin's access token"},
+                "bearer": {"type": "http", "scheme": "bearer", "description": "a user's access token"},
+                "peer": {"type": "apiKey", "in": "header", "name": "Authorization",
+                         "description": "Peer <peer_id>:<credential>"},
+            },
+        },
+    }
+    if server_url:
+        doc["servers"] = [{"url": server_url}]
+    return doc

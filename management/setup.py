@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
 from sqlalchemy import func, select
 
 from meshsshd.logs import setup_logging
@@ -74,6 +76,17 @@ async def _check_initialised(store: Store) -> None:
             raise BadRequest("the store is not initialised: run `meshmgmt init` first")
 
 
+class _ClientGarbageIsNotAnError(logging.Filter):
+    """aiohttp logs unparsable requests (NUL bytes in headers, bad request lines) at
+    ERROR although it answers them with 400; they are the client's fault: warn."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def run_server(data_dir: Path, host: str, port: int, *, database: str | None, public_url: str, network: str,
                dns_domain: str, log_level: str = "info", register_rate: float = 2.0,
                register_burst: int = 20) -> None:
@@ -83,6 +96,7 @@ def run_server(data_dir: Path, host: str, port: int, *, database: str | None, pu
     from .settings import MgmtSettings
 
     setup_logging(log_level)
+    logging.getLogger("aiohttp.server").addFilter(_ClientGarbageIsNotAnError())
     settings = MgmtSettings(data_dir=data_dir, database=database, public_url=public_url, network=network,
                             dns_domain=dns_domain, register_rate=register_rate,
                             register_burst=register_burst)
