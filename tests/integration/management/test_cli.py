@@ -1,0 +1,108 @@
+"""An admin drives meshmgmt from the command line: user, group, setup key, SSH policy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import aiohttp
+
+from tests.support import console_script
+
+from .mgmtkit import Mgmt, register_peer
+
+
+async def test_admin_cli_end_to_end(sqlite_mgmt: Mgmt) -> None:
+    mgmt = sqlite_mgmt
+    out = mgmt.cli("users", "create", "alice@example.com", "--name", "Alice", "--password-stdin",
+                   input="correct horse battery\n").stdout
+    assert "alice@example.com" in out
+    svc = json.loads(mgmt.cli("--json", "users", "create", "ci@example.com", "--service").stdout)
+    assert svc["client_id"].startswith("svc-") and svc["client_secret"]
+
+    mgmt.cli("groups", "create", "servers")
+    mgmt.cli("groups", "create", "admins", "--user", "alice@example.com")
+    key_out = mgmt.cli("setup-keys", "create", "--name", "servers", "--reusable", "--auto-group", "servers").stdout
+    key = key_out.strip().splitlines()[-1].split(": ", 1)[1]
+    assert key.startswith("mk_")
+    mgmt.cli("policies", "create", "admins-ssh", "--source", "admins", "--destination", "servers",
+             "--protocol", "ssh", "--local-user", "localpart", "--local-user", "deploy")
+
+    async with aiohttp.ClientSession() as http:
+        srv = await register_peer(http, mgmt, key, "db-1")
+        laptop = await register_peer(http, mgmt, key, "laptop", allow_server_ssh=False)
+        mgmt.cli("groups", "update", "servers", "--peer", "db-1")
+        mgmt.cli("groups", "update", "admins", "--add-peer", "laptop")
+        async with http.ws_connect(mgmt.url + "/api/peers/sync",
+                                   headers={"Authorization": f"Peer {srv['peer_id']}:{srv['credential']}"}) as ws:
+            netmap = (await ws.receive_json(timeout=5))["netmap"]
+    assert netmap["ssh"]["enabled"]
+    assert netmap["ssh"]["access"] == [{"sources": [laptop["mesh_ip"] + "/32"], "identities": ["alice@example.com"],
+                                        "local_users": ["localpart", "deploy"]}]
+
+    peers = json.loads(mgmt.cli("--json", "peers", "list").stdout)["peers"]
+    assert {p["name"] for p in peers} == {"db-1", "laptop"}
+    table = mgmt.cli("peers", "list").stdout
+    assert "db-1" in table and srv["mesh_ip"] in table
+    mgmt.cli("peers", "ssh", "db-1", "on")
+    mgmt.cli("peers", "rename", "db-1", "db-one")
+    peers = {p["name"]: p for p in json.loads(mgmt.cli("--json", "peers", "list").stdout)["peers"]}
+    assert peers["db-one"]["ssh_enabled"] is True
+
+    pols = json.loads(mgmt.cli("--json", "policies", "list").stdout)["policies"]
+    assert pols[0]["name"] == "admins-ssh" and pols[0]["rules"][0]["protocol"] == "ssh"
+    mgmt.cli("policies", "disable", "admins-ssh")
+    assert json.loads(mgmt.cli("--json", "policies", "list").stdout)["policies"][0]["enabled"] is False
+
+    events = json.loads(mgmt.cli("--json", "events", "list").stdout)["events"]
+    assert {"peer.registered", "policy.created", "user.created"} <= {e["type"] for e in events}
+    assert "peer.registered" in mgmt.cli("events", "list").stdout
+
+    # Errors: a clear message and exit 1; a missing token file is a usage error (2).
+    bad = mgmt.cli("groups", "create", "admins", check=False)
+    assert bad.returncode == 1 and "409" in bad.stderr and "exists" in bad.stderr
+    res = subprocess.run([console_script("meshmgmt"), "--url", mgmt.url, "--token-file", "/nonexistent", "peers",
+                          "list"], capture_output=True, text=True)
+    assert res.returncode == 2 and "token file" in res.stderr
+    mgmt.cli("peers", "delete", "laptop")
+    mgmt.cli("setup-keys", "revoke", "servers")
+    keys = json.loads(mgmt.cli("--json", "setup-keys", "list").stdout)["setup_keys"]
+    assert keys[0]["revoked"] is True
+    mgmt.cli("users", "block", "alice@example.com")
+    users = {u["email"]: u for u in json.loads(mgmt.cli("--json", "users", "list").stdout)["users"]}
+    assert users["alice@example.com"]["blocked"] is True
+    assert users["alice@example.com"]["has_password"] is True
+
+
+def test_init_refuses_twice_and_protects_the_token(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    meshmgmt = console_script("meshmgmt")
+    first = subprocess.run([meshmgmt, "init", "--data-dir", str(data), "--admin-email", "root@example.com"],
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    token_file = data / "admin.token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert (data / "meshmgmt.db").stat().st_mode & 0o077 == 0
+    token = token_file.read_text().strip()
+    again = subprocess.run([meshmgmt, "init", "--data-dir", str(data), "--admin-email", "root@example.com"],
+                           capture_output=True, text=True)
+    assert again.returncode == 1 and "already initialised" in again.stderr
+    assert token_file.read_text().strip() == token
+    # Only the digest is stored.
+    assert token.encode() not in (data / "meshmgmt.db").read_bytes()
+    bad = subprocess.run([meshmgmt, "init", "--data-dir", str(tmp_path / "e"), "--admin-email", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "email" in bad.stderr
+    short = subprocess.run([meshmgmt, "init", "--data-dir", str(tmp_path / "f"), "--admin-email", "a@b.c",
+                            "--admin-password-stdin"], input="short\n", capture_output=True, text=True)
+    assert short.returncode == 1 and "8 characters" in short.stderr
+
+
+def test_serve_refuses_uninitialised_store(tmp_path: Path) -> None:
+    res = subprocess.run([console_script("meshmgmt"), "serve", "--data-dir", str(tmp_path), "--listen",
+                          "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "meshmgmt init" in res.stderr
+    res = subprocess.run([console_script("meshmgmt"), "serve", "--data-dir", str(tmp_path), "--network", "nope"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--network" in res.stderr
