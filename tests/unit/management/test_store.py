@@ -1,0 +1,100 @@
+"""The store on a real SQLite file: migrations, the serial, the change feed, snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from management.store import Group, Peer, Policy, Store, User, hash_password, verify_password
+from management.store.engine import normalise_url
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    st = Store.for_data_dir(tmp_path)
+    await st.migrate()
+    yield st
+    await st.close()
+
+
+async def test_serial_grows_survives_restart_and_notifies(store: Store, tmp_path: Path) -> None:
+    seen: list[int] = []
+    store.add_listener(seen.append)
+    assert await store.serial() == 0
+    async with store.change("a") as s:
+        s.add(User(email="a@example.com"))
+    async with store.change("b") as s:
+        s.add(Group(name="g"))
+    assert seen == [1, 2] and await store.serial() == 2
+    # A failed change bumps nothing and tells nobody.
+    with pytest.raises(RuntimeError):
+        async with store.change("c") as s:
+            s.add(Group(name="h"))
+            raise RuntimeError("boom")
+    assert seen == [1, 2] and await store.serial() == 2
+    # A write that does not affect maps does not bump the serial.
+    async with store.write() as s:
+        s.add(User(email="b@example.com"))
+    assert await store.serial() == 2
+    await store.close()
+    again = Store.for_data_dir(tmp_path)
+    await again.migrate()  # idempotent
+    try:
+        assert await again.serial() == 2
+        async with again.change("d"):
+            pass
+        assert await again.serial() == 3
+    finally:
+        await again.close()
+
+
+async def test_wal_mode_and_foreign_keys(store: Store) -> None:
+    async with store.session() as s:
+        conn = await s.connection()
+        assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+        assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+
+
+async def test_snapshot_reflects_groups_and_deletes(store: Store) -> None:
+    async with store.change() as s:
+        alice = User(email="alice@example.com", role="admin")
+        p1 = Peer(name="p1", mesh_ip="100.64.0.2", wg_public_key="k1", credential_hash="x",
+                  flags={"allow_server_ssh": True, "enable_ssh_root": True})
+        p2 = Peer(name="p2", mesh_ip="100.64.0.3", wg_public_key="k2", credential_hash="y")
+        g = Group(name="g", peers=[p1, p2], users=[alice])
+        s.add_all([alice, p1, p2, g, Policy(name="pol", rules=[{"sources": ["g"], "destinations": ["g"],
+                                                                  "protocol": "ssh"}])])
+    state = await store.load_state(network="100.64.0.0/10", dns_domain="example.mesh")
+    assert [p.name for p in state.peers] == ["p1", "p2"]
+    assert state.peers[0].fqdn == "p1.example.mesh" and state.peers[0].allow_server_ssh
+    assert state.peers[0].enable_ssh_root and not state.peers[1].allow_server_ssh
+    assert state.groups[0].peer_ids == {p1.id, p2.id} and state.groups[0].user_ids == {alice.id}
+    assert state.policies[0].rules[0].protocol == "ssh"
+    assert state.serial == await store.serial() and state.network == "100.64.0.0/10"
+    async with store.change() as s:
+        await s.delete(await s.get(Peer, p2.id))
+    state = await store.load_state()
+    assert state.groups[0].peer_ids == {p1.id}  # membership went with the peer
+
+
+def test_passwords() -> None:
+    h = hash_password("correct horse")
+    assert h.startswith("$argon2id$") and "correct" not in h
+    assert verify_password(h, "correct horse")
+    assert not verify_password(h, "wrong")
+    assert not verify_password(None, "anything")
+    assert not verify_password("not-a-hash", "anything")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgres://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("sqlite:////tmp/x.db", "sqlite+aiosqlite:////tmp/x.db"),
+        ("sqlite+aiosqlite:////tmp/x.db", "sqlite+aiosqlite:////tmp/x.db"),
+    ],
+)
+def test_normalise_url(url: str, expected: str) -> None:
+    assert normalise_url(url) == expected
