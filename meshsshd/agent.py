@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from . import __version__, hostkeys
 from .config import ServerSettings, find_sftp_server, settings_from_netmap
-from .dataplane import Dataplane, make_dataplane
+from .dataplane import Dataplane, make_dataplane, resolve_kind
 from .errors import ConfigError, DataplaneError, MeshsshdError, StateError
 from .logs import event
 from .audit_uplink import ManagementAuditSink
@@ -119,9 +119,8 @@ class Agent:
         self.config = config
         self.setup_key = setup_key
         self.mgmt: ManagementClient = mgmt or HTTPManagementClient(config.management_url)
-        self.dataplane = dataplane or make_dataplane(
-            config.dataplane, config.interface, state.wireguard_key, config.wireguard_port
-        )
+        # Chosen once the mesh network is known (auto: loopback network → none).
+        self._dataplane: Dataplane | None = dataplane
         self._server_factory = server_factory
         self.server: Any = None
         self.cred: Credential | None = None
@@ -152,6 +151,10 @@ class Agent:
         tasks: list[asyncio.Task[Any]] = []
         try:
             self.cred = await self._ensure_registered()
+            if self._dataplane is None:
+                self._dataplane = make_dataplane(self.config.dataplane, self.config.interface,
+                                                 self.state.wireguard_key, self.config.wireguard_port,
+                                                 network=self.cred.network)
             self.uplink.post = lambda batch: self.mgmt.post_events(self._require_cred(), batch)
             queued = await asyncio.to_thread(self.uplink.load, self.state.events_path)
             if queued:
@@ -198,6 +201,14 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def dataplane(self) -> Dataplane:
+        if self._dataplane is None:
+            from .dataplane._none import NoDataplane
+
+            return NoDataplane()  # before registration nothing exists to set up or report
+        return self._dataplane
 
     def _prepare_state(self) -> None:
         """Blocking setup: directory, single instance, keys, flags (runs in a thread)."""
@@ -254,7 +265,7 @@ class Agent:
                 f"this peer is not registered with {url or 'a management server'}; "
                 "run meshsshd up --management-url URL --setup-key KEY"
             )
-        if not self.endpoints and self.dataplane.kind == "wireguard":
+        if not self.endpoints and resolve_kind(self.config.dataplane) == "wireguard":
             self.endpoints = await local_endpoints(self.config.interface, self.config.wireguard_port)
         req = Registration(
             setup_key=self.setup_key,
@@ -339,11 +350,14 @@ class Agent:
                 if isinstance(exc, MeshsshdError):
                     raise
                 raise MeshsshdError(f"SSH server could not take the new map: {exc}") from exc
+            if persist:  # before it shows in status.json: what status shows is on disk
+                try:
+                    await write_json_async(self.state.netmap_path, netmap.to_dict())
+                except StateError as exc:  # serve the new map anyway; a restart gets the old one
+                    event(log, "netmap.persist_failed", logging.ERROR, error=str(exc))
             self.netmap, self.serving = netmap, serve
             self._state_name = "serving" if serve else "ssh-off"
             self._reason = "" if serve else self._why_not_serving(netmap)
-        if persist:
-            await write_json_async(self.state.netmap_path, netmap.to_dict())
         event(log, "netmap.applied", serial=netmap.serial, peers=len(netmap.peers),
               rules=len(netmap.firewall_rules), ssh=serve)
         await self._write_status()

@@ -11,6 +11,8 @@ what a record (dataplane.json) says was created, for `meshsshd down` after a cra
 from __future__ import annotations
 
 import abc
+import contextlib
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -44,12 +46,22 @@ class Dataplane(abc.ABC):
         """What `cleanup()` needs to undo this data plane without the daemon."""
 
 
-def make_dataplane(kind: str, interface: str, private_key_file: Path, listen_port: int) -> Dataplane:
-    """auto = WireGuard when running as root, single-machine mode otherwise."""
+def resolve_kind(kind: str, network: str = "", euid: int | None = None) -> str:
+    """auto → none for a loopback mesh network (single-machine mode) or without root,
+    wireguard otherwise."""
+    if kind != "auto":
+        return kind
+    with contextlib.suppress(ValueError):
+        if network and ipaddress.ip_network(network, strict=False).is_loopback:
+            return "none"
+    return "wireguard" if (os.geteuid() if euid is None else euid) == 0 else "none"
+
+
+def make_dataplane(kind: str, interface: str, private_key_file: Path, listen_port: int,
+                   network: str = "") -> Dataplane:
     from ._none import NoDataplane
 
-    if kind == "auto":
-        kind = "wireguard" if os.geteuid() == 0 else "none"
+    kind = resolve_kind(kind, network)
     if kind == "none":
         return NoDataplane()
     if kind == "wireguard":
@@ -68,4 +80,4 @@ async def cleanup(record: dict[str, Any]) -> list[str]:
     return await MeshDataplane.cleanup(record)
 
 
-__all__ = ["Dataplane", "cleanup", "make_dataplane"]
+__all__ = ["Dataplane", "cleanup", "make_dataplane", "resolve_kind"]

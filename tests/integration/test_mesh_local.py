@@ -189,7 +189,7 @@ async def test_live_session_is_closed_when_the_policy_goes(mesh: Mesh) -> None:
     result = await proc.wait()
     conn.close()
     print(f"revocation took {elapsed:.2f}s")
-    assert elapsed < 2.0, f"revocation took {elapsed:.2f}s"
+    assert elapsed < 1.0, f"revocation took {elapsed:.2f}s"  # the issue: "within a second"
     assert "access revoked" in out  # the client is told why
     assert mesh.b.status()["ssh"]["running"]  # only the session went, not the server
     # New logins are refused (the token exchange already says no)...
@@ -245,9 +245,13 @@ async def test_management_outage_restart_and_resync(mesh: Mesh) -> None:
     mesh.mgmt.start()
     for p in (mesh.a, mesh.b):
         p.wait(lambda s: s["management"]["connected"], timeout=30, what="reconnected")
-    mesh.mgmt.api("POST", "/api/groups", {"name": "extra", "peers": ["peer-a"]})
-    mesh.mgmt.api("PUT", f"/api/policies/{mesh.policy_id}", {**mesh.ssh_policy(), "name": "a-to-b-2"})
+    policy = mesh.ssh_policy()
+    policy["rules"].append({"sources": ["clients"], "destinations": ["servers"], "protocol": "tcp",
+                            "ports": ["8080"]})
+    mesh.mgmt.api("PUT", f"/api/policies/{mesh.policy_id}", policy)
     mesh.b.wait(lambda s: s["netmap_serial"] > serial, what="a newer map after resync")
+    rules = json.loads((mesh.b.state_dir / "netmap.json").read_text())["firewall_rules"]
+    assert any(r["ports"] == ["8080"] for r in rules)
     assert (await login_runs(mesh)).strip() == mesh.user
 
 

@@ -114,3 +114,19 @@ def test_apply_in_a_namespace_replaces_stale_table_and_removes_cleanly() -> None
         assert "tcp dport { 22, 22022 } accept" in first
         assert "dnat" not in second and "22022" not in second
         assert "meshsshd" not in final
+
+
+@pytest.mark.parametrize(
+    ("kind", "network", "euid", "expect"),
+    [
+        pytest.param("auto", "127.77.0.0/16", 0, "none", id="loopback-network-means-single-machine"),
+        pytest.param("auto", "100.64.0.0/10", 0, "wireguard", id="root-real-network"),
+        pytest.param("auto", "100.64.0.0/10", 1000, "none", id="no-root"),
+        pytest.param("auto", "", 0, "wireguard", id="unknown-network-root"),
+        pytest.param("wireguard", "127.77.0.0/16", 0, "wireguard", id="explicit-wins"),
+    ],
+)
+def test_auto_dataplane_choice(kind: str, network: str, euid: int, expect: str) -> None:
+    from meshsshd.dataplane import resolve_kind
+
+    assert resolve_kind(kind, network, euid) == expect
