@@ -26,7 +26,7 @@ import pytest
 
 from tests.support import free_port, os_user, require_root
 
-from .meshkit import HTTPError, Identity, Management, Peer, host_keys_from_map, loopback_network, pid_gone
+from .peerkit import HTTPError, Identity, Management, Peer, host_keys_from_map, loopback_network, pid_gone
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 

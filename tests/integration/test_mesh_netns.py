@@ -7,7 +7,7 @@
 
 Policies: A (with the bot user) may SSH to B; C may reach B on tcp/8080 only, so C and B
 are WireGuard peers and what stops C's SSH is B's nftables table. Clients run in threads
-that joined a namespace (meshkit.run_in_netns): asyncssh with a token from management.
+that joined a namespace (peerkit.run_in_netns): asyncssh with a token from management.
 Everything is torn down by the namespace context managers, also on failure.
 """
 
@@ -30,7 +30,7 @@ import pytest
 
 from tests.support import netns, os_user, require_root, require_tool
 
-from .meshkit import Identity, Management, Peer, host_keys_from_map, run_in_netns
+from .peerkit import Identity, Management, Peer, host_keys_from_map, run_in_netns
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.timeout(300)]
 
