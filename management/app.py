@@ -113,7 +113,7 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
         return state
 
     app[LOAD_STATE] = load_state
-    hub = SyncHub(load_state, registry)
+    hub = SyncHub(load_state, registry, current_serial=store.serial)
     app[HUB] = hub
 
     async def store_ctx(_app: web.Application) -> AsyncIterator[None]:

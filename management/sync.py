@@ -40,8 +40,12 @@ class Stream:
 
 
 class SyncHub:
-    def __init__(self, load_state: Callable[[], Awaitable[MeshState]], metrics: Registry) -> None:
+    def __init__(self, load_state: Callable[[], Awaitable[MeshState]], metrics: Registry,
+                 current_serial: Callable[[], Awaitable[int]] | None = None, poll_interval: float = 5.0) -> None:
         self._load_state = load_state
+        self._current_serial = current_serial
+        self._poll_interval = poll_interval
+        self._poll_task: asyncio.Task | None = None
         self._streams: dict[str, set[Stream]] = {}
         self._dirty = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -60,13 +64,17 @@ class SyncHub:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop())
+        if self._current_serial is not None:
+            self._poll_task = loop.create_task(self._poll())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._poll_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for streams in list(self._streams.values()):
             for st in list(streams):
                 with contextlib.suppress(Exception):
@@ -139,7 +147,21 @@ class SyncHub:
             await st.ws.close()
         event(log, "sync.peer_deleted", peer=st.peer_id)
 
-    # --- the loop ----------------------------------------------------------------------
+    # --- the loops ---------------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        """A safety net under the change feed: a serial newer than the last snapshot means
+        a notification was lost (e.g. the LISTEN connection dropped), so recompute."""
+        assert self._current_serial is not None
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            try:
+                serial = await self._current_serial()
+            except Exception as exc:
+                event(log, "sync.poll_failed", level=logging.WARNING, error=type(exc).__name__)
+                continue
+            if self._streams and (self._state is None or serial > self._state.serial):
+                self._dirty.set()
 
     async def _loop(self) -> None:
         while True:

@@ -67,6 +67,8 @@ class Store:
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._listeners: list[ChangeListener] = []
         self._pg_conn: Any = None
+        self._closing = False
+        self._reconnect_task: asyncio.Task | None = None
         # SQLite allows one writer; serialising writes in-process avoids SQLITE_BUSY on
         # read→write lock upgrades. PostgreSQL needs no such lock.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
@@ -150,9 +152,16 @@ class Store:
                 log.exception("change listener failed")
 
     async def start_listening(self) -> None:
-        """PostgreSQL: LISTEN on a dedicated connection so other replicas' changes arrive."""
+        """PostgreSQL: LISTEN on a dedicated connection so other replicas' changes arrive.
+
+        If that connection dies (database restart, network), it is re-opened with backoff
+        and listeners get one catch-up call, since notifications may have been missed.
+        """
         if not self.is_postgres or self._pg_conn is not None:
             return
+        await self._listen_once()
+
+    async def _listen_once(self) -> None:
         import asyncpg
 
         dsn = "postgresql://" + self.url.split("://", 1)[1]
@@ -166,11 +175,33 @@ class Store:
                 serial = 0
             loop.create_task(self._fire(serial))
 
+        def on_lost(_conn: Any) -> None:
+            if self._pg_conn is conn:
+                self._pg_conn = None
+                self._reconnect_task = loop.create_task(self._reconnect())
+
         await conn.add_listener(CHANNEL, on_notify)
+        conn.add_termination_listener(on_lost)
         self._pg_conn = conn
         event(log, "store.listening", channel=CHANNEL)
 
+    async def _reconnect(self) -> None:
+        delay = 0.5
+        while not self._closing:
+            event(log, "store.listen_lost", level=logging.WARNING, retry_in=delay)
+            await asyncio.sleep(delay)
+            try:
+                await self._listen_once()
+            except (OSError, Exception):  # asyncpg raises many kinds while the server is away
+                delay = min(delay * 2, 10.0)
+                continue
+            await self._fire(0)  # catch up on whatever was missed
+            return
+
     async def close(self) -> None:
+        self._closing = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
         if self._pg_conn is not None:
             with contextlib.suppress(Exception):
                 await self._pg_conn.close()

@@ -68,6 +68,23 @@ async def test_change_via_one_replica_reaches_stream_on_the_other(replicas: tupl
                                                      "ports": ports, "action": "accept"}]
                 assert netmap["serial"] > first["serial"]
                 first = netmap
+            # Failure injection: the database drops every LISTEN connection. The replicas
+            # re-listen and catch up, so a change made meanwhile still arrives.
+            import asyncpg
+
+            admin = await asyncpg.connect(r1.database.replace("/replicas", "/postgres"))
+            try:
+                killed = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = 'replicas' AND query LIKE 'LISTEN%'")
+            finally:
+                await admin.close()
+            assert killed == 2
+            await call(http, "PUT", f"{r1.url}/api/policies/{pol['id']}", headers=r1.admin, expect=200,
+                       json={"rules": [{"sources": ["servers"], "destinations": ["servers"], "protocol": "udp"}]})
+            netmap = (await asyncio.wait_for(ws.receive_json(), 5.0))["netmap"]
+            assert netmap["firewall_rules"][0]["protocol"] == "udp"
+
             # Deleting the peer through replica 1 ends its stream on replica 2.
             await call(http, "DELETE", f"{r1.url}/api/peers/{srv['peer_id']}", headers=r1.admin, expect=204)
             err = await asyncio.wait_for(ws.receive_json(), 1.0)
