@@ -187,10 +187,10 @@ class ServerKit:
 
     # ---- OpenSSH --------------------------------------------------------------------
     def ssh_argv(self, user: str, key: ClientKey | None = None, *args: str, opts: Sequence[str] = ()) -> list[str]:
-        argv = [require_tool("ssh"), *SSH_BASE_OPTS, "-p", str(self.port)]
+        # OpenSSH keeps the first value of an option: the caller's opts go first.
+        argv = [require_tool("ssh"), *opts, *SSH_BASE_OPTS, "-p", str(self.port)]
         if key is not None:
             argv += ["-i", str(key.path), "-o", "IdentitiesOnly=yes"]
-        argv += list(opts)
         return [*argv, f"{user}@{self.host}", *args]
 
     def ssh(self, user: str, key: ClientKey | None, *command: str, opts: Sequence[str] = (),
