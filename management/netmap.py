@@ -47,7 +47,7 @@ import ipaddress
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import lru_cache
 
 from meshsshd.netmap import (
     SSH_PORT,
@@ -117,7 +117,9 @@ def _fw_shape(rule: RuleRecord) -> tuple[str, tuple[str, ...]]:
     return rule.protocol, ()
 
 
+@lru_cache(maxsize=1 << 18)
 def _ip_key(ip: str) -> tuple[int, int]:
+    """Numeric sort key of "a.b.c.d" or "a.b.c.d/32" (cached: maps sort the same IPs often)."""
     addr = ipaddress.ip_address(ip.split("/")[0])
     return addr.version, int(addr)
 
@@ -148,9 +150,29 @@ class _Rule:
 class _Index:
     state: MeshState
     inbound: dict[str, list[_Rule]] = field(default_factory=dict)  # peer → rules targeting it
-    visible: dict[str, set[str]] = field(default_factory=dict)  # peer → peers it sees
+    # peer → the peer sets it sees (unioned lazily per map: cheaper than per-peer sets)
+    visible: dict[str, list[frozenset[str]]] = field(default_factory=dict)
     _ssh_enabled: dict[str, bool] = field(default_factory=dict)
     _cidrs: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    _infos: dict[str, PeerInfo] = field(default_factory=dict)
+    _access: dict[tuple[int, bool], AccessRule] = field(default_factory=dict)
+
+    def info(self, p: PeerRecord) -> PeerInfo:
+        got = self._infos.get(p.id)
+        if got is None:
+            got = _peer_info(self, p)
+            self._infos[p.id] = got
+        return got
+
+    def access_rule(self, r: _Rule, peer_id: str) -> AccessRule | None:
+        key = (id(r), peer_id in r.sources)
+        if key not in self._access:
+            sources = self.cidrs(r.sources, peer_id)
+            self._access[key] = (
+                AccessRule(sources=sources, identities=r.identities, local_users=_local_users(r.rule))
+                if sources else None  # type: ignore[assignment]
+            )
+        return self._access[key]
 
     def cidrs(self, peers: frozenset[str], exclude: str) -> tuple[str, ...]:
         key = id(peers)
@@ -254,9 +276,9 @@ def build_index(state: MeshState) -> _Index:
                     idx.inbound.setdefault(p, []).append(d)
             # Both sides of a rule see each other, whichever way traffic may start.
             for p in src:
-                idx.visible.setdefault(p, set()).update(dst)
+                idx.visible.setdefault(p, []).append(dst)
             for p in dst:
-                idx.visible.setdefault(p, set()).update(src)
+                idx.visible.setdefault(p, []).append(src)
     return idx
 
 
@@ -308,10 +330,9 @@ def _access(idx: _Index, peer: PeerRecord) -> tuple[AccessRule, ...]:
     for r in idx.inbound.get(peer.id, ()):
         if not idx.grants_ssh(r, peer) or not r.identities:
             continue
-        sources = idx.cidrs(r.sources, peer.id)
-        if not sources:
-            continue
-        out.add(AccessRule(sources=sources, identities=r.identities, local_users=_local_users(r.rule)))
+        rule = idx.access_rule(r, peer.id)
+        if rule is not None:
+            out.add(rule)
     return tuple(sorted(out, key=lambda a: ([_ip_key(s) for s in a.sources], a.identities, a.local_users)))
 
 
@@ -323,10 +344,9 @@ def compute_map(state: MeshState, peer_id: str) -> NetworkMap | None:
         return None
     ssh_on = idx.ssh_enabled(peer_id)
     by_id = state.peers_by_id
-    visible = sorted(
-        (by_id[p] for p in idx.visible.get(peer_id, ()) if p != peer_id),
-        key=lambda p: (p.name, p.id),
-    )
+    seen: set[str] = set().union(*idx.visible.get(peer_id, ()))
+    seen.discard(peer_id)
+    visible = sorted((by_id[p] for p in seen), key=lambda p: (p.name, p.id))
     ssh = SSHSection(
         enabled=ssh_on,
         issuer=state.issuer,
@@ -337,9 +357,9 @@ def compute_map(state: MeshState, peer_id: str) -> NetworkMap | None:
     )
     return NetworkMap(
         serial=state.serial,
-        peer=_peer_info(idx, peer),
+        peer=idx.info(peer),
         network=state.network,
-        peers=tuple(_peer_info(idx, p) for p in visible),
+        peers=tuple(idx.info(p) for p in visible),
         firewall_rules=_firewall(idx, peer, ssh_on),
         ssh=ssh,
     )
