@@ -249,9 +249,12 @@ async def test_management_outage_restart_and_resync(mesh: Mesh) -> None:
     policy["rules"].append({"sources": ["clients"], "destinations": ["servers"], "protocol": "tcp",
                             "ports": ["8080"]})
     mesh.mgmt.api("PUT", f"/api/policies/{mesh.policy_id}", policy)
-    mesh.b.wait(lambda s: s["netmap_serial"] > serial, what="a newer map after resync")
-    rules = json.loads((mesh.b.state_dir / "netmap.json").read_text())["firewall_rules"]
-    assert any(r["ports"] == ["8080"] for r in rules)
+
+    def has_8080(_: dict) -> bool:
+        doc = json.loads((mesh.b.state_dir / "netmap.json").read_text())
+        return doc["serial"] > serial and any(r["ports"] == ["8080"] for r in doc["firewall_rules"])
+
+    mesh.b.wait(has_8080, what="the change made after the resync")
     assert (await login_runs(mesh)).strip() == mesh.user
 
 
@@ -276,6 +279,22 @@ async def test_deleted_peer_stops_serving_and_says_why(mesh: Mesh) -> None:
     mesh.b.start(mesh.setup_key)
     mesh.b.wait(lambda s: s.get("state") in ("ssh-off", "serving") and s.get("pid"), what="re-registered")
     assert mesh.b.status()["peer_id"] != b_id
+
+
+def test_flags_persist_and_are_reported_to_management(mesh: Mesh) -> None:
+    a_id, _ = mesh.ids()
+    assert mesh.a.stop() == 0
+    mesh.a.start(flags=["--enable-ssh-sftp"])  # one new flag; the others come from flags.json
+    mesh.a.wait(lambda s: s.get("pid") and s["management"]["connected"], what="A back")
+    deadline = time.monotonic() + 10
+    while True:
+        flags = mesh.mgmt.api("GET", f"/api/peers/{a_id}")["flags"]
+        if flags.get("enable_ssh_sftp") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert flags["enable_ssh_sftp"] is True and flags["allow_server_ssh"] is True
+    persisted = json.loads((mesh.a.state_dir / "flags.json").read_text())
+    assert persisted["flags"]["enable_ssh_sftp"] and persisted["management_url"] == mesh.mgmt.url
 
 
 def test_down_stops_the_daemon_and_cleans_up(mesh: Mesh) -> None:
