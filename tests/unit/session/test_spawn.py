@@ -1,0 +1,114 @@
+"""What a session child sees: environment and argv, built without root."""
+
+from __future__ import annotations
+
+import termios
+
+import pytest
+
+from meshsshd.session._pty import apply_modes
+from meshsshd.session._spawn import (ROOT_PATH, SETSID, USER_PATH, ConnectionInfo, build_child_argv,
+                                     build_child_env, is_accepted_env)
+from meshsshd.session._utmp import DEAD_PROCESS, USER_PROCESS, LoginRecord, Utmpx, build_record
+from meshsshd.users import LocalUser, is_valid_username
+
+ALICE = LocalUser("alice", 1000, 1000, "/home/alice", "/bin/bash", (1000, 27))
+ROOT = LocalUser("root", 0, 0, "/root", "/bin/bash", (0,))
+CONN = ConnectionInfo("100.64.0.7", 51022, "100.64.0.2", 22022)
+
+
+def test_env_is_built_from_scratch():
+    env = build_child_env(ALICE, CONN, {}, term=None)
+    assert env == {
+        "USER": "alice", "LOGNAME": "alice", "HOME": "/home/alice", "SHELL": "/bin/bash",
+        "PATH": USER_PATH, "MAIL": "/var/mail/alice",
+        "SSH_CLIENT": "100.64.0.7 51022 22022",
+        "SSH_CONNECTION": "100.64.0.7 51022 100.64.0.2 22022",
+    }
+
+
+def test_env_for_pty_session_with_agent():
+    env = build_child_env(ALICE, CONN, {"TERM": "vt100"}, term="xterm-256color", tty_name="/dev/pts/4",
+                          auth_sock="/tmp/asyncssh-x/agent")
+    assert env["TERM"] == "xterm-256color"
+    assert env["SSH_TTY"] == "/dev/pts/4"
+    assert env["SSH_AUTH_SOCK"] == "/tmp/asyncssh-x/agent"
+
+
+def test_root_gets_sbin_path():
+    assert build_child_env(ROOT, CONN, {})["PATH"] == ROOT_PATH
+
+
+@pytest.mark.parametrize(("name", "value", "accepted"), [
+    pytest.param("LANG", "de_DE.UTF-8", True, id="lang"),
+    pytest.param("LC_ALL", "C", True, id="lc-prefix"),
+    pytest.param("TZ", "UTC", True, id="tz"),
+    pytest.param("COLORTERM", "truecolor", True, id="colorterm"),
+    pytest.param("EDITOR", "vim", True, id="editor"),
+    pytest.param("LD_PRELOAD", "/tmp/x.so", False, id="ld-preload"),
+    pytest.param("LD_LIBRARY_PATH", "/tmp", False, id="ld-library-path"),
+    pytest.param("PATH", "/evil", False, id="path"),
+    pytest.param("HOME", "/", False, id="home"),
+    pytest.param("BASH_ENV", "/tmp/x", False, id="bash-env"),
+    pytest.param("LANG", "a\0b", False, id="nul-in-value"),
+    pytest.param("LC_X", "x" * 5000, False, id="huge-value"),
+    pytest.param("LC_A=B", "x", False, id="bad-name"),
+])
+def test_env_allowlist(name, value, accepted):
+    assert is_accepted_env(name, value) is accepted
+
+
+def test_client_cannot_override_fixed_variables():
+    env = build_child_env(ALICE, CONN, {"USER": "root", "LC_TIME": "C", "SSH_CLIENT": "x"})
+    assert env["USER"] == "alice" and env["LC_TIME"] == "C" and env["SSH_CLIENT"] != "x"
+
+
+@pytest.mark.parametrize(("command", "pty", "expected"), [
+    pytest.param("ls -l", False, ("/bin/bash", ["bash", "-c", "ls -l"]), id="exec"),
+    pytest.param(None, False, ("/bin/bash", ["-bash"]), id="no-pty-shell-is-login-shell"),
+    pytest.param(None, True, (SETSID, [SETSID, "--ctty", "/bin/bash", "-l"]), id="pty-login-shell"),
+    pytest.param("top", True, (SETSID, [SETSID, "--ctty", "/bin/bash", "-c", "top"]), id="pty-exec"),
+])
+def test_argv(command, pty, expected):
+    assert build_child_argv("/bin/bash", command, pty=pty) == expected
+
+
+@pytest.mark.parametrize(("name", "ok"), [
+    ("alice", True), ("a.b-c_d", True), ("_svc", True), ("host$", True),
+    ("-rf", False), ("", False), ("a b", False), ("a/b", False), ("..", False), ("x" * 33, False),
+    ("al;ce", False), ("ünï", False),
+])
+def test_usernames(name, ok):
+    assert is_valid_username(name) is ok
+
+
+def test_apply_modes_sets_flags_and_chars():
+    base = [0, 0, termios.CS7, 0, termios.B9600, termios.B9600, [b"\0"] * 32]
+    modes = {53: 1, 51: 1, 50: 0, 1: 3, 91: 1, 128: 38400, 129: 38400, 36: 1, 72: 1, 250: 7}
+    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = apply_modes(base, modes)
+    assert lflag & termios.ECHO and lflag & termios.ICANON and not lflag & termios.ISIG
+    assert cc[termios.VINTR] == b"\x03"
+    assert cflag & termios.CSIZE == termios.CS8
+    assert iflag & termios.ICRNL and oflag & termios.ONLCR
+    assert ispeed == ospeed == termios.B38400
+
+
+def test_apply_modes_clears_flags():
+    base = [termios.IXON, termios.OPOST, termios.CS8, termios.ECHO | termios.ISIG, 0, 0, [0] * 32]
+    iflag, oflag, _, lflag, *_ = apply_modes(base, {38: 0, 70: 0, 53: 0})
+    assert not iflag & termios.IXON and not oflag & termios.OPOST
+    assert lflag == termios.ISIG
+
+
+def test_utmp_records():
+    import ctypes
+
+    assert ctypes.sizeof(Utmpx) == 384
+    rec = LoginRecord(4242, "/dev/pts/7", "alice", "100.64.0.7")
+    ut = build_record(rec, USER_PROCESS, now=1700000000.25)
+    assert (ut.ut_type, ut.ut_pid, ut.ut_line, ut.ut_id, ut.ut_user, ut.ut_host) == (
+        USER_PROCESS, 4242, b"pts/7", b"7", b"alice", b"100.64.0.7")
+    assert ut.ut_tv.tv_sec == 1700000000 and ut.ut_tv.tv_usec == 250000
+    assert bytes(ut.ut_addr_v6)[:4] == bytes([100, 64, 0, 7])
+    dead = build_record(rec, DEAD_PROCESS)
+    assert dead.ut_type == DEAD_PROCESS and dead.ut_user == b""

@@ -1,0 +1,160 @@
+"""Pure parts of the SSH server: algorithms, limits math, forwarding policy,
+identification string, revocation decision."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshsshd import algorithms
+from meshsshd.config import JWTSettings, Limits, ServerSettings
+from meshsshd.forwarding import may_listen
+from meshsshd.limits import AuthTries, Penalties, StartupGate, drop_probability
+from meshsshd.server import JWT_MARKER, server_version
+
+
+# ---- algorithms -------------------------------------------------------------------------
+def test_allowlists_have_no_sha1_cbc_or_weak_macs():
+    every = (*algorithms.KEX_ALGS, *algorithms.ENCRYPTION_ALGS, *algorithms.MAC_ALGS, *algorithms.SIGNATURE_ALGS)
+    assert algorithms.weak_names(every) == []
+    assert algorithms.COMPRESSION_ALGS == ("none",)
+    assert "ssh-rsa" not in algorithms.SIGNATURE_ALGS
+
+
+def test_weak_names_catches_the_usual_suspects():
+    assert algorithms.weak_names(["diffie-hellman-group14-sha1", "hmac-sha1", "aes128-cbc", "ssh-rsa",
+                                  "umac-64-etm@openssh.com", "rsa-sha2-256"]) == [
+        "diffie-hellman-group14-sha1", "hmac-sha1", "aes128-cbc", "ssh-rsa", "umac-64-etm@openssh.com"]
+
+
+def test_kex_prefers_post_quantum_then_curve25519():
+    assert algorithms.KEX_ALGS[0] == "mlkem768x25519-sha256"
+    assert algorithms.KEX_ALGS[1] == "curve25519-sha256"
+
+
+def test_every_listed_algorithm_is_supported_by_asyncssh():
+    from asyncssh.encryption import get_encryption_algs
+    from asyncssh.kex import get_kex_algs
+    from asyncssh.mac import get_mac_algs
+    from asyncssh.public_key import get_public_key_algs
+
+    for names, supported in ((algorithms.KEX_ALGS, get_kex_algs()), (algorithms.ENCRYPTION_ALGS, get_encryption_algs()),
+                             (algorithms.MAC_ALGS, get_mac_algs()), (algorithms.SIGNATURE_ALGS, get_public_key_algs())):
+        missing = [n for n in names if n.encode() not in supported]
+        assert missing == []
+
+
+def test_host_keypairs_offer_only_sha2_rsa():
+    import asyncssh
+
+    rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    ed = asyncssh.generate_private_key("ssh-ed25519")
+    pairs = algorithms.host_keypairs([ed, rsa])
+    algs = sorted(a.decode() for kp in pairs for a in kp.host_key_algorithms)
+    assert algs == ["rsa-sha2-256", "rsa-sha2-512", "ssh-ed25519"]
+
+
+# ---- MaxStartups ------------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "expected"), [
+    pytest.param(0, 0.0, id="empty"),
+    pytest.param(9, 0.0, id="below-start"),
+    pytest.param(10, 0.30, id="at-start-rate"),
+    pytest.param(55, 0.65, id="half-way"),
+    pytest.param(100, 1.0, id="full"),
+    pytest.param(500, 1.0, id="beyond-full"),
+])
+def test_drop_probability_curve(n, expected):
+    assert drop_probability(n, 10, 30, 100) == pytest.approx(expected)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_gate_admits_below_start_and_refuses_when_full_and_nothing_stalled():
+    clock = FakeClock()
+    gate = StartupGate(Limits(max_startups=(2, 50, 4)), rng=lambda: 0.99, clock=clock)
+    assert gate.admit("a").admitted and gate.admit("b").admitted
+    assert gate.admit("c").admitted          # 50% drop, rng says keep
+    assert gate.admit("d").admitted          # 75%, still kept by rng 0.99
+    refused = gate.admit("e")                # full: 100%, nobody stalled yet
+    assert not refused.admitted and refused.reason == "max-startups"
+
+
+def test_gate_evicts_the_oldest_stalled_connection_for_a_newcomer():
+    clock = FakeClock()
+    gate = StartupGate(Limits(max_startups=(1, 100, 2)), stall_after=1.0, rng=lambda: 0.0, clock=clock)
+    assert gate.admit("flood").admitted
+    clock.now += 0.5
+    assert not gate.admit("early").admitted            # the flood socket is not stalled yet
+    clock.now += 1.0
+    result = gate.admit("real")
+    assert result.admitted and result.evict == "flood"
+    gate.progressed("real")                            # reached user authentication
+    clock.now += 5.0
+    assert not gate.admit("another").admitted          # a progressing login is never evicted
+    assert gate.unauthenticated == 1
+
+
+def test_gate_done_frees_the_slot():
+    gate = StartupGate(Limits(max_startups=(1, 100, 1)), rng=lambda: 0.0, clock=FakeClock())
+    assert gate.admit("a").admitted
+    assert not gate.admit("b").admitted
+    gate.done("a")
+    assert gate.admit("c").admitted
+
+
+# ---- penalties and tries ----------------------------------------------------------------
+def test_penalty_after_repeated_failures_then_expires():
+    clock = FakeClock()
+    p = Penalties(Limits(penalty_failures=3, penalty_seconds=30.0), clock=clock)
+    assert not p.record_failure("10.0.0.1")
+    assert not p.record_failure("10.0.0.1")
+    assert p.blocked_for("10.0.0.1") == 0
+    assert p.record_failure("10.0.0.1")
+    assert p.blocked_for("10.0.0.1") == pytest.approx(30.0)
+    assert p.blocked_for("10.0.0.2") == 0
+    clock.now += 31
+    assert p.blocked_for("10.0.0.1") == 0
+
+
+def test_old_failures_are_forgotten():
+    clock = FakeClock()
+    p = Penalties(Limits(penalty_failures=2, penalty_seconds=1.0), clock=clock)
+    p.record_failure("a")
+    clock.now += 100
+    assert not p.record_failure("a")
+    p.prune()
+
+
+def test_auth_tries_limit():
+    tries = AuthTries(3)
+    assert [tries.fail(), tries.fail(), tries.fail()] == [False, False, True]
+
+
+# ---- remote forward policy --------------------------------------------------------------
+@pytest.mark.parametrize(("host", "port", "uid", "ok"), [
+    pytest.param("localhost", 8080, 1000, True, id="localhost"),
+    pytest.param("127.0.0.1", 0, 1000, True, id="loopback-any-port"),
+    pytest.param("::1", 9000, 1000, True, id="ipv6-loopback"),
+    pytest.param("100.64.0.5", 9000, 1000, True, id="own-mesh-address"),
+    pytest.param("", 9000, 1000, False, id="all-interfaces-empty"),
+    pytest.param("0.0.0.0", 9000, 1000, False, id="all-interfaces-v4"),
+    pytest.param("::", 9000, 1000, False, id="all-interfaces-v6"),
+    pytest.param("192.168.1.10", 9000, 1000, False, id="foreign-address"),
+    pytest.param("127.0.0.1", 80, 1000, False, id="privileged-port-non-root"),
+    pytest.param("127.0.0.1", 80, 0, True, id="privileged-port-root"),
+])
+def test_may_listen(host, port, uid, ok):
+    assert may_listen(host, port, uid=uid, own_addresses=("100.64.0.5",)).allowed is ok
+
+
+# ---- identification string --------------------------------------------------------------
+def test_server_version_carries_jwt_marker_only_with_jwt():
+    jwt = JWTSettings(issuer="https://i", audience=("peer",), jwks={"keys": []})
+    assert server_version(ServerSettings(jwt=jwt)).endswith(" " + JWT_MARKER)
+    assert JWT_MARKER not in server_version(ServerSettings(jwt=jwt, disable_auth=True))
+    assert server_version(ServerSettings(authorized_keys=True)) == "meshsshd_0.1"
