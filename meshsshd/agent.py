@@ -235,7 +235,10 @@ class Agent:
                 except MeshsshdError as exc:
                     event(log, "dataplane.down_failed", logging.WARNING, error=str(exc))
                 self._dp_up = False
-        await self.uplink.stop(self.state.events_path)
+        try:
+            await self.uplink.stop(self.state.events_path)
+        except StateError as exc:
+            event(log, "audit.save_failed", logging.ERROR, error=str(exc), lost=len(self.uplink.queue))
         if self.metrics is not None:
             await self.metrics.stop()
         await self.mgmt.close()
