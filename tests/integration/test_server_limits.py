@@ -213,3 +213,45 @@ def test_reload_revokes_live_sessions_no_longer_allowed(tmp_path, keyed):
         r = srv.ssh(user.pw_name, key, "true", opts=["-o", "LogLevel=INFO"])
         assert r.returncode == 255
         assert b"you may not log in as" in r.stderr
+
+
+def test_jwt_marker_and_keyboard_interactive_bridge(tmp_path, make_user):
+    """With [jwt] on, the identification string carries the marker, and a token typed at
+    a keyboard-interactive "Password:" prompt logs in just like the password method."""
+    import json
+    import secrets
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    require_root()
+    user = make_user("msj")
+    key = ed25519.Ed25519PrivateKey.generate()
+    jwk = {**json.loads(jwt.get_algorithm_by_name("EdDSA").to_jwk(key.public_key())), "kid": "k1", "alg": "EdDSA"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    config = {
+        "jwt": {"issuer": "https://iss.test", "audience": ["peer-1"], "jwks_file": str(tmp_path / "jwks.json"),
+                "user_claim": "email"},
+        "access": [{"sources": ["127.0.0.0/8"], "identities": ["bob@example.com"], "local_users": [user.pw_name]}],
+    }
+
+    def token() -> str:
+        now = int(time.time())
+        claims = {"iss": "https://iss.test", "aud": "peer-1", "sub": "u2", "email": "bob@example.com",
+                  "iat": now, "nbf": now, "exp": now + 60, "jti": secrets.token_hex(8)}
+        return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": "k1"})
+
+    async def login(method: str) -> str:
+        async with asyncssh.connect("127.0.0.1", srv.port, username=user.pw_name, known_hosts=None,
+                                    client_keys=None, agent_path=None, password=token(),
+                                    preferred_auth=method) as conn:
+            result = await conn.run("id -un", check=True)
+            return result.stdout
+
+    with ServerKit(tmp_path / "srv", config) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            assert s.recv(256).split(b"\r\n")[0] == b"SSH-2.0-meshsshd_0.1 meshsshd-jwt"
+        assert asyncio.run(login("keyboard-interactive")).strip() == user.pw_name
+        assert asyncio.run(login("password")).strip() == user.pw_name
+        assert srv.output().count('"method":"jwt"') >= 2
+        assert "eyJ" not in srv.output()   # the token is never logged
