@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="unauthenticated-connection allowance given to both servers")
     p.add_argument("--mesh-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for meshsshd serve, for experiments (recorded in the JSON)")
+    p.add_argument("--whatif", action="store_true",
+                   help="start meshsshd through bench/whatif.py (switches via --mesh-env MESHBENCH_*)")
     p.add_argument("--self-check", action="store_true",
                    help="A/A run: a second sshd stands in for meshsshd (ratios should be ~1)")
     p.add_argument("--no-results-md", action="store_true", help="do not rewrite bench/RESULTS.md")
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     mesh_env = dict(kv.split("=", 1) for kv in args.mesh_env)
     if mesh_env:
         params["mesh_env"] = " ".join(args.mesh_env)
+    if args.whatif:
+        params["whatif"] = True
     desc = machine.describe()
     _progress(f"machine: {machine.one_line(desc)}")
     _raise_fd_limit()
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             mesh = ws.start_sshd(args.max_startups, label="meshsshd")
             notes.append("self-check: the meshsshd column is a second OpenSSH sshd")
         else:
-            mesh = ws.start_meshsshd(args.max_startups, env=mesh_env)
+            mesh = ws.start_meshsshd(args.max_startups, env=mesh_env, whatif=args.whatif)
         _progress(f"user {ws.user}; sshd on :{sshd.port} (pid {sshd.pid}), "
                   f"meshsshd on :{mesh.port} (pid {mesh.pid})")
         ctx = measure.Ctx(
@@ -138,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {n}")
     path = report.write_json(figures, desc, params, notes, stamp)
     _progress(f"wrote {path}")
-    if not args.no_results_md and not args.only and not args.self_check:
+    if not (args.no_results_md or args.only or args.self_check or args.whatif or args.mesh_env):
         report.update_results_md(figures, desc, params, notes, stamp)
         _progress(f"updated {report.RESULTS_MD}")
     return 0
@@ -151,7 +155,8 @@ def _restarter(ws: Workspace, args: argparse.Namespace) -> Any:
         shutil.copy(old.log, report.OUT_DIR / f"{report.stamp_now()}-{label}-died.log")
         if label == "sshd" or args.self_check:
             return ws.start_sshd(args.max_startups, label=label)
-        return ws.start_meshsshd(args.max_startups, env=dict(kv.split("=", 1) for kv in args.mesh_env))
+        return ws.start_meshsshd(args.max_startups, env=dict(kv.split("=", 1) for kv in args.mesh_env),
+                                 whatif=args.whatif)
     return restart
 
 

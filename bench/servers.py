@@ -169,6 +169,7 @@ class Workspace:
         proc = subprocess.Popen(
             argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, **(env or {})},
+            cwd=Path(__file__).resolve().parent.parent,
         )
         logf.close()
         # Into its own CPU cgroup before it can accept a connection, so every process
@@ -216,7 +217,8 @@ class Workspace:
         ]))
         return self._spawn(label, [SSHD, "-D", "-e", "-f", str(conf)], port)
 
-    def start_meshsshd(self, max_startups: int, env: dict[str, str] | None = None) -> Server:
+    def start_meshsshd(self, max_startups: int, env: dict[str, str] | None = None,
+                       whatif: bool = False) -> Server:
         """`meshsshd serve` from the venv; `env` is for experiments (--mesh-env), e.g.
         MALLOC_ARENA_MAX or PYTHONMALLOC, and is recorded with the results."""
         port = free_port()
@@ -240,8 +242,8 @@ class Workspace:
             f'local_users = ["{self.user}"]',
             "",
         ]))
-        return self._spawn("meshsshd", [venv_script("meshsshd"), "serve", "--config", str(conf)], port,
-                           env=env)
+        cmd = ([sys.executable, "-m", "bench.whatif"] if whatif else [venv_script("meshsshd")])
+        return self._spawn("meshsshd", cmd + ["serve", "--config", str(conf)], port, env=env)
 
     # --- teardown -------------------------------------------------------------------
 

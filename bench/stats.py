@@ -185,6 +185,12 @@ def _bare(x: float, unit: str) -> str:
     return fmt_value(x, unit).rsplit(" ", 1)[0]
 
 
+def one_line(text: str, limit: int = 100) -> str:
+    """A note fit for a table cell: one line, at most `limit` characters."""
+    flat = " ".join(text.split()).replace("|", "/")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def fmt_ratio(r: float | None) -> str:
     return "—" if r is None else f"{r:.2f}"
 
@@ -197,7 +203,7 @@ def table_rows(figures: Sequence[Figure]) -> list[tuple[str, ...]]:
     for f in figures:
         verdict_text = f.verdict
         if f.note and f.mesh is None:
-            verdict_text = f"not measured: {f.note}"
+            verdict_text = f"not measured: {one_line(f.note)}"
         rows.append((
             f.name,
             fmt_summary(f.sshd, f.unit),

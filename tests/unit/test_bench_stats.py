@@ -155,3 +155,12 @@ def test_mgmt_json_becomes_absolute_figures() -> None:
     figs = figures_from({"map_compute_seconds": [0.4, 0.6], "propagation_p99_seconds": 2.5})
     assert [f.verdict for f in figs] == ["ok", "MISS"]
     assert figures_from({"unrelated": 1}) == []
+
+
+def test_long_multiline_note_stays_one_table_cell() -> None:
+    note = "ssh exited 255:\nconnect failed | " + "x" * 300
+    fig = Figure("proxy", "s", "lower", summarize([0.2]), None, Target("<=", 1.0), note=note)
+    lines = format_table([fig]).splitlines()
+    assert len(lines) == 3
+    assert lines[2].count("|") == 7
+    assert "…" in lines[2]

@@ -1,0 +1,157 @@
+"""What-if runs: `meshsshd serve` with one change applied from outside, to measure an
+idea before anyone changes the server. Not product code; bench only.
+
+    python -m bench --whatif --mesh-env MESHBENCH_UVLOOP=1 --only bulk
+
+Each switch is an environment variable read here (the harness passes them with
+--mesh-env), and the patched server is then started exactly like `meshsshd serve`:
+
+- MESHBENCH_UVLOOP=1          run the daemon on uvloop instead of asyncio's loop
+- MESHBENCH_WINDOW=BYTES      SSH channel receive window (asyncssh default 2 MiB)
+- MESHBENCH_PKTSIZE=BYTES     max packet size offered (asyncssh default 32 KiB)
+- MESHBENCH_PIPE_SZ=BYTES     F_SETPIPE_SZ on every os.pipe() (Linux default 64 KiB)
+- MESHBENCH_READ_SIZE=BYTES   read size of the child-output pump (meshsshd.session._io)
+- MESHBENCH_COALESCE=1        combine all socket writes of one loop iteration into one
+                              send() (asyncio tries send() per SSH packet otherwise)
+- MESHBENCH_SETPRIV=1         start session children through `setpriv` instead of
+                              Popen(user=, group=, extra_groups=): CPython uses vfork
+                              only without those, so the daemon stops fork()ing itself
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from typing import Any
+
+F_SETPIPE_SZ = 1031
+
+
+def _patch_listen(window: int | None, pktsize: int | None) -> None:
+    import asyncssh
+
+    original = asyncssh.listen
+
+    def listen(*args: Any, **kwargs: Any) -> Any:
+        if window:
+            kwargs.setdefault("window", window)
+        if pktsize:
+            kwargs.setdefault("max_pktsize", pktsize)
+        return original(*args, **kwargs)
+
+    asyncssh.listen = listen
+
+
+def _patch_pipe(size: int) -> None:
+    original = os.pipe
+
+    def pipe() -> tuple[int, int]:
+        r, w = original()
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, size)
+        except OSError:
+            pass
+        return r, w
+
+    os.pipe = pipe
+
+
+def _patch_coalesce() -> None:
+    """asyncssh writes every packet to the transport on its own, and asyncio's selector
+    transport calls send() at once when its buffer is empty: one syscall per 32 KiB
+    packet. Collect the writes of one loop iteration and send them together."""
+    from asyncio import selector_events as se
+
+    cls = se._SelectorSocketTransport
+    orig_write, orig_close, orig_eof = cls.write, cls.close, cls.write_eof
+
+    def flush(self: Any) -> None:
+        pending = self.__dict__.get("_mb_pending")
+        if pending:
+            data = bytes(pending)
+            pending.clear()
+            orig_write(self, data)
+
+    def write(self: Any, data: Any) -> None:
+        pending = self.__dict__.setdefault("_mb_pending", bytearray())
+        if not pending:
+            self._loop.call_soon(flush, self)
+        pending += data
+
+    def get_write_buffer_size(self: Any) -> int:
+        return len(self._buffer) + len(self.__dict__.get("_mb_pending", b""))
+
+    def close(self: Any) -> None:
+        flush(self)
+        orig_close(self)
+
+    def write_eof(self: Any) -> None:
+        flush(self)
+        orig_eof(self)
+
+    cls.write, cls.close, cls.write_eof = write, close, write_eof
+    cls.get_write_buffer_size = get_write_buffer_size
+
+
+def _patch_setpriv() -> None:
+    import subprocess
+
+    from meshsshd.session import _spawn
+
+    real_popen = subprocess.Popen
+
+    class _Shim:
+        """Stands in for the `subprocess` module inside meshsshd.session._spawn only."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(subprocess, name)
+
+        @staticmethod
+        def Popen(argv: list[str], **kw: Any) -> subprocess.Popen:  # noqa: N802
+            uid, gid = kw.pop("user", None), kw.pop("group", None)
+            groups = kw.pop("extra_groups", None)
+            if uid is None:
+                return real_popen(argv, **kw)
+            exe = kw.pop("executable", None) or argv[0]
+            pre = ["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={gid}"]
+            pre.append(f"--groups={','.join(str(g) for g in groups)}" if groups else "--clear-groups")
+            if argv[0].startswith("-"):
+                # a login shell's argv[0] ("-bash") needs exec -a; setpriv has no such flag
+                cmd = pre + ["/bin/bash", "-c", 'exec -a "$0" "$1" "${@:2}"', argv[0], exe, *argv[1:]]
+            else:
+                cmd = pre + [exe, *argv[1:]]
+            return real_popen(cmd, **kw)
+
+    _spawn.subprocess = _Shim()  # type: ignore[assignment]
+
+
+def main() -> None:
+    env = os.environ
+    if env.get("MESHBENCH_WINDOW") or env.get("MESHBENCH_PKTSIZE"):
+        _patch_listen(int(env.get("MESHBENCH_WINDOW") or 0) or None,
+                      int(env.get("MESHBENCH_PKTSIZE") or 0) or None)
+    if env.get("MESHBENCH_PIPE_SZ"):
+        _patch_pipe(int(env["MESHBENCH_PIPE_SZ"]))
+    if env.get("MESHBENCH_READ_SIZE"):
+        from meshsshd.session import _io
+
+        _io.READ_SIZE = int(env["MESHBENCH_READ_SIZE"])
+    if env.get("MESHBENCH_COALESCE") == "1":
+        _patch_coalesce()
+    if env.get("MESHBENCH_SETPRIV") == "1":
+        _patch_setpriv()
+    if env.get("MESHBENCH_UVLOOP") == "1":
+        import asyncio
+
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    from meshsshd.cli import main as meshsshd_main
+
+    sys.argv[0] = "meshsshd"
+    meshsshd_main()
+
+
+if __name__ == "__main__":
+    main()
