@@ -1,0 +1,526 @@
+"""meshssh and native OpenSSH against a real single-machine mesh.
+
+One management server, five peers (`meshsshd up --dataplane none`), three users who
+log in through the device flow's HTML form. Covers the client issue's list: meshssh
+exec/PTY/exit codes/-L/-R/cp; OpenSSH through the installed drop-in (ssh, ssh -t, scp
+both ways, sftp -b, -L, -R, -A, SendEnv, exit-signal); refusals with their messages.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import hashlib
+import json
+import os
+import pty
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import termios
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.meshkit import Mesh
+from tests.integration.serverkit import ServerKit
+from tests.support import console_script, free_port, require_root, require_tool, wait_for_port
+
+pytestmark = [pytest.mark.root, pytest.mark.openssh]
+
+ALICE = ("alice@example.com", "alice-password-1")
+BOB = ("bob@example.com", "bob-password-12")
+CAROL = ("carol@example.com", "carol-password-1")
+
+
+class World:
+    def __init__(self, mesh: Mesh, user: str, alice: Path, bob: Path, carol: Path) -> None:
+        self.mesh = mesh
+        self.user = user
+        self.alice = alice
+        self.bob = bob
+        self.carol = carol
+        self.laptop_ip = mesh.status("laptop")["mesh_ip"]
+        self.db_ip = mesh.status("db-1")["mesh_ip"]
+
+    def ms(self, *args: str, cfg: Path | None = None, **kw) -> subprocess.CompletedProcess:
+        return self.mesh.meshssh(cfg or self.alice, *args, **kw)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, session_user) -> Iterator[World]:
+    require_root()
+    require_tool("ssh")
+    mesh = Mesh(tmp_path_factory.mktemp("mesh")).start()
+    try:
+        for email, pw in (ALICE, BOB, CAROL):
+            mesh.add_user(email, pw)
+        for g, users in (("devs", [ALICE[0], CAROL[0]]), ("ops", [BOB[0]]), ("servers", []),
+                         ("ops-servers", []), ("laptops", []), ("misc", [])):
+            mesh.add_group(g, users)
+        mesh.add_ssh_policy("devs-ssh", ["devs", "laptops"], ["servers"])
+        mesh.add_ssh_policy("ops-ssh", ["ops", "laptops"], ["ops-servers"])
+        full = ("--allow-server-ssh", "--enable-ssh-sftp", "--enable-ssh-local-port-forwarding",
+                "--enable-ssh-remote-port-forwarding")
+        mesh.add_peer("db-1", mesh.setup_key("servers"), *full, wait=None)
+        mesh.add_peer("imp-1", mesh.setup_key("servers"), "--allow-server-ssh", wait=None)
+        mesh.add_peer("web-1", mesh.setup_key("ops-servers"), "--allow-server-ssh", wait=None)
+        mesh.add_peer("cache-1", mesh.setup_key("misc"), "--allow-server-ssh", wait=None)
+        mesh.add_peer("laptop", mesh.setup_key("laptops"), wait=None)
+        for name in ("db-1", "imp-1", "web-1"):
+            mesh.wait_status(name, "serving")
+        for name in ("cache-1", "laptop"):
+            mesh.wait_status(name, None)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futs = [pool.submit(mesh.login, *who) for who in (ALICE, BOB, CAROL)]
+            alice, bob, carol = (f.result() for f in futs)
+        yield World(mesh, session_user.pw_name, alice, bob, carol)
+    except BaseException:
+        print(mesh.logs())
+        raise
+    finally:
+        mesh.stop()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------ meshssh itself
+
+def test_login_stored_private(world: World) -> None:
+    for name in ("login.json", "access.json"):
+        mode = (world.alice / name).stat().st_mode & 0o777
+        assert mode == 0o600, (name, oct(mode))
+    doc = json.loads((world.alice / "login.json").read_text())
+    assert doc["management_url"] == world.mesh.url and doc["refresh_token"]
+
+
+def test_exec_binary_streams_and_exit_code(world: World) -> None:
+    data = os.urandom(3 * 1024 * 1024)
+    r = world.ms(f"{world.user}@db-1", "cat; printf 'to stderr' >&2; exit 7", input=data)
+    assert r.returncode == 7, r.stderr
+    assert sha(r.stdout) == sha(data)
+    assert r.stderr == b"to stderr"
+
+
+def test_exec_sees_source_peer_and_host_forms(world: World) -> None:
+    for host in ("db-1", "db-1.mesh.internal", world.db_ip):
+        r = world.ms("-l", world.user, host, "echo", "$SSH_CLIENT")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[0].decode() == world.laptop_ip
+
+
+def test_exit_signal_is_255(world: World) -> None:
+    r = world.ms(f"{world.user}@db-1", "kill -TERM $$")
+    assert r.returncode == 255
+
+
+def _read_until(fd: int, needle: bytes, timeout: float = 15.0) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while needle not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{needle!r} not seen in {buf[-500:]!r}")
+        r, _, _ = select.select([fd], [], [], left)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def test_pty_shell_resize_and_terminal_restored(world: World) -> None:
+    master, slave = pty.openpty()
+    _set_size(slave, 30, 100)
+    before = termios.tcgetattr(slave)
+    env = world.mesh.client_env(world.alice, TERM="xterm")
+    proc = subprocess.Popen([console_script("meshssh"), f"{world.user}@db-1"], stdin=slave,
+                            stdout=slave, stderr=slave, env=env, start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    try:
+        _read_until(master, b"$ ")  # the login shell's prompt: typeahead before it may be flushed
+        os.write(master, b"stty size; tty\n")
+        out = _read_until(master, b"/dev/pts/")
+        assert b"30 100" in out
+        _set_size(master, 40, 120)  # the kernel sends meshssh SIGWINCH → window-change
+        time.sleep(0.3)
+        os.write(master, b"stty size\n")
+        assert b"40 120" in _read_until(master, b"40 120")
+        os.write(master, b"exit 3\n")
+        assert proc.wait(15) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        after = termios.tcgetattr(slave)
+        os.close(master)
+        os.close(slave)
+    assert after == before, "meshssh left the terminal in raw mode"
+
+
+class EchoServer:
+    """A TCP echo server on loopback, for forwarding tests."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _echo(c: socket.socket) -> None:
+        with c:
+            while data := c.recv(65536):
+                c.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    e = EchoServer()
+    yield e
+    e.close()
+
+
+def _echo_through(port: int, payload: bytes = b"ping through the mesh") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return got
+
+
+REMOTE_ECHO_CLIENT = ("python3 -c 'import socket,sys; s=socket.create_connection((\"127.0.0.1\",{port}));"
+                      "s.sendall(b\"via -R\"); s.shutdown(1); print(s.recv(100).decode())'")
+
+
+def _background(argv: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_meshssh_local_forward(world: World, echo: EchoServer) -> None:
+    lport = free_port()
+    proc = _background([console_script("meshssh"), "-N", "-L", f"{lport}:127.0.0.1:{echo.port}",
+                        f"{world.user}@db-1"], world.mesh.client_env(world.alice))
+    try:
+        wait_for_port("127.0.0.1", lport, proc=proc)
+        assert _echo_through(lport) == b"ping through the mesh"
+    finally:
+        _stop(proc)
+
+
+def test_meshssh_remote_forward(world: World, echo: EchoServer) -> None:
+    rport = free_port()
+    r = world.ms("-R", f"127.0.0.1:{rport}:127.0.0.1:{echo.port}", f"{world.user}@db-1",
+                 REMOTE_ECHO_CLIENT.format(port=rport))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == b"via -R"
+
+
+def test_meshssh_remote_forward_port_zero_is_reported(world: World, echo: EchoServer) -> None:
+    r = world.ms("-R", f"0:127.0.0.1:{echo.port}", f"{world.user}@db-1", "true")
+    assert r.returncode == 0, r.stderr
+    assert b"Allocated port" in r.stderr
+
+
+def test_cp_both_ways_with_progress(world: World, tmp_path: Path) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    src = tmp_path / "blob.bin"
+    src.write_bytes(data)
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f.txt").write_text("deep")
+    remote_dir = f"/tmp/meshssh-cp-{os.getpid()}"
+    assert world.ms(f"{world.user}@db-1", f"mkdir -p {remote_dir}").returncode == 0
+    try:
+        # Upload under a pseudo-terminal so that the progress bar is drawn.
+        master, slave = pty.openpty()
+        env = world.mesh.client_env(world.alice)
+        proc = subprocess.Popen([console_script("meshssh"), "cp", "-r", str(src), str(tree),
+                                 f"{world.user}@db-1:{remote_dir}/"], stdin=subprocess.DEVNULL,
+                                stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(30) == 0, out
+        os.close(master)
+        assert b"blob.bin" in out and b"MB" in out, out  # rich's bar: name, sizes
+        back = tmp_path / "back"
+        back.mkdir()
+        r = world.ms("cp", "-r", f"{world.user}@db-1:{remote_dir}/blob.bin",
+                     f"{world.user}@db-1:{remote_dir}/tree", str(back))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b""  # no terminal, no progress bar
+        assert sha((back / "blob.bin").read_bytes()) == sha(data)
+        assert (back / "tree" / "sub" / "f.txt").read_text() == "deep"
+        r = world.ms("cp", str(tree), f"{world.user}@db-1:{remote_dir}/")
+        assert r.returncode != 0 and b"use -r" in r.stderr
+    finally:
+        world.ms(f"{world.user}@db-1", f"rm -rf {remote_dir}")
+
+
+# ------------------------------------------------------------------ OpenSSH + drop-in
+
+@pytest.fixture(scope="module")
+def dropin(world: World, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("sshconf")
+    r = world.ms("config", "install", "--path", str(d / "drop"))
+    assert r.returncode == 0, r.stderr
+    conf = d / "ssh_config"
+    conf.write_text(f"Include {d / 'drop' / '99-meshssh.conf'}\n")
+    return conf
+
+
+def ossh(world: World, dropin: Path, *args: str, tool: str = "ssh", input: bytes | None = None,
+         env_extra: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = world.mesh.client_env(world.alice, **(env_extra or {}))
+    env["PATH"] = f"{Path(console_script('meshssh')).parent}:{env.get('PATH', '')}"
+    return subprocess.run([require_tool(tool), "-F", str(dropin), *args], input=input,
+                          capture_output=True, timeout=timeout, env=env)
+
+
+def test_openssh_exec_exit_code(world: World, dropin: Path) -> None:
+    r = ossh(world, dropin, f"{world.user}@db-1", "echo hi; echo oops >&2; exit 5")
+    assert r.returncode == 5, r.stderr
+    assert r.stdout == b"hi\n" and r.stderr == b"oops\n"
+
+
+def test_openssh_pty(world: World, dropin: Path) -> None:
+    r = ossh(world, dropin, "-tt", f"{world.user}@db-1", "tty; stty size")
+    assert r.returncode == 0, r.stderr
+    assert b"/dev/pts/" in r.stdout
+
+
+def test_openssh_scp_both_ways_and_sftp_batch(world: World, dropin: Path, tmp_path: Path) -> None:
+    data = os.urandom(4 * 1024 * 1024 + 17)
+    src = tmp_path / "up.bin"
+    src.write_bytes(data)
+    remote = f"/tmp/meshssh-scp-{os.getpid()}.bin"
+    try:
+        r = ossh(world, dropin, str(src), f"{world.user}@db-1:{remote}", tool="scp")
+        assert r.returncode == 0, r.stderr
+        down = tmp_path / "down.bin"
+        r = ossh(world, dropin, f"{world.user}@db-1:{remote}", str(down), tool="scp")
+        assert r.returncode == 0, r.stderr
+        assert sha(down.read_bytes()) == sha(data)
+        batch = tmp_path / "batch"
+        batch.write_text(f"ls -l {remote}\nget {remote} {tmp_path / 'sftp.bin'}\nrm {remote}\n")
+        r = ossh(world, dropin, "-b", str(batch), f"{world.user}@db-1", tool="sftp")
+        assert r.returncode == 0, r.stderr
+        assert sha((tmp_path / "sftp.bin").read_bytes()) == sha(data)
+    finally:
+        world.ms(f"{world.user}@db-1", f"rm -f {remote}")
+
+
+def test_openssh_local_and_remote_forward(world: World, dropin: Path, echo: EchoServer) -> None:
+    rport = free_port()
+    r = ossh(world, dropin, "-R", f"127.0.0.1:{rport}:127.0.0.1:{echo.port}", f"{world.user}@db-1",
+             REMOTE_ECHO_CLIENT.format(port=rport))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == b"via -R"
+    lport = free_port()
+    env = world.mesh.client_env(world.alice)
+    env["PATH"] = f"{Path(console_script('meshssh')).parent}:{env.get('PATH', '')}"
+    proc = _background([require_tool("ssh"), "-F", str(dropin), "-N", "-L",
+                        f"{lport}:127.0.0.1:{echo.port}", f"{world.user}@db-1"], env)
+    try:
+        wait_for_port("127.0.0.1", lport, proc=proc)
+        assert _echo_through(lport) == b"ping through the mesh"
+    finally:
+        _stop(proc)
+
+
+def test_openssh_agent_forwarding(world: World, dropin: Path, tmp_path: Path) -> None:
+    require_tool("ssh-agent")
+    key = tmp_path / "agentkey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "meshssh-agent-test",
+                    "-f", str(key)], check=True)
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(key)], env=env, check=True)
+        pub = (tmp_path / "agentkey.pub").read_text().split()[1].encode()
+        r = ossh(world, dropin, "-A", f"{world.user}@db-1", "ssh-add -L",
+                 env_extra={"SSH_AUTH_SOCK": str(sock)})
+        assert r.returncode == 0, r.stderr
+        assert pub in r.stdout
+        r = ossh(world, dropin, f"{world.user}@db-1", 'echo "[$SSH_AUTH_SOCK]"',
+                 env_extra={"SSH_AUTH_SOCK": str(sock)})
+        assert r.stdout.strip() == b"[]"  # no -A, no agent on the far side
+        r = world.ms("-A", f"{world.user}@db-1", "ssh-add -L", SSH_AUTH_SOCK=str(sock))
+        assert r.returncode == 0 and pub in r.stdout, r.stderr
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_openssh_sendenv(world: World, dropin: Path) -> None:
+    r = ossh(world, dropin, "-o", "SendEnv=LC_MESHTEST", f"{world.user}@db-1", 'echo "[$LC_MESHTEST]"',
+             env_extra={"LC_MESHTEST": "from-the-client"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == b"[from-the-client]"
+
+
+def test_openssh_exit_signal(world: World, dropin: Path) -> None:
+    r = ossh(world, dropin, f"{world.user}@db-1", "kill -KILL $$")
+    assert r.returncode == 255
+
+
+def test_openssh_through_proxy_timing(world: World, dropin: Path) -> None:
+    """`ssh host true` through detect + proxy: measured for the report, bounded generously."""
+    times = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        r = ossh(world, dropin, f"{world.user}@db-1", "true")
+        times.append(time.monotonic() - t0)
+        assert r.returncode == 0, r.stderr
+    print(f"ssh host true via drop-in: min {min(times):.3f}s median {sorted(times)[2]:.3f}s")
+    assert sorted(times)[2] < 10
+
+
+# ------------------------------------------------------------------ refusals
+
+def test_not_logged_in(world: World, dropin: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "nologin"
+    r = world.mesh.meshssh(empty, f"{world.user}@db-1", "true")
+    assert r.returncode == 255
+    assert b"not logged in \xe2\x80\x94 run `meshssh login`" in r.stderr
+    r = ossh(world, dropin, f"{world.user}@db-1", "true", env_extra={"MESHSSH_CONFIG_DIR": str(empty)})
+    assert r.returncode == 255
+    assert b"not logged in" in r.stderr
+
+
+def test_no_policy(world: World) -> None:
+    r = world.ms(f"{world.user}@web-1", "true")
+    assert r.returncode == 255
+    assert b"no policy lets alice@example.com reach web-1" in r.stderr
+    r = world.ms(f"{world.user}@web-1", "true", cfg=world.bob)  # bob's policy does allow it
+    assert r.returncode == 0, r.stderr
+
+
+def test_not_ssh_enabled(world: World) -> None:
+    r = world.ms(f"{world.user}@cache-1", "true")
+    assert r.returncode == 255
+    assert b"cache-1 is not SSH-enabled (meshmgmt peer ssh on cache-1)" in r.stderr
+
+
+def test_wrong_host_key(world: World, dropin: Path, tmp_path: Path) -> None:
+    """An impostor on imp-1's address with other host keys: refused loudly, both ways."""
+    ip = world.mesh.status("imp-1")["mesh_ip"]
+    world.mesh.stop_peer("imp-1")
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": []}))
+    kit = ServerKit(tmp_path / "impostor", {
+        "listen": [f"{ip}:22022"],
+        "jwt": {"issuer": "https://impostor.invalid", "audience": "x", "jwks_file": str(jwks)},
+    }, host=ip)
+    kit.port = 22022
+    with kit:
+        r = world.ms(f"{world.user}@imp-1", "true")
+        assert r.returncode == 255
+        assert b"DOES NOT MATCH" in r.stderr and b"Refusing to connect" in r.stderr, r.stderr
+        r = ossh(world, dropin, f"{world.user}@imp-1", "true")
+        assert r.returncode == 255
+        assert b"DOES NOT MATCH" in r.stderr, r.stderr
+        log = kit.output()
+    # The impostor never saw a login attempt (no token was sent before the key check).
+    assert '"event":"auth.' not in log, log[-2000:]
+
+
+def test_cached_ssh_token_expired_or_refused_is_replaced(world: World) -> None:
+    peer_id = world.mesh.status("db-1")["peer_id"]
+    cache = world.alice / "ssh-tokens.json"
+    now = time.time()
+    for entry in ({"token": "expired.token.value", "exp": now - 5, "stored": now - 70},
+                  # looks fresh to the client, but the peer refuses it: one fresh retry
+                  {"token": "eyJhbGciOiJub25lIn0.eyJleHAiOjF9.bogus", "exp": now + 50, "stored": now}):
+        cache.write_text(json.dumps({"management_url": world.mesh.url, "entries": {peer_id: entry}}))
+        r = world.ms(f"{world.user}@db-1", "echo ok")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b"ok\n"
+        left = json.loads(cache.read_text())["entries"]
+        assert left.get(peer_id, {}).get("token") != entry["token"]
+
+
+def test_no_cache_flag_and_ttl_zero_store_nothing(world: World) -> None:
+    cache = world.alice / "ssh-tokens.json"
+    cache.unlink(missing_ok=True)
+    r = world.ms("--ssh-jwt-cache-ttl", "0", f"{world.user}@db-1", "true")
+    assert r.returncode == 0, r.stderr
+    entries = json.loads(cache.read_text())["entries"] if cache.exists() else {}
+    assert entries == {}
+
+
+def test_revoked_login_names_the_fix(world: World) -> None:
+    """Refresh tokens rotate: an old one is refused, and the user is told to log in."""
+    old = (world.carol / "login.json").read_bytes()
+    (world.carol / "access.json").unlink()  # force a refresh (rotation)
+    r = world.ms(f"{world.user}@db-1", "true", cfg=world.carol)
+    assert r.returncode == 0, r.stderr
+    assert (world.carol / "login.json").read_bytes() != old  # rotated and stored
+    assert (world.carol / "login.json").stat().st_mode & 0o777 == 0o600
+    (world.carol / "login.json").write_bytes(old)  # the spent refresh token comes back
+    (world.carol / "access.json").unlink()
+    r = world.ms(f"{world.user}@db-1", "true", cfg=world.carol)
+    assert r.returncode == 255
+    assert b"no longer valid" in r.stderr and b"run `meshssh login`" in r.stderr, r.stderr
+
+
+def test_logout(world: World) -> None:
+    cfg = world.carol
+    r = world.ms("logout", cfg=cfg)
+    assert r.returncode == 0
+    assert not (cfg / "login.json").exists() and not (cfg / "access.json").exists()
+    r = world.ms(f"{world.user}@db-1", "true", cfg=cfg)
+    assert r.returncode == 255 and b"not logged in" in r.stderr
