@@ -140,6 +140,7 @@ class Agent:
         self._reason = ""
         self._last_map_error = ""
         self._last_status: dict[str, Any] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # lifecycle ---------------------------------------------------------------------
     async def run(self) -> int:
@@ -416,7 +417,9 @@ class Agent:
                         attempt = 0
                         self._mgmt.update(connected=True, since=_now_iso(), last_error="")
                         event(log, "sync.connected", url=self.config.management_url)
-                        asyncio.create_task(self._report_self())
+                        task = asyncio.create_task(self._report_self())
+                        self._background.add(task)  # keep a reference until it is done
+                        task.add_done_callback(self._background.discard)
                         await self._write_status()
                     kind = msg.get("type")
                     if kind == "netmap":

@@ -150,6 +150,15 @@ def test_status_shows_management_mesh_ip_peers_and_ssh(mesh: Mesh) -> None:
     assert "SSH server:  stopped" in human.stdout  # A has no policy granting SSH to it
 
 
+def test_a_bad_setup_key_is_refused_with_the_reason(mesh: Mesh, tmp_path: Path) -> None:
+    p = Peer("peer-x", tmp_path / "x" / "state", mesh.mgmt.url, extra=["--dataplane", "none"])
+    p.state_dir.parent.mkdir(parents=True)
+    p.start("mk_not-a-real-key")
+    assert p.proc is not None and p.proc.popen.wait(20) == 2
+    assert "unknown setup key" in p.output()
+    assert not (p.state_dir / "credential.json").exists()
+
+
 async def test_policy_allows_login_from_peer_a(mesh: Mesh) -> None:
     out = await login_runs(mesh, "id -un; echo $SSH_CONNECTION")
     user, conn_line = out.split("\n")[:2]
