@@ -26,7 +26,8 @@ DOC = {
 
 
 def test_human_status_names_everything_an_operator_asks_about() -> None:
-    text = human_status(DOC)
+    doc = {**DOC, "peers": [{**DOC["peers"][0], "latest_handshake": time.time() - 30}]}
+    text = human_status(doc)
     assert "running (pid 42), serving" in text
     assert "http://mgmt:8080 (disconnected since 2026-01-01T00:00:00Z)" in text
     assert "last error: connection refused" in text
