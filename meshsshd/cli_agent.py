@@ -210,15 +210,18 @@ def human_status(doc: dict[str, Any]) -> str:
         hs_text = _ago(hs) if dp.get("kind") == "wireguard" else "n/a"
         lines.append(f"  {p.get('name', ''):<20} {p.get('mesh_ip', ''):<16} handshake {hs_text}"
                      f"{'  ssh' if p.get('ssh_enabled') else ''}")
+    names = {p.get("mesh_ip"): p.get("name") for p in peers}
     sessions = doc.get("sessions", [])
     lines.append(f"Sessions ({len(sessions)}):")
     for s in sessions:
-        if isinstance(s, dict):
-            who = s.get("identity") or s.get("username") or ""
-            lines.append(f"  {s.get('local_user', s.get('user', ''))} ← {who} from "
-                         f"{s.get('source_ip', s.get('peer', ''))} {s.get('kind', '')}".rstrip())
-        else:
+        if not isinstance(s, dict):
             lines.append(f"  {s}")
+            continue
+        src = s.get("source_ip") or s.get("source") or ""
+        src_text = f"{names[src]} ({src})" if src in names else src
+        since = f", started {_ago(float(s['started']))}" if isinstance(s.get("started"), (int, float)) else ""
+        lines.append(f"  {s.get('local_user', '')} ← {s.get('identity', '')} from {src_text}: "
+                     f"{s.get('kind', '')}{' (pty)' if s.get('pty') else ''}{since}")
     return "\n".join(lines)
 
 

@@ -190,6 +190,10 @@ async def test_live_session_is_closed_when_the_policy_goes(mesh: Mesh) -> None:
     conn = await connect(mesh, mesh.bot.ssh_token(b_id))
     proc = await conn.create_process("echo started; sleep 60")
     assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == "started"
+    # `meshsshd status` lists the live session.
+    st = await asyncio.to_thread(mesh.b.wait, lambda s: len(s["sessions"]) == 1, 10, "a live session")
+    assert st["sessions"][0]["identity"] == mesh.bot.email and st["sessions"][0]["local_user"] == mesh.user
+    assert f"{mesh.user} ← {mesh.bot.email} from peer-a" in mesh.b.cli("status").stdout
     t0 = time.monotonic()
     mesh.mgmt.api("DELETE", f"/api/policies/{mesh.policy_id}")
     await asyncio.wait_for(conn.wait_closed(), 10)

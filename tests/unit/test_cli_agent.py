@@ -21,7 +21,8 @@ DOC = {
     "dataplane": {"kind": "wireguard", "interface": "mesh0", "userspace": True, "table": "inet meshsshd"},
     "ssh": {"running": True, "listen": "100.64.0.2:22022", "flags": {"allow_server_ssh": True, "enable_ssh_sftp": False}},
     "peers": [{"name": "laptop", "mesh_ip": "100.64.0.3", "latest_handshake": time.time() - 30, "ssh_enabled": False}],
-    "sessions": [{"local_user": "alice", "identity": "alice@example.com", "source_ip": "100.64.0.3", "kind": "shell"}],
+    "sessions": [{"local_user": "alice", "identity": "alice@example.com", "source": "100.64.0.3", "kind": "shell",
+                  "pty": True}],
 }
 
 
@@ -34,7 +35,7 @@ def test_human_status_names_everything_an_operator_asks_about() -> None:
     assert "mesh0 (wireguard-go), nftables inet meshsshd" in text
     assert "serving on 100.64.0.2:22022; flags: allow_server_ssh" in text
     assert "laptop" in text and re.search(r"handshake 3[01]s ago", text)
-    assert "alice ← alice@example.com from 100.64.0.3 shell" in text
+    assert "alice ← alice@example.com from laptop (100.64.0.3): shell (pty)" in text
 
 
 def test_status_and_down_without_a_daemon(tmp_path: Path) -> None:
