@@ -164,6 +164,15 @@ async def test_policy_allows_login_from_peer_a(mesh: Mesh) -> None:
     user, conn_line = out.split("\n")[:2]
     assert user == mesh.user
     assert conn_line.split()[0] == mesh.a.status()["mesh_ip"]  # the server saw peer A as source
+    # The session's audit events reach management, attributed to peer B.
+    _, b_id = mesh.ids()
+    deadline = time.monotonic() + 10
+    types: set[str] = set()
+    while time.monotonic() < deadline and not {"session.started", "exec", "session.ended"} <= types:
+        events = mesh.mgmt.api("GET", f"/api/events?peer_id={b_id}&limit=1000")["events"]
+        types = {e["type"] for e in events}
+        await asyncio.sleep(0.1)
+    assert {"session.started", "exec", "session.ended"} <= types, types
     text = metrics(mesh)
     assert metric_value(text, "meshsshd_netmap_serial") == mesh.b.status()["netmap_serial"]
     assert metric_value(text, "meshsshd_ssh_serving") == 1
