@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -27,7 +28,7 @@ from ..users import LocalUser
 from . import _utmp
 from ._io import FdReader, FdWriter
 from ._pty import PTY
-from ._spawn import ConnectionInfo, build_child_argv, build_child_env, spawn
+from ._spawn import ConnectionInfo, build_child_argv, build_child_env, build_pam_argv, pam_service, spawn
 
 log = logging.getLogger("meshsshd.session")
 
@@ -146,9 +147,9 @@ class ChildSession(asyncssh.SSHServerSession):
                 original_command=None,
             )
             executable, argv = build_child_argv(user.shell, self._command, pty=pty)
+            tty = self._pty.name if self._pty else None
             self._popen = await self._loop.run_in_executor(
-                None, lambda: spawn(user, executable, argv, env, stdin=stdin, stdout=stdout,
-                                    stderr=stderr, new_session=not pty))
+                None, lambda: self._spawn(user, executable, argv, env, tty, stdin, stdout, stderr, pty))
         except OSError as exc:
             for fd in child_fds:
                 os.close(fd)
@@ -185,6 +186,17 @@ class ChildSession(asyncssh.SSHServerSession):
         self._input_buf.clear()
         if self._input_eof and not self._pty:
             self._stdin.write_eof()
+
+    def _spawn(self, user: LocalUser, executable: str, argv: list[str], env: dict[str, str], tty: str | None,
+               stdin: int, stdout: int, stderr: int, pty: bool) -> subprocess.Popen:
+        """Blocking (executor): through the PAM helper when PAM is configured."""
+        service = pam_service()
+        if service is not None and os.geteuid() == 0:
+            executable, argv = build_pam_argv(user, executable, argv, service=service, tty=tty,
+                                              rhost=self.ctx.conn.client_ip, python=sys.executable)
+            return spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr,
+                         new_session=not pty, as_root=True)
+        return spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr, new_session=not pty)
 
     def _prepare_agent(self, chan: asyncssh.SSHServerChannel) -> str | None:
         """asyncssh made the agent socket as root; hand it to the user, as sshd does."""

@@ -31,6 +31,20 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_ENV_VALUE = 4096
 
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
+PAM_DIR = "/etc/pam.d"
+PAM_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pam_helper.py")
+
+
+def pam_service() -> str | None:
+    """The PAM service for sessions, when PAM is configured for meshsshd (blocking stat).
+
+    `MESHSSHD_PAM_SERVICE` overrides the name "meshsshd" (tests use a throwaway service so
+    they do not change what other daemons on the machine do).
+    """
+    name = os.environ.get("MESHSSHD_PAM_SERVICE", "meshsshd")
+    if "/" in name or not os.path.isfile(os.path.join(PAM_DIR, name)):
+        return None
+    return name
 
 
 def is_accepted_env(name: str, value: str) -> bool:
@@ -109,6 +123,23 @@ def build_child_argv(shell: str, command: str | None, *, pty: bool) -> tuple[str
     return shell, ["-" + base]
 
 
+def build_pam_argv(user: LocalUser, executable: str, argv: list[str], *, service: str, tty: str | None,
+                   rhost: str, python: str) -> tuple[str, list[str]]:
+    """Wrap (executable, argv) in the PAM helper, which runs as root and drops privileges
+    itself after opening the session. A PTY wrapper (`setsid --ctty`) stays outermost so
+    the helper, as session leader, owns the terminal."""
+    outer: list[str] = []
+    if executable == SETSID and argv[:2] == [SETSID, "--ctty"]:
+        outer, argv = argv[:2], argv[2:]
+        executable = argv[0]
+    helper = [python, "-I", "-S", PAM_HELPER, "--service", service, "--user", user.name,
+              "--uid", str(user.uid), "--gid", str(user.gid), "--groups", ",".join(map(str, user.groups)),
+              "--cwd", user.home, "--tty", tty or "", "--rhost", rhost, "--", executable, *argv]
+    if outer:
+        return SETSID, [*outer, *helper]
+    return python, helper
+
+
 def spawn(
     user: LocalUser,
     executable: str,
@@ -119,13 +150,17 @@ def spawn(
     stdout: int,
     stderr: int,
     new_session: bool,
+    as_root: bool = False,
 ) -> subprocess.Popen:
-    """Blocking fork/exec as the user; run it in an executor. Raises OSError."""
+    """Blocking fork/exec as the user (or as root for the PAM helper, which drops
+    privileges itself); run it in an executor. Raises OSError."""
     kwargs = dict(
         executable=executable, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
         close_fds=True, restore_signals=True, umask=0o022,
         start_new_session=new_session,
     )
+    if as_root:
+        return subprocess.Popen(argv, cwd="/", **kwargs)
     if os.geteuid() == 0 or user.uid != os.geteuid():
         kwargs.update(user=user.uid, group=user.gid, extra_groups=list(user.groups))
     cwd = user.home if os.path.isdir(user.home) else "/"

@@ -126,7 +126,7 @@ class ServerKit:
     """A `meshsshd serve` subprocess with its own config and state directory."""
 
     def __init__(self, tmp: Path, config: Mapping[str, Any] | None = None, *, host: str = "127.0.0.1",
-                 log_level: str = "info", copy_host_keys: bool = True) -> None:
+                 log_level: str = "info", copy_host_keys: bool = True, env: Mapping[str, str] | None = None) -> None:
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -137,6 +137,7 @@ class ServerKit:
         self.config: dict[str, Any] = {"listen": [f"{host}:{self.port}"], "state_dir": str(self.state_dir)}
         self.config.update(config or {})
         self.copy_host_keys = copy_host_keys
+        self.env = dict(env or {})
         self.proc: Proc | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -151,7 +152,7 @@ class ServerKit:
             for f in _cached_host_keys().iterdir():
                 shutil.copy2(f, self.state_dir / f.name)
         self.proc = Proc([console_script("meshsshd"), "serve", "--config", str(self.config_path),
-                          "--log-level", self.log_level], self.dir / "meshsshd.log")
+                          "--log-level", self.log_level], self.dir / "meshsshd.log", env=self.env)
         try:
             wait_for_port(self.host, self.port, proc=self.proc.popen)
         except Exception:

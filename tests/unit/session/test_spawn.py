@@ -112,3 +112,20 @@ def test_utmp_records():
     assert bytes(ut.ut_addr_v6)[:4] == bytes([100, 64, 0, 7])
     dead = build_record(rec, DEAD_PROCESS)
     assert dead.ut_type == DEAD_PROCESS and dead.ut_user == b""
+
+
+def test_pam_argv_wraps_the_command_and_keeps_setsid_outermost():
+    from meshsshd.session._spawn import PAM_HELPER, build_pam_argv
+
+    exe, argv = build_pam_argv(ALICE, "/bin/bash", ["bash", "-c", "id"], service="meshsshd", tty=None,
+                               rhost="100.64.0.7", python="/usr/bin/python3")
+    assert exe == "/usr/bin/python3"
+    assert argv[:4] == ["/usr/bin/python3", "-I", "-S", PAM_HELPER]
+    assert argv[argv.index("--groups") + 1] == "1000,27"
+    assert argv[argv.index("--tty") + 1] == ""
+    assert argv[-4:] == ["/bin/bash", "bash", "-c", "id"] and argv[-5] == "--"
+    exe, argv = build_pam_argv(ALICE, SETSID, [SETSID, "--ctty", "/bin/bash", "-l"], service="meshsshd",
+                               tty="/dev/pts/3", rhost="h", python="/usr/bin/python3")
+    assert exe == SETSID and argv[:3] == [SETSID, "--ctty", "/usr/bin/python3"]
+    assert argv[-3:] == ["/bin/bash", "/bin/bash", "-l"]
+    assert argv[argv.index("--tty") + 1] == "/dev/pts/3"
