@@ -248,6 +248,12 @@ async def test_management_outage_restart_and_resync(mesh: Mesh) -> None:
     _, b_id = mesh.ids()
     tokens = [mesh.bot.ssh_token(b_id) for _ in range(2)]
     conn = await connect(mesh, mesh.bot.ssh_token(b_id))
+
+    def sessions_seen() -> int:
+        return len(mesh.mgmt.api("GET", f"/api/events?peer_id={b_id}&type=session.started&limit=1000")["events"])
+
+    await asyncio.sleep(1.0)  # let earlier events be delivered
+    before = sessions_seen()
     mesh.mgmt.stop()
     mesh.b.wait(lambda s: not s["management"]["connected"], what="noticed management is gone")
     # The live session goes on, and a new login with a still-valid token works.
@@ -278,6 +284,12 @@ async def test_management_outage_restart_and_resync(mesh: Mesh) -> None:
 
     mesh.b.wait(has_8080, what="the change made after the resync")
     assert (await login_runs(mesh)).strip() == mesh.user
+    # The three sessions held during the outage were audited too: queued in memory, saved
+    # across B's restart (events.jsonl) and delivered once management was back.
+    deadline = time.monotonic() + 15
+    while sessions_seen() < before + 4 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert sessions_seen() >= before + 4
 
 
 async def test_deleted_peer_stops_serving_and_says_why(mesh: Mesh) -> None:
