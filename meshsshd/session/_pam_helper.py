@@ -52,9 +52,16 @@ class _Conv(ctypes.Structure):
     _fields_ = [("conv", _CONV_FUNC), ("appdata_ptr", ctypes.c_void_p)]
 
 
+def _cdll(soname: str, short: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(soname)
+    except OSError:  # not the usual soname: ask the linker cache (slower: runs ldconfig)
+        return ctypes.CDLL(ctypes.util.find_library(short) or soname)
+
+
 def _load():
-    pam = ctypes.CDLL(ctypes.util.find_library("pam") or "libpam.so.0")
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    pam = _cdll("libpam.so.0", "pam")
+    libc = _cdll("libc.so.6", "c")
     libc.calloc.restype = ctypes.c_void_p
     libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
     pam.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_Conv), ctypes.POINTER(ctypes.c_void_p)]
