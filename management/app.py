@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from sqlalchemy.exc import DataError, IntegrityError
 
 from meshsshd.logs import event
 
@@ -60,6 +61,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return _json_error(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason, headers=headers)
+    except IntegrityError:
+        # Handlers turn the unique constraints they expect into 409 themselves; this is the
+        # net for a race between two writers (e.g. two replicas creating the same name).
+        return _json_error(409, "conflict", "that conflicts with an existing object; reload and retry")
+    except DataError as exc:
+        log.warning("store refused a value in %s %s: %s", request.method, request.path, type(exc.orig).__name__)
+        return _json_error(400, "invalid_request", "a value was refused by the store (too long or malformed)")
     except ConnectionResetError:
         raise
     except Exception:

@@ -61,7 +61,7 @@ def parse_peer_event(doc: Any, where: str) -> tuple[str, datetime | None, dict[s
         v = doc.get(k)
         if v is None:
             continue
-        if not isinstance(v, str) or len(v) > 4096:
+        if not isinstance(v, str) or len(v) > 4096 or "\x00" in v:
             raise BadRequest(f"{where}.{k} must be a string (≤ 4096 characters)", field=f"{where}.{k}")
         data[k] = v
     for k in _INT_FIELDS:

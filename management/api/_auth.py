@@ -56,7 +56,7 @@ async def _caller(request: web.Request) -> Caller:
         event(log, "auth.token_refused", reason=type(exc).__name__)
         raise Unauthorized("the access token is not valid or has expired") from exc
     sub = claims.get("sub")
-    if not isinstance(sub, str):
+    if not isinstance(sub, str) or len(sub) > 64:
         raise Unauthorized("the access token has no subject")
     async with store.session() as s:
         user = await s.get(User, sub)
@@ -84,7 +84,7 @@ async def require_peer(request: web.Request) -> Peer:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     peer_id, sep, credential = value.strip().partition(":")
-    if scheme != "Peer" or not sep or not peer_id or not credential:
+    if scheme != "Peer" or not sep or not peer_id or not credential or "\x00" in peer_id:
         raise Unauthorized("an 'Authorization: Peer <peer_id>:<credential>' header is required")
     async with request.app[STORE].session() as s:
         peer = await s.get(Peer, peer_id[:64])

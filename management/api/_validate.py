@@ -180,3 +180,12 @@ def only_known(doc: dict[str, Any], known: set[str], where: str = "") -> None:
     unknown = sorted(set(doc) - known)
     if unknown:
         raise BadRequest(f"unknown field {where}{unknown[0]!r}", field=f"{where}{unknown[0]}")
+
+
+def query_str(request: web.Request, name: str, max_len: int) -> str | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    if len(raw) > max_len or "\x00" in raw:
+        raise BadRequest(f"query parameter {name!r} is too long or has a NUL character", field=name)
+    return raw

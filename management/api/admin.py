@@ -38,7 +38,7 @@ def _iso(dt: Any) -> str | None:
 
 def _path_id(request: web.Request) -> str:
     value = request.match_info["id"]
-    if len(value) > 64:
+    if len(value) > 64 or "\x00" in value:
         raise NotFound("no such object")
     return value
 
@@ -598,8 +598,8 @@ async def list_events(request: web.Request) -> web.Response:
     await require_admin(request)
     since = v.query_int(request, "since", 0, 0, 2**62)
     limit = v.query_int(request, "limit", 100, 1, 1000)
-    peer = request.query.get("peer_id") or None
-    etype = request.query.get("type") or None
+    peer = v.query_str(request, "peer_id", 64)
+    etype = v.query_str(request, "type", 64)
     events = await request.app[EVENTS].list(since=since, limit=limit, peer_id=peer, etype=etype)
     nxt = events[-1]["id"] if events else since
     return web.json_response({"events": events, "next": nxt})
