@@ -492,6 +492,7 @@ class Agent:
         return {
             "pid": os.getpid(),
             "state": self._state_name,
+            "serving": self.server is not None,  # the SSH server listens on mesh_ip:22022
             "reason": self._reason,
             "state_dir": str(self.state.root),
             "peer_id": cred.peer_id if cred else "",
@@ -521,6 +522,7 @@ class Agent:
         doc = await self.status_doc()
         if stopped:
             doc["pid"] = None
+            doc["serving"] = False
             doc["ssh"]["running"] = False
             doc["sessions"] = []
         if not force and doc == self._last_status:

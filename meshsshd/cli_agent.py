@@ -155,7 +155,7 @@ def down(state_dir: Path, timeout: float) -> None:
             state.pid_path.unlink()
     doc = state.load_status() if state.status_path.exists() else None
     if doc and doc.get("state") not in ("stopped", "credential-deleted", "error"):
-        doc.update(state="stopped", pid=None, sessions=[], reason="stopped by meshsshd down")
+        doc.update(state="stopped", pid=None, serving=False, sessions=[], reason="stopped by meshsshd down")
         doc["ssh"] = {**doc.get("ssh", {}), "running": False}
         with contextlib.suppress(MeshsshdError):
             write_json(state.status_path, doc, PUBLIC_MODE)

@@ -141,6 +141,7 @@ def test_status_shows_management_mesh_ip_peers_and_ssh(mesh: Mesh) -> None:
     doc = json.loads(res.stdout)
     net = mesh.mgmt.network.rsplit(".", 1)[0]
     assert doc["running"] and doc["state"] == "serving" and doc["management"]["connected"]
+    assert doc["serving"] is True and '"serving": true' in res.stdout  # what scripts grep for
     assert doc["mesh_ip"].startswith(net + ".") and doc["ssh"]["listen"] == f"{doc['mesh_ip']}:22022"
     assert [p["name"] for p in doc["peers"]] == ["peer-a"]
     assert doc["ssh"]["flags"]["allow_server_ssh"] is True
