@@ -224,3 +224,14 @@ async def test_audit_events_survive_an_outage_in_a_bounded_queue(tmp_path: Path)
     assert [e["reason"] for e in saved] == ["expired"]
     again = ManagementAuditSink(post)
     assert again.load(path) == 1 and again.queue[0]["type"] == "auth.refused"
+
+
+def test_endpoints_from_ip_output_skip_the_mesh_interface() -> None:
+    from meshsshd.agent import endpoints_from_ip_output
+
+    text = (
+        "2: eth0    inet 192.0.2.5/24 brd 192.0.2.255 scope global eth0\\       valid_lft forever\n"
+        "3: mesh0    inet 100.64.0.2/10 scope global mesh0\\       valid_lft forever\n"
+        "4: eth1    inet 198.51.100.7/24 scope global dynamic eth1\\       valid_lft 86000sec\n"
+    )
+    assert endpoints_from_ip_output(text, "mesh0", 51820) == ("192.0.2.5:51820", "198.51.100.7:51820")
