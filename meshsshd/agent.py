@@ -546,7 +546,11 @@ class Agent:
 
         self.metrics = MetricsServer(self.config.metrics_listen, agent=self)
         self.uplink.on_event = self.metrics.observe
-        await self.metrics.start()
+        try:
+            await self.metrics.start()
+        except OSError as exc:
+            self.metrics = None
+            raise ConfigError(f"cannot serve metrics on {self.config.metrics_listen}: {exc.strerror}") from exc
 
 
 async def local_endpoints(interface: str, port: int) -> tuple[str, ...]:
