@@ -77,6 +77,10 @@ async def test_jwt_auth_admin_vs_user(http: aiohttp.ClientSession, mgmt: Mgmt) -
                expect=200)
     status, _ = await call(http, "GET", mgmt.url + "/api/users", headers={"Authorization": f"Bearer {atok}"})
     assert status == 401
+    # The issuer's counters are part of /metrics.
+    async with http.get(mgmt.url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'meshmgmt_token_grants_total{grant="client_credentials"}' in text
 
 
 @pytest.mark.parametrize(
@@ -241,6 +245,11 @@ async def test_sync_stream_follows_changes(http: aiohttp.ClientSession, mgmt: Mg
     status, _ = await call(http, "GET", mgmt.url + "/api/peers/sync", headers=peer_auth(srv))
     assert status == 401
     _ = adm
+    async with http.get(mgmt.url + "/metrics") as resp:
+        text = await resp.text()
+    sent = next(line for line in text.splitlines() if line.startswith("meshmgmt_maps_sent_total"))
+    assert float(sent.split()[-1]) >= 5
+    assert "meshmgmt_map_compute_seconds_count" in text
 
 
 async def test_events_ingest_list_follow(http: aiohttp.ClientSession, mgmt: Mgmt) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -58,6 +59,27 @@ async def test_admin_cli_end_to_end(sqlite_mgmt: Mgmt) -> None:
     events = json.loads(mgmt.cli("--json", "events", "list").stdout)["events"]
     assert {"peer.registered", "policy.created", "user.created"} <= {e["type"] for e in events}
     assert "peer.registered" in mgmt.cli("events", "list").stdout
+
+    # --follow prints events as they arrive (from --since on, so starting it is not a race).
+    last = events[-1]["id"]
+    follow = subprocess.Popen([console_script("meshmgmt"), "--url", mgmt.url, "--token-file",
+                               str(mgmt.data_dir / "admin.token"), "--json", "events", "list", "--follow",
+                               "--since", str(last)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(mgmt.url + "/api/peers/events",
+                                 headers={"Authorization": f"Peer {srv['peer_id']}:{srv['credential']}"},
+                                 json={"events": [{"type": "exec", "command": "uptime", "identity": "alice@example.com"}]}
+                                 ) as resp:
+                assert resp.status == 202
+        got = {"type": ""}
+        while got["type"] != "exec":  # management's own events since `last` come first
+            line = await asyncio.wait_for(asyncio.to_thread(follow.stdout.readline), 10)  # type: ignore[union-attr]
+            got = json.loads(line)
+        assert got["type"] == "exec" and got["command"] == "uptime" and got["peer_id"] == srv["peer_id"]
+    finally:
+        follow.terminate()
+        follow.wait(10)
 
     # Errors: a clear message and exit 1; a missing token file is a usage error (2).
     bad = mgmt.cli("groups", "create", "admins", check=False)
