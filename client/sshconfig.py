@@ -187,12 +187,15 @@ class Locations:
     user_config: Path | None  # ~/.ssh/config that needs an Include line, when per-user
 
 
-def locations(path: str | None, euid: int, home: Path) -> Locations:
-    """--path DIR (tests, custom setups) > system drop-in as root > per-user include."""
+def locations(path: str | None, euid: int, home: Path, scope: str = "") -> Locations:
+    """--path DIR (tests, custom setups) > system drop-in as root > per-user include.
+
+    scope ($MESHSSH_INSTALL_SCOPE) "user" makes root install for itself only.
+    """
     if path:
         d = Path(path)
         return Locations(d / DROPIN_NAME, d / KNOWN_HOSTS_NAME, None)
-    if euid == 0:
+    if euid == 0 and scope != "user":
         return Locations(SYSTEM_DROPIN_DIR / DROPIN_NAME, SYSTEM_KNOWN_HOSTS, None)
     d = home / ".ssh" / "config.d"
     return Locations(d / DROPIN_NAME, d / KNOWN_HOSTS_NAME, home / ".ssh" / "config")
@@ -258,7 +261,7 @@ def install(path: str | None = None, refresh: bool = False) -> list[str]:
     from .auth import Session
     from .peers import PeerDirectory
 
-    loc = locations(path, os.geteuid(), Path.home())
+    loc = locations(path, os.geteuid(), Path.home(), os.environ.get("MESHSSH_INSTALL_SCOPE", ""))
     if refresh and not loc.dropin.exists():
         return []  # nothing installed: a map change has nothing to refresh
     session = Session()
@@ -272,7 +275,7 @@ def install(path: str | None = None, refresh: bool = False) -> list[str]:
     changed = _write_if_changed(loc.known_hosts, kh, 0o644)
     changed = _write_if_changed(loc.dropin, text, 0o644) or changed
     if loc.user_config is not None:
-        include = f"config.d/{DROPIN_NAME}"
+        include = str(loc.dropin)  # absolute: also right when the file is used with `ssh -F`
         current = loc.user_config.read_text() if loc.user_config.exists() else ""
         new = add_include(current, include)
         if new != current:
@@ -298,7 +301,7 @@ def install(path: str | None = None, refresh: bool = False) -> list[str]:
 
 
 def remove(path: str | None = None) -> list[str]:
-    loc = locations(path, os.geteuid(), Path.home())
+    loc = locations(path, os.geteuid(), Path.home(), os.environ.get("MESHSSH_INSTALL_SCOPE", ""))
     msgs = []
     for f in (loc.dropin, loc.known_hosts):
         try:
@@ -307,7 +310,7 @@ def remove(path: str | None = None) -> list[str]:
         except FileNotFoundError:
             pass
     if loc.user_config is not None and loc.user_config.exists():
-        include = f"config.d/{DROPIN_NAME}"
+        include = str(loc.dropin)
         current = loc.user_config.read_text()
         new = drop_include(current, include)
         if new != current:

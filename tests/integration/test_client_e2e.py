@@ -64,6 +64,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, session_user) -> Iterator[Wo
         for g, users in (("devs", [ALICE[0], CAROL[0]]), ("ops", [BOB[0]]), ("servers", []),
                          ("ops-servers", []), ("laptops", []), ("misc", [])):
             mesh.add_group(g, users)
+        svc = mesh.api("POST", "/api/users", {"email": "ci@example.com", "service": True})
+        mesh.add_ssh_policy("ci-ssh", ["user:ci@example.com", "laptops"], ["servers"])
         mesh.add_ssh_policy("devs-ssh", ["devs", "laptops"], ["servers"])
         mesh.add_ssh_policy("ops-ssh", ["ops", "laptops"], ["ops-servers"])
         full = ("--allow-server-ssh", "--enable-ssh-sftp", "--enable-ssh-local-port-forwarding",
@@ -80,7 +82,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, session_user) -> Iterator[Wo
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             futs = [pool.submit(mesh.login, *who) for who in (ALICE, BOB, CAROL)]
             alice, bob, carol = (f.result() for f in futs)
-        yield World(mesh, session_user.pw_name, alice, bob, carol)
+        w = World(mesh, session_user.pw_name, alice, bob, carol)
+        w.service = (svc["client_id"], svc["client_secret"])
+        yield w
     except BaseException:
         print(mesh.logs())
         raise
@@ -524,3 +528,117 @@ def test_logout(world: World) -> None:
     assert not (cfg / "login.json").exists() and not (cfg / "access.json").exists()
     r = world.ms(f"{world.user}@db-1", "true", cfg=cfg)
     assert r.returncode == 255 and b"not logged in" in r.stderr
+
+
+# ------------------------------------------------------------------ detect
+
+class BannerServer:
+    """A TCP server that sends `banner` (or nothing) and records whatever it receives."""
+
+    def __init__(self, banner: bytes | None) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.banner = banner
+        self.received = b""
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            c, _ = self.sock.accept()
+        except OSError:
+            return
+        with c:
+            if self.banner is not None:
+                c.sendall(self.banner)
+            c.settimeout(2)
+            try:
+                self.received += c.recv(100)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("banner, code", [
+    pytest.param(b"SSH-2.0-OpenSSH_9.2p1 Debian\r\n", 2, id="openssh"),
+    pytest.param(b"hello\r\nSSH-2.0-meshsshd_0.1 meshsshd-jwt\r\n", 0, id="pre-banner-lines"),
+    pytest.param(b"HTTP/1.0 400\r\n\r\n", 2, id="not-ssh"),
+    pytest.param(None, 2, id="silent-times-out"),
+])
+def test_detect_reads_only(banner: bytes | None, code: int) -> None:
+    srv = BannerServer(banner)
+    try:
+        r = subprocess.run([console_script("meshssh"), "detect", "--timeout", "1", "127.0.0.1",
+                            str(srv.port)], capture_output=True, timeout=30)
+        assert r.returncode == code
+        srv.thread.join(5)
+        assert srv.received == b""  # detect sends nothing
+    finally:
+        srv.sock.close()
+
+
+def test_detect_real_servers(world: World, tmp_path: Path) -> None:
+    det = [console_script("meshssh"), "detect"]
+    assert subprocess.run([*det, world.db_ip, "22022"]).returncode == 0
+    assert subprocess.run([*det, "127.0.0.1", str(free_port())]).returncode == 2  # closed port
+    with ServerKit(tmp_path / "noauth", {"disable_auth": True, "access": [
+            {"sources": ["127.0.0.0/8"], "identities": ["*"], "local_users": ["*"]}]}) as kit:
+        assert subprocess.run([*det, kit.host, str(kit.port)]).returncode == 1
+
+
+# ------------------------------------------------------------------ service users, user-level install
+
+def test_service_user_login(world: World, tmp_path: Path) -> None:
+    client_id, secret = world.service
+    sfile = tmp_path / "secret"
+    sfile.write_text(secret + "\n")
+    cfg = tmp_path / "svc"
+    r = world.ms("login", "--management-url", world.mesh.url, "--client-id", client_id,
+                 "--client-secret-file", str(sfile), cfg=cfg)
+    assert r.returncode == 0, r.stderr
+    assert b"ci@example.com" in r.stderr
+    assert secret not in (cfg / "access.json").read_text()
+    (cfg / "access.json").unlink()  # next use takes a new token with the stored secret
+    r = world.ms(f"{world.user}@db-1", "echo svc-ok", cfg=cfg)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"svc-ok\n"
+    sfile.write_text("wrong")
+    r = world.ms("login", "--management-url", world.mesh.url, "--client-id", client_id,
+                 "--client-secret-file", str(sfile), cfg=tmp_path / "svc2")
+    assert r.returncode != 0 and b"meshssh login" in r.stderr
+
+
+def test_user_level_install_and_remove(world: World, tmp_path: Path) -> None:
+    """The per-user install (what a non-root user gets; root asks for it with
+    MESHSSH_INSTALL_SCOPE=user): drop-in in ~/.ssh/config.d/, an Include line on top of
+    ~/.ssh/config, and that config then routes plain `ssh peer` through meshssh."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    user_config = home / ".ssh" / "config"
+    original = "Host example-unrelated\n    User nobody\n"
+    user_config.write_text(original)
+    extra = {"HOME": str(home), "MESHSSH_INSTALL_SCOPE": "user"}
+    r = world.ms("config", "install", **extra)
+    assert r.returncode == 0, r.stderr
+    dropin = home / ".ssh" / "config.d" / "99-meshssh.conf"
+    text = user_config.read_text()
+    assert text.startswith("# added by") and f"Include {dropin}" in text
+    assert text.index("Include") < text.index("Host example-unrelated")
+    assert dropin.exists() and b"Include" in r.stderr
+    r = ossh(world, user_config, f"{world.user}@db-1", "echo via-user-include")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"via-user-include\n"
+    r = world.ms("config", "remove", **extra)
+    assert r.returncode == 0, r.stderr
+    assert user_config.read_text() == original
+    assert not dropin.exists()
+
+
+def test_refresh_rewrites_only_an_installed_dropin(world: World, tmp_path: Path) -> None:
+    d = tmp_path / "drop"
+    r = world.ms("config", "install", "--refresh", "--path", str(d))
+    assert r.returncode == 0 and not (d / "99-meshssh.conf").exists()
+    assert world.ms("config", "install", "--path", str(d)).returncode == 0
+    (d / "99-meshssh.conf").write_text("# stale\n")
+    r = world.ms("config", "install", "--refresh", "--path", str(d))
+    assert r.returncode == 0 and r.stderr == b""
+    assert "Match host" in (d / "99-meshssh.conf").read_text()

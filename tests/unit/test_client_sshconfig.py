@@ -165,6 +165,7 @@ def test_locations() -> None:
     assert user.dropin == home / ".ssh/config.d/99-meshssh.conf"
     assert user.user_config == home / ".ssh/config"
     assert locations("/tmp/x", 0, home).dropin == Path("/tmp/x/99-meshssh.conf")
+    assert locations(None, 0, home, scope="user").user_config == home / ".ssh/config"
 
 
 def test_include_line_added_once_and_removed() -> None:
