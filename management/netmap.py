@@ -155,7 +155,7 @@ class _Index:
     _ssh_enabled: dict[str, bool] = field(default_factory=dict)
     _cidrs: dict[int, tuple[str, ...]] = field(default_factory=dict)
     _infos: dict[str, PeerInfo] = field(default_factory=dict)
-    _access: dict[tuple[int, bool], AccessRule] = field(default_factory=dict)
+    _access: dict[tuple[int, str], AccessRule | None] = field(default_factory=dict)
 
     def info(self, p: PeerRecord) -> PeerInfo:
         got = self._infos.get(p.id)
@@ -165,12 +165,12 @@ class _Index:
         return got
 
     def access_rule(self, r: _Rule, peer_id: str) -> AccessRule | None:
-        key = (id(r), peer_id in r.sources)
+        key = (id(r), peer_id if peer_id in r.sources else "")  # a source never admits itself
         if key not in self._access:
             sources = self.cidrs(r.sources, peer_id)
             self._access[key] = (
                 AccessRule(sources=sources, identities=r.identities, local_users=_local_users(r.rule))
-                if sources else None  # type: ignore[assignment]
+                if sources else None
             )
         return self._access[key]
 

@@ -117,6 +117,17 @@ def test_group_overlap_peer_is_never_its_own_source_and_rules_merge() -> None:
     assert [p.id for p in netmap.peers] == ["laptop", "web"]
 
 
+def test_group_overlap_ssh_access_excludes_each_peer_itself() -> None:
+    groups = (("fleet", {"db", "web", "laptop"}, {"u-alice"}),)
+    st = state((LAPTOP, DB, WEB), groups, (RuleRecord(("fleet",), ("fleet",), "ssh"),))
+    # laptop does not advertise SSH; db and web do, and each admits the other two only.
+    assert m(st, "db").ssh.access[0].sources == ("100.64.0.2/32", "100.64.0.4/32")
+    assert m(st, "web").ssh.access[0].sources == ("100.64.0.2/32", "100.64.0.3/32")
+    assert not m(st, "laptop").ssh.enabled
+    grant = ssh_access(st, "alice@example.com", None, "web")
+    assert grant is not None and grant.sources == ("100.64.0.2/32", "100.64.0.3/32")
+
+
 def test_visibility_is_mutual_without_bidirectional() -> None:
     st = state((LAPTOP, LAPTOP2, DB, WEB), BASE_GROUPS, (RuleRecord(("admins",), ("servers",), "tcp", ("80",)),))
     assert [p.id for p in m(st, "laptop").peers] == ["db", "web"]
