@@ -111,11 +111,7 @@ def _client_class() -> type:
             self.ctx = ctx
 
         def auth_banner_received(self, msg: str, lang: str) -> None:
-            text = msg if msg.endswith("\n") else msg + "\n"
-            self.ctx.banners.append(msg.strip())
-            if not self.ctx.quiet:
-                sys.stderr.write(text)
-                sys.stderr.flush()
+            self.ctx.banner(msg)
 
         def validate_host_public_key(self, host: str, addr: str, port: int, key: Any) -> bool:
             self.ctx.offered_key = key
@@ -142,6 +138,26 @@ class DialContext:
     used: ExchangeResult | None = None
     attempts: int = 0
     prefetch: asyncio.Task | None = None
+    held: list[str] = field(default_factory=list)
+
+    def banner(self, msg: str) -> None:
+        """Show what the peer says — except its refusal of a *cached* token, which we
+        replace with a fresh one at once; that text is shown only if the retry fails too."""
+        self.banners.append(msg.strip())
+        if self.used is not None and self.used.cached and self.attempts == 1:
+            self.held.append(msg)
+        else:
+            self.show(msg)
+
+    def show(self, msg: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
+            sys.stderr.flush()
+
+    def show_held(self) -> None:
+        for msg in self.held:
+            self.show(msg)
+        self.held.clear()
 
     def start_prefetch(self) -> None:
         if self.session is not None:
@@ -157,6 +173,7 @@ class DialContext:
                 res = await self.prefetch
             elif self.attempts == 2 and self.used is not None and self.used.cached:
                 # A cached token the peer refused (expired, replayed): one fresh try.
+                self.held.clear()
                 res = await asyncio.to_thread(self.session.ssh_token, self.target.peer.id,
                                               self.target.name, True)
             else:
@@ -209,6 +226,7 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
         raise HostKeyMismatch(host_key_warning(target, ctx.offered_key, keys)) from exc
     except asyncssh.PermissionDenied as exc:
         await ctx.cancel()
+        ctx.show_held()
         if ctx.token_error is not None:
             raise ctx.token_error from exc
         hint = "" if ctx.banners else f" ({exc.reason})"

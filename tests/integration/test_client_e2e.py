@@ -493,6 +493,7 @@ def test_cached_ssh_token_expired_or_refused_is_replaced(world: World) -> None:
         r = world.ms(f"{world.user}@db-1", "echo ok")
         assert r.returncode == 0, r.stderr
         assert r.stdout == b"ok\n"
+        assert r.stderr == b""  # the peer's refusal of the stale token is not shown
         left = json.loads(cache.read_text())["entries"]
         assert left.get(peer_id, {}).get("token") != entry["token"]
 
