@@ -1,8 +1,7 @@
-"""`meshmgmt init` and `meshmgmt serve` behind the CLI: first-run setup, then serving."""
+"""What `meshmgmt init` and `meshmgmt serve` do behind the CLI: first-run setup, then serving."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import secrets
@@ -113,4 +112,4 @@ def run_server(data_dir: Path, host: str, port: int, *, database: str | None, pu
     web.run_app(make_app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
 
 
-__all__ = ["initialise", "run_server", "AlreadyInitialised", "asyncio"]
+__all__ = ["AlreadyInitialised", "initialise", "run_server"]

@@ -11,11 +11,9 @@ MESHMGMT_TOKEN_FILE; they print tables for people and JSON with --json.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -63,7 +61,7 @@ def main(ctx: click.Context, url: str, token_file: str | None, as_json: bool) ->
 def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database: str | None) -> None:
     """Create the store, the issuer's signing key, the first admin and DIR/admin.token."""
     os.umask(0o077)  # the database and the token file are secrets
-    from .setup import AlreadyInitialised, initialise
+    from .bootstrap import AlreadyInitialised, initialise
 
     password = None
     if admin_password_stdin:
@@ -97,7 +95,7 @@ def serve(data_dir: Path, listen: str, database: str | None, public_url: str | N
           dns_domain: str, log_level: str, register_rate: float, register_burst: int) -> None:
     """Run the management server (REST API, issuer, sync streams)."""
     os.umask(0o077)
-    from .setup import run_server
+    from .bootstrap import run_server
 
     host, port = _listen(listen)
     url_host = f"[{host}]" if ":" in host else host
@@ -117,4 +115,4 @@ from . import cli_admin  # noqa: E402  (registers the admin sub-commands on `mai
 
 cli_admin.register(main)
 
-__all__ = ["main", "json", "os", "Any"]
+__all__ = ["main"]

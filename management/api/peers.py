@@ -9,7 +9,6 @@ import ipaddress
 import json
 import logging
 import re
-from datetime import timedelta
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -264,4 +263,4 @@ async def my_peers(request: web.Request) -> web.Response:
     return web.json_response({"peers": [p.to_dict() for p in peers]})
 
 
-__all__ = ["routes", "dns_label", "first_free_address", "setup_key_problem", "timedelta"]
+__all__ = ["routes", "dns_label", "first_free_address", "setup_key_problem"]
