@@ -269,7 +269,10 @@ class ChildSession(asyncssh.SSHServerSession):
     def break_received(self, msec: int) -> bool:
         if self._pty is None:
             return False
-        self._pty.send_break(msec)
+        try:
+            self._pty.send_break(msec)
+        except OSError:
+            return False
         return True
 
     def signal_received(self, signal_name: str) -> None:

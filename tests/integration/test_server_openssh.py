@@ -470,3 +470,24 @@ def test_owner_of_pty_device_is_user(world):
     owner, group, mode = r.stdout.decode().split()
     assert owner == user.pw_name and group == "tty" and mode == "620"
     assert pwd.getpwnam(owner).pw_uid == user.pw_uid
+
+
+def test_unix_socket_forwarding_is_refused(world, tmp_path):
+    srv, user, key, _ = world
+    remote_sock = f"/tmp/meshsshd-test-{os.getpid()}.sock"
+    p = _background_ssh(srv, user, key, ["-R", f"{remote_sock}:127.0.0.1:1"])
+    assert p.wait(20) == 255
+    assert not os.path.exists(remote_sock)
+    local_sock = tmp_path / "l.sock"
+    p = _background_ssh(srv, user, key, ["-L", f"{local_sock}:/run/some.sock"])
+    try:
+        deadline = time.monotonic() + 10
+        while not local_sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(local_sock))
+            s.settimeout(10)
+            assert s.recv(10) == b""    # the server refused the streamlocal channel
+    finally:
+        _stop(p)
