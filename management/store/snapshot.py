@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -11,7 +13,12 @@ from .models import Group, Meta, Peer, Policy, User, group_peers, group_users
 DEFAULT_DNS_DOMAIN = "mesh.internal"
 
 
-def peer_record(p: Peer, dns_domain: str = DEFAULT_DNS_DOMAIN) -> PeerRecord:
+_PEER_COLUMNS = (Peer.id, Peer.name, Peer.mesh_ip, Peer.wg_public_key, Peer.ssh_host_key, Peer.endpoints,
+                 Peer.flags, Peer.ssh_enabled, Peer.version)
+
+
+def peer_record(p: Any, dns_domain: str = DEFAULT_DNS_DOMAIN) -> PeerRecord:
+    """From a Peer row (or any object with the same attributes)."""
     flags = p.flags or {}
     return PeerRecord(
         id=p.id,
@@ -32,7 +39,7 @@ async def load_state(s: AsyncSession, network: str = "", dns_domain: str = "") -
     dns_domain = dns_domain or DEFAULT_DNS_DOMAIN
     async with s.begin():
         serial = (await s.execute(select(Meta.value).where(Meta.key == "serial"))).scalar() or 0
-        peers = (await s.execute(select(Peer).execution_options(populate_existing=True))).scalars().all()
+        peers = (await s.execute(select(*_PEER_COLUMNS))).all()  # rows, not ORM objects: no relationships
         users = (await s.execute(select(User.id, User.email, User.name, User.role, User.is_service, User.blocked))).all()
         groups = (await s.execute(select(Group.id, Group.name))).all()
         gp = (await s.execute(select(group_peers.c.group_id, group_peers.c.peer_id))).all()
