@@ -147,6 +147,11 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app[ISSUER] = _setup_issuer(app, store, settings)  # its own startup hook runs after store_ctx
     app.cleanup_ctx.append(hub_ctx)
 
+    async def on_shutdown(_app: web.Application) -> None:
+        await hub.going_away()
+
+    app.on_shutdown.append(on_shutdown)
+
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/openapi.json", openapi)

@@ -81,6 +81,14 @@ class SyncHub:
                     await st.ws.close()
         self._streams.clear()
 
+    async def going_away(self) -> None:
+        """Server shutdown: close every stream with 1001 so peers reconnect (elsewhere)."""
+        from aiohttp import WSCloseCode
+
+        streams = [st for group in list(self._streams.values()) for st in list(group)]
+        await asyncio.gather(*(st.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+                               for st in streams), return_exceptions=True)
+
     def changed(self, _serial: int = 0) -> None:
         """Store change listener: mark dirty; the loop coalesces bursts of changes."""
         self._dirty.set()

@@ -620,11 +620,17 @@ async def follow_events(request: web.Request) -> web.StreamResponse:
 
     async def pump() -> None:
         nonlocal since
-        while not ws.closed:
-            for e in await feed.list(since=since, limit=500):
-                await ws.send_json({"type": "event", "event": e})
-                since = e["id"]
-            await feed.wait()
+        try:
+            while not ws.closed:
+                for e in await feed.list(since=since, limit=500):
+                    await ws.send_json({"type": "event", "event": e})
+                    since = e["id"]
+                await feed.wait()
+        except (ConnectionError, RuntimeError):
+            pass  # the follower went away
+        except Exception:
+            log.exception("event stream failed")
+        await ws.close()
 
     task = asyncio.get_running_loop().create_task(pump())
     try:

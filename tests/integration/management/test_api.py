@@ -373,3 +373,16 @@ async def test_unknown_route_and_method_are_json(http: aiohttp.ClientSession, mg
     status, doc = await call(http, "PATCH", mgmt.url + "/api/users", headers=mgmt.admin)
     assert status == 405 and doc["error"] == "method_not_allowed"
     _ = host_key, wg_key
+
+
+async def test_shutdown_tells_streams_to_go_away(http: aiohttp.ClientSession, sqlite_mgmt: Mgmt) -> None:
+    """SIGTERM: every sync stream is closed with 1001 (going away), so peers reconnect."""
+    mgmt = sqlite_mgmt
+    key = await setup_key(http, mgmt)
+    peer = await register_peer(http, mgmt, key["key"], uniq("bye"))
+    async with http.ws_connect(mgmt.url + "/api/peers/sync", headers=peer_auth(peer)) as ws:
+        assert (await next_msg(ws))["type"] == "netmap"
+        await asyncio.get_running_loop().run_in_executor(None, mgmt.proc.stop)
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001
+    assert mgmt.proc.popen.returncode == 0
