@@ -149,20 +149,21 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def test_pty_shell_resize_and_terminal_restored(world: World) -> None:
+def _interactive(argv: list[str], env: dict) -> None:
+    """Drive a login shell in a real pseudo-terminal: size, resize, exit code, and the
+    local terminal's settings afterwards."""
     master, slave = pty.openpty()
     _set_size(slave, 30, 100)
     before = termios.tcgetattr(slave)
-    env = world.mesh.client_env(world.alice, TERM="xterm")
-    proc = subprocess.Popen([console_script("meshssh"), f"{world.user}@db-1"], stdin=slave,
-                            stdout=slave, stderr=slave, env=env, start_new_session=True,
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+                            start_new_session=True,
                             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     try:
         _read_until(master, b"$ ")  # the login shell's prompt: typeahead before it may be flushed
         os.write(master, b"stty size; tty\n")
         out = _read_until(master, b"/dev/pts/")
         assert b"30 100" in out
-        _set_size(master, 40, 120)  # the kernel sends meshssh SIGWINCH → window-change
+        _set_size(master, 40, 120)  # the kernel sends the client SIGWINCH → window-change
         time.sleep(0.3)
         os.write(master, b"stty size\n")
         assert b"40 120" in _read_until(master, b"40 120")
@@ -175,7 +176,12 @@ def test_pty_shell_resize_and_terminal_restored(world: World) -> None:
         after = termios.tcgetattr(slave)
         os.close(master)
         os.close(slave)
-    assert after == before, "meshssh left the terminal in raw mode"
+    assert after == before, "the client left the terminal in raw mode"
+
+
+def test_pty_shell_resize_and_terminal_restored(world: World) -> None:
+    env = world.mesh.client_env(world.alice, TERM="xterm")
+    _interactive([console_script("meshssh"), f"{world.user}@db-1"], env)
 
 
 class EchoServer:
@@ -339,6 +345,33 @@ def test_openssh_pty(world: World, dropin: Path) -> None:
     r = ossh(world, dropin, "-tt", f"{world.user}@db-1", "tty; stty size")
     assert r.returncode == 0, r.stderr
     assert b"/dev/pts/" in r.stdout
+
+
+def test_openssh_interactive_through_proxy(world: World, dropin: Path) -> None:
+    env = world.mesh.client_env(world.alice, TERM="xterm")
+    env["PATH"] = f"{Path(console_script('meshssh')).parent}:{env.get('PATH', '')}"
+    _interactive([require_tool("ssh"), "-F", str(dropin), "-t", f"{world.user}@db-1"], env)
+
+
+def test_openssh_sftp_refused_where_disabled(world: World, tmp_path: Path) -> None:
+    """web-1 runs without --enable-ssh-sftp: the refusal reaches OpenSSH as a failed
+    subsystem request, and meshssh cp says what to turn on."""
+    d = tmp_path / "bobdrop"
+    r = world.ms("config", "install", "--path", str(d), cfg=world.bob)
+    assert r.returncode == 0, r.stderr
+    conf = tmp_path / "bob_ssh_config"
+    conf.write_text(f"Include {d / '99-meshssh.conf'}\n")
+    env = world.mesh.client_env(world.bob)
+    env["PATH"] = f"{Path(console_script('meshssh')).parent}:{env.get('PATH', '')}"
+    r = subprocess.run([require_tool("sftp"), "-F", str(conf), "-b", "/dev/null", f"{world.user}@web-1"],
+                       capture_output=True, timeout=60, env=env)
+    assert r.returncode != 0
+    assert b"subsystem" in r.stderr.lower(), r.stderr
+    r = subprocess.run([require_tool("ssh"), "-F", str(conf), f"{world.user}@web-1", "echo shell-ok"],
+                       capture_output=True, timeout=60, env=env)
+    assert r.returncode == 0 and r.stdout == b"shell-ok\n", r.stderr  # sessions still work
+    r = world.ms("cp", str(conf), f"{world.user}@web-1:/tmp/", cfg=world.bob)
+    assert r.returncode != 0 and b"--enable-ssh-sftp" in r.stderr, r.stderr
 
 
 def test_openssh_scp_both_ways_and_sftp_batch(world: World, dropin: Path, tmp_path: Path) -> None:
