@@ -258,9 +258,15 @@ async def ingest_events(request: web.Request) -> web.Response:
 @routes.get("/api/me/peers")
 async def my_peers(request: web.Request) -> web.Response:
     caller = await require_user(request)
+    from ..idp.exchange import resolve_local_users
+
     state = await request.app[LOAD_STATE]()
-    peers = reachable_peers(state, caller.email or "")
-    return web.json_response({"peers": [p.to_dict() for p in peers]})
+    email = caller.email or ""
+    out = []
+    for p in reachable_peers(state, email):
+        # `localpart` is shown as the caller's own login name (what the SSH token will carry).
+        out.append({**p.to_dict(), "local_users": list(resolve_local_users(p.local_users, email))})
+    return web.json_response({"peers": out})
 
 
 __all__ = ["routes", "dns_label", "first_free_address", "setup_key_problem"]

@@ -193,14 +193,14 @@ async def test_sync_stream_follows_changes(http: aiohttp.ClientSession, mgmt: Mg
 
         _, pol = await call(http, "POST", mgmt.url + "/api/policies", headers=mgmt.admin, expect=201, json={
             "name": uniq("ssh"), "rules": [{"sources": [admins], "destinations": [servers], "protocol": "ssh",
-                                            "local_users": ["deploy"]}]})
+                                            "local_users": ["deploy", "localpart"]}]})
         m1 = (await next_msg(ws))["netmap"]
         assert m1["serial"] > m0["serial"]
         assert [p["id"] for p in m1["peers"]] == [laptop["peer_id"]]
         assert m1["ssh"]["enabled"] and m1["ssh"]["jwks"]["keys"]
         assert m1["ssh"]["audience"] == [srv["peer_id"]]
         assert m1["ssh"]["access"] == [{"sources": [laptop["mesh_ip"] + "/32"], "identities": [user["email"]],
-                                        "local_users": ["deploy"]}]
+                                        "local_users": ["deploy", "localpart"]}]
         assert {(r["protocol"], tuple(r["ports"])) for r in m1["firewall_rules"]} == {("tcp", ("22",)),
                                                                                      ("tcp", ("22022",))}
         # An irrelevant change (a user in no group) sends nothing.
@@ -228,7 +228,9 @@ async def test_sync_stream_follows_changes(http: aiohttp.ClientSession, mgmt: Mg
         assert m3["ssh"]["enabled"]
         _, mine = await call(http, "GET", mgmt.url + "/api/me/peers", headers={"Authorization": f"Bearer {tok}"},
                              expect=200)
-        assert [(p["id"], p["local_users"]) for p in mine["peers"]] == [(srv["peer_id"], ["deploy"])]
+        # `localpart` is resolved to the caller's own login name in this list.
+        own = user["email"].split("@")[0]
+        assert [(p["id"], p["local_users"]) for p in mine["peers"]] == [(srv["peer_id"], ["deploy", own])]
         assert mine["peers"][0]["ssh_host_keys"][0].startswith("ssh-ed25519 ")
 
         # The peer stops advertising SSH → its SSH section turns off.
