@@ -418,7 +418,10 @@ async def run_session(args: SSHArgs, session: Session) -> int:
                       term_modes=local_term_modes(0) if stdin_tty else {}, request_pty="force")
         else:
             kw.update(request_pty=False)
-        stdin: Any = asyncssh.DEVNULL if args.stdin_null else os.dup(0)
+        try:
+            stdin: Any = asyncssh.DEVNULL if args.stdin_null else os.dup(0)
+        except OSError:  # started with stdin closed (cron, some daemons)
+            stdin = asyncssh.DEVNULL
         try:
             process = await conn.create_process(args.remote_command, **kw)
         except asyncssh.ChannelOpenError as exc:

@@ -204,9 +204,9 @@ def _classes() -> tuple[type, type, type]:
                 kw.update(request_pty=False)
             try:
                 chan, _ = await conn.create_session(lambda: BackendSession(self), **kw)
-            except asyncssh.ChannelOpenError as exc:
+            except (asyncssh.Error, OSError) as exc:
                 what = subsystem and f"subsystem {subsystem}" or command and "command" or "shell"
-                _say(f"{self.relay.name}: {what} refused: {exc.reason}")
+                _say(f"{self.relay.name}: {what} refused: {getattr(exc, 'reason', exc)}")
                 return False
             self.backend = chan
             if self.closed:
@@ -351,6 +351,10 @@ class Relay:
         except ClientError as exc:
             self.failure = str(exc)
             _say(str(exc))
+            return None
+        except Exception as exc:  # noqa: BLE001 — OpenSSH must get a reason, not a hang
+            self.failure = f"{self.name}: {type(exc).__name__}: {exc}"
+            _say(self.failure)
             return None
         conn_closed = asyncio.ensure_future(conn.wait_closed())
         conn_closed.add_done_callback(lambda _: self.backend_lost())

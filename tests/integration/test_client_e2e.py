@@ -258,6 +258,36 @@ def test_meshssh_local_forward(world: World, echo: EchoServer) -> None:
         _stop(proc)
 
 
+def _socks_echo(socks_port: int, dest_port: int, payload: bytes = b"via socks") -> bytes:
+    """A minimal SOCKS5 CONNECT (no auth) to 127.0.0.1:dest_port, then echo a payload."""
+    with socket.create_connection(("127.0.0.1", socks_port), timeout=10) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + dest_port.to_bytes(2, "big"))
+        reply = s.recv(10)
+        assert reply[:2] == b"\x05\x00", reply
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return got
+
+
+@pytest.mark.parametrize("client", ["meshssh", "openssh"])
+def test_dynamic_forward(world: World, dropin: Path, echo: EchoServer, client: str) -> None:
+    dport = free_port()
+    env = world.mesh.client_env(world.alice)
+    env["PATH"] = f"{Path(console_script('meshssh')).parent}:{env.get('PATH', '')}"
+    head = [console_script("meshssh")] if client == "meshssh" else [require_tool("ssh"), "-F", str(dropin)]
+    proc = _background([*head, "-N", "-D", f"127.0.0.1:{dport}", f"{world.user}@db-1"], env)
+    try:
+        wait_for_port("127.0.0.1", dport, proc=proc)
+        assert _socks_echo(dport, echo.port) == b"via socks"
+    finally:
+        _stop(proc)
+
+
 def test_meshssh_remote_forward(world: World, echo: EchoServer) -> None:
     rport = free_port()
     r = world.ms("-R", f"127.0.0.1:{rport}:127.0.0.1:{echo.port}", f"{world.user}@db-1",
@@ -676,3 +706,31 @@ def test_refresh_rewrites_only_an_installed_dropin(world: World, tmp_path: Path)
     r = world.ms("config", "install", "--refresh", "--path", str(d))
     assert r.returncode == 0 and r.stderr == b""
     assert "Match host" in (d / "99-meshssh.conf").read_text()
+
+
+# ------------------------------------------------------------------ the proxy with another client
+
+async def test_proxy_relays_signals_modes_env_for_any_client(world: World) -> None:
+    """OpenSSH never sends `signal` requests; other clients do (asyncssh here, through
+    the same `meshssh proxy`). The proxy must relay them, the terminal modes, env and
+    the exact exit-signal."""
+    import asyncssh
+
+    env = world.mesh.client_env(world.alice)
+    cmd = f"env MESHSSH_CONFIG_DIR={env['MESHSSH_CONFIG_DIR']} MESHSSHD_STATUS_FILE=" \
+          f"{env['MESHSSHD_STATUS_FILE']} {console_script('meshssh')} proxy --user {world.user} db-1 22022"
+    async with asyncssh.connect("db-1", 22022, username=world.user, known_hosts=None,
+                                proxy_command=cmd, config=None, client_keys=None,
+                                agent_path=None) as conn:
+        proc = await conn.create_process("echo ready; sleep 30", encoding=None)
+        assert await proc.stdout.readline() == b"ready\n"
+        proc.send_signal("TERM")
+        await proc.wait_closed()
+        assert proc.exit_signal is not None and proc.exit_signal[0] == "TERM"
+        r = await conn.run("stty -a; echo LC=$LC_MESHTEST", term_type="xterm", term_size=(91, 17),
+                           term_modes={asyncssh.PTY_ECHO: 0}, env={"LC_MESHTEST": "relayed"},
+                           request_pty="force", encoding="utf-8")
+        assert "-echo " in r.stdout and "rows 17; columns 91" in r.stdout, r.stdout
+        assert "LC=relayed" in r.stdout
+        r = await conn.run("exit 42")
+        assert r.exit_status == 42
