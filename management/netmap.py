@@ -70,6 +70,7 @@ __all__ = [
     "SSHGrant",
     "compute_map",
     "find_peer",
+    "encode_map",
     "map_fingerprint",
     "reachable_peers",
     "ssh_access",
@@ -367,9 +368,21 @@ def compute_map(state: MeshState, peer_id: str) -> NetworkMap | None:
 
 def map_fingerprint(netmap: NetworkMap) -> str:
     """A digest of the map's content without its serial: equal ⇔ nothing to resend."""
+    return encode_map(netmap)[0]
+
+
+def encode_map(netmap: NetworkMap) -> tuple[str, str]:
+    """(fingerprint, sync message text) with one JSON encoding of the map.
+
+    The message is `{"type": "netmap", "netmap": {...}}`; the fingerprint covers
+    everything in the map except its serial.
+    """
     doc = netmap.to_dict()
-    doc.pop("serial", None)
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    serial = doc.pop("serial")
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    fingerprint = hashlib.sha256(body.encode()).hexdigest()
+    # body is '{...}': splice the serial in after its brace, then close the envelope.
+    return fingerprint, '{"type":"netmap","netmap":{"serial":' + str(int(serial)) + "," + body[1:] + "}"
 
 
 # --- who may SSH where --------------------------------------------------------------------

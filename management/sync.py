@@ -21,7 +21,7 @@ from aiohttp import web
 from meshsshd.logs import event
 
 from .metrics import Registry
-from .netmap import compute_map, map_fingerprint
+from .netmap import compute_map, encode_map
 from .state import MeshState
 
 log = logging.getLogger("meshmgmt.sync")
@@ -133,11 +133,12 @@ class SyncHub:
                 return
             if state.serial < st.last_serial:
                 return  # an older snapshot raced a newer one; the newer already went out
-            fp = map_fingerprint(netmap)
+            fp, text = encode_map(netmap)
             if fp == st.last_fp:
                 return
             try:
-                await asyncio.wait_for(st.ws.send_json({"type": "netmap", "netmap": netmap.to_dict()}), SEND_TIMEOUT)
+                async with asyncio.timeout(SEND_TIMEOUT):
+                    await st.ws.send_str(text)
             except (ConnectionError, RuntimeError, TimeoutError) as exc:
                 event(log, "sync.send_failed", level=logging.WARNING, peer=st.peer_id, error=type(exc).__name__)
                 await st.ws.close()

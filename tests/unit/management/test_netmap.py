@@ -250,6 +250,19 @@ def test_deterministic_and_serial_only_in_serial() -> None:
     assert NetworkMap.from_dict(ma.to_dict()) == ma
 
 
+def test_encoded_message_is_the_wire_form() -> None:
+    import json
+
+    from management.netmap import encode_map
+
+    st = state((LAPTOP, DB), BASE_GROUPS, (RuleRecord(("admins",), ("servers",), "ssh"),))
+    netmap = m(st, "db")
+    fp, text = encode_map(netmap)
+    doc = json.loads(text)
+    assert doc["type"] == "netmap" and NetworkMap.from_dict(doc["netmap"]) == netmap
+    assert fp == map_fingerprint(netmap)
+
+
 def test_fingerprint_changes_with_content() -> None:
     st = state((LAPTOP, DB), BASE_GROUPS, (RuleRecord(("admins",), ("servers",), "tcp", ("80",)),))
     st2 = state((LAPTOP, DB), BASE_GROUPS, (RuleRecord(("admins",), ("servers",), "tcp", ("81",)),))
