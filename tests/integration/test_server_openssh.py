@@ -491,3 +491,13 @@ def test_unix_socket_forwarding_is_refused(world, tmp_path):
             assert s.recv(10) == b""    # the server refused the streamlocal channel
     finally:
         _stop(p)
+
+
+def test_input_to_a_command_that_already_exited_does_not_hurt_the_server(world):
+    """Writing to the stdin pipe of an exited child gives EPIPE, never SIGPIPE."""
+    srv, user, key, _ = world
+    for _ in range(3):
+        r = run(srv, user, key, "exit 0", input=b"x" * 2_000_000)
+        assert r.returncode == 0
+    assert srv.proc.popen.poll() is None
+    assert run(srv, user, key, "echo alive").stdout == b"alive\n"
