@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", default=[], metavar="NAME", help="leave these out")
     p.add_argument("--latency-runs", type=int, default=10, help="`ssh true` runs per round and server")
     p.add_argument("--sessions", default="100,500,1000", help="idle-session levels for memory")
+    p.add_argument("--memory-rounds", type=int, default=None,
+                   help="rounds for memory (default: min(rounds, 3); its readings vary by <1%%)")
     p.add_argument("--login-seconds", type=float, default=10.0, help="length of one login burst")
     p.add_argument("--login-concurrency", type=int, default=50)
     p.add_argument("--login-procs", type=int, default=2,
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     params = {"rounds": args.rounds, "size": args.size, "measurements": ",".join(selected),
               "latency_runs": args.latency_runs, "sessions": args.sessions,
               "login_seconds": args.login_seconds, "login_concurrency": args.login_concurrency,
-              "login_procs": args.login_procs, "kex": args.kex or "default",
+              "login_procs": args.login_procs,
+              "memory_rounds": args.memory_rounds or min(args.rounds, 3), "kex": args.kex or "default",
               "max_startups": args.max_startups}
     mesh_env = dict(kv.split("=", 1) for kv in args.mesh_env)
     if mesh_env:
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             latency_runs=args.latency_runs, sessions=sessions, login_seconds=args.login_seconds,
             login_concurrency=args.login_concurrency, login_procs=args.login_procs,
             kex=args.kex, progress=_progress, notes=notes, restart=_restarter(ws, args),
+            memory_rounds=args.memory_rounds or min(args.rounds, 3),
         )
         for name in selected:
             ctx.check_alive(f"the time before {name}")

@@ -37,6 +37,7 @@ class Ctx:
     login_concurrency: int = 50
     login_procs: int = 2
     kex: str = "curve25519-sha256"
+    memory_rounds: int = 3
     progress: Callable[[str], None] = print
     notes: list[str] = field(default_factory=list)
     # Starts a fresh daemon for a label ("sshd"/"meshsshd"); set by the CLI.
@@ -262,7 +263,7 @@ def _mem(server: Server) -> dict[str, int]:
 def measure_memory(ctx: Ctx) -> list[Figure]:
     ctx.progress(f"memory: idle sessions {ctx.sessions}")
     data: dict[str, list[list[dict[str, Any]]]] = {"sshd": [], "meshsshd": []}
-    for r in range(ctx.rounds):
+    for r in range(ctx.memory_rounds):
         for server in ctx.order(r):
             base = ctx.baseline_procs(server)
             try:
