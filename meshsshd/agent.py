@@ -106,6 +106,8 @@ async def _maybe_await(value: Any) -> Any:
 
 
 class Agent:
+    map_retry_every = 5  # seconds between attempts to apply a map that failed transiently
+
     def __init__(
         self,
         state: StateDir,
@@ -141,6 +143,7 @@ class Agent:
         self._last_map_error = ""
         self._last_status: dict[str, Any] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._retry_doc: Any = None
 
     # lifecycle ---------------------------------------------------------------------
     async def run(self) -> int:
@@ -324,8 +327,9 @@ class Agent:
         """The SSH server runs only when the local flag allows and management enables it."""
         return self.config.flags.allow_server_ssh and netmap.ssh.enabled
 
-    async def apply_map(self, doc: Any, persist: bool = True) -> bool:
-        """Apply one map all-or-nothing; False when it equals the current one."""
+    async def apply_map(self, doc: Any, persist: bool = True, only_if_newer: bool = False) -> bool:
+        """Apply one map all-or-nothing; False when it equals the current one (or, for a
+        retry, when a newer map has been applied meanwhile)."""
         cred = self._require_cred()
         try:
             netmap = NetworkMap.from_dict(doc)
@@ -336,6 +340,8 @@ class Agent:
         settings = settings_from_netmap(base_settings(self.state, self.config, netmap), netmap) if serve else None
         async with self._lock:
             if self.netmap == netmap and self.serving == serve and self._dp_up:
+                return False
+            if only_if_newer and self.netmap is not None and self.netmap.serial >= netmap.serial:
                 return False
             prev, prev_serve = self.netmap, self.serving
             try:
@@ -443,13 +449,19 @@ class Agent:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
 
-    async def _on_netmap(self, doc: Any) -> None:
+    async def _on_netmap(self, doc: Any, retry: bool = False) -> None:
+        self._retry_doc = None
         try:
-            await self.apply_map(doc)
+            await self.apply_map(doc, only_if_newer=retry)
             self._last_map_error = ""
         except MeshsshdError as exc:
             self._last_map_error = str(exc)
-            event(log, "netmap.rejected", logging.ERROR, error=str(exc),
+            # A bad map stays bad; a data plane or listener failure (address busy, nft
+            # briefly unavailable) may pass, so that map is tried again until a newer one.
+            retry = not isinstance(exc, ConfigError)
+            if retry:
+                self._retry_doc = doc
+            event(log, "netmap.rejected", logging.ERROR, error=str(exc), retry=retry,
                   keeping_serial=self.netmap.serial if self.netmap else None)
             await self._write_status()
 
@@ -535,9 +547,14 @@ class Agent:
         self._last_status = doc
 
     async def _status_loop(self) -> None:
+        """status.json every second when it changed; a failed map is retried every 5 s."""
+        tick = 0
         while True:
             await self._write_status()
             await asyncio.sleep(1.0)
+            tick += 1
+            if self._retry_doc is not None and tick % self.map_retry_every == 0:
+                await self._on_netmap(self._retry_doc, retry=True)
 
     async def _start_metrics(self) -> None:
         if not self.config.metrics_listen:

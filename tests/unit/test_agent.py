@@ -235,3 +235,28 @@ def test_endpoints_from_ip_output_skip_the_mesh_interface() -> None:
         "4: eth1    inet 198.51.100.7/24 scope global dynamic eth1\\       valid_lft 86000sec\n"
     )
     assert endpoints_from_ip_output(text, "mesh0", 51820) == ("192.0.2.5:51820", "198.51.100.7:51820")
+
+
+async def test_a_map_that_failed_to_apply_is_retried_until_it_works(tmp_path: Path) -> None:
+    sd = registered_state(tmp_path, None)
+    dp = BrokenDataplane(fail={5})
+    agent = Agent(sd, config(), mgmt=Outage(), dataplane=dp)
+    agent.cred = sd.load_credential()
+    await agent.apply_map(netmap(4).to_dict())
+    await agent._on_netmap(netmap(5).to_dict())  # noqa: SLF001 - the sync stream's entry point
+    assert agent.netmap is not None and agent.netmap.serial == 4
+    assert "nft refused" in (await agent.status_doc())["netmap_error"]
+    dp.fail.clear()  # the transient problem goes away
+    agent.map_retry_every = 1
+    task = asyncio.create_task(agent._status_loop())  # noqa: SLF001
+    try:
+        async with asyncio.timeout(10):
+            while agent.netmap.serial != 5:
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+    assert (await agent.status_doc())["netmap_error"] == ""
+    # A retry never rolls back a newer map that arrived meanwhile.
+    await agent.apply_map(netmap(7).to_dict())
+    assert not await agent.apply_map(netmap(6).to_dict(), only_if_newer=True)
+    assert agent.netmap.serial == 7
