@@ -185,7 +185,7 @@ class DialContext:
         return res.token
 
     async def cancel(self) -> None:
-        if self.prefetch is not None and not self.prefetch.done():
+        if self.prefetch is not None and not self.prefetch.done() and self.attempts == 0:
             self.prefetch.cancel()
             with contextlib.suppress(BaseException):
                 await self.prefetch
@@ -195,8 +195,13 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
                quiet: bool = False, client_keys: Any = None, agent_path: Any = (),
                agent_forwarding: bool = False, keepalive: float = 0.0,
                connect_timeout: float = 30.0, trusted_keys: list[Any] | None = None,
+               prefetch: asyncio.Future | None = None,
                **extra: Any) -> asyncssh.SSHClientConnection:
-    """Connect and authenticate; raise a ClientError that says what went wrong."""
+    """Connect and authenticate; raise a ClientError that says what went wrong.
+
+    prefetch: a token request already under way (the proxy starts it before it knows
+    the login name); otherwise one is started here, alongside the key exchange.
+    """
     import asyncssh
 
     from .peers import host_keys
@@ -207,7 +212,10 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
             f"management publishes no SSH host key for {target.name}; refusing to connect "
             "without one (no trust on first use)")
     ctx = DialContext(target, session, quiet=quiet)
-    ctx.start_prefetch()
+    if prefetch is not None:
+        ctx.prefetch = prefetch
+    else:
+        ctx.start_prefetch()
     kwargs: dict[str, Any] = dict(
         username=target.username, known_hosts=(keys, [], []), config=None,
         client_factory=lambda: _client_class()(ctx), preferred_auth="publickey,password",

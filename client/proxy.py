@@ -330,24 +330,39 @@ class Relay:
         self.failure: str | None = None
         self._dial: asyncio.Task | None = None
         self._dial_user: str | None = None
+        self._prepared: asyncio.Future | None = None
+        self._token: asyncio.Future | None = None
         self.finished = asyncio.get_running_loop().create_future()
 
     def start_early(self) -> None:
+        """Resolve the peer and fetch its token while OpenSSH does its key exchange with
+        us. The login name is known only at OpenSSH's first userauth request — unless
+        `--user` was given — so the dial itself waits for it. (The drop-in does not pass
+        `%r`: OpenSSH before 9.6 puts it into the shell command unchecked, and a hostile
+        `ssh://…@peer` URL could then run commands here.)"""
+        self._prepared = asyncio.ensure_future(self._prepare())
         if self.guess_user:
             self._dial = asyncio.ensure_future(self._connect(self.guess_user))
             self._dial_user = self.guess_user
 
+    async def _prepare(self) -> None:
+        from .connect import resolve
+
+        self.target = await asyncio.to_thread(resolve, self.host, self.session, self.port, None)
+        self.name = self.target.name
+        self._token = asyncio.ensure_future(asyncio.to_thread(
+            self.session.ssh_token, self.target.peer.id, self.target.name))
+
     async def _connect(self, username: str) -> Any:
-        from .connect import choose_source_address, dial_verified, resolve
+        from .connect import choose_source_address, dial_verified
 
         try:
-            if self.target is None:
-                self.target = await asyncio.to_thread(resolve, self.host, self.session, self.port, username)
-                self.name = self.target.name
+            await self._prepared
             self.target.username = username
+            token, self._token = self._token, None  # a token is good for one login only
             source = choose_source_address(None, self.session.login.management_url)
             conn = await dial_verified(self.target, self.session, source=source, agent_path=None,
-                                       client_keys=None, keepalive=30.0)
+                                       client_keys=None, keepalive=30.0, prefetch=token)
         except ClientError as exc:
             self.failure = str(exc)
             _say(str(exc))

@@ -165,7 +165,7 @@ def render_dropin(entries: list[PeerNames], meshssh: str, known_hosts: Path,
             "# which checks the peer's real host key against management's list. The proxy's",
             "# own key is ephemeral, hence no host-key checking for that one local hop.",
             f'Match host "{",".join(jwt)}" exec "{exe} detect %h %p"',
-            f"    ProxyCommand {exe} proxy --user %r %h %p",
+            f"    ProxyCommand {exe} proxy %h %p",  # never %r: see client/proxy.py start_early
             "    UserKnownHostsFile /dev/null",
             "    GlobalKnownHostsFile /dev/null",
             "    StrictHostKeyChecking no",

@@ -81,7 +81,7 @@ def test_render_blocks_in_first_value_wins_order() -> None:
     assert match_line == ('Match host "db-1,db-1.mesh.internal,100.64.0.2,lo-1,lo-1.mesh.internal,'
                           '127.77.0.9" exec "/opt/mesh/bin/meshssh detect %h %p"')
     assert "nossh" not in match_line  # not serving SSH: no proxy, but its key is still checked
-    assert "    ProxyCommand /opt/mesh/bin/meshssh proxy --user %r %h %p" in text
+    assert "    ProxyCommand /opt/mesh/bin/meshssh proxy %h %p" in text
     port_block = text[text.rindex("Host ", 0, i_port):i_port]
     assert "lo-1" in port_block and "db-1" not in port_block  # only loopback peers get 22022
     assert "GlobalKnownHostsFile /etc/ssh/kh" in text
@@ -115,7 +115,7 @@ def test_openssh_parses_the_rendered_config(tmp_path: Path) -> None:
     conf = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
     assert conf["hostname"] == "127.77.0.9"
     assert conf["port"] == "22022"
-    assert conf["proxycommand"] == "/bin/true proxy --user %r %h %p"
+    assert conf["proxycommand"] == "/bin/true proxy %h %p"
     assert conf["stricthostkeychecking"] == "false"  # only for the proxied hop
     assert conf["globalknownhostsfile"] == "/dev/null"
     out = subprocess.run([ssh, "-G", "-F", str(cfg), "unrelated.example"], capture_output=True,
