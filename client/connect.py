@@ -244,8 +244,13 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
         raise ClientError(f"{target.name}: disconnected: {exc.reason}") from exc
     except (OSError, asyncio.TimeoutError) as exc:
         await ctx.cancel()
-        what = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
-        raise ClientError(f"ssh: connect to host {target.name} ({target.address}) port "
+        if isinstance(exc, asyncio.TimeoutError):
+            what = "Connection timed out"
+        elif getattr(exc, "errno", None):
+            what = os.strerror(exc.errno)
+        else:
+            what = str(exc)
+        raise ClientError(f"connect to host {target.name} ({target.address}) port "
                           f"{target.port}: {what}") from exc
     await ctx.cancel()
     if ctx.used is not None and session is not None:
