@@ -366,6 +366,7 @@ class Agent:
                 except StateError as exc:  # serve the new map anyway; a restart gets the old one
                     event(log, "netmap.persist_failed", logging.ERROR, error=str(exc))
             self.netmap, self.serving = netmap, serve
+            self._last_map_error = ""
             self._state_name = "serving" if serve else "ssh-off"
             self._reason = "" if serve else self._why_not_serving(netmap)
         event(log, "netmap.applied", serial=netmap.serial, peers=len(netmap.peers),
@@ -453,7 +454,6 @@ class Agent:
         self._retry_doc = None
         try:
             await self.apply_map(doc, only_if_newer=retry)
-            self._last_map_error = ""
         except MeshsshdError as exc:
             self._last_map_error = str(exc)
             # A bad map stays bad; a data plane or listener failure (address busy, nft
