@@ -150,8 +150,11 @@ def _spawn_on_pty(argv, rows, cols):
     return proc, master
 
 
-def _read_until(fd, pattern, timeout=15.0):
-    buf = b""
+def _read_until(fd, pattern, timeout=15.0, buf=b""):
+    """Read from fd until `pattern` matches what was read (plus `buf`, read before)."""
+    m = re.search(pattern, buf)
+    if m:
+        return m, buf
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 0.2)
@@ -198,7 +201,8 @@ def test_pty_login_shell_job_control_who_and_last(world):
         os.write(master, b"echo TTY=$(tty) PG=$(ps -o tpgid= -p $$) SID=$(ps -o sid= -p $$); who\n")
         m, buf = _read_until(master, rb"TTY=(/dev/pts/\d+) PG=\s*(\d+) SID=\s*(\d+)")
         tty = m.group(1).decode()
-        _, buf = _read_until(master, re.escape(user.pw_name.encode()) + rb"\s+" + re.escape(tty[5:].encode()))
+        _, buf = _read_until(master, re.escape(user.pw_name.encode()) + rb"\s+" + re.escape(tty[5:].encode()),
+                             buf=buf[m.end():])
         assert int(m.group(2)) != 0   # the shell has a controlling terminal with a foreground group
         os.write(master, b"exit 5\n")
         assert proc.wait(15) == 5
