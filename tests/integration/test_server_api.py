@@ -72,3 +72,27 @@ async def test_embedded_server_lifecycle(tmp_path, make_user):
         await again.stop()
     finally:
         await server.stop()
+
+
+async def test_signal_request_reaches_the_whole_process_group(tmp_path, make_user):
+    require_root()
+    user = make_user("msa")
+    rule = AccessRule(sources=("127.0.0.0/8",), identities=("*",), local_users=(user.pw_name,))
+    port = free_port()
+    server = MeshSSHServer(ServerSettings(listen=(("127.0.0.1", port),), state_dir=tmp_path / "state",
+                                          disable_auth=True, access=(rule,)))
+    await server.start()
+    try:
+        async with asyncssh.connect("127.0.0.1", port, username=user.pw_name, known_hosts=None,
+                                    client_keys=None, agent_path=None) as conn:
+            proc = await conn.create_process("sleep 1001 & echo started; wait")
+            assert await proc.stdout.readline() == "started\n"
+            proc.send_signal("TERM")
+            result = await asyncio.wait_for(proc.wait(), 10)
+            assert result.exit_signal is not None and result.exit_signal[0] == "TERM"
+        pgrep = await asyncio.create_subprocess_exec("pgrep", "-u", str(user.pw_uid), "-f", "sleep 1001",
+                                                     stdout=asyncio.subprocess.PIPE)
+        out, _ = await pgrep.communicate()
+        assert out == b""   # the background sleep got the signal too
+    finally:
+        await server.stop()
