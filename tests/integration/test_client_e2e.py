@@ -734,3 +734,34 @@ async def test_proxy_relays_signals_modes_env_for_any_client(world: World) -> No
         assert "LC=relayed" in r.stdout
         r = await conn.run("exit 42")
         assert r.exit_status == 42
+
+
+def test_openssh_remote_forward_port_zero(world: World, dropin: Path, echo: EchoServer, tmp_path: Path) -> None:
+    """`ssh -R 0:…`: the peer picks the port; OpenSSH must learn it through the proxy, and
+    connections to it must come back (forwarded-tcpip names the allocated port)."""
+    portfile = Path(f"/tmp/meshssh-rport-{os.getpid()}-{time.monotonic_ns()}")  # readable by the peer's user
+    portfile.touch()
+    portfile.chmod(0o644)
+    remote = (f"while [ ! -s {portfile} ]; do sleep 0.1; done; "
+              + REMOTE_ECHO_CLIENT.replace("{port}", f"int(open(\"{portfile}\").read())"))
+    env = world.mesh.client_env(world.alice)
+    env["PATH"] = f"{Path(console_script('meshssh')).parent}:{env.get('PATH', '')}"
+    proc = subprocess.Popen([require_tool("ssh"), "-F", str(dropin), "-o", "LogLevel=INFO",
+                             "-R", f"0:127.0.0.1:{echo.port}", f"{world.user}@db-1", remote],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        line = b""
+        deadline = time.monotonic() + 30
+        while b"Allocated port" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, "ssh ended without reporting the allocated port"
+        port = int(line.split()[2])
+        portfile.write_text(str(port))
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert out.strip() == b"via -R"
+    finally:
+        _stop(proc)
+        portfile.unlink(missing_ok=True)
