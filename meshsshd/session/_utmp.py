@@ -102,9 +102,10 @@ def build_record(rec: LoginRecord, ut_type: int, now: float | None = None) -> Ut
 
 def _write(ut: Utmpx) -> None:
     lib = _lib()
-    if not os.path.exists(UTMP_FILE):
-        fd = os.open(UTMP_FILE, os.O_CREAT | os.O_WRONLY, 0o664)
-        os.close(fd)
+    for path in (UTMP_FILE, WTMP_FILE):   # glibc does not create them; minimal containers lack them
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o664)
+            os.close(fd)
     lib.utmpxname(UTMP_FILE.encode())
     lib.setutxent()
     ok = lib.pututxline(ctypes.byref(ut))
