@@ -11,7 +11,7 @@ with spaces (the remote shell splits them again).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UsageError
 

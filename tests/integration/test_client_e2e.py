@@ -15,7 +15,6 @@ import json
 import os
 import pty
 import select
-import shutil
 import signal
 import socket
 import struct
