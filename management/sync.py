@@ -179,9 +179,16 @@ class SyncHub:
             t0 = time.perf_counter()
             try:
                 state = await self._load()
+                t_loaded = time.perf_counter()
                 streams = [st for group in list(self._streams.values()) for st in list(group)]
+                sent_before = self._sent.value()
                 await asyncio.gather(*(self._send_map(st, state) for st in streams))
-                self._recompute_duration.observe(time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                self._recompute_duration.observe(elapsed)
+                if streams:
+                    event(log, "sync.recomputed", serial=state.serial, streams=len(streams),
+                          sent=int(self._sent.value() - sent_before), load_ms=round((t_loaded - t0) * 1000, 1),
+                          total_ms=round(elapsed * 1000, 1))
             except Exception:  # keep serving; the next change retries
                 log.exception("recompute failed")
                 await asyncio.sleep(0.5)
