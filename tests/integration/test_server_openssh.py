@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import os_user, require_root, require_tool
+from tests.support import free_port, os_user, require_root, require_tool
 
 from .serverkit import ServerKit, client_key, install_key
 
@@ -324,7 +324,7 @@ def _stop(proc):
 
 def test_local_forward(world, echo_server):
     srv, user, key, _ = world
-    lport = __import__("tests.support", fromlist=["free_port"]).free_port()
+    lport = free_port()
     proc = _background_ssh(srv, user, key, ["-L", f"{lport}:127.0.0.1:{echo_server.port}"])
     try:
         assert _talk(lport) == b"echo:hi"
@@ -334,8 +334,6 @@ def test_local_forward(world, echo_server):
 
 def test_remote_forward_and_refusals(world, echo_server):
     srv, user, key, _ = world
-    from tests.support import free_port
-
     rport = free_port()
     proc = _background_ssh(srv, user, key, ["-R", f"{rport}:127.0.0.1:{echo_server.port}"])
     try:
@@ -360,8 +358,6 @@ def test_remote_forward_and_refusals(world, echo_server):
 
 def test_dynamic_forward_socks(world, echo_server):
     srv, user, key, _ = world
-    from tests.support import free_port
-
     sport = free_port()
     proc = _background_ssh(srv, user, key, ["-D", str(sport)])
     try:
@@ -388,8 +384,6 @@ def test_dynamic_forward_socks(world, echo_server):
 
 def test_local_forward_to_closed_port_fails_cleanly(world):
     srv, user, key, _ = world
-    from tests.support import free_port
-
     lport, dead = free_port(), free_port()
     proc = _background_ssh(srv, user, key, ["-L", f"{lport}:127.0.0.1:{dead}"])
     try:
