@@ -123,6 +123,13 @@ def _client_class() -> type:
         def auth_completed(self) -> None:
             self.ctx.authenticated = True
 
+        def connection_lost(self, exc: Exception | None) -> None:
+            # After login, a peer that hangs up says why (e.g. access revoked by a policy
+            # change); show it — the proxy's stderr is the only place OpenSSH users see it.
+            reason = getattr(exc, "reason", "") if exc is not None else ""
+            if self.ctx.authenticated and reason:
+                self.ctx.show(f"{self.ctx.target.name}: {reason}")
+
     return MeshClient
 
 

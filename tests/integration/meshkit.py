@@ -82,8 +82,8 @@ class Mesh:
         self.api("POST", "/api/groups", {"name": name, "peers": [], "users": list(users)})
 
     def add_ssh_policy(self, name: str, sources: list[str], destinations: list[str],
-                       local_users: list[str] = ("*",)) -> None:
-        self.api("POST", "/api/policies", {"name": name, "enabled": True, "rules": [{
+                       local_users: list[str] = ("*",)) -> dict:
+        return self.api("POST", "/api/policies", {"name": name, "enabled": True, "rules": [{
             "sources": list(sources), "destinations": list(destinations), "protocol": "ssh",
             "ports": [], "bidirectional": False, "local_users": list(local_users),
             "allow_root": False}]})

@@ -764,3 +764,32 @@ def test_openssh_remote_forward_port_zero(world: World, dropin: Path, echo: Echo
     finally:
         _stop(proc)
         portfile.unlink(missing_ok=True)
+
+
+
+def test_zz_revoked_session_tells_the_user(world: World, tmp_path: Path) -> None:
+    """Last in this module (bob leaves his group): a live session that policy no longer
+    allows is closed by the peer, and both meshssh and ssh-through-the-proxy say why."""
+    d = tmp_path / "bobdrop"
+    assert world.ms("config", "install", "--path", str(d), cfg=world.bob).returncode == 0
+    conf = tmp_path / "bob_ssh_config"
+    conf.write_text(f"Include {d / '99-meshssh.conf'}\n")
+    env = world.mesh.client_env(world.bob)
+    env["PATH"] = f"{Path(console_script('meshssh')).parent}:{env.get('PATH', '')}"
+    remote = "echo started; sleep 60"
+    procs = [_background([console_script("meshssh"), f"{world.user}@web-1", remote], env),
+             _background([require_tool("ssh"), "-F", str(conf), f"{world.user}@web-1", remote], env)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == b"started\n"
+        groups = world.mesh.api("GET", "/api/groups")
+        groups = groups["groups"] if isinstance(groups, dict) else groups
+        ops = next(g for g in groups if g["name"] == "ops")
+        world.mesh.api("PUT", f"/api/groups/{ops['id']}", {"users": []})  # bob leaves ops
+        for p in procs:
+            _, err = p.communicate(timeout=30)
+            assert p.returncode == 255
+            assert b"revoked" in err, err
+    finally:
+        for p in procs:
+            _stop(p)
