@@ -309,11 +309,17 @@ def _login_burst(ctx: Ctx, server: Server) -> tuple[float, float, dict[str, Any]
     clients = [subprocess.Popen(base + ["--concurrency", str(c)], cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for c in per]
     results = []
-    for c in clients:
-        out, err = c.communicate(timeout=ctx.login_seconds + 180)
-        if c.returncode != 0 or not out.strip():
-            raise RuntimeError(f"login client failed: {err[-400:]}")
-        results.append(json.loads(out))
+    try:
+        for c in clients:
+            out, err = c.communicate(timeout=ctx.login_seconds + 180)
+            if c.returncode != 0 or not out.strip():
+                raise RuntimeError(f"login client failed: {err[-400:]}")
+            results.append(json.loads(out))
+    finally:
+        for c in clients:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
     settle(server, timeout=30)
     cpu = server.cpu_seconds() - c0
     ok = sum(r["ok"] for r in results)

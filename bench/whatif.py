@@ -13,6 +13,9 @@ Each switch is an environment variable read here (the harness passes them with
 - MESHBENCH_READ_SIZE=BYTES   read size of the child-output pump (meshsshd.session._io)
 - MESHBENCH_COALESCE=1        combine all socket writes of one loop iteration into one
                               send() (asyncio tries send() per SSH packet otherwise)
+- MESHBENCH_HIGH_WATER=BYTES  pause threshold of the child-input pump (session._io.HIGH_WATER)
+- MESHBENCH_TRACEMALLOC=1     trace allocations; SIGUSR1 logs the 15 biggest allocation
+                              sites to stderr (the daemon's log)
 - MESHBENCH_SETPRIV=1         start session children through `setpriv` instead of
                               Popen(user=, group=, extra_groups=): CPython uses vfork
                               only without those, so the daemon stops fork()ing itself
@@ -126,8 +129,29 @@ def _patch_setpriv() -> None:
     _spawn.subprocess = _Shim()  # type: ignore[assignment]
 
 
+def _trace_on_usr1() -> None:
+    import signal
+    import tracemalloc
+
+    tracemalloc.start(8)
+
+    def dump(signum: int, frame: Any) -> None:
+        snap = tracemalloc.take_snapshot()
+        current, peak = tracemalloc.get_traced_memory()
+        lines = [f"tracemalloc: current {current >> 20} MiB, peak {peak >> 20} MiB"]
+        for stat in snap.statistics("traceback")[:15]:
+            lines.append(f"  {stat.size >> 10} KiB in {stat.count} blocks")
+            lines += [f"    {frame}" for frame in stat.traceback.format()[-6:]]
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
 def main() -> None:
     env = os.environ
+    if env.get("MESHBENCH_TRACEMALLOC") == "1":
+        _trace_on_usr1()
     if env.get("MESHBENCH_WINDOW") or env.get("MESHBENCH_PKTSIZE"):
         _patch_listen(int(env.get("MESHBENCH_WINDOW") or 0) or None,
                       int(env.get("MESHBENCH_PKTSIZE") or 0) or None)
@@ -137,6 +161,10 @@ def main() -> None:
         from meshsshd.session import _io
 
         _io.READ_SIZE = int(env["MESHBENCH_READ_SIZE"])
+    if env.get("MESHBENCH_HIGH_WATER"):
+        from meshsshd.session import _io as _io_hw
+
+        _io_hw.HIGH_WATER = int(env["MESHBENCH_HIGH_WATER"])
     if env.get("MESHBENCH_COALESCE") == "1":
         _patch_coalesce()
     if env.get("MESHBENCH_SETPRIV") == "1":
