@@ -172,21 +172,26 @@ def latency_samples(ctx: Ctx, label: str, one: Callable[[], float]) -> tuple[flo
     return summarize(runs).median, runs
 
 
-def negotiated(ws: Workspace, server: Server) -> dict[str, str]:
-    """What the native client and this server agree on by default (from `ssh -v`)."""
-    done = subprocess.run(transfer.ssh_base(ws, server, "-v") + ["true"], stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=60)
+def parse_negotiated(ssh_v_stderr: str) -> dict[str, str]:
+    """Key exchange, host key algorithm, cipher and server version from `ssh -v` output."""
     out: dict[str, str] = {}
-    for line in done.stderr.splitlines():
+    for line in ssh_v_stderr.splitlines():
         if "kex: algorithm:" in line:
             out["kex"] = line.split(":")[-1].strip()
         elif "kex: host key algorithm:" in line:
             out["host_key"] = line.split(":")[-1].strip()
         elif "kex: server->client cipher:" in line:
             out["cipher"] = line.split("cipher:")[1].split()[0]
-        elif line.startswith("Remote protocol version") or "remote software version" in line:
+        elif "remote software version" in line:
             out["server_version"] = line.split("remote software version")[-1].strip()
     return out
+
+
+def negotiated(ws: Workspace, server: Server) -> dict[str, str]:
+    """What the native client and this server agree on by default."""
+    done = subprocess.run(transfer.ssh_base(ws, server, "-v") + ["true"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+    return parse_negotiated(done.stderr)
 
 
 def measure_latency_native(ctx: Ctx) -> tuple[list[Figure], dict[str, list[float]]]:

@@ -164,3 +164,28 @@ def test_long_multiline_note_stays_one_table_cell() -> None:
     assert len(lines) == 3
     assert lines[2].count("|") == 7
     assert "…" in lines[2]
+
+
+def test_parse_negotiated_from_ssh_v() -> None:
+    from bench.measure import parse_negotiated
+
+    text = (
+        "debug1: Remote protocol version 2.0, remote software version OpenSSH_9.2p1 Debian-2\n"
+        "debug1: kex: algorithm: sntrup761x25519-sha512\n"
+        "debug1: kex: host key algorithm: ssh-ed25519\n"
+        "debug1: kex: server->client cipher: chacha20-poly1305@openssh.com MAC: <implicit> compression: none\n"
+    )
+    assert parse_negotiated(text) == {
+        "server_version": "OpenSSH_9.2p1 Debian-2", "kex": "sntrup761x25519-sha512",
+        "host_key": "ssh-ed25519", "cipher": "chacha20-poly1305@openssh.com",
+    }
+
+
+def test_collapsed_stack_summary() -> None:
+    from bench.profile import summarize_collapsed
+
+    text = "main;loop;read 30\nmain;loop;send 50\nmain;spawn 20\ngarbage line\n"
+    self_top, total_top, n = summarize_collapsed(text, top=3)
+    assert n == 100
+    assert self_top[0] == ("send", 50)
+    assert dict(total_top)["main"] == 100 and dict(total_top)["loop"] == 80
