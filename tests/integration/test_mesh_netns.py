@@ -165,8 +165,9 @@ def test_a_logs_into_b_on_22_and_22022(netmesh: NetMesh) -> None:
         src_ip, _, dst_ip, dst_port = conn.split()
         assert (src_ip, dst_ip, dst_port) == (m.ip("a"), m.ip("b"), "22022")
     # The handshake shows in `meshsshd status`.
-    b = m.peers["b"].wait(lambda s: any(p["latest_handshake"] for p in s["peers"]), what="a handshake")
-    assert any(p["name"] == "peer-a" and p["latest_handshake"] > 0 for p in b["peers"])
+    m.peers["b"].wait(lambda s: any(p["name"] == "peer-a" and p["latest_handshake"] for p in s["peers"]),
+                      what="a handshake with A in status")
+    assert "handshake never" not in m.peers["b"].cli("status").stdout.split("peer-a", 1)[1].split("\n")[0]
 
 
 def test_c_is_dropped_by_nftables_until_a_policy_opens_it(netmesh: NetMesh) -> None:
