@@ -14,6 +14,9 @@ _BOOL = {"type": "boolean"}
 _INT = {"type": "integer"}
 _STRS = {"type": "array", "items": {"type": "string"}}
 _TIME = {"type": "string", "format": "date-time", "nullable": True}
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"}
+_LABEL = {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}
+_WG_KEY = {"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$", "description": "32-byte key, base64"}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -70,12 +73,13 @@ def _schemas() -> dict[str, Any]:
         "action": {"type": "string", "enum": ["accept"]},
     }, ("sources", "destinations"))
     peer_info = _obj({"id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "wg_public_key": _STR,
-                      "endpoints": _STRS, "ssh_host_keys": _STRS, "ssh_enabled": _BOOL, "local_users": _STRS},
+                      "endpoints": _STRS, "ssh_host_keys": _STRS, "ssh_enabled": _BOOL, "local_users": _STRS,
+                      "groups": {**_STRS, "description": "group names (in the per-user peer list)"}},
                      ("id", "name", "mesh_ip"))
     return {
         "Error": _obj({"error": _STR, "message": _STR, "field": _STR}, ("error", "message")),
         "PeerFlags": flags,
-        "RegisterRequest": _obj({"setup_key": _STR, "wg_public_key": _STR, "ssh_host_key": _STR, "hostname": _STR,
+        "RegisterRequest": _obj({"setup_key": _STR, "wg_public_key": _WG_KEY, "ssh_host_key": _STR, "hostname": _STR,
                                  "flags": flags, "version": _STR, "endpoints": _STRS},
                                 ("setup_key", "wg_public_key", "hostname"), extra=True),
         "RegisterResponse": _obj({"peer_id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "network": _STR,
@@ -104,9 +108,9 @@ def _schemas() -> dict[str, Any]:
                             "role": {"type": "string", "enum": ["admin", "user"]}, "blocked": _BOOL}),
         "Group": _obj({"id": _STR, "name": _STR, "peers": _STRS, "peer_names": _STRS, "users": _STRS,
                        "user_emails": _STRS, "created": _TIME}),
-        "GroupCreate": _obj({"name": _STR, "peers": {**_STRS, "description": "peer ids or names"},
+        "GroupCreate": _obj({"name": _NAME, "peers": {**_STRS, "description": "peer ids or names"},
                              "users": {**_STRS, "description": "user ids or emails"}}, ("name",)),
-        "GroupUpdate": _obj({"name": _STR, "peers": _STRS, "users": _STRS}),
+        "GroupUpdate": _obj({"name": _NAME, "peers": _STRS, "users": _STRS}),
         "SetupKey": _obj({"id": _STR, "name": _STR, "key": {**_STR, "description": "only in the create response"},
                           "reusable": _BOOL, "expires_at": _TIME, "usage_limit": _INT, "used_count": _INT,
                           "revoked": _BOOL, "valid": _BOOL, "state": _STR, "auto_groups": _STRS,
@@ -117,15 +121,15 @@ def _schemas() -> dict[str, Any]:
         "Rule": rule,
         "Policy": _obj({"id": _STR, "name": _STR, "description": _STR, "enabled": _BOOL,
                         "rules": {"type": "array", "items": rule}, "created": _TIME}),
-        "PolicyCreate": _obj({"name": _STR, "description": _STR, "enabled": _BOOL,
+        "PolicyCreate": _obj({"name": _NAME, "description": _STR, "enabled": _BOOL,
                               "rules": {"type": "array", "items": rule, "minItems": 1}}, ("name", "rules")),
-        "PolicyUpdate": _obj({"name": _STR, "description": _STR, "enabled": _BOOL,
+        "PolicyUpdate": _obj({"name": _NAME, "description": _STR, "enabled": _BOOL,
                               "rules": {"type": "array", "items": rule, "minItems": 1}}),
         "Peer": _obj({"id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "hostname": _STR,
                       "wg_public_key": _STR, "ssh_host_key": _STR, "flags": flags, "version": _STR,
                       "endpoints": _STRS, "ssh_enabled": _BOOL, "groups": _STRS, "connected": _BOOL,
                       "created": _TIME, "last_seen": _TIME}),
-        "PeerUpdate": _obj({"name": _STR, "ssh_enabled": _BOOL}),
+        "PeerUpdate": _obj({"name": _LABEL, "ssh_enabled": _BOOL}),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 from datetime import timedelta
 from typing import Any
@@ -28,6 +29,7 @@ from ._auth import require_admin
 from .keys import EVENTS, HUB, SETTINGS, STORE
 
 log = logging.getLogger("meshmgmt.api.admin")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 routes = web.RouteTableDef()
 
 
@@ -557,13 +559,11 @@ async def get_peer(request: web.Request) -> web.Response:
 
 @routes.put("/api/peers/{id}")
 async def update_peer(request: web.Request) -> web.Response:
-    from .peers import dns_label
-
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "ssh_enabled"})
     name = v.string(doc, "name", max_len=63)
-    if name is not None and (not name or dns_label(name) != name):
+    if name is not None and not _DNS_LABEL.match(name):
         raise BadRequest("field 'name' must be a DNS label: lowercase letters, digits and '-'", field="name")
     ssh_enabled = v.boolean(doc, "ssh_enabled")
     async with request.app[STORE].change("peer.updated") as s:
