@@ -51,7 +51,7 @@ from .mgmt_client import (
     Registration,
 )
 from .netmap import SSH_PORT, NetmapError, NetworkMap
-from .state import PUBLIC_MODE, Credential, StateDir, UpConfig, pid_alive, read_json, write_json_async
+from .state import PUBLIC_MODE, Credential, StateDir, UpConfig, is_meshsshd, read_json, write_json_async
 
 log = logging.getLogger("meshsshd.agent")
 
@@ -218,7 +218,7 @@ class Agent:
         """Blocking setup: directory, single instance, keys, flags (runs in a thread)."""
         self.state.ensure()
         other = self.state.read_pid()
-        if other and other != os.getpid() and pid_alive(other):
+        if other and other != os.getpid() and is_meshsshd(other):
             raise StateError(f"meshsshd is already running for {self.state.root} (pid {other})")
         self.state.write_pid()
         self.state.save_config(self.config)

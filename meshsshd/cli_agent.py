@@ -25,7 +25,7 @@ from .cli import main
 from .config import DEFAULT_STATE_DIR
 from .errors import MeshsshdError
 from .logs import setup_logging
-from .state import PUBLIC_MODE, StateDir, pid_alive, read_json, write_json
+from .state import PUBLIC_MODE, StateDir, is_meshsshd, pid_alive, read_json, write_json
 
 FLAG_NAMES = (
     "allow_server_ssh",
@@ -116,7 +116,7 @@ def down(state_dir: Path, timeout: float) -> None:
 
     state = StateDir(state_dir)
     pid = state.read_pid()
-    if pid_alive(pid):
+    if is_meshsshd(pid):
         assert pid is not None
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -242,7 +242,7 @@ def status(state_dir: Path, as_json: bool) -> None:
         else:
             click.echo(f"meshsshd has not run with state directory {state.root}")
         sys.exit(1)
-    doc["running"] = pid_alive(doc.get("pid")) and state.read_pid() == doc.get("pid")
+    doc["running"] = is_meshsshd(doc.get("pid")) and state.read_pid() == doc.get("pid")
     if not doc["running"] and doc.get("state") not in ("stopped", "credential-deleted", "error"):
         doc["state"] = "crashed"
         doc["reason"] = doc.get("reason") or "the daemon is gone without stopping; run meshsshd down"

@@ -302,3 +302,15 @@ def pid_alive(pid: int | None) -> bool:
     except OSError:
         return True
     return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def is_meshsshd(pid: int | None) -> bool:
+    """Is `pid` a live meshsshd? Guards `down` against a stale pid file whose number now
+    belongs to some other process."""
+    if not pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # cannot tell (another /proc view): trust the pid file
+    return b"meshsshd" in cmdline

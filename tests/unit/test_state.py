@@ -122,3 +122,16 @@ def test_pid_file_only_removed_by_its_owner(tmp_path: Path) -> None:
     assert sd.read_pid() == os.getpid() and state_mod.pid_alive(os.getpid())
     sd.remove_pid()
     assert sd.read_pid() is None
+
+
+def test_stale_pid_of_another_program_is_not_meshsshd(tmp_path: Path) -> None:
+    import subprocess
+
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        assert state_mod.pid_alive(other.pid)
+        assert not state_mod.is_meshsshd(other.pid)
+    finally:
+        other.kill()
+        other.wait()
+    assert not state_mod.pid_alive(other.pid)
