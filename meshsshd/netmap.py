@@ -144,11 +144,14 @@ class PeerInfo:
     ssh_host_keys: tuple[str, ...] = ()  # OpenSSH public-key lines: "ssh-ed25519 AAAA..."
     ssh_enabled: bool = False
     local_users: tuple[str, ...] = ()  # filled only in the per-user peer list
+    groups: tuple[str, ...] = ()  # per-user peer list only: the peer's groups (`group:NAME` targets)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("endpoints", "ssh_host_keys", "local_users"):
+        for k in ("endpoints", "ssh_host_keys", "local_users", "groups"):
             d[k] = list(d[k])
+        if not d["groups"]:
+            del d["groups"]  # network maps never carry it: their wire form stays as it was
         return d
 
     @classmethod
@@ -163,6 +166,7 @@ class PeerInfo:
             ssh_host_keys=_str_list(data, "ssh_host_keys"),
             ssh_enabled=bool(data.get("ssh_enabled", False)),
             local_users=_str_list(data, "local_users"),
+            groups=_str_list(data, "groups"),
         )
 
 
