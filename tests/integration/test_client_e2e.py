@@ -163,9 +163,16 @@ def _interactive(argv: list[str], env: dict) -> None:
         out = _read_until(master, b"/dev/pts/")
         assert b"30 100" in out
         _set_size(master, 40, 120)  # the kernel sends the client SIGWINCH → window-change
-        time.sleep(0.3)
-        os.write(master, b"stty size\n")
-        assert b"40 120" in _read_until(master, b"40 120")
+        # The change travels client → (proxy →) peer asynchronously: ask until it arrived.
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b"40 120" not in seen and time.monotonic() < deadline:
+            os.write(master, b"stty size\n")
+            try:
+                seen += _read_until(master, b"40 120", timeout=1.0)
+            except AssertionError:
+                continue
+        assert b"40 120" in seen
         os.write(master, b"exit 3\n")
         assert proc.wait(15) == 3
     finally:
