@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataplaneError
 from ..netmap import NetworkMap
 from . import Dataplane
 from ._nftables import NftTable, check_interface_name, render_delete, table_name
@@ -22,10 +24,15 @@ class MeshDataplane(Dataplane):
 
     async def up(self, netmap: NetworkMap, serve_ssh: bool) -> None:
         # Firewall first: the interface never exists without its default-deny table.
-        await self.nft.apply(netmap, serve_ssh)
-        await self.wg.create()
-        await self.wg.set_address(netmap)
-        await self.wg.apply_peers(netmap)
+        try:
+            await self.nft.apply(netmap, serve_ssh)
+            await self.wg.create()
+            await self.wg.set_address(netmap)
+            await self.wg.apply_peers(netmap)
+        except DataplaneError:
+            with contextlib.suppress(DataplaneError):  # leave nothing half made
+                await self.down()
+            raise
 
     async def apply(self, netmap: NetworkMap, serve_ssh: bool) -> None:
         await self.wg.set_address(netmap)
