@@ -637,7 +637,8 @@ class BannerServer:
 def test_detect_reads_only(banner: bytes | None, code: int) -> None:
     srv = BannerServer(banner)
     try:
-        r = subprocess.run([console_script("meshssh"), "detect", "--timeout", "1", "127.0.0.1",
+        wait = "1" if banner is None else "10"  # generous: a loaded CI box is slow to schedule
+        r = subprocess.run([console_script("meshssh"), "detect", "--timeout", wait, "127.0.0.1",
                             str(srv.port)], capture_output=True, timeout=30)
         assert r.returncode == code
         srv.thread.join(5)
