@@ -39,6 +39,7 @@ from typing import Any, Callable
 from . import __version__, hostkeys
 from .config import ServerSettings, find_sftp_server, settings_from_netmap
 from .dataplane import Dataplane, make_dataplane, resolve_kind
+from .dataplane import cleanup as dataplane_cleanup
 from .errors import ConfigError, DataplaneError, MeshsshdError, StateError
 from .logs import event
 from .audit_uplink import ManagementAuditSink
@@ -165,6 +166,7 @@ class Agent:
                 event(log, "audit.restored", count=queued)
             self.uplink.start()
             await self._start_metrics()
+            await self._clean_previous_dataplane()
             await write_json_async(self.state.dataplane_path, self.dataplane.record(), PUBLIC_MODE)
             await self._serve_persisted_map()
             tasks = [
@@ -205,6 +207,22 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _clean_previous_dataplane(self) -> None:
+        """A crashed run with other settings (another interface name) left its interface
+        and table behind; the same settings are simply replaced by `up`."""
+        try:
+            old = await asyncio.to_thread(read_json, self.state.dataplane_path)
+        except StateError:
+            return
+        if isinstance(old, dict) and old != self.dataplane.record():
+            try:
+                removed = await dataplane_cleanup(old)
+            except MeshsshdError as exc:
+                event(log, "dataplane.stale_cleanup_failed", logging.WARNING, error=str(exc))
+                return
+            if removed:
+                event(log, "dataplane.stale_removed", removed=removed)
 
     @property
     def dataplane(self) -> Dataplane:

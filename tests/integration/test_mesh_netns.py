@@ -244,3 +244,23 @@ def test_down_after_a_crash_removes_what_the_daemon_left(netmesh: NetMesh) -> No
     assert m.iface["a"] not in sh("ip", "-n", m.ns["a"], "-o", "link")
     assert "meshsshd" not in sh("ip", "netns", "exec", m.ns["a"], "nft", "list", "ruleset")
     assert p.cli("status").returncode == 3
+
+
+def test_restart_with_another_interface_removes_the_crashed_runs_leftovers(netmesh: NetMesh) -> None:
+    m = netmesh
+    p = m.peers["a"]
+    p.start()
+    p.wait(lambda s: s.get("pid") and s.get("state") in ("ssh-off", "serving"), what="running")
+    assert p.proc is not None
+    os.kill(p.proc.pid, signal.SIGKILL)
+    p.proc.popen.wait(10)
+    old, new = m.iface["a"], m.iface["a"].replace("mwa", "mwz")
+    p.start(flags=["--interface", new])
+    p.wait(lambda s: s.get("pid") and s.get("dataplane", {}).get("interface") == new, what="on the new interface")
+    links = sh("ip", "-n", m.ns["a"], "-o", "link")
+    assert new in links and old not in links
+    tables = sh("ip", "netns", "exec", m.ns["a"], "nft", "list", "tables")
+    assert f"meshsshd_{new}" in tables and f"meshsshd_{old}" not in tables
+    assert p.cli("down").returncode == 0
+    assert new not in sh("ip", "-n", m.ns["a"], "-o", "link")
+    assert "meshsshd" not in sh("ip", "netns", "exec", m.ns["a"], "nft", "list", "ruleset")
