@@ -263,9 +263,16 @@ async def my_peers(request: web.Request) -> web.Response:
     state = await request.app[LOAD_STATE]()
     email = caller.email or ""
     out = []
+    groups_of: dict[str, list[str]] = {}
+    for g in sorted(state.groups, key=lambda g: g.name):
+        for pid in g.peer_ids:
+            groups_of.setdefault(pid, []).append(g.name)
     for p in reachable_peers(state, email):
         # `localpart` is shown as the caller's own login name (what the SSH token will carry).
-        out.append({**p.to_dict(), "local_users": list(resolve_local_users(p.local_users, email))})
+        # `groups`: the peer's group names, so clients can expand `group:NAME` (fan-out,
+        # delegation lists) without admin rights.
+        out.append({**p.to_dict(), "local_users": list(resolve_local_users(p.local_users, email)),
+                    "groups": groups_of.get(p.id, [])})
     return web.json_response({"peers": out})
 
 

@@ -69,3 +69,20 @@ def decide(state: MeshState, identity: Identity, asked: str) -> Allowed | Refuse
                        f"{peer.name} is not SSH-enabled (meshmgmt peer ssh on {peer.name})", 403)
     return Refused(asked, "access_denied", "no-policy",
                    f"no policy lets {identity.email} reach {peer.name}", 403)
+
+
+def check_via(state: MeshState, identity: Identity, via: str) -> PeerRecord | Refused:
+    """The peer a delegated request comes through (the session on B asking the user's
+    client on A for a token for C). It must be a known peer that this identity may reach
+    by SSH itself: a token "via" a peer the user never had a session on would be a lie
+    in the audit trail. Its id goes into the SSH token's `via` claim."""
+    ok_ref = bool(via.strip()) and len(via) <= MAX_AUDIENCE_LEN
+    peer = find_peer(state, via) if ok_ref else None
+    shown = via if len(via) <= MAX_AUDIENCE_LEN else via[:40] + "…"
+    if peer is None:
+        return Refused(shown, "invalid_request", "via-unknown-peer", f"via: unknown peer {shown}", 400)
+    if ssh_access(state, identity.email, None, peer.id) is None:
+        return Refused(shown, "invalid_request", "via-not-reachable",
+                       f"via: {identity.email} may not reach {peer.name} by SSH, so nothing "
+                       f"can be delegated through it", 400)
+    return peer

@@ -173,12 +173,13 @@ class IdpRoutes:
                            reason="bad-requested-token-type")
         if field("actor_token"):
             raise IdpError("invalid_request", "actor tokens are not supported", reason="actor-token")
-        if field("via"):
-            # Delegation through a peer (`via`) is reserved for the broker; refuse clearly for now.
-            raise IdpError("invalid_request", "delegated exchange (via) is not supported by this server",
-                           reason="via-unsupported")
+        # `via`: delegation (docs/delegation.md) — the user's client mints a token for a
+        # session on another peer; checked and recorded in the SSH token's `via` claim.
+        via = field("via") if "via" in form else None
+        if len(form.getall("via", [])) > 1:
+            raise IdpError("invalid_request", "via: name one peer", reason="via-repeated")
         audiences = [str(a) for a in form.getall("audience", [])]
-        _, tokens_out = await self.issuer.exchange_for_ssh(field("subject_token"), audiences)
+        _, tokens_out = await self.issuer.exchange_for_ssh(field("subject_token"), audiences, via)
         if len(tokens_out) == 1:
             only = tokens_out[0]
             if "error" in only:

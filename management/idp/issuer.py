@@ -259,8 +259,10 @@ class Issuer:
         event(log, "idp.device_decided", user=identity.email, approved=approve)
         return identity
 
-    async def exchange(self, subject_token: str, audiences: list[str]) -> tuple[tokens.Identity, list[exchange.Allowed | exchange.Refused]]:
-        """Who asks, and the per-audience decisions of an SSH token exchange (nothing signed)."""
+    async def exchange(self, subject_token: str, audiences: list[str], via: str | None = None
+                       ) -> tuple[tokens.Identity, list[exchange.Allowed | exchange.Refused], str | None]:
+        """Who asks, the per-audience decisions of an SSH token exchange (nothing signed),
+        and the id of the `via` peer (delegation), checked by `exchange.check_via`."""
         # RFC 8693 §2.2.2: an invalid or unacceptable subject token is `invalid_request`.
         try:
             claims = await self.verify_access_token(subject_token)
@@ -275,7 +277,13 @@ class Issuer:
         if len(audiences) > MAX_AUDIENCES:
             raise IdpError("invalid_request", f"at most {MAX_AUDIENCES} audiences per request", reason="too-many-audiences")
         state = await self.load_state()
-        return identity, [exchange.decide(state, identity, a) for a in audiences]
+        via_id = None
+        if via is not None:
+            checked = exchange.check_via(state, identity, via)
+            if isinstance(checked, exchange.Refused):
+                raise IdpError("invalid_request", checked.description, reason=checked.reason)
+            via_id = checked.id
+        return identity, [exchange.decide(state, identity, a) for a in audiences], via_id
 
     def ssh_token(self, identity: tokens.Identity, allowed: exchange.Allowed, via: str | None = None) -> str:
         claims = tokens.ssh_claims(identity, self.issuer_url, allowed.peer.id, allowed.local_users,
@@ -284,7 +292,7 @@ class Issuer:
 
     async def exchange_for_ssh(self, subject_token: str, audiences: list[str], via: str | None = None) -> tuple[tokens.Identity, list[dict[str, Any]]]:
         """The `tokens` list of an exchange response: a token or an error per audience."""
-        identity, decisions = await self.exchange(subject_token, audiences)
+        identity, decisions, via = await self.exchange(subject_token, audiences, via)
         out: list[dict[str, Any]] = []
         for d in decisions:
             if isinstance(d, exchange.Allowed):
@@ -294,7 +302,7 @@ class Issuer:
                             "expires_in": self.settings.ssh_ttl, "local_users": list(d.local_users)})
                 self.metrics.granted("token_exchange")
                 event(log, "idp.ssh_token", user=identity.email, peer=d.peer.name, peer_id=d.peer.id,
-                      local_users=list(d.local_users), via=via)
+                      local_users=list(d.local_users), via=via, delegated=via is not None)
             else:
                 out.append({"peer": d.asked, "error": d.error, "error_description": d.description})
                 self.metrics.refused("token_exchange", d.reason)

@@ -511,13 +511,27 @@ async def test_exchange_fan_out(mesh: Mesh) -> None:
     [
         pytest.param({"subject_token_type": "urn:x"}, "subject_token_type", id="bad-subject-type"),
         pytest.param({"requested_token_type": "urn:x"}, "requested_token_type", id="bad-requested-type"),
-        pytest.param({"via": "peer-x"}, "via", id="via-reserved"),
+        pytest.param({"via": "peer-x"}, "via: unknown peer peer-x", id="via-unknown-peer"),
+        pytest.param({"via": ""}, "via: unknown peer", id="via-empty"),
+        pytest.param({"via": "db-1"}, "via: alice@example.com may not reach db-1 by SSH", id="via-not-reachable"),
     ],
 )
 async def test_exchange_bad_requests(mesh: Mesh, extra: dict[str, str], reason: str) -> None:
     access = (await mesh.login())["access_token"]
     status, body = await mesh.exchange(access, "web-1", **extra)
     assert (status, body["error"]) == (400, "invalid_request") and reason in body["error_description"]
+
+
+async def test_exchange_via_names_the_delegating_peer(mesh: Mesh) -> None:
+    """Delegation: the token for the target carries the id of the peer it was asked through."""
+    access = (await mesh.login())["access_token"]
+    status, body = await mesh.exchange(access, "web-1", via="web-1.mesh.internal")
+    assert status == 200, body
+    claims = claims_of(body["access_token"])
+    assert claims["via"] == mesh.ids["web-1"] and claims["aud"] == mesh.ids["web-1"]
+    # A delegated request for a target the user may not reach is still refused per target.
+    status, body = await mesh.exchange(access, "db-1", via="web-1")
+    assert (status, body["error"]) == (403, "access_denied")
 
 
 async def test_exchange_refuses_bad_subject_tokens(mesh: Mesh) -> None:
