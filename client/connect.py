@@ -146,6 +146,7 @@ class DialContext:
     attempts: int = 0
     prefetch: asyncio.Task | None = None
     held: list[str] = field(default_factory=list)
+    own_prefetch: bool = True
 
     def banner(self, msg: str) -> None:
         """Show what the peer says — except its refusal of a *cached* token, which we
@@ -192,7 +193,8 @@ class DialContext:
         return res.token
 
     async def cancel(self) -> None:
-        if self.prefetch is not None and not self.prefetch.done() and self.attempts == 0:
+        if (self.own_prefetch and self.prefetch is not None and not self.prefetch.done()
+                and self.attempts == 0):
             self.prefetch.cancel()
             with contextlib.suppress(BaseException):
                 await self.prefetch
@@ -220,7 +222,7 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
             "without one (no trust on first use)")
     ctx = DialContext(target, session, quiet=quiet)
     if prefetch is not None:
-        ctx.prefetch = prefetch
+        ctx.prefetch, ctx.own_prefetch = prefetch, False  # the caller's: never cancel it
     else:
         ctx.start_prefetch()
     kwargs: dict[str, Any] = dict(

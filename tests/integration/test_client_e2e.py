@@ -551,6 +551,28 @@ def test_wrong_host_key(world: World, dropin: Path, tmp_path: Path) -> None:
     assert '"event":"auth.' not in log, log[-2000:]
 
 
+def test_stale_cached_host_key_is_refetched_not_trusted(world: World, dropin: Path) -> None:
+    """A peer list cached before a key rotation: the mismatch makes meshssh (and the
+    proxy) ask management again once, and the connection goes on with the current key."""
+    import asyncssh
+
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    peers_file = world.alice / "peers.json"
+    for run in (lambda: world.ms(f"{world.user}@db-1", "echo fresh"),
+                lambda: ossh(world, dropin, f"{world.user}@db-1", "echo fresh")):
+        assert world.ms("peers").returncode == 0  # fills the cache
+        doc = json.loads(peers_file.read_text())
+        for p in doc["peers"]:
+            if p["name"] == "db-1":
+                p["ssh_host_keys"] = [other]
+        doc["fetched"] = time.time()
+        peers_file.write_text(json.dumps(doc))
+        r = run()
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b"fresh\n"
+        assert other not in peers_file.read_text()  # the refetched list replaced the stale one
+
+
 def test_cached_ssh_token_expired_or_refused_is_replaced(world: World) -> None:
     peer_id = world.mesh.status("db-1")["peer_id"]
     cache = world.alice / "ssh-tokens.json"
