@@ -18,7 +18,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from meshsshd.logs import event
 
-from .api import admin, peers
+from .api import admin, peers, subsystems
 from .api.keys import EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, REGISTER_LIMITER, SETTINGS, STORE
 from .errors import ManagementError, TooManyRequests
 from .events import EventFeed
@@ -157,4 +157,5 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_routes(peers.routes)  # before admin: /api/peers/sync must win over /api/peers/{id}
     app.router.add_routes(admin.routes)
+    app.router.add_routes(subsystems.routes)
     return app

@@ -344,6 +344,10 @@ def register(main: click.Group) -> None:
         doc = _run(ctx, "PUT", f"/api/peers/{p['id']}", {"ssh_enabled": state == "on"})
         _ok(ctx, f"SSH {state} for {p['name']}", doc)
 
+    from .cli_subsystems import register as register_subsystems
+
+    register_subsystems(peers, groups)
+
     # --- events ----------------------------------------------------------------------------------
     @main.group()
     def events() -> None:

@@ -7,6 +7,7 @@ Public functions (the issuer's token exchange and the API use these):
     reachable_peers(state, user_email, user_groups=None) -> tuple[PeerInfo, ...]
     find_peer(state, ref) -> PeerRecord | None           # by id, name, FQDN or mesh IP
     map_fingerprint(netmap) -> str                        # content without the serial
+    subsystems_for(state, peer_id) -> dict[str, str]      # admin-set SSH subsystems
 
 `state` comes from `await store.load_state()` (management/store/snapshot.py); the app
 fills in `issuer` and `jwks` with `dataclasses.replace` before computing maps.
@@ -67,6 +68,7 @@ USER_CLAIM = "email"
 RULE_PROTOCOLS = ("tcp", "udp", "icmp", "all", "ssh")
 
 __all__ = [
+    "subsystems_for",
     "SSHGrant",
     "compute_map",
     "find_peer",
@@ -355,6 +357,7 @@ def compute_map(state: MeshState, peer_id: str) -> NetworkMap | None:
         jwks=dict(state.jwks) if ssh_on else {},
         user_claim=USER_CLAIM,
         access=_access(idx, peer) if ssh_on else (),
+        subsystems=subsystems_for(state, peer_id) if ssh_on else {},
     )
     return NetworkMap(
         serial=state.serial,
@@ -364,6 +367,22 @@ def compute_map(state: MeshState, peer_id: str) -> NetworkMap | None:
         firewall_rules=_firewall(idx, peer, ssh_on),
         ssh=ssh,
     )
+
+
+def subsystems_for(state: MeshState, peer_id: str) -> dict[str, str]:
+    """The subsystems management sets for a peer: its groups' entries (groups in name
+    order, a later group winning a name clash), then the peer's own, which win."""
+    if not state.subsystems:
+        return {}
+    out: dict[str, str] = {}
+    group_ids = {g.id: g.name for g in state.groups if peer_id in g.peer_ids}
+    for rec in sorted((r for r in state.subsystems if r.group_id in group_ids),
+                      key=lambda r: (group_ids[r.group_id], r.name)):
+        out[rec.name] = rec.command
+    for rec in state.subsystems:
+        if rec.peer_id == peer_id:
+            out[rec.name] = rec.command
+    return dict(sorted(out.items()))
 
 
 def map_fingerprint(netmap: NetworkMap) -> str:

@@ -79,6 +79,16 @@ class PolicyRecord:
 
 
 @dataclass(frozen=True)
+class SubsystemRecord:
+    """An SSH subsystem set by an admin for one peer (peer_id) or a group (group_id)."""
+
+    name: str
+    command: str
+    peer_id: str = ""
+    group_id: str = ""
+
+
+@dataclass(frozen=True)
 class MeshState:
     """Peers, users, groups and policies at one serial, plus the issuer's facts.
 
@@ -91,6 +101,7 @@ class MeshState:
     users: tuple[UserRecord, ...] = ()
     groups: tuple[GroupRecord, ...] = ()
     policies: tuple[PolicyRecord, ...] = ()
+    subsystems: tuple[SubsystemRecord, ...] = ()
     issuer: str = ""
     jwks: dict[str, Any] = field(default_factory=dict)
 

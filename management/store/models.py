@@ -34,6 +34,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -208,3 +209,25 @@ class Meta(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Subsystem(Base):
+    """An SSH subsystem a peer serves (`powershell` → `pwsh -sshs -NoLogo -NoProfile`),
+    set for one peer or for every peer of a group; it reaches peers in the map's
+    `ssh.subsystems`. Exactly one of peer_id / group_id is set; a peer's own entry
+    overrides its groups' (management/netmap.py `subsystems_for`)."""
+
+    __tablename__ = "subsystems"
+    __table_args__ = (
+        UniqueConstraint("peer_id", "name", name="uq_subsystems_peer_name"),
+        UniqueConstraint("group_id", "name", name="uq_subsystems_group_name"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    peer_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("peers.id", ondelete="CASCADE"), nullable=True, index=True)
+    group_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("groups.id", ondelete="CASCADE"), nullable=True, index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    command: Mapped[str] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

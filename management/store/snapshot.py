@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, UserRecord
-from .models import Group, Meta, Peer, Policy, User, group_peers, group_users
+from ..state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, SubsystemRecord, UserRecord
+from .models import Group, Meta, Peer, Policy, Subsystem, User, group_peers, group_users
 
 DEFAULT_DNS_DOMAIN = "mesh.internal"
 
@@ -45,6 +45,8 @@ async def load_state(s: AsyncSession, network: str = "", dns_domain: str = "") -
         gp = (await s.execute(select(group_peers.c.group_id, group_peers.c.peer_id))).all()
         gu = (await s.execute(select(group_users.c.group_id, group_users.c.user_id))).all()
         policies = (await s.execute(select(Policy.id, Policy.name, Policy.enabled, Policy.rules))).all()
+        subsystems = (await s.execute(select(Subsystem.name, Subsystem.command, Subsystem.peer_id,
+                                             Subsystem.group_id))).all()
     members_p: dict[str, set[str]] = {}
     members_u: dict[str, set[str]] = {}
     for gid, pid in gp:
@@ -74,6 +76,13 @@ async def load_state(s: AsyncSession, network: str = "", dns_domain: str = "") -
                 (PolicyRecord(id=p.id, name=p.name, enabled=bool(p.enabled),
                               rules=tuple(RuleRecord.from_dict(r) for r in (p.rules or ()))) for p in policies),
                 key=lambda p: (p.name, p.id),
+            )
+        ),
+        subsystems=tuple(
+            sorted(
+                (SubsystemRecord(name=x.name, command=x.command, peer_id=x.peer_id or "",
+                                 group_id=x.group_id or "") for x in subsystems),
+                key=lambda x: (x.peer_id, x.group_id, x.name),
             )
         ),
     )

@@ -52,10 +52,10 @@ async def test_serial_grows_survives_restart_and_notifies(store: Store, tmp_path
 async def test_wal_mode_foreign_keys_and_alembic_head(store: Store) -> None:
     async with store.session() as s:
         conn = await s.connection()
-        assert (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar() == "0002"
         tables = {r[0] for r in await conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"users", "groups", "peers", "setup_keys", "policies", "events", "admin_tokens", "meta",
-                "idp_signing_keys", "idp_device_codes", "idp_refresh_tokens"} <= tables
+                "idp_signing_keys", "idp_device_codes", "idp_refresh_tokens", "subsystems"} <= tables
         assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
         assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
 
