@@ -2,7 +2,8 @@
 
 Counters come from the audit events the server emits (the same stream management gets,
 so the numbers agree with the audit log): logins refused by reason, sessions started and
-ended, bytes moved, live-session revocations. Gauges are read when scraped: live sessions
+ended, bytes moved, live-session revocations; accepted logins come from the server's
+`auth.accepted` log event (the audit stream has none). Gauges are read when scraped: live sessions
 from the server, the applied map's serial, whether the sync stream is up, the audit queue.
 The server's own `stats` dict (connections dropped by MaxStartups, evicted, ...) is
 exported as `meshsshd_server_<name>`. The text format is rendered here (`render()` is pure); no client library.
@@ -46,6 +47,7 @@ class Counters:
 
     def __init__(self) -> None:
         self.auth_failures: Counter[str] = Counter()
+        self.auth_successes: Counter[str] = Counter()
         self.sessions_started = 0
         self.sessions_ended = 0
         self.sessions_revoked = 0
@@ -67,12 +69,28 @@ class Counters:
             self.sessions_revoked += 1
 
 
+class _AcceptedLogins(logging.Handler):
+    """Counts the SSH server's `auth.accepted` events by method. The audit stream has no
+    event for a successful login (only for the sessions that follow), and the server logs
+    one structured event per accepted login, so this is where successes are counted."""
+
+    def __init__(self, counters: Counters) -> None:
+        super().__init__(logging.INFO)
+        self.counters = counters
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "auth.accepted":
+            fields = getattr(record, "fields", None) or {}
+            self.counters.auth_successes[str(fields.get("method") or "unknown")] += 1
+
+
 class MetricsServer:
     def __init__(self, listen: str, agent: Any) -> None:
         self.host, self.port = parse_listen(listen)
         self.agent = agent
         self.counters = Counters()
         self._runner: web.AppRunner | None = None
+        self._logins = _AcceptedLogins(self.counters)
 
     def observe(self, ev: AuditEvent) -> None:
         self.counters.observe(ev)
@@ -104,6 +122,8 @@ class MetricsServer:
              [({}, c.sessions_revoked)]),
             ("meshsshd_auth_failures_total", "counter", "Logins refused, by reason.",
              [({"reason": r}, n) for r, n in sorted(c.auth_failures.items())]),
+            ("meshsshd_auth_successes_total", "counter", "Logins accepted, by method.",
+             [({"method": m}, n) for m, n in sorted(c.auth_successes.items())]),
             ("meshsshd_session_bytes_total", "counter", "Bytes moved by ended sessions.",
              [({"direction": "in"}, c.bytes_in), ({"direction": "out"}, c.bytes_out)]),
             ("meshsshd_netmap_serial", "gauge", "Serial of the network map in force.",
@@ -131,6 +151,8 @@ class MetricsServer:
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def start(self) -> None:
+        # (Counted only while the log level is info or lower, the default.)
+        logging.getLogger("meshsshd.server").addHandler(self._logins)
         app = web.Application()
         app.router.add_get("/metrics", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -140,6 +162,7 @@ class MetricsServer:
         event(log, "metrics.listening", listen=f"{self.host}:{self.port}")
 
     async def stop(self) -> None:
+        logging.getLogger("meshsshd.server").removeHandler(self._logins)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -177,6 +177,8 @@ async def test_policy_allows_login_from_peer_a(mesh: Mesh) -> None:
     text = metrics(mesh)
     assert metric_value(text, "meshsshd_netmap_serial") == mesh.b.status()["netmap_serial"]
     assert metric_value(text, "meshsshd_ssh_serving") == 1
+    assert metric_value(text, 'meshsshd_auth_successes_total{method="jwt"}') >= 1
+    assert metric_value(text, "meshsshd_sessions_started_total") >= 1
 
 
 async def test_logins_from_elsewhere_or_to_unpermitted_peers_are_refused(mesh: Mesh) -> None:

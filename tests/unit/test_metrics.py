@@ -29,3 +29,24 @@ def test_counters_from_audit_events() -> None:
     assert dict(c.auth_failures) == {"expired": 2, "no-policy": 1}
     assert (c.sessions_started, c.sessions_ended, c.sessions_revoked) == (1, 1, 1)
     assert (c.bytes_in, c.bytes_out) == (10, 32)
+
+
+def test_accepted_logins_are_counted_from_the_server_event() -> None:
+    import logging
+
+    from meshsshd.logs import event
+    from meshsshd.metrics import MetricsServer
+
+    m = MetricsServer("127.0.0.1:0", agent=None)
+    log = logging.getLogger("meshsshd.server")
+    log.addHandler(m._logins)  # noqa: SLF001 - what start() does, without a socket
+    old = log.level
+    log.setLevel(logging.INFO)
+    try:
+        event(log, "auth.accepted", method="jwt", identity="a@example.com")
+        event(log, "auth.accepted", method="publickey", identity="key:SHA256:x")
+        event(log, "auth.refused", reason="expired")
+    finally:
+        log.removeHandler(m._logins)  # noqa: SLF001
+        log.setLevel(old)
+    assert dict(m.counters.auth_successes) == {"jwt": 1, "publickey": 1}
