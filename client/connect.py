@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshsshd.netmap import SSH_PORT, PeerInfo
 
-from .errors import AccessDenied, ClientError, HostKeyMismatch, PeerNotFound
+from .errors import AccessDenied, ClientError, HostKeyMismatch, NotLoggedIn, PeerNotFound
 from .options import SSHArgs, env_to_send, want_pty
 
 if TYPE_CHECKING:
@@ -407,17 +407,31 @@ async def run_session(args: SSHArgs, session: Session) -> int:
     """The `meshssh host [command]` body; returns the process exit code."""
     import asyncssh
 
-    target = await asyncio.to_thread(resolve, args.destination, session, args.port, args.user)
+    resolver = getattr(session, "resolve_target", None)  # a delegated session (client/broker.py)
+    if resolver is not None:
+        target = await asyncio.to_thread(resolver, args.destination, args.port, args.user)
+    else:
+        target = await asyncio.to_thread(resolve, args.destination, session, args.port, args.user)
     source = choose_source_address(args.bind_address, session.login.management_url)
     keepalive = float(args.option("serveraliveinterval") or 0)
     connect_timeout = float(args.option("connecttimeout") or 30)
     agent_path: Any = ()
     client_keys: Any = list(args.identities) if args.identities else ()
-    conn = await dial_verified(
-        target, session, source=source, quiet=args.quiet, client_keys=client_keys,
-        agent_path=agent_path, agent_forwarding=bool(args.agent),
-        keepalive=keepalive, connect_timeout=connect_timeout,
-    )
+    from .broker import agent_to_forward
+
+    broker, forward = await agent_to_forward(args, session, target)
+    try:
+        conn = await (dial if resolver is not None else dial_verified)(
+            target, session, source=source, quiet=args.quiet, client_keys=client_keys,
+            agent_path=agent_path, agent_forwarding=forward,
+            keepalive=keepalive, connect_timeout=connect_timeout,
+        )
+    except BaseException:
+        if broker is not None:
+            await broker.close()
+        raise
+    if broker is not None:
+        broker.close_with(conn)
     async with conn:
         problems = await _setup_forwards(conn, args)
         for p in problems:
@@ -491,7 +505,16 @@ def main_connect(args: SSHArgs) -> int:
     ttl = parse_ttl(args.ssh_jwt_cache_ttl if args.ssh_jwt_cache_ttl is not None
                     else os.environ.get("MESHSSH_SSH_JWT_CACHE_TTL"))
     try:
-        session = Session(ttl=ttl, no_cache=args.no_cache)
+        try:
+            session: Any = Session(ttl=ttl, no_cache=args.no_cache)
+        except NotLoggedIn:
+            # No login here: a session whose agent is the token broker of the user's
+            # client on another peer asks it instead (docs/delegation.md).
+            from .broker import broker_session
+
+            session = broker_session()
+            if session is None:
+                raise
         return asyncio.run(run_session(args, session))
     except ClientError as exc:
         sys.stderr.write(f"meshssh: {exc}\n")

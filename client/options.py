@@ -19,7 +19,7 @@ from .errors import UsageError
 NOARG = set("46AaCfGgKkMNnqsTtVvXxYy")
 WITHARG = set("BbcDEeFIiJLlmOoPpQRSWw")
 SUPPORTED = set("46AaCNnqTtvVbDiLlopR")
-LONG_WITHARG = {"--ssh-jwt-cache-ttl"}
+LONG_WITHARG = {"--ssh-jwt-cache-ttl", "--delegate-to"}
 LONG_NOARG = {"--no-cache", "--help"}
 
 
@@ -55,6 +55,7 @@ class SSHArgs:
     options: tuple[tuple[str, str], ...] = ()  # -o, lower-cased keys, in order
     ssh_jwt_cache_ttl: str | None = None
     no_cache: bool = False
+    delegate_to: tuple[str, ...] = ()  # --delegate-to: token delegation (client/broker.py)
     send_env: tuple[str, ...] = ()
     set_env: tuple[tuple[str, str], ...] = ()
 
@@ -189,7 +190,10 @@ def parse_ssh_args(argv: list[str]) -> SSHArgs:
                         raise UsageError(f"option {name} needs a value")
                     value = argv[i]
                     i += 1
-                kw["ssh_jwt_cache_ttl"] = value
+                if name == "--delegate-to":
+                    kw.setdefault("delegate_to", []).append(value)
+                else:
+                    kw["ssh_jwt_cache_ttl"] = value
             elif name == "--no-cache":
                 kw["no_cache"] = True
             else:

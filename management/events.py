@@ -28,6 +28,11 @@ PEER_EVENT_TYPES = (
     "forward.closed",
     "auth.refused",
     "session.revoked",
+    # detached sessions (meshsshd/detached.py, docs/remoting-sessions.md)
+    "detached.started",
+    "detached.attached",
+    "detached.detached",
+    "detached.killed",
 )
 _STR_FIELDS = ("session_id", "identity", "source_peer", "source_ip", "local_user", "command",
                "subsystem", "forward", "reason", "via", "signal")

@@ -88,7 +88,8 @@ def _schemas() -> dict[str, Any]:
         "PeerSelf": _obj({"peer_id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "network": _STR}),
         "AuditEvent": _obj({"type": {"type": "string", "enum": [
             "session.started", "session.ended", "exec", "subsystem", "forward.opened", "forward.closed",
-            "auth.refused", "session.revoked"]}, "time": {"type": "string", "format": "date-time"},
+            "auth.refused", "session.revoked", "detached.started", "detached.attached",
+            "detached.detached", "detached.killed"]}, "time": {"type": "string", "format": "date-time"},
             **{k: _STR for k in ("session_id", "identity", "source_peer", "source_ip", "local_user", "command",
                                  "subsystem", "forward", "reason", "via", "signal")},
             **{k: _INT for k in ("bytes_in", "bytes_out", "exit_status")}}, ("type",), extra=True),
