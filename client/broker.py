@@ -1,0 +1,613 @@
+"""The token broker: a second hop without handing over credentials (docs/delegation.md).
+
+    A (meshssh -A --delegate-to C B)          B (session of the user)              C
+    ┌──────────────────────────────┐ agent   ┌────────────────────────────┐
+    │ Broker: unix socket 0700     │◀channel─│ SSH_AUTH_SOCK (meshsshd's   │
+    │  ├ ssh-agent requests ──▶ $SSH_AUTH_SOCK (only with -A)            │
+    │  └ ssh-token@meshsshd: check │         │ meshssh C: no login, asks   │──token──▶ C
+    │    C against --delegate-to,  │         │ the broker for C's host keys│
+    │    mint a token aud=C via=B  │         │ and one SSH token for C     │
+    └──────────────────────────────┘         └────────────────────────────┘
+
+The broker rides on ordinary SSH agent forwarding: the client on A serves a local agent
+socket and forwards it to B. Plain agent requests are passed through to the user's
+real agent (when `-A` was given and one exists), so `ssh -A` style key-based second
+hops keep working. Two agent *extension* requests (SSH_AGENTC_EXTENSION,
+draft-miller-ssh-agent) carry the delegation:
+
+- `peers@meshsshd` `{"peer": "C"}` → C's PeerInfo (host keys, mesh IP) and the
+  management URL, so B can verify C's host key without a login of its own;
+- `ssh-token@meshsshd` `{"peer": "<id>"}` → a fresh SSH token for C only (aud = C,
+  ~60 s, one use, `via` = B's peer id), minted by A's client through token exchange.
+
+Both answer only for peers on the delegation list; B never sees the refresh token, the
+login access token or a token for any other peer. A refusal is explained on both sides:
+B's meshssh prints it, A's prints a one-line notice.
+
+Pure parts (wire framing, the delegation list, the verdict) are functions over values;
+`Broker` (A) and `BrokerClient`/`BrokerSession` (B) are the thin I/O edges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from meshsshd.netmap import NetmapError, PeerInfo
+
+from .errors import AccessDenied, ClientError, UsageError
+
+if TYPE_CHECKING:
+    from .auth import ExchangeResult, Session
+    from .connect import Target
+
+EXT_TOKEN = "ssh-token@meshsshd"
+EXT_PEERS = "peers@meshsshd"
+EXTENSIONS = (EXT_TOKEN, EXT_PEERS)
+
+# draft-miller-ssh-agent message numbers
+AGENT_FAILURE = 5
+AGENT_SUCCESS = 6
+AGENTC_REQUEST_IDENTITIES = 11
+AGENT_IDENTITIES_ANSWER = 12
+AGENTC_EXTENSION = 27
+AGENT_EXTENSION_FAILURE = 28
+
+MAX_MESSAGE = 1 << 20  # an agent message larger than this is a protocol error
+PEERS_MAX_AGE = 30.0  # the broker's copy of the peer list
+PEERS_REFRESH_MIN = 5.0  # an unknown name refetches the list at most this often
+
+
+class DelegationRefused(AccessDenied):
+    """The client on A said no; the message names the reason and where it was decided."""
+
+
+class BrokerUnavailable(ClientError):
+    pass
+
+
+# ---------------------------------------------------------------- wire (pure)
+
+def put_string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def get_string(buf: bytes, off: int = 0) -> tuple[bytes, int]:
+    if off + 4 > len(buf):
+        raise ValueError("truncated string")
+    (n,) = struct.unpack_from(">I", buf, off)
+    end = off + 4 + n
+    if end > len(buf):
+        raise ValueError("truncated string")
+    return buf[off + 4:end], end
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def extension_request(name: str, doc: dict[str, Any] | None = None) -> bytes:
+    """The payload (unframed) of SSH_AGENTC_EXTENSION `name` with a JSON document."""
+    body = put_string(name.encode())
+    if doc is not None:
+        body += put_string(json.dumps(doc, separators=(",", ":")).encode())
+    return bytes([AGENTC_EXTENSION]) + body
+
+
+def parse_extension(payload: bytes) -> tuple[str, bytes] | None:
+    """(extension name, the rest) for an SSH_AGENTC_EXTENSION payload, else None."""
+    if not payload or payload[0] != AGENTC_EXTENSION:
+        return None
+    try:
+        name, off = get_string(payload, 1)
+        return name.decode("utf-8"), payload[off:]
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def parse_json_arg(rest: bytes) -> dict[str, Any]:
+    """The JSON document that follows our extension names; ValueError if malformed."""
+    raw, off = get_string(rest, 0)
+    if off != len(rest):
+        raise ValueError("trailing bytes")
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("not an object")
+    return doc
+
+
+def reply(ok: bool, doc: dict[str, Any]) -> bytes:
+    """SUCCESS or EXTENSION_FAILURE, each followed by a JSON string (the reason too)."""
+    code = AGENT_SUCCESS if ok else AGENT_EXTENSION_FAILURE
+    return bytes([code]) + put_string(json.dumps(doc, separators=(",", ":")).encode())
+
+
+def parse_reply(payload: bytes) -> tuple[int, dict[str, Any]]:
+    """(message code, JSON document or {}) of an answer to one of our extensions."""
+    if not payload:
+        raise ValueError("empty reply")
+    code = payload[0]
+    if code == AGENT_FAILURE or len(payload) == 1:
+        return code, {}
+    raw, _ = get_string(payload, 1)
+    doc = json.loads(raw)
+    return code, doc if isinstance(doc, dict) else {}
+
+
+def query_reply(names: Iterable[str]) -> bytes:
+    return bytes([AGENT_SUCCESS]) + b"".join(put_string(n.encode()) for n in names)
+
+
+def parse_query_reply(payload: bytes) -> list[str]:
+    if not payload or payload[0] != AGENT_SUCCESS:
+        return []
+    out, off = [], 1
+    try:
+        while off < len(payload):
+            name, off = get_string(payload, off)
+            out.append(name.decode("utf-8", "replace"))
+    except ValueError:
+        pass
+    return out
+
+
+# ---------------------------------------------------------------- the delegation list (pure)
+
+def _norm(text: str) -> str:
+    return text.strip().rstrip(".").lower()
+
+
+@dataclass(frozen=True)
+class DelegationList:
+    """What `--delegate-to` named: peer names, FQDNs, mesh IPs, ids, `group:NAME`, `*`.
+
+    Empty means token delegation is off (bare `-A`): the safe default, so that forwarding
+    an agent never hands out SSH tokens the user did not name.
+    """
+
+    entries: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, values: Iterable[str]) -> DelegationList:
+        out: list[str] = []
+        for value in values:
+            for item in value.split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                if item.lower().startswith("group:") and not item[6:].strip():
+                    raise UsageError(f"--delegate-to: {item!r} names no group")
+                if item not in out:
+                    out.append(item)
+        if any(v for v in values) and not out:
+            raise UsageError("--delegate-to: name at least one peer, group:NAME or *")
+        return cls(tuple(out))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.entries)
+
+    def describe(self) -> str:
+        return ", ".join(self.entries)
+
+    def allows(self, peer: PeerInfo, groups: Sequence[str]) -> bool:
+        names = {_norm(peer.name), _norm(peer.fqdn), _norm(peer.mesh_ip), peer.id.lower()}
+        if peer.fqdn:
+            names.add(_norm(peer.fqdn).split(".")[0])
+        have_groups = {g.lower() for g in groups}
+        for e in self.entries:
+            if e == "*":
+                return True
+            if e.lower().startswith("group:"):
+                if e[6:].strip().lower() in have_groups:
+                    return True
+            elif _norm(e) in names:
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str = ""  # stable code: delegation-off | unknown-peer | not-listed | no-ssh
+    message: str = ""
+
+
+def judge(delegation: DelegationList, asked: str, peer: PeerInfo | None, groups: Sequence[str],
+          identity: str) -> Verdict:
+    """May the session on B get a token (or host keys) for `asked`?"""
+    shown = asked if len(asked) <= 80 else asked[:40] + "…"
+    if not delegation.enabled:
+        return Verdict(False, "delegation-off",
+                       f"token delegation is off: meshssh -A alone forwards only your ssh-agent; "
+                       f"start it with --delegate-to {shown} to allow {shown}")
+    if peer is None:
+        return Verdict(False, "unknown-peer", f"{shown} is not a peer {identity} may reach")
+    if not delegation.allows(peer, groups):
+        return Verdict(False, "not-listed", f"{peer.name} is not in --delegate-to ({delegation.describe()})")
+    if not peer.ssh_enabled:
+        return Verdict(False, "no-ssh", f"{peer.name} is not SSH-enabled")
+    return Verdict(True)
+
+
+def _match(peers: Sequence[tuple[PeerInfo, tuple[str, ...]]], asked: str
+           ) -> tuple[PeerInfo, tuple[str, ...]] | None:
+    from .peers import match_peer
+
+    found = match_peer([p for p, _ in peers], asked)
+    if found is None:
+        return None
+    return next((p, g) for p, g in peers if p is found)
+
+
+def parse_peers_with_groups(doc: Any) -> list[tuple[PeerInfo, tuple[str, ...]]]:
+    """`/api/me/peers` entries with their `groups` (PeerInfo itself has no groups)."""
+    items = doc.get("peers") if isinstance(doc, dict) else None
+    out = []
+    for item in items if isinstance(items, list) else []:
+        try:
+            peer = PeerInfo.from_dict(item)
+        except (NetmapError, TypeError, AttributeError, KeyError):
+            continue
+        groups = item.get("groups") if isinstance(item.get("groups"), list) else []
+        out.append((peer, tuple(str(g) for g in groups)))
+    return out
+
+
+def origin_name() -> str:
+    """How B's user is told where the decision was made: our peer's name, else the host."""
+    from .connect import DEFAULT_STATUS_FILES, STATUS_FILE_ENV
+
+    env = os.environ.get(STATUS_FILE_ENV)
+    for path in (env,) if env else DEFAULT_STATUS_FILES:
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("name"):
+            return str(doc["name"])
+    return socket.gethostname() or "your machine"
+
+
+# ---------------------------------------------------------------- A: the broker
+
+@dataclass
+class Broker:
+    """Serves one forwarded agent socket for the connection to `via` (peer B)."""
+
+    session: Session
+    delegation: DelegationList
+    via: PeerInfo
+    upstream: str | None = None  # the real ssh-agent ($SSH_AUTH_SOCK), only with -A
+    verbose: bool = False
+    origin: str = field(default_factory=origin_name)
+    say: Callable[[str], None] = field(default=lambda text: _stderr(text))
+    path: str = ""
+    _dir: str = ""
+    _server: Any = None
+    _peers: list[tuple[PeerInfo, tuple[str, ...]]] = field(default_factory=list)
+    _peers_at: float = 0.0
+    granted: int = 0
+    refused: int = 0
+
+    async def start(self) -> str:
+        self._dir = tempfile.mkdtemp(prefix="meshssh-broker-")
+        os.chmod(self._dir, 0o700)
+        atexit.register(shutil.rmtree, self._dir, True)
+        self.path = os.path.join(self._dir, "agent.sock")
+        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        os.chmod(self.path, 0o600)
+        return self.path
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def close_with(self, conn: Any) -> None:
+        """Stop serving once the SSH connection to B is gone."""
+        async def waiter() -> None:
+            with contextlib.suppress(Exception):
+                await conn.wait_closed()
+            await self.close()
+        asyncio.ensure_future(waiter())
+
+    # -- one agent connection from B (each forwarded channel is one)
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        up_tried = False
+        try:
+            while True:
+                try:
+                    head = await reader.readexactly(4)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                (n,) = struct.unpack(">I", head)
+                if n == 0 or n > MAX_MESSAGE:
+                    return
+                payload = await reader.readexactly(n)
+                ext = parse_extension(payload)
+                if ext is not None and ext[0] in EXTENSIONS:
+                    answer = await self._extension(ext[0], ext[1])
+                else:
+                    if not up_tried:
+                        up_tried = True
+                        up = await self._open_upstream()
+                    if ext is not None and ext[0] == "query":
+                        theirs = parse_query_reply(await _relay(up, payload)) if up else []
+                        answer = query_reply([*theirs, *EXTENSIONS])
+                    elif up is not None:
+                        answer = await _relay(up, payload)
+                    elif payload[0] == AGENTC_REQUEST_IDENTITIES:
+                        answer = bytes([AGENT_IDENTITIES_ANSWER]) + struct.pack(">I", 0)
+                    else:
+                        answer = bytes([AGENT_FAILURE])
+                writer.write(frame(answer))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            return
+        finally:
+            for w in ((up[1],) if up else ()) + (writer,):
+                w.close()
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        if not self.upstream:
+            return None
+        try:
+            return await asyncio.open_unix_connection(self.upstream)
+        except OSError:
+            return None
+
+    # -- our extensions
+    async def _extension(self, name: str, rest: bytes) -> bytes:
+        try:
+            doc = parse_json_arg(rest)
+            asked = str(doc.get("peer", ""))
+            if not asked:
+                raise ValueError("no peer named")
+        except ValueError as exc:
+            return reply(False, {"error": "bad-request", "message": f"malformed {name} request: {exc}",
+                                 "origin": self.origin})
+        try:
+            found = await asyncio.to_thread(self._lookup, asked)
+        except ClientError as exc:
+            return self._refuse(asked, "management", str(exc))
+        peer, groups = found if found else (None, ())
+        verdict = judge(self.delegation, asked, peer, groups, self.session.identity)
+        if not verdict.allowed:
+            return self._refuse(asked, verdict.reason, verdict.message)
+        assert peer is not None
+        if name == EXT_PEERS:
+            return reply(True, {"peer": peer.to_dict(), "management_url": self.session.login.management_url,
+                                "identity": self.session.identity, "origin": self.origin})
+        try:
+            res = await asyncio.to_thread(self._mint, peer)
+        except ClientError as exc:
+            return self._refuse(peer.name, "management", str(exc))
+        self.granted += 1
+        if self.verbose:
+            self.say(f"delegated a token for {peer.name} to the session on {self.via.name}")
+        return reply(True, {"token": res.token, "peer": peer.id, "name": peer.name,
+                            "exp": res.exp, "origin": self.origin})
+
+    def _refuse(self, asked: str, reason: str, message: str) -> bytes:
+        self.refused += 1
+        shown = asked if len(asked) <= 80 else asked[:40] + "…"
+        self.say(f"refused a token for {shown} asked through {self.via.name}: {message}")
+        return reply(False, {"error": reason, "message": message, "origin": self.origin})
+
+    def _lookup(self, asked: str) -> tuple[PeerInfo, tuple[str, ...]] | None:
+        now = time.monotonic()
+        if not self._peers or now - self._peers_at > PEERS_MAX_AGE:
+            self._load_peers(now)
+        hit = _match(self._peers, asked)
+        if hit is None and now - self._peers_at > PEERS_REFRESH_MIN:
+            self._load_peers(now)
+            hit = _match(self._peers, asked)
+        return hit
+
+    def _load_peers(self, now: float) -> None:
+        self._peers = parse_peers_with_groups(self.session.get_api("/api/me/peers"))
+        self._peers_at = now
+
+    def _mint(self, peer: PeerInfo) -> ExchangeResult:
+        """A fresh token for this peer only, via B; never cached (one use)."""
+        from . import http
+        from .auth import (ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, SSH_TOKEN_TYPE, parse_exchange)
+
+        s = self.session
+        fields = [
+            ("grant_type", EXCHANGE_GRANT), ("subject_token", s.access_token()),
+            ("subject_token_type", ACCESS_TOKEN_TYPE), ("requested_token_type", SSH_TOKEN_TYPE),
+            ("client_id", s.login.client_id), ("audience", peer.id), ("via", self.via.id),
+        ]
+        status, doc = http.post_form(s.login.token_endpoint, fields)
+        if status == 401 or (isinstance(doc, dict) and doc.get("error") in ("invalid_token", "invalid_request")
+                             and "subject_token" in str(doc.get("error_description", ""))):
+            fields[1] = ("subject_token", s.access_token(force=True))
+            status, doc = http.post_form(s.login.token_endpoint, fields)
+        res = parse_exchange(status, doc, [(peer.id, peer.name)], s.identity, time.time())[peer.id]
+        if res.error:
+            raise AccessDenied(res.error)
+        return res
+
+
+async def _relay(up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None, payload: bytes) -> bytes:
+    """One request/answer with the real agent (the agent protocol is strictly in turn)."""
+    if up is None:
+        return bytes([AGENT_FAILURE])
+    r, w = up
+    w.write(frame(payload))
+    await w.drain()
+    (n,) = struct.unpack(">I", await r.readexactly(4))
+    if n == 0 or n > MAX_MESSAGE:
+        raise ConnectionError("oversized agent answer")
+    return await r.readexactly(n)
+
+
+def _stderr(text: str) -> None:
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"meshssh: {text}\n")
+        sys.stderr.flush()
+
+
+async def start_broker(session: Any, via: PeerInfo, delegate_to: Sequence[str], agent: bool | None,
+                       verbose: bool = False) -> Broker | None:
+    """The agent socket to forward to `via`, or None when nothing should be forwarded.
+
+    -A passes ssh-agent requests through to $SSH_AUTH_SOCK; --delegate-to enables tokens.
+    A session that is itself delegated (no login here) forwards nothing of its own: the
+    agent it would forward is the broker on A, which records only the first hop.
+    """
+    if isinstance(session, BrokerSession):
+        return None
+    delegation = DelegationList.parse(delegate_to)
+    if not (agent or delegation.enabled):
+        return None
+    upstream = os.environ.get("SSH_AUTH_SOCK") if agent else None
+    broker = Broker(session=session, delegation=delegation, via=via, upstream=upstream or None,
+                    verbose=verbose)
+    await broker.start()
+    return broker
+
+
+async def agent_to_forward(args: Any, session: Any, target: Target) -> tuple[Broker | None, Any]:
+    """What `meshssh` forwards as the agent to `target`: (broker to close, asyncssh's
+    `agent_forwarding` value — False, or the broker's socket path)."""
+    delegate_to = tuple(getattr(args, "delegate_to", ()) or ())
+    if isinstance(session, BrokerSession):
+        if args.agent or delegate_to:
+            _stderr("not forwarding an agent further: this session's agent is the token broker "
+                    "of your client on another peer, and delegation goes one hop only")
+        return None, False
+    broker = await start_broker(session, target.peer, delegate_to, args.agent,
+                                verbose=bool(getattr(args, "verbose", 0)))
+    return broker, (broker.path if broker is not None else False)
+
+
+# ---------------------------------------------------------------- B: asking the broker
+
+class BrokerClient:
+    """Blocking client for the broker behind $SSH_AUTH_SOCK (used from worker threads)."""
+
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def call(self, payload: bytes) -> bytes:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(self.timeout)
+                s.connect(self.path)
+                s.sendall(frame(payload))
+                (n,) = struct.unpack(">I", _recv_exact(s, 4))
+                if n > MAX_MESSAGE:
+                    raise BrokerUnavailable("the forwarded agent sent an oversized answer")
+                return _recv_exact(s, n)
+        except (OSError, struct.error) as exc:
+            raise BrokerUnavailable(f"the forwarded agent ({self.path}) did not answer: {exc}") from exc
+
+    def extensions(self) -> list[str]:
+        try:
+            return parse_query_reply(self.call(extension_request("query")))
+        except BrokerUnavailable:
+            return []
+
+    def request(self, name: str, doc: dict[str, Any]) -> dict[str, Any]:
+        try:
+            code, answer = parse_reply(self.call(extension_request(name, doc)))
+        except ValueError as exc:
+            raise BrokerUnavailable(f"the forwarded agent sent a malformed answer: {exc}") from exc
+        if code == AGENT_SUCCESS:
+            return answer
+        if code == AGENT_FAILURE:
+            raise BrokerUnavailable("the forwarded agent does not broker meshssh tokens")
+        origin = answer.get("origin") or "A"
+        message = answer.get("message") or "no reason given"
+        raise DelegationRefused(f"delegation refused by your client on {origin}: {message}")
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise BrokerUnavailable("the forwarded agent closed the connection")
+        buf += chunk
+    return buf
+
+
+@dataclass
+class _BrokerLogin:
+    management_url: str = ""
+    identity: str = ""
+
+
+class BrokerSession:
+    """Stands in for `auth.Session` on B: everything comes from the broker on A.
+
+    Nothing is written to disk here; tokens live only in this process, for one use.
+    """
+
+    def __init__(self, client: BrokerClient) -> None:
+        self.client = client
+        self.login = _BrokerLogin()
+
+    @property
+    def identity(self) -> str:
+        return self.login.identity or "you"
+
+    def resolve_target(self, host: str, port: int | None, user: str | None) -> Target:
+        from meshsshd.netmap import SSH_PORT
+
+        from .connect import Target, local_username
+
+        doc = self.client.request(EXT_PEERS, {"peer": host})
+        try:
+            peer = PeerInfo.from_dict(doc.get("peer") or {})
+        except (NetmapError, TypeError, AttributeError, KeyError) as exc:
+            raise BrokerUnavailable(f"the forwarded agent sent no usable peer for {host}") from exc
+        self.login.management_url = str(doc.get("management_url") or "")
+        self.login.identity = str(doc.get("identity") or "")
+        return Target(peer=peer, port=port or SSH_PORT, username=user or local_username())
+
+    def ssh_token(self, peer_id: str, name: str, no_cache: bool = False) -> ExchangeResult:
+        from .auth import ExchangeResult, token_expiry
+
+        doc = self.client.request(EXT_TOKEN, {"peer": peer_id})
+        token = doc.get("token")
+        if not isinstance(token, str) or not token:
+            raise BrokerUnavailable(f"the forwarded agent sent no token for {name}")
+        return ExchangeResult(token=token, exp=token_expiry(token, 60, time.time()))
+
+    def consume(self, peer_id: str, token: str) -> None:
+        """Nothing is cached on B, so there is nothing to forget."""
+
+
+def broker_session(environ: dict[str, str] | None = None) -> BrokerSession | None:
+    """A BrokerSession when $SSH_AUTH_SOCK is a meshssh broker, else None."""
+    env = os.environ if environ is None else environ
+    path = env.get("SSH_AUTH_SOCK")
+    if not path:
+        return None
+    client = BrokerClient(path)
+    if EXT_TOKEN not in client.extensions():
+        return None
+    return BrokerSession(client)
