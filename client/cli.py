@@ -17,10 +17,10 @@ import click
 
 from .options import LONG_WITHARG, WITHARG
 
-SUBCOMMANDS = ("login", "logout", "detect", "proxy", "config", "cp", "peers")
+SUBCOMMANDS = ("login", "logout", "detect", "proxy", "config", "cp", "peers", "exec")
 
 SSH_USAGE = """\
-usage: meshssh [-46AaNnqTtv] [-b bind_address] [-D [bind_address:]port]
+usage: meshssh [-46AaNnqsTtv] [-b bind_address] [-D [bind_address:]port]
                [-i identity_file] [-L [bind_address:]port:host:hostport]
                [-l login_name] [-o option] [-p port]
                [-R [bind_address:]port:host:hostport] [--ssh-jwt-cache-ttl SECONDS]
@@ -28,6 +28,7 @@ usage: meshssh [-46AaNnqTtv] [-b bind_address] [-D [bind_address:]port]
        meshssh login [--management-url URL] [--no-browser]
        meshssh login --client-id ID --client-secret-file FILE
        meshssh logout | peers | cp [-r] SRC... DST
+       meshssh exec [-l user] --hosts a,b,group:NAME [--throttle N] [--json] -- command
        meshssh config install [--refresh] [--path DIR] | config remove
        meshssh detect HOST PORT | proxy HOST PORT   (used by the OpenSSH drop-in)
 
@@ -242,6 +243,16 @@ def cp(recursive: bool, port: int | None, preserve: bool, quiet: bool, bind_addr
 
     sys.exit(main_cp(list(paths), recursive=recursive, port=port, preserve=preserve,
                      quiet=quiet, bind_address=bind_address, ttl=ttl, no_cache=no_cache))
+
+
+def _add_exec() -> None:
+    """`meshssh exec` (fan-out, `--detach`) lives in client/fanout.py with its parsing."""
+    from .fanout import exec_command
+
+    cli.add_command(exec_command)
+
+
+_add_exec()
 
 
 if __name__ == "__main__":  # pragma: no cover

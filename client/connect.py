@@ -459,7 +459,10 @@ async def run_session(args: SSHArgs, session: Session) -> int:
         except OSError:  # started with stdin closed (cron, some daemons)
             stdin = asyncssh.DEVNULL
         try:
-            process = await conn.create_process(args.remote_command, **kw)
+            if args.subsystem:
+                process = await conn.create_process(subsystem=args.remote_command, **kw)
+            else:
+                process = await conn.create_process(args.remote_command, **kw)
         except asyncssh.ChannelOpenError as exc:
             sys.stderr.write(f"{target.name}: session refused: {exc.reason}\n")
             return 255

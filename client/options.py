@@ -18,7 +18,7 @@ from .errors import UsageError
 # Letters OpenSSH knows; those we do not implement are refused by name, not ignored.
 NOARG = set("46AaCfGgKkMNnqsTtVvXxYy")
 WITHARG = set("BbcDEeFIiJLlmOoPpQRSWw")
-SUPPORTED = set("46AaCNnqTtvVbDiLlopR")
+SUPPORTED = set("46AaCNnqsTtvVbDiLlopR")
 LONG_WITHARG = {"--ssh-jwt-cache-ttl", "--delegate-to"}
 LONG_NOARG = {"--no-cache", "--help"}
 
@@ -58,6 +58,7 @@ class SSHArgs:
     delegate_to: tuple[str, ...] = ()  # --delegate-to: token delegation (client/broker.py)
     send_env: tuple[str, ...] = ()
     set_env: tuple[tuple[str, str], ...] = ()
+    subsystem: bool = False  # -s: the command is the name of a subsystem (sftp, powershell, ...)
 
     @property
     def remote_command(self) -> str | None:
@@ -230,6 +231,8 @@ def parse_ssh_args(argv: list[str]) -> SSHArgs:
                 kw["agent"] = False
             elif ch == "v":
                 verbose += 1
+            elif ch == "s":
+                kw["subsystem"] = True
             elif ch == "q":
                 kw["quiet"] = True
             elif ch in "46":
@@ -242,6 +245,8 @@ def parse_ssh_args(argv: list[str]) -> SSHArgs:
     if port is not None and "port" not in kw:
         kw["port"] = port
     _apply_options(kw)
+    if kw.get("subsystem") and not kw["command"]:
+        raise UsageError("-s needs the subsystem name as the command")
     if kw.get("no_command") and kw["command"]:
         kw["no_command"] = False  # OpenSSH runs the command anyway
     return SSHArgs(
@@ -317,6 +322,8 @@ def _apply_options(kw: dict) -> None:
 def want_pty(args: SSHArgs, stdin_isatty: bool) -> bool:
     """OpenSSH's rule: -T never; -tt always; -t or no command only with a local tty."""
     tty = args.tty if args.tty != 0 else args.tty_override
+    if args.subsystem and tty < 2:
+        return False  # a subsystem speaks a protocol over plain pipes, as with OpenSSH
     if tty < 0 or args.no_command:
         return False
     if tty >= 2:

@@ -1,0 +1,165 @@
+"""`meshssh exec` over a dozen real peers of a single-machine mesh.
+
+Management and 13 `meshsshd up --dataplane none` processes (12 targets and the laptop
+the client runs from). One target is in no policy (management refuses its token), one
+is stopped before the run (connection refused). Output prefixes, stderr kept apart,
+--json shape, exit codes, the failure summary, the throttle, one token-exchange request
+and the exec audit events on management are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.meshkit import Mesh
+from tests.support import require_root
+
+pytestmark = [pytest.mark.root]
+
+ALICE = ("alice@example.com", "alice-password-1")
+WEB = [f"web-{i}" for i in range(1, 7)]
+DB = [f"db-{i}" for i in range(1, 6)]
+LONELY = "lonely-1"  # SSH-enabled, but no policy lets alice in: management refuses her token
+DOWN = "db-5"  # stopped before the runs
+UP = [*WEB, *DB[:-1]]
+
+
+class Fleet:
+    def __init__(self, mesh: Mesh, cfg: Path, user: str) -> None:
+        self.mesh = mesh
+        self.cfg = cfg
+        self.user = user
+        self.ips = {n: mesh.status(n)["mesh_ip"] for n in [*UP, LONELY]}
+
+    def exec(self, *args: str, timeout: float = 90):
+        return self.mesh.meshssh(self.cfg, "exec", "-l", self.user, *args, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, session_user) -> Iterator[Fleet]:
+    require_root()
+    mesh = Mesh(tmp_path_factory.mktemp("fanout")).start()
+    try:
+        mesh.add_user(*ALICE)
+        for g, users in (("devs", [ALICE[0]]), ("laptops", []), ("web", []), ("db", []), ("misc", []),
+                         ("ops", [])):
+            mesh.add_group(g, users)
+        mesh.add_ssh_policy("devs-ssh", ["devs", "laptops"], ["web", "db"])
+        mesh.add_ssh_policy("ops-ssh", ["ops", "laptops"], ["misc"])
+        for names, group in ((WEB, "web"), (DB, "db"), ([LONELY], "misc")):
+            key = mesh.setup_key(group)
+            for n in names:
+                mesh.add_peer(n, key, "--allow-server-ssh", wait=None)
+        mesh.add_peer("laptop", mesh.setup_key("laptops"), wait=None)
+        for n in [*WEB, *DB, LONELY]:
+            mesh.wait_status(n, "serving", timeout=60)
+        mesh.wait_status("laptop", None, timeout=60)
+        cfg = mesh.login(*ALICE)
+        mesh.stop_peer(DOWN)
+        yield Fleet(mesh, cfg, session_user.pw_name)
+    except BaseException:
+        print(mesh.logs())
+        raise
+    finally:
+        mesh.stop()
+
+
+ALL = "group:web,group:db," + LONELY
+
+
+def test_text_output_prefixed_and_failures_summarised(fleet: Fleet) -> None:
+    r = fleet.exec("-v", "--hosts", ALL, "--", "echo out-line; echo err-line >&2")
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 255, err  # a peer refused and one is down
+    width = max(len(n) for n in [*WEB, *DB, LONELY])
+    for n in UP:
+        assert f"{n:<{width}}: out-line\n" in out, out
+        assert f"{n:<{width}}: err-line\n" in err, err
+        assert f"{n:<{width}}: err-line" not in out
+    assert f"{DOWN:<{width}}: out-line" not in out
+    summary = err[err.index("meshssh exec: 10 of 12 peers succeeded"):]
+    assert "; 2 failed:" in summary
+    assert f"  {DOWN}: " in summary and "Connection refused" in summary
+    assert f"  {LONELY}: " in summary and "no policy" in summary
+    assert "12 peers, SSH tokens from 1 token-exchange request(s)" in err
+
+
+def test_exit_one_when_every_peer_ran_but_a_command_failed(fleet: Fleet) -> None:
+    failing = fleet.ips["web-2"]
+    cmd = f'case " $SSH_CONNECTION " in *" {failing} "*) exit 3;; esac; echo fine'
+    r = fleet.exec("--hosts", "group:web", "--", cmd)
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert "meshssh exec: 5 of 6 peers succeeded" in err and "  web-2: exit status 3" in err
+    assert r.stdout.decode().count(": fine\n") == 5
+
+
+def test_json_one_object_per_peer(fleet: Fleet) -> None:
+    r = fleet.exec("--json", "--hosts", ALL, "--", "printf 'a\\nb\\n'; printf e >&2; exit 0")
+    assert r.returncode == 255
+    docs = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    by_name = {d["name"]: d for d in docs}
+    assert sorted(by_name) == sorted([*WEB, *DB, LONELY])
+    for d in docs:
+        assert set(d) >= {"name", "exit_status", "stdout", "stderr", "duration", "error"}
+        assert isinstance(d["duration"], float)
+    for n in UP:
+        assert by_name[n]["exit_status"] == 0 and by_name[n]["error"] is None
+        assert by_name[n]["stdout"] == "a\nb\n" and by_name[n]["stderr"] == "e"
+    assert by_name[DOWN]["exit_status"] is None and "Connection refused" in by_name[DOWN]["error"]
+    assert by_name[LONELY]["exit_status"] is None and "no policy" in by_name[LONELY]["error"]
+
+
+def test_json_output_is_bounded(fleet: Fleet) -> None:
+    r = fleet.exec("--json", "--max-output", "1000", "--hosts", "web-1", "--", "head -c 100000 /dev/zero")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and len(doc["stdout"]) == 1000 and doc["stdout_truncated"] is True
+
+
+def test_throttle_bounds_concurrency(fleet: Fleet) -> None:
+    """Each command marks itself running in a shared directory, looks how many others
+    are running, and leaves; with --throttle 3 no one ever sees more than 3."""
+    d = Path(tempfile.mkdtemp(prefix="fanout-"))  # not under pytest's 0700 tmp: the user writes here
+    try:
+        d.chmod(0o777)
+        cmd = (f"touch {d}/$$; sleep 1; ls {d} | wc -l; rm -f {d}/$$")
+        r = fleet.exec("--throttle", "3", "--hosts", "group:web,group:db", "--json", "--", cmd)
+        docs = [json.loads(line) for line in r.stdout.decode().splitlines()]
+        seen = [int(x["stdout"]) for x in docs if x["exit_status"] == 0]
+        assert len(seen) == len(UP), docs
+        assert 2 <= max(seen) <= 3
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_audit_events_for_each_exec(fleet: Fleet) -> None:
+    marker = f"audit-{secrets.token_hex(4)}"
+    r = fleet.exec("--hosts", ALL, "--", f"echo {marker}")
+    assert r.returncode == 255
+    peer_ids = {p["name"]: p["id"] for p in fleet.mesh.api("GET", "/api/peers")["peers"]}
+    want = {peer_ids[n] for n in UP}
+    deadline = time.monotonic() + 20
+    got: set[str] = set()
+    while time.monotonic() < deadline:
+        got, since = set(), 0
+        while True:
+            page = fleet.mesh.api("GET", f"/api/events?since={since}&limit=1000")
+            for e in page["events"]:
+                if e["type"] == "exec" and marker in (e.get("command") or ""):
+                    assert e["identity"] == ALICE[0] and e["local_user"] == fleet.user
+                    got.add(e["peer_id"])
+            if not page["events"]:
+                break
+            since = page["next"]
+        if got >= want:
+            break
+        time.sleep(0.5)
+    assert got == want
