@@ -68,12 +68,20 @@ class Mesh:
             data=None if doc is None else json.dumps(doc).encode(),
             headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}",
                      "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"{method} {path}: {exc.code} {exc.read()[:500]!r}") from exc
-        return json.loads(body) if body else None
+        for attempt in range(5):  # a loaded CI box: retry what a busy server may refuse
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    body = resp.read()
+                return json.loads(body) if body else None
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:500]
+                if exc.code not in (429, 502, 503) or attempt == 4:
+                    raise RuntimeError(f"{method} {path}: {exc.code} {detail!r}") from exc
+            except (urllib.error.URLError, OSError) as exc:
+                if attempt == 4:
+                    raise RuntimeError(f"{method} {path}: {exc}") from exc
+            time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def add_user(self, email: str, password: str) -> None:
         self.api("POST", "/api/users", {"email": email, "password": password, "role": "user"})
@@ -112,7 +120,7 @@ class Mesh:
         except (OSError, ValueError):
             return {}
 
-    def wait_status(self, name: str, state: str | None, timeout: float = 30.0) -> dict:
+    def wait_status(self, name: str, state: str | None, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             proc = self.peers[name].popen

@@ -74,7 +74,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, session_user) -> Iterator[Wo
         mesh.add_peer("web-1", mesh.setup_key("ops-servers"), "--allow-server-ssh", wait=None)
         mesh.add_peer("cache-1", mesh.setup_key("misc"), "--allow-server-ssh", wait=None)
         mesh.add_peer("laptop", mesh.setup_key("laptops"), wait=None)
-        for name in ("db-1", "imp-1", "web-1"):
+        mesh.add_peer("open-1", mesh.setup_key("servers"), "--allow-server-ssh", "--disable-ssh-auth",
+                      wait=None)
+        for name in ("db-1", "imp-1", "web-1", "open-1"):
             mesh.wait_status(name, "serving")
         for name in ("cache-1", "laptop"):
             mesh.wait_status(name, None)
@@ -488,6 +490,33 @@ def test_openssh_sendenv(world: World, dropin: Path) -> None:
 def test_openssh_exit_signal(world: World, dropin: Path) -> None:
     r = ossh(world, dropin, f"{world.user}@db-1", "kill -KILL $$")
     assert r.returncode == 255
+
+
+def test_direct_openssh_to_a_no_jwt_peer_is_still_key_checked(world: World, dropin: Path,
+                                                             tmp_path: Path) -> None:
+    """open-1 runs --disable-ssh-auth: detect exits 1, so ssh goes direct — and still
+    checks the key against the managed known_hosts file: no prompt, no TOFU."""
+    ip = world.mesh.status("open-1")["mesh_ip"]
+    assert subprocess.run([console_script("meshssh"), "detect", ip, "22022"]).returncode == 1
+    r = ossh(world, dropin, "-o", "BatchMode=yes", "-o", "LogLevel=INFO", f"{world.user}@open-1", "true")
+    assert b"Host key verification failed" not in r.stderr, r.stderr
+    assert b"Permanently added" not in r.stderr and b"authenticity" not in r.stderr, r.stderr
+    # Same drop-in, but the managed file holds another key for open-1: OpenSSH refuses.
+    import asyncssh
+
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().split()[1]
+    src = Path(str(dropin.read_text().split()[1])).parent
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    kh = (src / "99-meshssh.known_hosts").read_text().splitlines()
+    kh = [line.rsplit(" ", 1)[0] + " " + other if "open-1" in line else line for line in kh]
+    (bad / "99-meshssh.known_hosts").write_text("\n".join(kh) + "\n")
+    (bad / "99-meshssh.conf").write_text((src / "99-meshssh.conf").read_text().replace(str(src), str(bad)))
+    conf = tmp_path / "cfg"
+    conf.write_text(f"Include {bad / '99-meshssh.conf'}\n")
+    r = ossh(world, conf, "-o", "BatchMode=yes", f"{world.user}@open-1", "true")
+    assert r.returncode == 255
+    assert b"Host key verification failed" in r.stderr or b"HOST IDENTIFICATION HAS CHANGED" in r.stderr, r.stderr
 
 
 def test_openssh_through_proxy_timing(world: World, dropin: Path) -> None:
