@@ -202,11 +202,11 @@ class DelegationList:
     def describe(self) -> str:
         return ", ".join(self.entries)
 
-    def allows(self, peer: PeerInfo, groups: Sequence[str]) -> bool:
+    def allows(self, peer: PeerInfo) -> bool:
         names = {_norm(peer.name), _norm(peer.fqdn), _norm(peer.mesh_ip), peer.id.lower()}
         if peer.fqdn:
             names.add(_norm(peer.fqdn).split(".")[0])
-        have_groups = {g.lower() for g in groups}
+        have_groups = {g.lower() for g in peer.groups}
         for e in self.entries:
             if e == "*":
                 return True
@@ -225,8 +225,7 @@ class Verdict:
     message: str = ""
 
 
-def judge(delegation: DelegationList, asked: str, peer: PeerInfo | None, groups: Sequence[str],
-          identity: str) -> Verdict:
+def judge(delegation: DelegationList, asked: str, peer: PeerInfo | None, identity: str) -> Verdict:
     """May the session on B get a token (or host keys) for `asked`?"""
     shown = asked if len(asked) <= 80 else asked[:40] + "…"
     if not delegation.enabled:
@@ -235,35 +234,11 @@ def judge(delegation: DelegationList, asked: str, peer: PeerInfo | None, groups:
                        f"start it with --delegate-to {shown} to allow {shown}")
     if peer is None:
         return Verdict(False, "unknown-peer", f"{shown} is not a peer {identity} may reach")
-    if not delegation.allows(peer, groups):
+    if not delegation.allows(peer):
         return Verdict(False, "not-listed", f"{peer.name} is not in --delegate-to ({delegation.describe()})")
     if not peer.ssh_enabled:
         return Verdict(False, "no-ssh", f"{peer.name} is not SSH-enabled")
     return Verdict(True)
-
-
-def _match(peers: Sequence[tuple[PeerInfo, tuple[str, ...]]], asked: str
-           ) -> tuple[PeerInfo, tuple[str, ...]] | None:
-    from .peers import match_peer
-
-    found = match_peer([p for p, _ in peers], asked)
-    if found is None:
-        return None
-    return next((p, g) for p, g in peers if p is found)
-
-
-def parse_peers_with_groups(doc: Any) -> list[tuple[PeerInfo, tuple[str, ...]]]:
-    """`/api/me/peers` entries with their `groups` (PeerInfo itself has no groups)."""
-    items = doc.get("peers") if isinstance(doc, dict) else None
-    out = []
-    for item in items if isinstance(items, list) else []:
-        try:
-            peer = PeerInfo.from_dict(item)
-        except (NetmapError, TypeError, AttributeError, KeyError):
-            continue
-        groups = item.get("groups") if isinstance(item.get("groups"), list) else []
-        out.append((peer, tuple(str(g) for g in groups)))
-    return out
 
 
 def origin_name() -> str:
@@ -298,7 +273,7 @@ class Broker:
     path: str = ""
     _dir: str = ""
     _server: Any = None
-    _peers: list[tuple[PeerInfo, tuple[str, ...]]] = field(default_factory=list)
+    _peers: list[PeerInfo] = field(default_factory=list)
     _peers_at: float = 0.0
     granted: int = 0
     refused: int = 0
@@ -389,8 +364,8 @@ class Broker:
             found = await asyncio.to_thread(self._lookup, asked)
         except ClientError as exc:
             return self._refuse(asked, "management", str(exc))
-        peer, groups = found if found else (None, ())
-        verdict = judge(self.delegation, asked, peer, groups, self.session.identity)
+        verdict = judge(self.delegation, asked, found, self.session.identity)
+        peer = found
         if not verdict.allowed:
             return self._refuse(asked, verdict.reason, verdict.message)
         assert peer is not None
@@ -413,19 +388,22 @@ class Broker:
         self.say(f"refused a token for {shown} asked through {self.via.name}: {message}")
         return reply(False, {"error": reason, "message": message, "origin": self.origin})
 
-    def _lookup(self, asked: str) -> tuple[PeerInfo, tuple[str, ...]] | None:
+    def _lookup(self, asked: str) -> PeerInfo | None:
+        """The peer in the user's own list (with its groups); an unknown name refetches
+        the list, at most every PEERS_REFRESH_MIN seconds (B must not make A hammer
+        management)."""
+        from .peers import match_peer, parse_peer_list
+
         now = time.monotonic()
         if not self._peers or now - self._peers_at > PEERS_MAX_AGE:
-            self._load_peers(now)
-        hit = _match(self._peers, asked)
+            self._peers = parse_peer_list(self.session.get_api("/api/me/peers"))
+            self._peers_at = now
+        hit = match_peer(self._peers, asked)
         if hit is None and now - self._peers_at > PEERS_REFRESH_MIN:
-            self._load_peers(now)
-            hit = _match(self._peers, asked)
+            self._peers = parse_peer_list(self.session.get_api("/api/me/peers"))
+            self._peers_at = now
+            hit = match_peer(self._peers, asked)
         return hit
-
-    def _load_peers(self, now: float) -> None:
-        self._peers = parse_peers_with_groups(self.session.get_api("/api/me/peers"))
-        self._peers_at = now
 
     def _mint(self, peer: PeerInfo) -> ExchangeResult:
         """A fresh token for this peer only, via B; never cached (one use)."""

@@ -155,6 +155,12 @@ def test_group_entry_and_audit_chain_at_management(world: World) -> None:
     assert ev["identity"] == ALICE[0]
     assert ev["via"] == world.ids["hop-b"]  # from the SSH token's via claim
     assert ev.get("source_ip") == world.ips["hop-b"]
+    # Management's own log records the delegated exchange too.
+    assert world.mesh.mgmt is not None
+    minted = [json.loads(line) for line in world.mesh.mgmt.output().splitlines()
+              if line.startswith("{") and '"idp.ssh_token"' in line]
+    assert any(m.get("via") == world.ids["hop-b"] and m.get("delegated") is True
+               and m.get("peer") == "hop-c" for m in minted), minted[-3:]
 
 
 def test_refused_for_a_peer_not_on_the_list(world: World) -> None:

@@ -1,0 +1,214 @@
+"""The token broker's pure core (delegation list, verdicts, agent wire format) and its
+agent pass-through, in-process over real unix sockets. Token minting against a real
+management server is tested in tests/integration/test_delegation.py."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client import broker
+from client.broker import (
+    AGENT_EXTENSION_FAILURE,
+    AGENT_FAILURE,
+    AGENT_IDENTITIES_ANSWER,
+    AGENT_SUCCESS,
+    AGENTC_REQUEST_IDENTITIES,
+    EXT_PEERS,
+    EXT_TOKEN,
+    Broker,
+    BrokerClient,
+    BrokerSession,
+    DelegationList,
+    DelegationRefused,
+    judge,
+)
+from client.errors import UsageError
+from meshsshd.netmap import PeerInfo
+
+DB1 = PeerInfo(id="p-db1", name="db-1", fqdn="db-1.mesh.internal", mesh_ip="100.64.0.30",
+               ssh_host_keys=("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ",),
+               ssh_enabled=True)
+WEB1 = PeerInfo(id="p-web1", name="web-1", fqdn="web-1.mesh.internal", mesh_ip="100.64.0.20", ssh_enabled=True)
+HOP = PeerInfo(id="p-hop", name="hop-b", fqdn="hop-b.mesh.internal", mesh_ip="100.64.0.5", ssh_enabled=True)
+
+
+# ------------------------------------------------------------------ the delegation list
+
+def test_parse_splits_commas_and_repeats() -> None:
+    d = DelegationList.parse(["db-1, group:db", "web-1", "db-1"])
+    assert d.entries == ("db-1", "group:db", "web-1") and d.describe() == "db-1, group:db, web-1"
+    assert not DelegationList.parse([]).enabled
+
+
+@pytest.mark.parametrize("values", [pytest.param([","], id="only-commas"), pytest.param(["group:"], id="empty-group")])
+def test_parse_refuses_empty_entries(values: list[str]) -> None:
+    with pytest.raises(UsageError):
+        DelegationList.parse(values)
+
+
+@pytest.mark.parametrize(
+    ("entry", "groups", "allowed"),
+    [
+        pytest.param("db-1", (), True, id="name"),
+        pytest.param("DB-1", (), True, id="name-case"),
+        pytest.param("db-1.mesh.internal.", (), True, id="fqdn-dot"),
+        pytest.param("100.64.0.30", (), True, id="mesh-ip"),
+        pytest.param("p-db1", (), True, id="peer-id"),
+        pytest.param("group:dbs", ("dbs", "all"), True, id="group"),
+        pytest.param("group:DBS", ("dbs",), True, id="group-case"),
+        pytest.param("group:web", ("dbs",), False, id="other-group"),
+        pytest.param("*", (), True, id="any"),
+        pytest.param("db-10", (), False, id="prefix-is-not-a-match"),
+        pytest.param("100.64.0.3", (), False, id="other-ip"),
+    ],
+)
+def test_allows(entry: str, groups: tuple[str, ...], allowed: bool) -> None:
+    peer = PeerInfo(**{**DB1.__dict__, "groups": groups})
+    assert DelegationList.parse([entry]).allows(peer) is allowed
+
+
+@pytest.mark.parametrize(
+    ("entries", "peer", "reason"),
+    [
+        pytest.param([], DB1, "delegation-off", id="bare-dash-A"),
+        pytest.param(["db-1"], None, "unknown-peer", id="unknown-peer"),
+        pytest.param(["web-1", "group:web"], DB1, "not-listed", id="not-listed"),
+        pytest.param(["*"], PeerInfo(id="x", name="x", fqdn="", mesh_ip="1.2.3.4"), "no-ssh", id="no-ssh"),
+        pytest.param(["db-1"], DB1, "", id="allowed"),
+    ],
+)
+def test_judge(entries: list[str], peer: PeerInfo | None, reason: str) -> None:
+    v = judge(DelegationList.parse(entries), "db-1", peer, "alice@example.com")
+    assert v.allowed is (reason == "") and v.reason == reason
+
+
+def test_refusal_messages_name_the_fix() -> None:
+    off = judge(DelegationList(), "db-1", DB1, "alice@example.com")
+    assert "--delegate-to db-1" in off.message
+    listed = judge(DelegationList.parse(["web-1,group:web"]), "db-1", DB1, "a")
+    assert listed.message == "db-1 is not in --delegate-to (web-1, group:web)"
+
+
+# ------------------------------------------------------------------ wire format
+
+def test_extension_round_trip() -> None:
+    payload = broker.extension_request(EXT_TOKEN, {"peer": "db-1"})
+    name, rest = broker.parse_extension(payload)
+    assert name == EXT_TOKEN and broker.parse_json_arg(rest) == {"peer": "db-1"}
+    assert broker.parse_extension(bytes([AGENTC_REQUEST_IDENTITIES])) is None
+    assert broker.parse_extension(bytes([27, 0, 0, 0, 9, 1])) is None  # truncated name
+
+
+@pytest.mark.parametrize("rest", [b"", b"\x00\x00\x00\x02[]", b"\x00\x00\x00\x02{}x", b"\x00\x00\x00\x05{}"])
+def test_malformed_arguments_raise(rest: bytes) -> None:
+    with pytest.raises(ValueError):
+        broker.parse_json_arg(rest)
+
+
+def test_replies_and_query() -> None:
+    assert broker.parse_reply(broker.reply(True, {"token": "t"})) == (AGENT_SUCCESS, {"token": "t"})
+    assert broker.parse_reply(broker.reply(False, {"message": "no"})) == (AGENT_EXTENSION_FAILURE, {"message": "no"})
+    assert broker.parse_reply(bytes([AGENT_FAILURE])) == (AGENT_FAILURE, {})
+    assert broker.parse_query_reply(broker.query_reply(["a@x", EXT_TOKEN])) == ["a@x", EXT_TOKEN]
+
+
+# ------------------------------------------------------------------ the broker over sockets
+
+class FakeLogin:
+    management_url = "http://mgmt.example:8080"
+    client_id = "meshssh"
+    token_endpoint = "http://mgmt.example:8080/oauth/token"
+
+
+class FakeSession:
+    """The management seam: a fixed peer list (what /api/me/peers would answer)."""
+
+    identity = "alice@example.com"
+    login = FakeLogin()
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def get_api(self, path: str) -> Any:
+        assert path == "/api/me/peers"
+        self.calls += 1
+        return {"peers": [{**DB1.to_dict(), "groups": ["dbs"]}, {**WEB1.to_dict(), "groups": ["web"]}]}
+
+
+async def _fake_agent(path: Path) -> asyncio.AbstractServer:
+    """A stand-in for ssh-agent: one identity, and its own extension in `query`."""
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                (n,) = struct.unpack(">I", await r.readexactly(4))
+                msg = await r.readexactly(n)
+                if msg[0] == AGENTC_REQUEST_IDENTITIES:
+                    out = bytes([AGENT_IDENTITIES_ANSWER]) + struct.pack(">I", 1) + \
+                        broker.put_string(b"blob") + broker.put_string(b"real-key")
+                elif broker.parse_extension(msg) == ("query", b""):
+                    out = broker.query_reply(["session-bind@openssh.com"])
+                else:
+                    out = bytes([AGENT_FAILURE])
+                w.write(broker.frame(out))
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            w.close()
+    return await asyncio.start_unix_server(serve, path=str(path))
+
+
+async def test_broker_passes_agent_requests_through_and_answers_its_extensions(tmp_path: Path) -> None:
+    agent = await _fake_agent(tmp_path / "agent.sock")
+    said: list[str] = []
+    b = Broker(session=FakeSession(), delegation=DelegationList.parse(["group:dbs"]), via=HOP,
+               upstream=str(tmp_path / "agent.sock"), origin="hop-a", say=said.append)
+    path = await b.start()
+    try:
+        client = BrokerClient(path)
+        ids = await asyncio.to_thread(client.call, bytes([AGENTC_REQUEST_IDENTITIES]))
+        assert ids[0] == AGENT_IDENTITIES_ANSWER and b"real-key" in ids
+        exts = await asyncio.to_thread(client.extensions)
+        assert exts == ["session-bind@openssh.com", EXT_TOKEN, EXT_PEERS]
+        sess = BrokerSession(client)
+        target = await asyncio.to_thread(sess.resolve_target, "db-1.mesh.internal", None, "alice")
+        assert target.peer == PeerInfo(**{**DB1.__dict__, "groups": ("dbs",)}) and target.port == 22022 and target.username == "alice"
+        assert sess.login.management_url == FakeLogin.management_url and sess.identity == "alice@example.com"
+        with pytest.raises(DelegationRefused) as exc:
+            await asyncio.to_thread(sess.resolve_target, "web-1", None, None)
+        assert str(exc.value) == ("delegation refused by your client on hop-a: "
+                                  "web-1 is not in --delegate-to (group:dbs)")
+        assert said == ["refused a token for web-1 asked through hop-b: web-1 is not in --delegate-to (group:dbs)"]
+        with pytest.raises(DelegationRefused, match="not a peer alice@example.com may reach"):
+            await asyncio.to_thread(sess.ssh_token, "nope", "nope")
+        assert b.refused == 2 and b.granted == 0
+    finally:
+        await b.close()
+        agent.close()
+        await agent.wait_closed()
+    assert not Path(path).exists()
+
+
+async def test_broker_without_an_agent_has_no_keys_and_is_private(tmp_path: Path) -> None:
+    b = Broker(session=FakeSession(), delegation=DelegationList(), via=HOP, origin="hop-a", say=lambda _: None)
+    path = await b.start()
+    try:
+        assert Path(path).stat().st_mode & 0o777 == 0o600
+        assert Path(path).parent.stat().st_mode & 0o777 == 0o700
+        client = BrokerClient(path)
+        ids = await asyncio.to_thread(client.call, bytes([AGENTC_REQUEST_IDENTITIES]))
+        assert ids == bytes([AGENT_IDENTITIES_ANSWER]) + struct.pack(">I", 0)
+        assert await asyncio.to_thread(client.call, bytes([13]) + b"x") == bytes([AGENT_FAILURE])
+        assert await asyncio.to_thread(client.extensions) == [EXT_TOKEN, EXT_PEERS]
+        with pytest.raises(DelegationRefused, match="token delegation is off"):
+            await asyncio.to_thread(BrokerSession(client).ssh_token, "p-db1", "db-1")
+    finally:
+        await b.close()
+
+
+def test_broker_session_only_for_a_broker(tmp_path: Path) -> None:
+    assert broker.broker_session({}) is None
+    assert broker.broker_session({"SSH_AUTH_SOCK": str(tmp_path / "missing.sock")}) is None
