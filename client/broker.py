@@ -441,8 +441,11 @@ async def _relay(up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None, p
 
 
 def _stderr(text: str) -> None:
-    with contextlib.suppress(OSError):
-        sys.stderr.write(f"meshssh: {text}\n")
+    """One line to our stderr; with \r when it is a terminal, which may be in raw mode
+    (an interactive session to B is running while the broker speaks)."""
+    with contextlib.suppress(OSError, ValueError):
+        end = "\r\n" if sys.stderr.isatty() else "\n"
+        sys.stderr.write(f"meshssh: {text}{end}")
         sys.stderr.flush()
 
 

@@ -212,3 +212,31 @@ async def test_broker_without_an_agent_has_no_keys_and_is_private(tmp_path: Path
 def test_broker_session_only_for_a_broker(tmp_path: Path) -> None:
     assert broker.broker_session({}) is None
     assert broker.broker_session({"SSH_AUTH_SOCK": str(tmp_path / "missing.sock")}) is None
+
+
+async def test_a_delegated_session_forwards_no_agent_further(capsys: pytest.CaptureFixture[str]) -> None:
+    from client.connect import Target
+    from client.options import parse_ssh_args
+
+    args = parse_ssh_args(["-A", "--delegate-to", "db-1", "db-1"])
+    sess = BrokerSession(BrokerClient("/nonexistent"))
+    got = await broker.agent_to_forward(args, sess, Target(peer=DB1, port=22022, username="alice"))
+    assert got == (None, False)
+    assert "not forwarding an agent further" in capsys.readouterr().err
+    plain = parse_ssh_args(["db-1"])
+    assert await broker.agent_to_forward(plain, sess, Target(peer=DB1, port=22022, username="a")) == (None, False)
+    assert capsys.readouterr().err == ""
+
+
+async def test_logged_in_client_starts_a_broker_only_when_asked(tmp_path: Path) -> None:
+    from client.connect import Target
+    from client.options import parse_ssh_args
+
+    target = Target(peer=HOP, port=22022, username="alice")
+    assert await broker.agent_to_forward(parse_ssh_args(["hop-b"]), FakeSession(), target) == (None, False)
+    b, path = await broker.agent_to_forward(parse_ssh_args(["--delegate-to", "db-1", "hop-b"]), FakeSession(), target)
+    try:
+        assert path == b.path and b.upstream is None and b.delegation.entries == ("db-1",)
+        assert b.via == HOP
+    finally:
+        await b.close()
