@@ -77,6 +77,9 @@ class Mesh:
     server_ip: str = ""
     client_ip: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    client_id: str = ""
+    client_secret: str = ""
+    server_id: str = ""
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = self.root / f"{name}.log"
@@ -124,6 +127,8 @@ class Mesh:
         status = self._wait_status(states["bench-server"], lambda s: bool(s.get("ssh", {}).get("running")),
                                    "bench-server: SSH serving")
         self.server_ip = status["mesh_ip"]
+        self.server_id = str(status.get("peer_id", ""))
+        self.client_id, self.client_secret = bot["client_id"], bot["client_secret"]
         self.client_ip = self._status(states["bench-client"])["mesh_ip"]
         config_dir = self.root / "meshssh"
         config_dir.mkdir(mode=0o700)
