@@ -60,6 +60,11 @@ class Limits:
     penalty_failures: int = 10
     penalty_seconds: float = 30.0
     dial_timeout: float = 30.0
+    # Detached sessions (docs/remoting-sessions.md): output bytes kept per session (oldest
+    # dropped beyond), seconds a finished session stays listed, sessions per identity+user.
+    detached_spool_bytes: int = 1 << 20
+    detached_keep_seconds: float = 86400.0
+    detached_max: int = 20
 
 
 @dataclass(frozen=True)

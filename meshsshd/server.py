@@ -28,6 +28,7 @@ from .audit import AuditSink, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
 from .config import ServerSettings
+from .detached import DetachableSession, DetachedSessions
 from .errors import AuthRefused
 from .limits import AuthTries, Penalties, StartupGate
 from .logs import event
@@ -172,22 +173,26 @@ class _Connection(asyncssh.SSHServer):
         settings = self.server.settings
         if self.user is None:
             self._refuse("local-user", f"you may not log in as {self.login} on this peer",
-                         method=identity.method, identity=identity.value)
+                         method=identity.method, identity=identity.value, via=identity.via)
             return False
         login = "root" if self.user.is_root else self.login
         result = acl.evaluate(settings.access, self.info.client_ip, identity, login, root_login=settings.root_login)
         if not result.allowed:
-            self._refuse(result.reason, result.message, method=identity.method, identity=identity.value)
+            self._refuse(result.reason, result.message, method=identity.method, identity=identity.value,
+                         via=identity.via)
             return False
         self.identity = identity
         return True
 
-    def _refuse(self, reason: str, message: str, *, method: str, identity: str = "", quiet: bool = False) -> None:
+    def _refuse(self, reason: str, message: str, *, method: str, identity: str = "", quiet: bool = False,
+                via: str | None = None) -> None:
+        """via: the peer a delegated token came through (docs/delegation.md), kept in the
+        refusal too, so a refused second hop shows the whole chain."""
         srv = self.server
         event(log, "auth.refused", level=logging.INFO, reason=reason, method=method, user=self.login,
-              source=self.info.client_ip, identity=identity or None)
+              source=self.info.client_ip, identity=identity or None, via=via)
         srv.audit.emit(AuthRefusedEvent(identity=identity, source_ip=self.info.client_ip,
-                                        local_user=self.login, reason=reason))
+                                        local_user=self.login, reason=reason, via=via))
         conn = self.conn
         if conn is None:
             return
@@ -231,7 +236,7 @@ class _Connection(asyncssh.SSHServer):
         if len(live) >= self.server.settings.limits.max_sessions:
             event(log, "session.refused", reason="max-sessions", source=self.info.client_ip)
             return False
-        session = ChildSession(self.ctx)
+        session = DetachableSession(self.ctx, self.server.detached)
         self.sessions.add(session)
         return session
 
@@ -291,6 +296,7 @@ class MeshSSHServer:
         self.penalties = Penalties(settings.limits)
         self.connections: set[_Connection] = set()
         self.session_registry: dict[str, dict[str, Any]] = {}
+        self.detached = DetachedSessions(lambda: self.settings, self.audit)
         self.stats: dict[str, int] = {"dropped": 0, "evicted": 0}
         self._host_keys: hostkeys.HostKeys | None = None
         self._acceptors: dict[tuple[str, int], asyncssh.SSHAcceptor] = {}
@@ -307,6 +313,7 @@ class MeshSSHServer:
         for address in self.settings.listen:
             await self._bind(address)
         self._prune_task = loop.create_task(self._prune_forever())
+        await self.detached.start()
         event(log, "server.started", listen=[f"{h}:{p}" for h, p in self.bound_addresses],
               jwt=jwt_enabled(self.settings), disable_auth=self.settings.disable_auth,
               authorized_keys=self.settings.authorized_keys, sftp=self.settings.sftp)
@@ -336,6 +343,7 @@ class MeshSSHServer:
         self._acceptors[address] = acceptor
 
     async def stop(self) -> None:
+        await self.detached.stop()
         if self._prune_task is not None:
             self._prune_task.cancel()
             self._prune_task = None
