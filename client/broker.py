@@ -66,6 +66,7 @@ AGENTC_EXTENSION = 27
 AGENT_EXTENSION_FAILURE = 28
 
 MAX_MESSAGE = 1 << 20  # an agent message larger than this is a protocol error
+MAX_CONCURRENT = 4  # token requests answered at once; more wait their turn
 PEERS_MAX_AGE = 30.0  # the broker's copy of the peer list
 PEERS_REFRESH_MIN = 5.0  # an unknown name refetches the list at most this often
 
@@ -277,6 +278,7 @@ class Broker:
     _peers_at: float = 0.0
     granted: int = 0
     refused: int = 0
+    _busy: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT))
 
     async def start(self) -> str:
         self._dir = tempfile.mkdtemp(prefix="meshssh-broker-")
@@ -320,7 +322,8 @@ class Broker:
                 payload = await reader.readexactly(n)
                 ext = parse_extension(payload)
                 if ext is not None and ext[0] in EXTENSIONS:
-                    answer = await self._extension(ext[0], ext[1])
+                    async with self._busy:  # B cannot make A run unbounded exchanges at once
+                        answer = await self._answer(ext[0], ext[1])
                 else:
                     if not up_tried:
                         up_tried = True
@@ -351,6 +354,12 @@ class Broker:
             return None
 
     # -- our extensions
+    async def _answer(self, name: str, rest: bytes) -> bytes:
+        try:
+            return await self._extension(name, rest)
+        except Exception as exc:  # noqa: BLE001 — B gets a reason, the broker keeps serving
+            return self._refuse("?", "internal", f"{type(exc).__name__}: {exc}")
+
     async def _extension(self, name: str, rest: bytes) -> bytes:
         try:
             doc = parse_json_arg(rest)

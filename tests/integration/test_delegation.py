@@ -102,16 +102,20 @@ def world(session_user) -> Iterator[World]:
     mesh = Mesh(base).start()
     try:
         mesh.add_user(*ALICE)
-        for g, users in (("devs", [ALICE[0]]), ("laptops", []), ("hops", []), ("dbs", []), ("others", [])):
+        for g, users in (("devs", [ALICE[0]]), ("laptops", []), ("hops", []), ("dbs", []), ("others", []),
+                         ("direct", [])):
             mesh.add_group(g, users)
         # A → B; and B (not A) → C, D: the second hop comes from B's mesh IP.
         mesh.add_ssh_policy("to-hops", ["devs", "laptops"], ["hops"])
         mesh.add_ssh_policy("hops-to-dbs", ["devs", "hops"], ["dbs", "others"])
+        # hop-e: reachable by alice from A only — B is not a source of it.
+        mesh.add_ssh_policy("direct", ["devs", "laptops"], ["direct"])
         mesh.add_peer("hop-a", mesh.setup_key("laptops"), wait=None)
         mesh.add_peer("hop-b", mesh.setup_key("hops"), "--allow-server-ssh", wait=None)
         mesh.add_peer("hop-c", mesh.setup_key("dbs"), "--allow-server-ssh", wait=None)
         mesh.add_peer("hop-d", mesh.setup_key("others"), "--allow-server-ssh", wait=None)
-        for name in ("hop-b", "hop-c", "hop-d"):
+        mesh.add_peer("hop-e", mesh.setup_key("direct"), "--allow-server-ssh", wait=None)
+        for name in ("hop-b", "hop-c", "hop-d", "hop-e"):
             mesh.wait_status(name, "serving")
         mesh.wait_status("hop-a", None)
         cfg = mesh.login(*ALICE)
@@ -174,6 +178,23 @@ def test_refused_for_a_peer_not_on_the_list(world: World) -> None:
     # ... and A's meshssh printed its own one-line notice.
     assert "meshssh: refused a token for hop-d asked through hop-b: hop-d is not in --delegate-to" in err, err
     assert b"\n" + world.user.encode() not in b"\n" + r.stdout
+
+
+def test_target_refuses_a_source_its_policy_does_not_name(world: World) -> None:
+    """A token is not enough: hop-e admits alice from A only, so the hop through B is
+    refused by hop-e itself, and its refusal event names the chain."""
+    before = {e["id"] for e in world.events("hop-e", "auth.refused")}
+    r = world.on_a("--delegate-to", "hop-e", f"{world.user}@hop-b", "--", world.second_hop("hop-e"))
+    assert r.returncode == 255, _text(r)
+    assert "permission denied" in r.stderr.decode().lower(), _text(r)
+    deadline = time.monotonic() + 20
+    new: list[dict] = []
+    while time.monotonic() < deadline and not new:
+        new = [e for e in world.events("hop-e", "auth.refused") if e["id"] not in before]
+        time.sleep(0.2)
+    assert new, "hop-e's refusal did not reach management"
+    assert new[0]["identity"] == ALICE[0] and new[0]["via"] == world.ids["hop-b"], new[0]
+    assert new[0]["source_ip"] == world.ips["hop-b"]
 
 
 def test_bare_agent_forwarding_delegates_no_tokens(world: World) -> None:
