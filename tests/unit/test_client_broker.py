@@ -240,3 +240,28 @@ async def test_logged_in_client_starts_a_broker_only_when_asked(tmp_path: Path) 
         assert b.via == HOP
     finally:
         await b.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "delegate", "command"),
+    [
+        pytest.param(["--delegate-to", "db-1,group:db", "web-1"], "web-1", ("db-1,group:db",), (), id="separate"),
+        pytest.param(["--delegate-to=db-1", "-A", "web-1", "ls"], "web-1", ("db-1",), ("ls",), id="attached"),
+        pytest.param(["-A", "web-1", "--delegate-to", "a", "--delegate-to", "b", "--", "meshssh", "c"],
+                     "web-1", ("a", "b"), ("meshssh", "c"), id="after-destination-repeated"),
+    ],
+)
+def test_delegate_to_option(argv: list[str], dest: str, delegate: tuple[str, ...], command: tuple[str, ...]) -> None:
+    from client.cli import _first_word
+    from client.options import parse_ssh_args
+
+    args = parse_ssh_args(argv)
+    assert (args.destination, args.delegate_to, args.command) == (dest, delegate, command)
+    assert argv[_first_word(argv)] == dest  # the peer list is not mistaken for a sub-command
+
+
+def test_delegate_to_needs_a_value() -> None:
+    from client.options import parse_ssh_args
+
+    with pytest.raises(UsageError, match="--delegate-to needs a value"):
+        parse_ssh_args(["web-1", "--delegate-to"])
