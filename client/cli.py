@@ -17,7 +17,8 @@ import click
 
 from .options import LONG_WITHARG, WITHARG
 
-SUBCOMMANDS = ("login", "logout", "detect", "proxy", "config", "cp", "peers", "exec")
+SUBCOMMANDS = ("login", "logout", "detect", "proxy", "config", "cp", "peers", "exec", "sessions", "attach",
+               "receive")
 
 SSH_USAGE = """\
 usage: meshssh [-46AaNnqsTtv] [-b bind_address] [-D [bind_address:]port]
@@ -29,6 +30,8 @@ usage: meshssh [-46AaNnqsTtv] [-b bind_address] [-D [bind_address:]port]
        meshssh login --client-id ID --client-secret-file FILE
        meshssh logout | peers | cp [-r] SRC... DST
        meshssh exec [-l user] --hosts a,b,group:NAME [--throttle N] [--json] -- command
+       meshssh -d [user@]host [command] | exec --detach host -- command   (detached session)
+       meshssh sessions host [--kill ID] | attach host ID | receive host ID [--follow]
        meshssh config install [--refresh] [--path DIR] | config remove
        meshssh detect HOST PORT | proxy HOST PORT   (used by the OpenSSH drop-in)
 
@@ -76,11 +79,19 @@ def main(argv: list[str] | None = None) -> None:
     from .errors import UsageError
     from .options import parse_ssh_args
 
+    # -d (detached session, client/detach.py) only as a word of its own before the host.
+    detach = idx is not None and "-d" in argv[:idx]
+    if detach:
+        argv.remove("-d")
     try:
         args = parse_ssh_args(argv)
     except UsageError as exc:
         sys.stderr.write(f"meshssh: {exc}\n{SSH_USAGE}")
         sys.exit(255)
+    if detach:
+        from .detach import main_detached_ssh
+
+        sys.exit(main_detached_ssh(args))
     from .connect import main_connect
 
     try:
@@ -253,6 +264,17 @@ def _add_exec() -> None:
 
 
 _add_exec()
+
+
+def _add_detach() -> None:
+    """`meshssh sessions | attach | receive` (detached sessions) live in client/detach.py."""
+    from .detach import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_add_detach()
 
 
 if __name__ == "__main__":  # pragma: no cover
