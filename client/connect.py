@@ -505,6 +505,9 @@ def main_connect(args: SSHArgs) -> int:
     logging.basicConfig(level=level, stream=sys.stderr, format="debug: %(name)s: %(message)s")
     if args.verbose < 3:
         logging.getLogger("asyncssh").setLevel(max(level, logging.INFO if args.verbose else logging.CRITICAL))
+    if not args.quiet:
+        for warning in args.warnings:
+            sys.stderr.write(f"meshssh: {warning}\n")
     ttl = parse_ttl(args.ssh_jwt_cache_ttl if args.ssh_jwt_cache_ttl is not None
                     else os.environ.get("MESHSSH_SSH_JWT_CACHE_TTL"))
     try:

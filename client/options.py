@@ -58,6 +58,7 @@ class SSHArgs:
     delegate_to: tuple[str, ...] = ()  # --delegate-to: token delegation (client/broker.py)
     send_env: tuple[str, ...] = ()
     set_env: tuple[tuple[str, str], ...] = ()
+    warnings: tuple[str, ...] = ()  # shown on stderr before connecting (like ssh's)
     subsystem: bool = False  # -s: the command is the name of a subsystem (sftp, powershell, ...)
 
     @property
@@ -165,7 +166,7 @@ def _yes(value: str) -> bool:
 
 def parse_ssh_args(argv: list[str]) -> SSHArgs:
     kw: dict = {"local": [], "remote": [], "dynamic": [], "identities": [], "options": [],
-                "command": [], "send_env": [], "set_env": []}
+                "command": [], "send_env": [], "set_env": [], "warnings": []}
     dest: str | None = None
     tty = 0
     i = 0
@@ -282,6 +283,17 @@ def _apply_arg(kw: dict, ch: str, value: str) -> None:
         kw["options"].append((key, val.strip().strip('"')))
 
 
+# -o keys read where they are used (connect.py) or that change nothing for meshssh.
+_HANDLED_ELSEWHERE = {"serveraliveinterval", "connecttimeout", "exitonforwardfailure", "port",
+                      "user", "forwardagent", "requesttty", "identityfile", "bindaddress",
+                      "localforward", "remoteforward", "dynamicforward", "sendenv", "setenv"}
+_HARMLESS = {"batchmode", "loglevel", "compression", "serveralivecountmax", "tcpkeepalive",
+             "identitiesonly", "passwordauthentication", "pubkeyauthentication",
+             "kbdinteractiveauthentication", "preferredauthentications", "addkeystoagent"}
+_HOSTKEY_OPTIONS = {"stricthostkeychecking", "userknownhostsfile", "globalknownhostsfile",
+                    "checkhostip", "hostkeyalias", "updatehostkeys", "verifyhostkeydns"}
+
+
 def _apply_options(kw: dict) -> None:
     """The -o keys meshssh understands; first value wins as in ssh_config."""
     seen: set[str] = set()
@@ -314,6 +326,11 @@ def _apply_options(kw: dict) -> None:
                 if not eq or not name:
                     raise UsageError(f"bad SetEnv {item!r}")
                 kw["set_env"].append((name, v))
+        elif key in _HOSTKEY_OPTIONS:
+            kw["warnings"].append(f"ignoring -o {key}: meshssh always checks the peer's host "
+                                  "key against management's list (no known_hosts, no TOFU)")
+        elif key not in _HANDLED_ELSEWHERE and key not in _HARMLESS:
+            kw["warnings"].append(f"ignoring unsupported option -o {key}")
     mode = kw.pop("_requesttty", None)
     if mode is not None:
         kw["tty_override"] = {"yes": 1, "force": 2, "no": -1, "auto": 0}.get(mode, 0)

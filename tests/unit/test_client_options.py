@@ -138,3 +138,11 @@ def test_sendenv_patterns() -> None:
 ])
 def test_cli_finds_first_word(argv: list[str], index: int | None) -> None:
     assert _first_word(argv) == index
+
+
+def test_unknown_and_hostkey_options_warn() -> None:
+    args = parse_ssh_args(["-o", "StrictHostKeyChecking=no", "-o", "Frobnicate=1", "-o", "BatchMode=yes", "h"])
+    assert len(args.warnings) == 2
+    assert "always checks the peer's host key" in args.warnings[0]
+    assert "frobnicate" in args.warnings[1]
+    assert parse_ssh_args(["-o", "Port=2", "-o", "ServerAliveInterval=5", "h"]).warnings == ()
