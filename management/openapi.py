@@ -55,6 +55,8 @@ def _op(summary: str, ok: dict[str, Any], *, body: dict[str, Any] | None = None,
 
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_SUBSYSTEM = {"name": "name", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"}}
 _NO_CONTENT = {"204": {"description": "done"}}
 
 
@@ -131,6 +133,14 @@ def _schemas() -> dict[str, Any]:
                       "endpoints": _STRS, "ssh_enabled": _BOOL, "groups": _STRS, "connected": _BOOL,
                       "created": _TIME, "last_seen": _TIME}),
         "PeerUpdate": _obj({"name": _LABEL, "ssh_enabled": _BOOL}),
+        "Subsystem": _obj({"id": _STR, "name": _STR, "command": _STR,
+                           "peer": {"type": "string", "nullable": True},
+                           "peer_name": {"type": "string", "nullable": True},
+                           "group": {"type": "string", "nullable": True},
+                           "group_name": {"type": "string", "nullable": True}}),
+        "SubsystemSet": _obj({"command": {"type": "string", "minLength": 1, "maxLength": 1024,
+                                          "description": "one command line, run through the user's shell"}},
+                             ("command",)),
     }
 
 
@@ -204,6 +214,20 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "delete": _op("delete a policy", _NO_CONTENT, params=[_ID], errors=(401, 403, 404)),
         },
         "/api/peers": {"get": _op("list peers", _list("peers", "Peer"), errors=(401, 403))},
+        "/api/subsystems": {"get": _op("SSH subsystems set per peer or group", _list("subsystems", "Subsystem"),
+                                       errors=(401, 403))},
+        "/api/peers/{id}/subsystems/{name}": {
+            "put": _op("set a subsystem on one peer (its own entry wins over its groups')", _one("Subsystem"),
+                       body=_ref("SubsystemSet"), params=[_ID, _SUBSYSTEM], errors=(400, 401, 403, 404)),
+            "delete": _op("remove a peer's subsystem", _NO_CONTENT, params=[_ID, _SUBSYSTEM],
+                          errors=(401, 403, 404)),
+        },
+        "/api/groups/{id}/subsystems/{name}": {
+            "put": _op("set a subsystem on every peer of a group", _one("Subsystem"), body=_ref("SubsystemSet"),
+                       params=[_ID, _SUBSYSTEM], errors=(400, 401, 403, 404)),
+            "delete": _op("remove a group's subsystem", _NO_CONTENT, params=[_ID, _SUBSYSTEM],
+                          errors=(401, 403, 404)),
+        },
         "/api/peers/{id}": {
             "get": _op("one peer (by id or name)", _one("Peer"), params=[_ID], errors=(401, 403, 404)),
             "put": _op("rename a peer or switch its SSH toggle", _one("Peer"), body=_ref("PeerUpdate"),
