@@ -28,10 +28,8 @@ by that feature), so both live under the one `exec` sub-command.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import os
 import resource
 import sys
 import time
@@ -242,6 +240,8 @@ class TokenPool:
                  clock: Callable[[], float] = time.time) -> None:
         self._fetch = fetch
         self._clock = clock
+        import asyncio
+
         self._results: dict[str, ExchangeResult] = {}
         self._pending: dict[str, str] = {}  # key → display name, not yet handed out
         self._lock = asyncio.Lock()
@@ -252,6 +252,8 @@ class TokenPool:
         await self._refill(list(self._pending.items()))
 
     async def _refill(self, wanted: list[tuple[str, str]]) -> None:
+        import asyncio
+
         for i in range(0, len(wanted), MAX_AUDIENCES):
             chunk = wanted[i:i + MAX_AUDIENCES]
             self.requests += 1
@@ -422,6 +424,8 @@ async def _pump(reader: Any, name: str, stream: str, sink: Sink, cap: Capture | 
 async def run_one(spec: HostSpec, req: ExecRequest, pool: TokenPool, sink: Sink,
                   source: str | None) -> HostResult:
     """Connect, run, stream; every failure becomes the result's `error`."""
+    import asyncio
+
     import asyncssh
 
     from .connect import Target, dial, local_username
@@ -486,6 +490,8 @@ async def run_one(spec: HostSpec, req: ExecRequest, pool: TokenPool, sink: Sink,
 
 async def run_fanout(req: ExecRequest, session: Session, *, show_progress: bool) -> tuple[list[HostResult], list[str]]:
     """Resolve, fetch tokens, run everywhere; returns (results, warnings)."""
+    import asyncio
+
     from .connect import choose_source_address
     from .peers import PeerDirectory
 
@@ -524,6 +530,7 @@ async def run_fanout(req: ExecRequest, session: Session, *, show_progress: bool)
 
 def main_exec(req: ExecRequest) -> int:
     """Entry from the CLI: returns the process exit code (see the module docstring)."""
+    import asyncio
     import logging
 
     from .auth import Session
@@ -597,10 +604,8 @@ def exec_command(hosts: tuple[str, ...], user: str | None, port: int | None, thr
     if not req.hosts:
         raise click.UsageError("--hosts names no peer")
     if detach:
-        try:
-            from .detach import exec_detached  # type: ignore[attr-defined]
-        except ImportError:
-            raise click.UsageError("--detach is not available in this build") from None
+        from .detach import exec_detached
+
         sys.exit(exec_detached(req))
     sys.exit(main_exec(req))
 
