@@ -10,8 +10,11 @@ and the exec audit events on management are checked.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import secrets
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.meshkit import Mesh
-from tests.support import require_root
+from tests.support import console_script, require_root
 
 pytestmark = [pytest.mark.root]
 
@@ -163,3 +166,33 @@ def test_audit_events_for_each_exec(fleet: Fleet) -> None:
             break
         time.sleep(0.5)
     assert got == want
+
+
+def test_progress_bar_on_a_terminal(fleet: Fleet) -> None:
+    """stderr on a terminal: a progress bar is drawn (rich), stdout stays clean lines."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [console_script("meshssh"), "exec", "-l", fleet.user, "--hosts", "group:web", "--", "echo tick"],
+            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+            env=fleet.mesh.client_env(fleet.cfg, COLUMNS="100", TERM="xterm"))
+        os.close(slave)
+        slave = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0
+    assert sorted(out.decode().splitlines()) == [f"{n}: tick" for n in WEB]
+    text = seen.decode(errors="replace")
+    assert "6/6" in text and "meshssh exec: 6 of 6 peers succeeded" in text
