@@ -519,6 +519,47 @@ def test_direct_openssh_to_a_no_jwt_peer_is_still_key_checked(world: World, drop
     assert b"Host key verification failed" in r.stderr or b"HOST IDENTIFICATION HAS CHANGED" in r.stderr, r.stderr
 
 
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_proxy_flow_control_bounds_memory(world: World, dropin: Path) -> None:
+    """A reader that stalls must stall the peer, not fill the proxy's memory: 200 MB
+    downloaded through ssh → proxy while nobody reads, then drained completely."""
+    size = 200 * 1024 * 1024
+    env = world.mesh.client_env(world.alice)
+    env["PATH"] = f"{Path(console_script('meshssh')).parent}:{env.get('PATH', '')}"
+    proc = subprocess.Popen([require_tool("ssh"), "-F", str(dropin), f"{world.user}@db-1",
+                             f"head -c {size} /dev/zero"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        proxy = None
+        deadline = time.monotonic() + 30
+        while proxy is None and time.monotonic() < deadline:
+            for kid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                try:  # ssh's children: first `meshssh detect` (Match exec), then the proxy
+                    if b"proxy" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                        proxy = int(kid)
+                except OSError:
+                    continue
+            time.sleep(0.1)
+        assert proxy is not None
+        time.sleep(3)  # nobody reads: every buffer on the way fills up
+        rss = _rss_kb(proxy)
+        assert 0 < rss < 150 * 1024, f"proxy grew to {rss} KB while the reader stalled"
+        assert proc.stdout is not None
+        total = 0
+        while chunk := proc.stdout.read(1 << 20):
+            total += len(chunk)
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else b""
+        assert total == size
+    finally:
+        _stop(proc)
+
+
 def test_openssh_through_proxy_timing(world: World, dropin: Path) -> None:
     """`ssh host true` through detect + proxy: measured for the report, bounded generously."""
     times = []
