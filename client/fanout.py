@@ -7,7 +7,7 @@ The shape of a run, outside in:
   (`/api/me/peers`, whose entries name the groups each peer is in); a name that is
   not in the list stays as asked, so management can say why (no policy, unknown peer).
 - `TokenPool` asks management for every SSH token in one token-exchange request (up to
-  `MAX_AUDIENCES` audiences per request). Tokens live about a minute, so a long run whose
+  `MAX_AUDIENCES` audiences per request, management's limit). Tokens live about a minute, so a long run whose
   later peers would get a nearly expired token refills once, again in one request for
   every peer not yet started.
 - `run_fanout` dials at most `--throttle` peers at a time (asyncio semaphore), runs the
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .auth import ExchangeResult, Session
 
 DEFAULT_THROTTLE = 32
-MAX_AUDIENCES = 256  # management's limit per token-exchange request
+MAX_AUDIENCES = 512  # management's limit per token-exchange request (management/idp/issuer.py)
 DEFAULT_MAX_OUTPUT = 1 << 20  # per peer and stream, --json only
 MAX_LINE = 64 * 1024  # a longer "line" is emitted in pieces (bounded memory in text mode)
 READ_SIZE = 32 * 1024
@@ -518,8 +518,9 @@ async def run_fanout(req: ExecRequest, session: Session, *, show_progress: bool)
         async def one(spec: HostSpec) -> None:
             async with sem:
                 r = await run_one(spec, req, pool, sink, source)
-            results.append(r)
             sink.result(r)
+            r.stdout = r.stderr = None  # written out: keep only what the summary needs
+            results.append(r)
             progress.done(r)
 
         await asyncio.gather(*(one(s) for s in specs))

@@ -31,7 +31,7 @@ from .metrics import IdpMetrics
 
 log = logging.getLogger("meshmgmt.idp")
 
-MAX_AUDIENCES = 256
+MAX_AUDIENCES = 512  # fan-out (`meshssh exec`) asks for every target at once; aiohttp caps a form at 1000 fields
 PUBLIC_CLIENTS = ("meshssh",)
 
 

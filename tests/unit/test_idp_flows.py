@@ -506,6 +506,18 @@ async def test_exchange_fan_out(mesh: Mesh) -> None:
     assert all(claims_of(t["access_token"])["aud"] == mesh.ids["web-1"] for t in (got[0], got[3]))
 
 
+async def test_exchange_fan_out_of_hundreds_in_one_request(mesh: Mesh) -> None:
+    """`meshssh exec` over 500 peers asks once; the limit is MAX_AUDIENCES."""
+    from management.idp.issuer import MAX_AUDIENCES
+
+    access = (await mesh.login())["access_token"]
+    status, body = await mesh.exchange(access, *(["web-1"] * 500))
+    assert status == 200 and len(body["tokens"]) == 500
+    assert all(t.get("access_token") for t in body["tokens"])
+    status, body = await mesh.exchange(access, *(["web-1"] * (MAX_AUDIENCES + 1)))
+    assert (status, body["error"]) == (400, "invalid_request")
+
+
 @pytest.mark.parametrize(
     ("extra", "reason"),
     [
