@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -118,6 +119,22 @@ def iter_frames(buf: bytearray) -> list[tuple[bytes, bytes]]:
 
 def frame(kind: bytes, payload: bytes) -> bytes:
     return _HEADER.pack(kind, len(payload)) + payload
+
+
+def systemd_scope(sid: str, environ: Mapping[str, str] = os.environ,
+                  booted: bool | None = None, systemd_run: str | None = None) -> list[str]:
+    """Under a systemd service, stopping the unit kills its whole cgroup (KillMode=mixed):
+    the holder would die with meshsshd. `systemd-run --scope` moves it into a transient
+    scope of its own (it execs the holder in place, keeping our pipes and fds), the way
+    logind keeps an sshd session alive across an sshd restart. Elsewhere: nothing."""
+    if booted is None:
+        booted = os.path.isdir("/run/systemd/system")
+    if systemd_run is None:
+        systemd_run = shutil.which("systemd-run")
+    if not (booted and systemd_run and environ.get("INVOCATION_ID")):
+        return []
+    return [systemd_run, "--scope", "--quiet", "--collect", f"--unit=meshsshd-session-{sid}",
+            "--description=meshsshd detached session", "--"]
 
 
 class RequestError(Exception):
@@ -350,7 +367,8 @@ class DetachedSessions:
                         executable=executable, argv=argv, env=env, uid=user.uid, gid=user.gid,
                         groups=list(user.groups), home=user.home, as_root=as_root,
                         child_fds=child_fds, parent_fds=parent_fds, meta=meta)
-            proc = subprocess.Popen([sys.executable, "-I", "-S", HOLDER], stdin=subprocess.PIPE,
+            proc = subprocess.Popen([*systemd_scope(meta["id"]), sys.executable, "-I", "-S", HOLDER],
+                                    stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/",
                                     pass_fds=sorted(set(child_fds + parent_fds)), start_new_session=True,
                                     close_fds=True)

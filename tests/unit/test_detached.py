@@ -128,3 +128,15 @@ def test_format_table() -> None:
 ])
 def test_split_destination(dest: str, user: str | None, expected: tuple) -> None:
     assert split_destination(dest, user) == expected
+
+
+def test_systemd_scope_only_under_a_systemd_service() -> None:
+    from meshsshd.detached import systemd_scope
+
+    service = {"INVOCATION_ID": "abc"}
+    assert systemd_scope("0123456789ab", {}, booted=True, systemd_run="/bin/systemd-run") == []
+    assert systemd_scope("0123456789ab", service, booted=False, systemd_run="/bin/systemd-run") == []
+    assert systemd_scope("0123456789ab", service, booted=True, systemd_run="") == []  # not installed
+    argv = systemd_scope("0123456789ab", service, booted=True, systemd_run="/bin/systemd-run")
+    assert argv[:2] == ["/bin/systemd-run", "--scope"] and argv[-1] == "--"
+    assert "--unit=meshsshd-session-0123456789ab" in argv
