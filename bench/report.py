@@ -61,6 +61,8 @@ def generated_block(figures: Sequence[Figure], machine: dict[str, Any], params: 
         f"## Latest run ({stamp})",
         "",
         f"Machine: {one_line(machine)}.",
+        f"Load average at start / end: {_load(machine.get('loadavg_start'))} / "
+        f"{_load(machine.get('loadavg_end'))}; run took {machine.get('duration_seconds', '?')} s.",
         f"Parameters: {', '.join(f'{k}={v}' for k, v in params.items())}.",
         "",
         format_table(figures),
@@ -72,6 +74,13 @@ def generated_block(figures: Sequence[Figure], machine: dict[str, Any], params: 
     lines += diff_runs(previous, current) if previous else ["- first recorded run"]
     lines += ["", f"<!-- digest: {json.dumps(current, separators=(',', ':'))} -->", END]
     return "\n".join(lines)
+
+
+def _load(avg: Any) -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in avg)
+    except TypeError:
+        return "?"
 
 
 def update_results_md(figures: Sequence[Figure], machine: dict[str, Any], params: dict[str, Any],
