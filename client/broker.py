@@ -166,6 +166,11 @@ def parse_query_reply(payload: bytes) -> list[str]:
 
 # ---------------------------------------------------------------- the delegation list (pure)
 
+def printable(text: str, limit: int = 253) -> str:
+    """B chooses the names it asks for, and A prints them: no terminal control sequences."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def _norm(text: str) -> str:
     return text.strip().rstrip(".").lower()
 
@@ -363,7 +368,7 @@ class Broker:
     async def _extension(self, name: str, rest: bytes) -> bytes:
         try:
             doc = parse_json_arg(rest)
-            asked = str(doc.get("peer", ""))
+            asked = printable(str(doc.get("peer", "")))
             if not asked:
                 raise ValueError("no peer named")
         except ValueError as exc:

@@ -265,3 +265,17 @@ def test_delegate_to_needs_a_value() -> None:
 
     with pytest.raises(UsageError, match="--delegate-to needs a value"):
         parse_ssh_args(["web-1", "--delegate-to"])
+
+
+async def test_names_from_b_are_printed_harmlessly_on_a(tmp_path: Path) -> None:
+    said: list[str] = []
+    b = Broker(session=FakeSession(), delegation=DelegationList.parse(["db-1"]), via=HOP, origin="hop-a",
+               say=said.append)
+    path = await b.start()
+    try:
+        with pytest.raises(DelegationRefused) as exc:
+            await asyncio.to_thread(BrokerSession(BrokerClient(path)).ssh_token, "x\x1b]0;pwned\x07y", "x")
+    finally:
+        await b.close()
+    assert "\x1b" not in said[0] and "\x07" not in said[0] and "x?]0;pwned?y" in said[0]
+    assert "\x1b" not in str(exc.value)
