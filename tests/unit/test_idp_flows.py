@@ -544,6 +544,11 @@ async def test_exchange_via_names_the_delegating_peer(mesh: Mesh) -> None:
     # A delegated request for a target the user may not reach is still refused per target.
     status, body = await mesh.exchange(access, "db-1", via="web-1")
     assert (status, body["error"]) == (403, "access_denied")
+    # One hop is named, never a list.
+    status, body = await mesh.form("/oauth/token", [
+        ("grant_type", EXCHANGE), ("subject_token", access), ("subject_token_type", AT),
+        ("audience", "web-1"), ("via", "web-1"), ("via", "laptop-1")])
+    assert (status, body["error"]) == (400, "invalid_request") and "via" in body["error_description"]
 
 
 async def test_exchange_refuses_bad_subject_tokens(mesh: Mesh) -> None:
