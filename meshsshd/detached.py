@@ -455,6 +455,15 @@ class SessionsChannel:
         if self._task is not None:
             self._task.cancel()
 
+    def _may_pty(self) -> bool:
+        """authorized_keys `no-pty`/`restrict` (and certificates) bind detached PTYs too.
+        (A forced `command=` never reaches here: asyncssh turns the subsystem request
+        into that command.)"""
+        conn = self.chan.get_extra_info("connection")
+        if conn is None:
+            return True
+        return bool(conn.check_key_permission("pty") and conn.check_certificate_permission("pty"))
+
     # answering
     def _reply(self, doc: dict[str, Any]) -> None:
         self.chan.write(json.dumps(doc).encode() + b"\n")
@@ -479,6 +488,8 @@ class SessionsChannel:
                 self._reply({"ok": True, "sessions": [summary(m) for m in metas]})
                 self.chan.exit(0)
             elif op == "start":
+                if req.get("pty", req.get("command") is None) and not self._may_pty():
+                    raise RequestError("PTY not permitted for this login (no-pty)")
                 meta = await self.store.launch(self.ctx, req)
                 self._reply({"ok": True, "id": meta["id"], "session": summary(meta)})
                 self.chan.exit(0)

@@ -25,6 +25,7 @@ Frames: 1 type byte, 4-byte big-endian length, payload. Holder → client: `o` s
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import json
@@ -62,7 +63,7 @@ class Spool:
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
-        self.records: list[list] = []   # [stream byte, bytes]
+        self.records: collections.deque[list] = collections.deque()   # [stream byte, bytearray]
         self.size = 0
         self.dropped = 0
 
@@ -76,7 +77,7 @@ class Spool:
             head = self.records[0]
             excess = self.size - self.limit
             if len(head[1]) <= excess:
-                self.records.pop(0)
+                self.records.popleft()
                 self.size -= len(head[1])
                 self.dropped += len(head[1])
             else:

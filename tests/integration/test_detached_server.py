@@ -193,3 +193,20 @@ def test_pty_session_survives_client_and_daemon_restart(setup: Setup) -> None:
         assert wait_for(lambda: not holders_under(setup.tmp), what="holder to exit")
     finally:
         srv2.stop()
+
+
+def test_key_restrictions_bind_detached_sessions(setup: Setup) -> None:
+    with setup.server() as srv:
+        install_key(setup.user, setup.owner, options="no-pty")
+        answer, r = setup.request(srv, {"op": "start", "command": None, "pty": True})
+        assert answer == {"ok": False, "error": "PTY not permitted for this login (no-pty)"}
+        answer, _ = setup.request(srv, {"op": "start", "command": "true", "pty": False})
+        assert answer["ok"]
+        # A forced command replaces the subsystem request itself: nothing is started.
+        install_key(setup.user, setup.owner, options='command="echo forced"')
+        r = srv.ssh(setup.user.pw_name, setup.owner, SUBSYSTEM, opts=["-s"],
+                    input=b'{"op": "start", "command": "touch /tmp/never", "pty": false}\n')
+        assert r.stdout == b"forced\n"
+        install_key(setup.user, setup.owner)
+        answer, _ = setup.request(srv, {"op": "list"})
+        assert [s["command"] for s in answer["sessions"]] == ["true"]
