@@ -93,9 +93,9 @@ class Run:
 
 def measure(argv: list[str], env: dict[str, str], out: Path, count_ok: Any) -> tuple[float, int, float, int, int]:
     """Run argv to completion; (seconds, ok count, peak RSS MB, peak fds, exit code)."""
-    with open(out, "wb") as f:
+    with open(out, "wb") as f, open(out.with_suffix(".err"), "wb") as ferr:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, stdout=f, stderr=ferr, stdin=subprocess.DEVNULL,
                                 env=env, preexec_fn=_raise_nofile)
         peak_fds = 0
         stop = threading.Event()
@@ -250,7 +250,7 @@ class Fleet:
     # --- the clients ----------------------------------------------------------------------
 
     def run_meshssh(self, command: str) -> Run:
-        argv = [venv_script("meshssh"), "exec", "-q", "-l", self.ws.user, "-p", str(self.mesh_port),
+        argv = [venv_script("meshssh"), "exec", "-q", "-v", "-l", self.ws.user, "-p", str(self.mesh_port),
                 "--throttle", str(self.throttle), "--hosts", "group:fleet", "--", command]
         s, ok, rss, fds, rc = measure(argv, self.env, self.root / "out-meshssh",
                                       lambda b: sum(1 for ln in b.splitlines() if ln.endswith(b": hi")))
@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                        "xargs": fleet.run_xargs_ssh}[tool]("echo hi")
                 results.append(run)
                 log(f"round {r + 1}: {run.tool}: {run.seconds:.2f} s, {run.ok}/{args.peers} ok, rc {run.rc}")
+                if run.ok < args.peers:
+                    err = (fleet.root / f"out-{tool}.err").read_text(errors="replace")
+                    log("stderr tail:\n" + err[-1500:])
     finally:
         fleet.close()
         ws.close()

@@ -252,13 +252,21 @@ class TokenPool:
         await self._refill(list(self._pending.items()))
 
     async def _refill(self, wanted: list[tuple[str, str]]) -> None:
+        for i in range(0, len(wanted), MAX_AUDIENCES):
+            self._results.update(await self._fetch_chunk(wanted[i:i + MAX_AUDIENCES]))
+
+    async def _fetch_chunk(self, chunk: list[tuple[str, str]]) -> dict[str, ExchangeResult]:
+        """One request; a management with a lower audience limit refuses the whole
+        request (`invalid_request`, "at most N audiences"): ask again in halves."""
         import asyncio
 
-        for i in range(0, len(wanted), MAX_AUDIENCES):
-            chunk = wanted[i:i + MAX_AUDIENCES]
-            self.requests += 1
-            got = await asyncio.to_thread(self._fetch, chunk)
-            self._results.update(got)
+        self.requests += 1
+        got = await asyncio.to_thread(self._fetch, chunk)
+        if len(chunk) > 1 and got and all(
+                r.error_code == "invalid_request" and "audiences" in r.error for r in got.values()):
+            half = len(chunk) // 2
+            return {**await self._fetch_chunk(chunk[:half]), **await self._fetch_chunk(chunk[half:])}
+        return got
 
     def refusal(self, key: str) -> str | None:
         res = self._results.get(key)
@@ -479,6 +487,8 @@ async def run_one(spec: HostSpec, req: ExecRequest, pool: TokenPool, sink: Sink,
         res.error = str(exc)
     except (OSError, asyncssh.Error) as exc:
         res.error = f"{spec.name}: {getattr(exc, 'reason', None) or exc}"
+    except Exception as exc:  # noqa: BLE001 — one peer's surprise must not stop the others
+        res.error = f"{spec.name}: unexpected error: {exc!r}"
     finally:
         if conn is not None:
             conn.close()

@@ -134,6 +134,22 @@ def test_token_pool_chunks_at_the_management_limit() -> None:
     assert [len(c) for c in fake.calls] == [MAX_AUDIENCES, 3]
 
 
+def test_token_pool_halves_for_an_older_management_limit() -> None:
+    calls: list[int] = []
+
+    def limited(chunk):
+        calls.append(len(chunk))
+        if len(chunk) > 2:
+            return {k: ExchangeResult(error="management refused: at most 2 audiences per request",
+                                      error_code="invalid_request") for k, _ in chunk}
+        return {k: ExchangeResult(token=f"t-{k}", exp=100.0) for k, _ in chunk}
+
+    pool = TokenPool(limited, clock=lambda: 0.0)
+    asyncio.run(pool.prime([(f"p{i}", f"p{i}") for i in range(5)]))
+    assert calls == [5, 2, 3, 1, 2]
+    assert all(pool.refusal(f"p{i}") is None for i in range(5))
+
+
 def test_token_pool_refills_stale_tokens_in_one_request() -> None:
     now = [0.0]
     fake = FakeExchange(lambda: now[0])
