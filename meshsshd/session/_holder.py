@@ -256,7 +256,10 @@ class Holder:
         terminal would); slow followers are dropped instead."""
         for c in list(self.clients):
             if c.mode == "follow" and len(c.outbuf) > CLIENT_HIGH_WATER:
-                self.drop(c)
+                # Stop feeding it; it gets an end frame saying why once its buffer drains.
+                c.mode = "receive"
+                c.closing = True
+                self.send(c, frame(b"x", json.dumps(self.end_doc(reason="fell behind")).encode()))
         slow = self.attached is not None and len(self.attached.outbuf) > CLIENT_HIGH_WATER
         if slow and not self.paused:
             self.paused = True
