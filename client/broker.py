@@ -464,7 +464,7 @@ def _stderr(text: str) -> None:
 
 
 async def start_broker(session: Any, via: PeerInfo, delegate_to: Sequence[str], agent: bool | None,
-                       verbose: bool = False) -> Broker | None:
+                       verbose: bool = False, upstream: str | None = None) -> Broker | None:
     """The agent socket to forward to `via`, or None when nothing should be forwarded.
 
     -A passes ssh-agent requests through to $SSH_AUTH_SOCK; --delegate-to enables tokens.
@@ -476,7 +476,10 @@ async def start_broker(session: Any, via: PeerInfo, delegate_to: Sequence[str], 
     delegation = DelegationList.parse(delegate_to)
     if not (agent or delegation.enabled):
         return None
-    upstream = os.environ.get("SSH_AUTH_SOCK") if agent else None
+    if agent and not upstream:
+        upstream = os.environ.get("SSH_AUTH_SOCK")
+    elif not agent:
+        upstream = None
     broker = Broker(session=session, delegation=delegation, via=via, upstream=upstream or None,
                     verbose=verbose)
     await broker.start()

@@ -182,7 +182,10 @@ def _classes() -> tuple[type, type, type]:
                 return True
 
             def finished(t: asyncio.Future) -> None:
-                ok = (not t.cancelled()) and t.exception() is None and t.result()
+                exc = None if t.cancelled() else t.exception()
+                if exc is not None:
+                    _say(f"{self.relay.name}: session failed: {type(exc).__name__}: {exc}")
+                ok = (not t.cancelled()) and exc is None and t.result()
                 report(bool(ok))
             task.add_done_callback(finished)
             return None
@@ -191,7 +194,7 @@ def _classes() -> tuple[type, type, type]:
             conn = await self.relay.backend_conn()
             if conn is None:
                 return False
-            agent = self.chan.get_agent_path()
+            agent = await self.relay.agent_for(self.chan.get_agent_path())
             if agent:
                 self.relay.enable_agent(conn, agent)
             kw: dict[str, Any] = dict(command=command, subsystem=subsystem, encoding=None,
@@ -332,6 +335,7 @@ class Relay:
         self._dial_user: str | None = None
         self._prepared: asyncio.Future | None = None
         self._token: asyncio.Future | None = None
+        self.broker: Any = None
         self.finished = asyncio.get_running_loop().create_future()
 
     def start_early(self) -> None:
@@ -391,6 +395,20 @@ class Relay:
             return None
         self.backend = await self._dial
         return self.backend
+
+    async def agent_for(self, outer: str | None) -> str | None:
+        """What the peer's agent channels reach: OpenSSH's agent (`ssh -A`), or — with
+        MESHSSH_DELEGATE_TO=LIST in ssh's environment — the token broker, which passes
+        agent requests on to OpenSSH's agent when there is one (docs/delegation.md)."""
+        delegate = os.environ.get("MESHSSH_DELEGATE_TO", "").strip()
+        if not delegate or self.target is None:
+            return outer
+        if self.broker is None:
+            from .broker import start_broker
+
+            self.broker = await start_broker(self.session, self.target.peer, [delegate], bool(outer),
+                                             upstream=outer)
+        return self.broker.path if self.broker is not None else outer
 
     @staticmethod
     def enable_agent(conn: Any, path: str) -> None:
@@ -466,6 +484,8 @@ async def run_proxy(host: str, port: int, user: str | None, session: Any) -> int
             await asyncio.wait_for(relay.backend.wait_closed(), 5)
     for t in transports:
         t.close()
+    if relay.broker is not None:
+        await relay.broker.close()
     return 0 if relay.failure is None else 255
 
 

@@ -255,3 +255,32 @@ def test_agent_passthrough_only_with_dash_a(world: World, tmp_path: Path) -> Non
     finally:
         agent.kill()
         agent.wait()
+
+
+@pytest.fixture(scope="module")
+def dropin(world: World) -> Path:
+    """`meshssh config install` into a directory of the mesh's own, for OpenSSH on A."""
+    d = world.mesh.dir / "sshconf"
+    r = world.on_a("config", "install", "--path", str(d / "drop"))
+    assert r.returncode == 0, _text(r)
+    conf = d / "ssh_config"
+    conf.write_text(f"Include {d / 'drop' / '99-meshssh.conf'}\n")
+    return conf
+
+
+def _ossh(world: World, conf: Path, *args: str, **extra: str) -> subprocess.CompletedProcess:
+    env = world.mesh.client_env(world.cfg, "hop-a", MESHSSH_SOURCE_ADDRESS=world.ips["hop-a"], **extra)
+    env["PATH"] = f"{Path(console_script('meshssh')).parent}:{env.get('PATH', '')}"
+    return subprocess.run([require_tool("ssh"), "-F", str(conf), *args], capture_output=True, timeout=60, env=env)
+
+
+def test_openssh_on_a_delegates_with_the_environment_variable(world: World, dropin: Path) -> None:
+    """`MESHSSH_DELEGATE_TO=hop-c ssh hop-b` through the drop-in: the proxy forwards the broker."""
+    r = _ossh(world, dropin, f"{world.user}@hop-b", world.second_hop("hop-c"), MESHSSH_DELEGATE_TO="hop-c")
+    assert r.returncode == 0, _text(r)
+    assert r.stdout.decode().strip() == world.user
+    r = _ossh(world, dropin, f"{world.user}@hop-b", world.second_hop("hop-d"), MESHSSH_DELEGATE_TO="hop-c")
+    assert r.returncode == 255, _text(r)
+    assert "delegation refused by your client on hop-a: hop-d is not in --delegate-to (hop-c)" in r.stderr.decode()
+    r = _ossh(world, dropin, f"{world.user}@hop-b", world.second_hop("hop-c"))  # no broker: B has no way in
+    assert r.returncode == 255 and b"not logged in" in r.stderr, _text(r)
