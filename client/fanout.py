@@ -448,7 +448,7 @@ async def run_one(spec: HostSpec, req: ExecRequest, pool: TokenPool, sink: Sink,
         if refused:
             raise AccessDenied(refused)
         if spec.peer is None:
-            raise ClientError(f"{spec.asked}: not a peer you may reach")
+            raise ClientError("not a peer you may reach")
         if not spec.peer.ssh_enabled:
             raise AccessDenied(f"{spec.name} is not SSH-enabled")
         target = Target(peer=spec.peer, port=req.port or SSH_PORT,
@@ -464,7 +464,7 @@ async def run_one(spec: HostSpec, req: ExecRequest, pool: TokenPool, sink: Sink,
                 proc = await conn.create_process(req.command, encoding=None, stdin=asyncssh.DEVNULL,
                                                  request_pty=False)
             except asyncssh.ChannelOpenError as exc:
-                raise ClientError(f"{spec.name}: session refused: {exc.reason}") from exc
+                raise ClientError(f"session refused: {exc.reason}") from exc
             await asyncio.gather(
                 _pump(proc.stdout, spec.name, "stdout", sink, res.stdout),
                 _pump(proc.stderr, spec.name, "stderr", sink, res.stderr))
@@ -478,17 +478,17 @@ async def run_one(spec: HostSpec, req: ExecRequest, pool: TokenPool, sink: Sink,
             try:
                 await asyncio.wait_for(body(), req.timeout)
             except asyncio.TimeoutError:
-                raise ClientError(f"{spec.name}: timed out after {req.timeout:g} s") from None
+                raise ClientError(f"timed out after {req.timeout:g} s") from None
         else:
             await body()
         if res.exit_status is None and res.exit_signal is None:
-            res.error = f"{spec.name}: connection closed without an exit status"
+            res.error = "connection closed without an exit status"
     except ClientError as exc:
         res.error = str(exc)
     except (OSError, asyncssh.Error) as exc:
-        res.error = f"{spec.name}: {getattr(exc, 'reason', None) or exc}"
+        res.error = str(getattr(exc, "reason", None) or exc)
     except Exception as exc:  # noqa: BLE001 — one peer's surprise must not stop the others
-        res.error = f"{spec.name}: unexpected error: {exc!r}"
+        res.error = f"unexpected error: {exc!r}"
     finally:
         if conn is not None:
             conn.close()

@@ -196,3 +196,13 @@ def test_progress_bar_on_a_terminal(fleet: Fleet) -> None:
     assert sorted(out.decode().splitlines()) == [f"{n}: tick" for n in WEB]
     text = seen.decode(errors="replace")
     assert "6/6" in text and "meshssh exec: 6 of 6 peers succeeded" in text
+
+
+def test_timeout_gives_up_on_a_slow_peer_only(fleet: Fleet) -> None:
+    slow = fleet.ips["web-3"]
+    cmd = f'case " $SSH_CONNECTION " in *" {slow} "*) sleep 60;; esac; echo quick'
+    r = fleet.exec("--timeout", "5", "--hosts", "web-2,web-3,web-4", "--", cmd, timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 255, err
+    assert "  web-3: timed out after 5 s" in err
+    assert sorted(r.stdout.decode().splitlines()) == ["web-2: quick", "web-4: quick"]
