@@ -464,7 +464,12 @@ def test_openssh_agent_forwarding(world: World, dropin: Path, tmp_path: Path) ->
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
-        subprocess.run(["ssh-add", "-q", str(key)], env=env, check=True)
+        for _ in range(50):  # the socket file exists a moment before the agent listens
+            if subprocess.run(["ssh-add", "-q", str(key)], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("ssh-agent did not take the key")
         pub = (tmp_path / "agentkey.pub").read_text().split()[1].encode()
         r = ossh(world, dropin, "-A", f"{world.user}@db-1", "ssh-add -L",
                  env_extra={"SSH_AUTH_SOCK": str(sock)})
@@ -881,7 +886,11 @@ def test_zz_revoked_session_tells_the_user(world: World, tmp_path: Path) -> None
              _background([require_tool("ssh"), "-F", str(conf), f"{world.user}@web-1", remote], env)]
     try:
         for p in procs:
-            assert p.stdout is not None and p.stdout.readline() == b"started\n"
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if line != b"started\n":
+                p.wait(30)
+                raise AssertionError(p.stderr.read() if p.stderr else line)
         groups = world.mesh.api("GET", "/api/groups")
         groups = groups["groups"] if isinstance(groups, dict) else groups
         ops = next(g for g in groups if g["name"] == "ops")
