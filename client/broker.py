@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -284,6 +285,7 @@ class Broker:
     granted: int = 0
     refused: int = 0
     _busy: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT))
+    _signals: dict[int, Any] = field(default_factory=dict)
 
     async def start(self) -> str:
         self._dir = tempfile.mkdtemp(prefix="meshssh-broker-")
@@ -292,9 +294,30 @@ class Broker:
         self.path = os.path.join(self._dir, "agent.sock")
         self._server = await asyncio.start_unix_server(self._serve, path=self.path)
         os.chmod(self.path, 0o600)
+        self._clean_up_on_signals()
         return self.path
 
+    def _clean_up_on_signals(self) -> None:
+        """atexit does not run when a signal ends us — and OpenSSH ends its ProxyCommand
+        with SIGHUP — so remove the socket directory first, then die of the signal as
+        before. Only where nobody else handles the signal."""
+        def handler(signum: int, frame: Any) -> None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+        for sig in (signal.SIGHUP, signal.SIGTERM):
+            try:
+                if signal.getsignal(sig) == signal.SIG_DFL:
+                    self._signals[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: atexit is all we have
+                return
+
     async def close(self) -> None:
+        for sig, old in self._signals.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, old)
+        self._signals.clear()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):

@@ -279,3 +279,33 @@ async def test_names_from_b_are_printed_harmlessly_on_a(tmp_path: Path) -> None:
         await b.close()
     assert "\x1b" not in said[0] and "\x07" not in said[0] and "x?]0;pwned?y" in said[0]
     assert "\x1b" not in str(exc.value)
+
+
+def test_socket_directory_is_removed_when_a_signal_ends_the_process(tmp_path: Path) -> None:
+    """OpenSSH ends its ProxyCommand with SIGHUP; the broker's directory must not stay."""
+    import signal as sig
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, os, sys\n"
+        "from client.broker import Broker, DelegationList\n"
+        "from meshsshd.netmap import PeerInfo\n"
+        "async def main():\n"
+        "    b = Broker(session=None, delegation=DelegationList(), via=PeerInfo(id='p', name='b', fqdn='', mesh_ip='1.2.3.4'), origin='a')\n"
+        "    print(await b.start(), flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=str(Path(__file__).resolve().parents[2]))
+    try:
+        path = Path(proc.stdout.readline().strip())
+        assert path.exists()
+        proc.send_signal(sig.SIGHUP)
+        assert proc.wait(10) == -sig.SIGHUP
+        assert not path.parent.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
