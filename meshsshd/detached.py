@@ -585,12 +585,6 @@ class SessionsChannel:
                             self.chan.write_stderr(b"\r\n[meshsshd: attached from elsewhere; detached]\r\n")
                             self.chan.close()
                         return
-                    if end.get("reason") == "fell behind":
-                        if not self._lost:
-                            self.chan.write_stderr(b"\r\nmeshsshd: this reader fell more than 1 MiB behind the "
-                                                   b"session; run receive again\r\n")
-                            self.chan.exit(255)
-                        return
                     if end.get("state") != "running":
                         self._detach_reason = "ended"
                     self._end(end)

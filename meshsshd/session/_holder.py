@@ -107,6 +107,10 @@ class Client:
         self.sock = sock
         self.inbuf = bytearray()
         self.outbuf = bytearray()
+        # Lengths of the frame-aligned units queued in outbuf, and how much of the first
+        # one is sent: a lagging follower can then skip whole frames, never half of one.
+        self.units: collections.deque[list] = collections.deque()   # [length, marker count | None]
+        self.head_sent = 0
         self.mode = ""          # "" (request pending), "receive", "follow", "attach"
         self.closing = False
 
@@ -256,10 +260,7 @@ class Holder:
         terminal would); slow followers are dropped instead."""
         for c in list(self.clients):
             if c.mode == "follow" and len(c.outbuf) > CLIENT_HIGH_WATER:
-                # Stop feeding it; it gets an end frame saying why once its buffer drains.
-                c.mode = "receive"
-                c.closing = True
-                self.send(c, frame(b"x", json.dumps(self.end_doc(reason="fell behind")).encode()))
+                self.skip_ahead(c)
         slow = self.attached is not None and len(self.attached.outbuf) > CLIENT_HIGH_WATER
         if slow and not self.paused:
             self.paused = True
@@ -488,11 +489,40 @@ class Holder:
             self.send(c, b'{"ok": false, "error": "unknown request"}\n')
             c.closing = True
 
-    def send(self, c: Client, data: bytes) -> None:
-        if c not in self.clients:
+    def skip_ahead(self, c: Client) -> None:
+        """A follower more than CLIENT_HIGH_WATER behind: drop what it has not started
+        to receive, as the spool drops its oldest output, and say so in its stream (one
+        marker with the running total: a marker not yet sent is folded into the next)."""
+        units = list(c.units)
+        start = 0
+        kept: collections.deque[list] = collections.deque()
+        if c.head_sent and units:
+            kept.append(units.pop(0))
+            start = kept[0][0] - c.head_sent
+        dropped = 0
+        pos = start
+        for length, marker in units:
+            if marker is not None:
+                dropped += marker
+            else:
+                view = c.outbuf[pos:pos + length]
+                while len(view) >= HEADER.size:
+                    kind, size = HEADER.unpack_from(view)
+                    if kind in (b"o", b"e"):
+                        dropped += size
+                    view = view[HEADER.size + size:]
+            pos += length
+        del c.outbuf[start:]
+        c.units = kept
+        text = f"\r\n[meshsshd: {dropped} bytes dropped]\r\n" if self.pty else f"[meshsshd: {dropped} bytes dropped]\n"
+        self.send(c, frame(self.marker_stream, text.encode()), marker=dropped)
+
+    def send(self, c: Client, data: bytes, marker: int | None = None) -> None:
+        if c not in self.clients or not data:
             return
         had = bool(c.outbuf)
         c.outbuf += data
+        c.units.append([len(data), marker])
         if not had:
             self.flush_client(c)
 
@@ -505,6 +535,9 @@ class Holder:
             self.drop(c)
             return
         del c.outbuf[:n]
+        c.head_sent += n
+        while c.units and c.head_sent >= c.units[0][0]:
+            c.head_sent -= c.units.popleft()[0]
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.outbuf else 0)
         self.sel.modify(c.sock, want, ("client", c))
         if not c.outbuf and c.closing:
