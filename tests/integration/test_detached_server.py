@@ -19,6 +19,7 @@ import pytest
 
 from tests.integration.detachkit import SUBSYSTEM, audit_events, holders_under, kill_holders, wait_for
 from tests.integration.serverkit import ClientKey, ServerKit, client_key, install_key
+from tests.integration.test_server_pam import pam_service  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.openssh]
 
@@ -234,3 +235,24 @@ def test_slow_follower_skips_ahead_instead_of_buffering(setup: Setup) -> None:
         assert body.endswith(b"\nthe-end\n")
         assert len(body) + sum(markers) == total + len(b"\nthe-end\n")
         assert len(body) < total
+
+
+def test_detached_command_runs_inside_a_pam_session(tmp_path: Path, pam_service: Any) -> None:
+    name, user, log = pam_service
+    rule = {"sources": ["127.0.0.0/8"], "identities": ["*"], "local_users": [user.pw_name]}
+    try:
+        with ServerKit(tmp_path / "srv", {"disable_auth": True, "access": [rule]},
+                       env={"MESHSSHD_PAM_SERVICE": name}) as srv:
+            def request(doc: dict[str, Any]) -> subprocess.CompletedProcess:
+                return srv.ssh(user.pw_name, None, SUBSYSTEM, opts=["-s"], input=json.dumps(doc).encode() + b"\n")
+            r = request({"op": "start", "command": "id -u; ulimit -n; exit 3", "pty": False})
+            sid = json.loads(r.stdout.partition(b"\n")[0])["id"]
+            r = request({"op": "receive", "id": sid, "follow": True})
+            assert r.returncode == 3, r.stderr
+            assert r.stdout.partition(b"\n")[2].decode().split() == [str(user.pw_uid), "777"]
+            lines = wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 2 and
+                             log.read_text().splitlines(), what="PAM log")
+            assert lines[:2] == [f"open_session {user.pw_name} tty= rhost=127.0.0.1",
+                                 f"close_session {user.pw_name} tty= rhost=127.0.0.1"]
+    finally:
+        kill_holders(tmp_path)
