@@ -14,6 +14,9 @@ Each switch is an environment variable read here (the harness passes them with
 - MESHBENCH_COALESCE=1        combine all socket writes of one loop iteration into one
                               send() (asyncio tries send() per SSH packet otherwise)
 - MESHBENCH_HIGH_WATER=BYTES  pause threshold of the child-input pump (session._io.HIGH_WATER)
+- MESHBENCH_NO_IGNORE=1       do not send the empty SSH_MSG_IGNORE that asyncssh puts before
+                              every encrypted packet (a CBC-era countermeasure; it doubles
+                              the packets, encryptions and send() calls per data packet)
 - MESHBENCH_TRACEMALLOC=1     trace allocations; SIGUSR1 logs the 15 biggest allocation
                               sites to stderr (the daemon's log)
 - MESHBENCH_SETPRIV=1         start session children through `setpriv` instead of
@@ -129,6 +132,27 @@ def _patch_setpriv() -> None:
     _spawn.subprocess = _Shim()  # type: ignore[assignment]
 
 
+def _patch_no_ignore() -> None:
+    from asyncssh import connection as conn_mod
+    from asyncssh.packet import String
+
+    cls = conn_mod.SSHConnection
+    orig = cls.send_packet
+    empty = String(b"")
+    ignore = conn_mod.MSG_IGNORE
+
+    def send_packet(self: Any, pkttype: int, *args: bytes, handler: Any = None) -> None:
+        if pkttype == ignore and args == (empty,) and self.__dict__.get("_mb_in_send"):
+            return  # the one send_packet inserts before each packet it sends
+        self._mb_in_send = True
+        try:
+            orig(self, pkttype, *args, handler=handler)
+        finally:
+            self._mb_in_send = False
+
+    cls.send_packet = send_packet
+
+
 def _trace_on_usr1() -> None:
     import signal
     import tracemalloc
@@ -165,6 +189,8 @@ def main() -> None:
         from meshsshd.session import _io as _io_hw
 
         _io_hw.HIGH_WATER = int(env["MESHBENCH_HIGH_WATER"])
+    if env.get("MESHBENCH_NO_IGNORE") == "1":
+        _patch_no_ignore()
     if env.get("MESHBENCH_COALESCE") == "1":
         _patch_coalesce()
     if env.get("MESHBENCH_SETPRIV") == "1":
