@@ -437,8 +437,8 @@ class SessionsChannel:
             return
         if self._writer is not None and self._attached_id is not None:
             self._writer.write(frame(b"i", data))
-        elif self._attached_id is not None:
-            self._buf += data
+        elif len(self._buf) < _MAX_REQUEST:
+            self._buf += data   # typed while the attach is being set up: sent once it is
 
     def terminal_size_changed(self, cols: int, rows: int) -> None:
         if self._writer is not None and self._attached_id is not None:
