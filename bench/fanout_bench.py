@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         fleet.build()
         log(f"set up {args.peers} peers in {time.perf_counter() - t0:.1f} s ({ws.tmp})")
         for r in range(args.rounds):
-            for tool in tools:
+            k = r % len(tools)  # who goes first rotates from round to round
+            for tool in tools[k:] + tools[:k]:
                 run = {"meshssh": fleet.run_meshssh, "pssh": fleet.run_pssh,
                        "xargs": fleet.run_xargs_ssh}[tool]("echo hi")
                 results.append(run)

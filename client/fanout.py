@@ -85,6 +85,11 @@ def split_hosts(text: Iterable[str]) -> list[str]:
     return out
 
 
+def read_hosts_file(text: str) -> list[str]:
+    """`--hosts-file`: one or more targets per line (commas or spaces), `#` comments."""
+    return split_hosts(line.split("#", 1)[0] for line in text.splitlines())
+
+
 def expand_hosts(words: Sequence[str], peers: Sequence[PeerInfo]) -> tuple[list[HostSpec], list[str]]:
     """Targets in the order named, each peer once; plus problems (an empty group).
 
@@ -572,6 +577,8 @@ def main_exec(req: ExecRequest) -> int:
                                          "help_option_names": ["-h", "--help"]})
 @click.option("--hosts", "-H", "hosts", multiple=True, metavar="A,B,group:NAME",
               help="peers to run on: names, FQDNs, mesh IPs, or group:NAME (repeatable)")
+@click.option("--hosts-file", "hosts_file", type=click.File("r"), default=None,
+              help="read targets from a file (one per line, # comments), as pssh -h")
 @click.option("-l", "user", default=None, help="login name on the peers")
 @click.option("-p", "port", type=int, default=None, help="peer port (default 22022)")
 @click.option("--throttle", type=click.IntRange(1, 4096), default=DEFAULT_THROTTLE, show_default=True,
@@ -589,7 +596,7 @@ def main_exec(req: ExecRequest) -> int:
 @click.option("--detach", is_flag=True,
               help="start the command as a detached session and print its id")
 @click.argument("words", nargs=-1, required=True)
-def exec_command(hosts: tuple[str, ...], user: str | None, port: int | None, throttle: int,
+def exec_command(hosts: tuple[str, ...], hosts_file: Any, user: str | None, port: int | None, throttle: int,
                  timeout: float | None, connect_timeout: float, as_json: bool, max_output: int,
                  quiet: bool, verbose: bool, bind_address: str | None, detach: bool, words: tuple[str, ...]) -> None:
     """Run COMMAND on many peers at once: meshssh exec --hosts a,b,group:web -- COMMAND.
@@ -600,6 +607,10 @@ def exec_command(hosts: tuple[str, ...], user: str | None, port: int | None, thr
     """
     words_l = list(words)
     host_words = list(hosts)
+    if hosts_file is not None:
+        host_words += read_hosts_file(hosts_file.read())
+        if not host_words:
+            raise click.UsageError(f"{hosts_file.name} names no peer")
     if not host_words:
         if len(words_l) < 2:
             raise click.UsageError("name the peers with --hosts (or as the first word) and a command")
@@ -622,4 +633,4 @@ def exec_command(hosts: tuple[str, ...], user: str | None, port: int | None, thr
 
 
 __all__ = ["ExecRequest", "HostResult", "HostSpec", "TokenPool", "exit_code", "exec_command",
-           "expand_hosts", "main_exec", "run_fanout", "split_hosts", "summary_lines"]
+           "expand_hosts", "main_exec", "read_hosts_file", "run_fanout", "split_hosts", "summary_lines"]

@@ -106,10 +106,12 @@ def test_text_output_prefixed_and_failures_summarised(fleet: Fleet) -> None:
     assert "12 peers, SSH tokens from 1 token-exchange request(s)" in err
 
 
-def test_exit_one_when_every_peer_ran_but_a_command_failed(fleet: Fleet) -> None:
+def test_exit_one_when_every_peer_ran_but_a_command_failed(fleet: Fleet, tmp_path: Path) -> None:
     failing = fleet.ips["web-2"]
     cmd = f'case " $SSH_CONNECTION " in *" {failing} "*) exit 3;; esac; echo fine'
-    r = fleet.exec("--hosts", "group:web", "--", cmd)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# the web tier\n" + "\n".join(WEB) + "\n")
+    r = fleet.exec("--hosts-file", str(hosts), "--", cmd)
     err = r.stderr.decode()
     assert r.returncode == 1, err
     assert "meshssh exec: 5 of 6 peers succeeded" in err and "  web-2: exit status 3" in err

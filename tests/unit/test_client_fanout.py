@@ -19,6 +19,7 @@ from client.fanout import (
     exec_command,
     exit_code,
     expand_hosts,
+    read_hosts_file,
     split_hosts,
     split_lines,
     summary_lines,
@@ -57,6 +58,11 @@ def test_unknown_host_is_asked_by_name() -> None:
 
 def test_split_hosts() -> None:
     assert split_hosts(["a,b", " c , ,d", "group:web"]) == ["a", "b", "c", "d", "group:web"]
+
+
+def test_read_hosts_file() -> None:
+    text = "# fleet\nweb-1\nweb-2, web-3  # two more\n\n  group:db\n"
+    assert read_hosts_file(text) == ["web-1", "web-2", "web-3", "group:db"]
 
 
 def test_split_lines_bounds_a_line_without_newline() -> None:
@@ -172,6 +178,10 @@ def test_exec_usage_errors() -> None:
     assert runner.invoke(exec_command, ["onlyhost"]).exit_code == 2
     assert runner.invoke(exec_command, ["--hosts", ",", "true"]).exit_code == 2
     assert "--throttle" in runner.invoke(exec_command, ["--help"]).output
+    with runner.isolated_filesystem():
+        open("empty", "w").write("# nothing\n")
+        r = runner.invoke(exec_command, ["--hosts-file", "empty", "--", "true"])
+        assert r.exit_code == 2 and "names no peer" in r.output
 
 
 def test_subsystem_option() -> None:
