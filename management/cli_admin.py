@@ -102,17 +102,63 @@ def _ok(ctx: click.Context, message: str, doc: Any = None) -> None:
         click.echo(message)
 
 
+def _add_list(group: click.Group, collection: str, columns: tuple[str, ...]) -> None:
+    """Add `<group> list`: GET the whole collection and print one row per item.
+
+    Shared because every collection lists the same way; only the columns differ.
+    """
+
+    @group.command("list")
+    @click.pass_context
+    def list_(ctx: click.Context) -> None:
+        doc = _run(ctx, "GET", f"/api/{collection}")
+        _emit(ctx, doc, doc[collection.replace("-", "_")], columns)
+
+
+def _add_delete(group: click.Group, collection: str, arg: str, keys: tuple[str, ...], message: str,
+                name: str = "delete") -> None:
+    """Add `<group> <name> <ARG>`: resolve ARG by id or one of `keys`, DELETE it, say `message`.
+
+    `message` is a str.format template over the resolved item (e.g. "deleted peer {name}"), so the
+    confirmation names what was removed even when the user typed an id.
+    """
+
+    @group.command(name)
+    @click.argument(arg)
+    @click.pass_context
+    def delete(ctx: click.Context, **refs: str) -> None:
+        item = _resolve(ctx, collection, refs[arg], keys)
+        _run(ctx, "DELETE", f"/api/{collection}/{item['id']}")
+        _ok(ctx, message.format_map(item))
+
+
+def _add_setter(group: click.Group, name: str, collection: str, arg: str, keys: tuple[str, ...],
+                body: dict[str, Any], message: str) -> None:
+    """Add `<group> <name> <ARG>`: resolve ARG, PUT the fixed `body` on it, say `message`.
+
+    For switches such as block/unblock and enable/disable, where the command name alone says
+    what to set; `message` is a str.format template over the resolved item.
+    """
+
+    @group.command(name)
+    @click.argument(arg)
+    @click.pass_context
+    def setter(ctx: click.Context, **refs: str) -> None:
+        item = _resolve(ctx, collection, refs[arg], keys)
+        doc = _run(ctx, "PUT", f"/api/{collection}/{item['id']}", body)
+        _ok(ctx, message.format_map(item), doc)
+
+
+_PEER_KEYS = ("name", "mesh_ip", "fqdn")
+
+
 def register(main: click.Group) -> None:
     # --- users ------------------------------------------------------------------------
     @main.group()
     def users() -> None:
         """Users and service users."""
 
-    @users.command("list")
-    @click.pass_context
-    def users_list(ctx: click.Context) -> None:
-        doc = _run(ctx, "GET", "/api/users")
-        _emit(ctx, doc, doc["users"], ("id", "email", "name", "role", "service", "client_id", "blocked", "groups"))
+    _add_list(users, "users", ("id", "email", "name", "role", "service", "client_id", "blocked", "groups"))
 
     @users.command("create")
     @click.argument("email")
@@ -130,38 +176,16 @@ def register(main: click.Group) -> None:
         if doc.get("client_secret") and not _json_mode(ctx):
             click.echo(f"client secret (shown once): {doc['client_secret']}")
 
-    @users.command("delete")
-    @click.argument("user")
-    @click.pass_context
-    def users_delete(ctx: click.Context, user: str) -> None:
-        u = _resolve(ctx, "users", user, ("email",))
-        _run(ctx, "DELETE", f"/api/users/{u['id']}")
-        _ok(ctx, f"deleted user {u['email']}")
-
-    @users.command("block")
-    @click.argument("user")
-    @click.pass_context
-    def users_block(ctx: click.Context, user: str) -> None:
-        u = _resolve(ctx, "users", user, ("email",))
-        _ok(ctx, f"blocked {u['email']}", _run(ctx, "PUT", f"/api/users/{u['id']}", {"blocked": True}))
-
-    @users.command("unblock")
-    @click.argument("user")
-    @click.pass_context
-    def users_unblock(ctx: click.Context, user: str) -> None:
-        u = _resolve(ctx, "users", user, ("email",))
-        _ok(ctx, f"unblocked {u['email']}", _run(ctx, "PUT", f"/api/users/{u['id']}", {"blocked": False}))
+    _add_delete(users, "users", "user", ("email",), "deleted user {email}")
+    _add_setter(users, "block", "users", "user", ("email",), {"blocked": True}, "blocked {email}")
+    _add_setter(users, "unblock", "users", "user", ("email",), {"blocked": False}, "unblocked {email}")
 
     # --- groups -------------------------------------------------------------------------
     @main.group()
     def groups() -> None:
         """Groups of peers and users (what policies name)."""
 
-    @groups.command("list")
-    @click.pass_context
-    def groups_list(ctx: click.Context) -> None:
-        doc = _run(ctx, "GET", "/api/groups")
-        _emit(ctx, doc, doc["groups"], ("id", "name", "peer_names", "user_emails"))
+    _add_list(groups, "groups", ("id", "name", "peer_names", "user_emails"))
 
     @groups.command("create")
     @click.argument("name")
@@ -193,25 +217,15 @@ def register(main: click.Group) -> None:
         doc = _run(ctx, "PUT", f"/api/groups/{g['id']}", body)
         _emit(ctx, doc, columns=("id", "name", "peer_names", "user_emails"))
 
-    @groups.command("delete")
-    @click.argument("group")
-    @click.pass_context
-    def groups_delete(ctx: click.Context, group: str) -> None:
-        g = _resolve(ctx, "groups", group, ("name",))
-        _run(ctx, "DELETE", f"/api/groups/{g['id']}")
-        _ok(ctx, f"deleted group {g['name']}")
+    _add_delete(groups, "groups", "group", ("name",), "deleted group {name}")
 
     # --- setup keys -----------------------------------------------------------------------
     @main.group("setup-keys")
     def setup_keys() -> None:
         """Keys peers register with."""
 
-    @setup_keys.command("list")
-    @click.pass_context
-    def keys_list(ctx: click.Context) -> None:
-        doc = _run(ctx, "GET", "/api/setup-keys")
-        _emit(ctx, doc, doc["setup_keys"], ("id", "name", "reusable", "used_count", "usage_limit", "expires_at",
-                                           "state", "auto_groups"))
+    _add_list(setup_keys, "setup-keys", ("id", "name", "reusable", "used_count", "usage_limit", "expires_at",
+                                         "state", "auto_groups"))
 
     @setup_keys.command("create")
     @click.option("--name", default="")
@@ -228,13 +242,7 @@ def register(main: click.Group) -> None:
         if not _json_mode(ctx):
             click.echo(f"setup key (shown once): {doc['key']}")
 
-    @setup_keys.command("revoke")
-    @click.argument("key_id")
-    @click.pass_context
-    def keys_revoke(ctx: click.Context, key_id: str) -> None:
-        k = _resolve(ctx, "setup-keys", key_id, ("name",))
-        _run(ctx, "DELETE", f"/api/setup-keys/{k['id']}")
-        _ok(ctx, f"revoked setup key {k['id']}")
+    _add_delete(setup_keys, "setup-keys", "key_id", ("name",), "revoked setup key {id}", name="revoke")
 
     # --- policies ----------------------------------------------------------------------------
     @main.group()
@@ -280,59 +288,29 @@ def register(main: click.Group) -> None:
         doc = _run(ctx, "POST", "/api/policies", {"name": name, "enabled": not disabled, "rules": rules})
         _emit(ctx, doc, columns=("id", "name", "enabled"))
 
-    def _toggle(ctx: click.Context, policy: str, enabled: bool) -> None:
-        p = _resolve(ctx, "policies", policy, ("name",))
-        doc = _run(ctx, "PUT", f"/api/policies/{p['id']}", {"enabled": enabled})
-        _ok(ctx, f"policy {p['name']} {'enabled' if enabled else 'disabled'}", doc)
+    _add_setter(policies, "enable", "policies", "policy", ("name",), {"enabled": True}, "policy {name} enabled")
+    _add_setter(policies, "disable", "policies", "policy", ("name",), {"enabled": False}, "policy {name} disabled")
 
-    @policies.command("enable")
-    @click.argument("policy")
-    @click.pass_context
-    def policies_enable(ctx: click.Context, policy: str) -> None:
-        _toggle(ctx, policy, True)
-
-    @policies.command("disable")
-    @click.argument("policy")
-    @click.pass_context
-    def policies_disable(ctx: click.Context, policy: str) -> None:
-        _toggle(ctx, policy, False)
-
-    @policies.command("delete")
-    @click.argument("policy")
-    @click.pass_context
-    def policies_delete(ctx: click.Context, policy: str) -> None:
-        p = _resolve(ctx, "policies", policy, ("name",))
-        _run(ctx, "DELETE", f"/api/policies/{p['id']}")
-        _ok(ctx, f"deleted policy {p['name']}")
+    _add_delete(policies, "policies", "policy", ("name",), "deleted policy {name}")
 
     # --- peers ---------------------------------------------------------------------------------
     @main.group()
     def peers() -> None:
         """Registered peers."""
 
-    @peers.command("list")
-    @click.pass_context
-    def peers_list(ctx: click.Context) -> None:
-        doc = _run(ctx, "GET", "/api/peers")
-        _emit(ctx, doc, doc["peers"], ("id", "name", "mesh_ip", "connected", "ssh_enabled", "flags", "groups",
-                                       "version", "last_seen"))
+    _add_list(peers, "peers", ("id", "name", "mesh_ip", "connected", "ssh_enabled", "flags", "groups",
+                               "version", "last_seen"))
 
     @peers.command("rename")
     @click.argument("peer")
     @click.argument("new_name")
     @click.pass_context
     def peers_rename(ctx: click.Context, peer: str, new_name: str) -> None:
-        p = _resolve(ctx, "peers", peer, ("name", "mesh_ip", "fqdn"))
+        p = _resolve(ctx, "peers", peer, _PEER_KEYS)
         doc = _run(ctx, "PUT", f"/api/peers/{p['id']}", {"name": new_name})
         _ok(ctx, f"renamed {p['name']} to {doc['name']}", doc)
 
-    @peers.command("delete")
-    @click.argument("peer")
-    @click.pass_context
-    def peers_delete(ctx: click.Context, peer: str) -> None:
-        p = _resolve(ctx, "peers", peer, ("name", "mesh_ip", "fqdn"))
-        _run(ctx, "DELETE", f"/api/peers/{p['id']}")
-        _ok(ctx, f"deleted peer {p['name']}")
+    _add_delete(peers, "peers", "peer", _PEER_KEYS, "deleted peer {name}")
 
     @peers.command("ssh")
     @click.argument("peer")
@@ -340,7 +318,7 @@ def register(main: click.Group) -> None:
     @click.pass_context
     def peers_ssh(ctx: click.Context, peer: str, state: str) -> None:
         """Turn the admin SSH toggle of a peer on or off."""
-        p = _resolve(ctx, "peers", peer, ("name", "mesh_ip", "fqdn"))
+        p = _resolve(ctx, "peers", peer, _PEER_KEYS)
         doc = _run(ctx, "PUT", f"/api/peers/{p['id']}", {"ssh_enabled": state == "on"})
         _ok(ctx, f"SSH {state} for {p['name']}", doc)
 
