@@ -7,9 +7,10 @@ The shape of a run, outside in:
   (`/api/me/peers`, whose entries name the groups each peer is in); a name that is
   not in the list stays as asked, so management can say why (no policy, unknown peer).
 - `TokenPool` asks management for every SSH token in one token-exchange request (up to
-  `MAX_AUDIENCES` audiences per request, management's limit). Tokens live about a minute, so a long run whose
-  later peers would get a nearly expired token refills once, again in one request for
-  every peer not yet started.
+  `MAX_AUDIENCES` audiences, management's limit; an older management with a lower limit
+  is asked again in halves). Tokens live about a minute, so a long run whose later peers
+  would get a nearly expired token refills, again in one request for every peer not yet
+  started.
 - `run_fanout` dials at most `--throttle` peers at a time (asyncio semaphore), runs the
   command with stdin at /dev/null, and hands each output line, prefixed with the peer
   name, to a `Sink` as it arrives: nothing is buffered per peer in text mode. With
