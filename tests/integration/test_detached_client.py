@@ -177,6 +177,16 @@ def test_detached_shell_attach_detach_reattach(world: World) -> None:
         assert b"one-5" in replay
         os.write(t2.master, b"stty size\r")
         _read_until(t2.master, b"40 120")
+        _set_size(t2.master, 50, 130)   # SIGWINCH → window-change → the session's terminal
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b"50 130" not in seen and time.monotonic() < deadline:
+            os.write(t2.master, b"stty size\r")
+            try:
+                seen += _read_until(t2.master, b"50 130", timeout=1.0)
+            except AssertionError:
+                continue
+        assert b"50 130" in seen
         os.write(t2.master, b"exit 4\r")
         assert t2.proc.wait(20) == 4
     finally:
