@@ -300,6 +300,15 @@ def measure_memory(ctx: Ctx) -> list[Figure]:
                 extra={**_pair_extra(vals), "at_0_sessions": idle,
                        "processes": {k: [run[i]["processes"] for run in v] for k, v in data.items()}},
             ))
+    if len(ctx.sessions) >= 2:
+        lo, hi = ctx.sessions[0], ctx.sessions[-1]
+        slope = {k: [(run[len(ctx.sessions)]["pss"] - run[1]["pss"]) / (hi - lo) for run in v]
+                 for k, v in data.items()}
+        figures.append(Figure(
+            f"memory per extra idle session (PSS, {lo}→{hi})", "bytes", "lower",
+            summarize(slope["sshd"]), summarize(slope["meshsshd"]), None,
+            note="marginal cost of one more idle session; the fixed footprint left out",
+            extra=_pair_extra(slope)))
     return figures
 
 

@@ -164,7 +164,7 @@ def fmt_value(x: float | None, unit: str) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     if unit == "bytes":
-        return f"{x / 2**20:.1f} MiB"
+        return f"{x / 2**20:.1f} MiB" if abs(x) >= 2**20 else f"{x / 2**10:.1f} KiB"
     if unit == "s":
         return f"{x * 1000:.1f} ms" if abs(x) < 1 else f"{x:.2f} s"
     if abs(x) >= 100:

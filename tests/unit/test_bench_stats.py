@@ -189,3 +189,7 @@ def test_collapsed_stack_summary() -> None:
     assert n == 100
     assert self_top[0] == ("send", 50)
     assert dict(total_top)["main"] == 100 and dict(total_top)["loop"] == 80
+
+
+def test_small_byte_values_in_kib() -> None:
+    assert fmt_value(30 * 1024, "bytes") == "30.0 KiB"
