@@ -6,6 +6,10 @@ to `batch_size` to `/api/peers/events`; while management is down the batch stays
 and is retried with backoff. When the queue is full the oldest event is dropped and
 counted (`dropped`), so a long outage costs memory only up to the bound. On shutdown the
 rest is saved to the state dir (events.jsonl) and loaded again on the next start.
+
+A batch that management *refuses* (a 4xx: e.g. an event type an older management does not
+know) would block the queue forever if retried, so it is split: each event is posted on
+its own, and the ones refused are dropped and counted (`rejected`) with one log line.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from .audit import AuditEvent
 from .errors import MeshsshdError
 from .logs import event
+from .mgmt_client import ManagementRejected
 from .state import SECRET_MODE, atomic_write
 
 log = logging.getLogger("meshsshd.audit_uplink")
@@ -43,6 +48,7 @@ class ManagementAuditSink:
         self.on_event = on_event
         self.dropped = 0
         self.delivered = 0
+        self.rejected = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -76,13 +82,28 @@ class ManagementAuditSink:
         if not self.queue or self.post is None:
             return 0
         batch = [self.queue[i] for i in range(min(self.batch_size, len(self.queue)))]
-        await self.post(batch)
+        try:
+            await self.post(batch)
+        except ManagementRejected as exc:
+            await self._post_one_by_one(batch, exc)
         # Only now remove them: a failed post leaves the batch at the head of the queue.
         for _ in batch:
             if self.queue:
                 self.queue.popleft()
         self.delivered += len(batch)
         return len(batch)
+
+    async def _post_one_by_one(self, batch: list[dict[str, Any]], exc: ManagementRejected) -> None:
+        assert self.post is not None
+        for doc in batch:
+            try:
+                await self.post([doc])
+            except ManagementRejected as one:
+                self.rejected += 1
+                event(log, "audit.rejected", logging.WARNING, type=doc.get("type"),
+                      status=one.status, error=one.code, rejected=self.rejected)
+        if len(batch) > 1:
+            event(log, "audit.batch_split", size=len(batch), error=exc.code)
 
     async def _run(self) -> None:
         failures = 0

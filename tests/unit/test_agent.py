@@ -260,3 +260,24 @@ async def test_a_map_that_failed_to_apply_is_retried_until_it_works(tmp_path: Pa
     await agent.apply_map(netmap(7).to_dict())
     assert not await agent.apply_map(netmap(6).to_dict(), only_if_newer=True)
     assert agent.netmap.serial == 7
+
+
+async def test_audit_batch_management_refuses_is_split_and_the_rest_delivered() -> None:
+    """An event type management does not know must not block the queue forever."""
+    from meshsshd.audit import AuthRefused, SessionStarted
+    from meshsshd.mgmt_client import ManagementRejected
+
+    delivered: list[dict] = []
+
+    async def post(batch: list[dict]) -> None:
+        if any(d["type"] == "auth.refused" for d in batch):
+            raise ManagementRejected(400, "bad-request", "unknown event type")
+        delivered.extend(batch)
+
+    sink = ManagementAuditSink(post, batch_size=10, interval=0.01, max_backoff=0.05)
+    sink.emit(SessionStarted(session_id="s1", identity="alice@example.com"))
+    sink.emit(AuthRefused(reason="expired", local_user="alice"))
+    sink.emit(SessionStarted(session_id="s2", identity="alice@example.com"))
+    assert await sink.flush_once() == 3
+    assert [d["session_id"] for d in delivered] == ["s1", "s2"]
+    assert sink.rejected == 1 and not sink.queue
