@@ -13,7 +13,8 @@ import logging
 import re
 import secrets
 from datetime import timedelta
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 from sqlalchemy import select
@@ -45,6 +46,60 @@ def _path_id(request: web.Request) -> str:
     return value
 
 
+_Row = TypeVar("_Row")
+
+
+async def _get(s: Any, model: type[_Row], request: web.Request, what: str) -> _Row:
+    """The row the path's {id} names, or 404 "no such <what>" (one wording for every collection)."""
+    row = await s.get(model, _path_id(request))
+    if row is None:
+        raise NotFound(f"no such {what}")
+    return row
+
+
+async def _all(s: Any, model: type[_Row], order: Any) -> list[_Row]:
+    """Every row of `model`, in `order`: what the list endpoints return."""
+    return list((await s.execute(select(model).order_by(order))).scalars().all())
+
+
+async def _list_response(request: web.Request, key: str, model: type[_Row], order: Any,
+                         to_dict: Callable[[_Row], dict[str, Any]]) -> web.Response:
+    """`{key: [...]}` of every row, for the collections whose dict needs nothing but the row."""
+    async with request.app[STORE].session() as s:
+        return web.json_response({key: [to_dict(row) for row in await _all(s, model, order)]})
+
+
+async def _delete_recorded(request: web.Request, model: type[Any], what: str, change: str,
+                           *attrs: str) -> web.Response:
+    """Delete the path's row in one map-changing write, then record `change` in the audit feed.
+
+    The row is gone once the event is written, so the named `attrs` (e.g. "email") are read
+    before the delete: they are what lets a reader of the feed tell which row it was.
+    """
+    async with request.app[STORE].change(change) as s:
+        row = await _get(s, model, request, what)
+        fields = {a: getattr(row, a) for a in attrs}
+        await s.delete(row)
+    await request.app[EVENTS].record(change, **fields)
+    return web.Response(status=204)
+
+
+def _password(doc: dict[str, Any]) -> str | None:
+    """The optional 'password' field; a short one is refused on create and update alike."""
+    password = v.string(doc, "password", max_len=1024)
+    if password is not None and len(password) < 8:
+        raise BadRequest("field 'password' must have at least 8 characters", field="password")
+    return password
+
+
+def _new_name(doc: dict[str, Any]) -> str | None:
+    """The optional 'name' of an update: checked like a create's name, None when absent."""
+    name = v.string(doc, "name", max_len=100)
+    if name is not None:
+        v.name(name)
+    return name
+
+
 async def _unique(s: Any, fn: Any) -> None:
     """Flush and turn a unique-constraint violation into 409."""
     try:
@@ -74,9 +129,7 @@ def user_dict(u: User) -> dict[str, Any]:
 @routes.get("/api/users")
 async def list_users(request: web.Request) -> web.Response:
     await require_admin(request)
-    async with request.app[STORE].session() as s:
-        users = (await s.execute(select(User).order_by(User.email))).scalars().all()
-        return web.json_response({"users": [user_dict(u) for u in users]})
+    return await _list_response(request, "users", User, User.email, user_dict)
 
 
 def _role(doc: dict[str, Any], default: str | None) -> str | None:
@@ -93,9 +146,7 @@ async def create_user(request: web.Request) -> web.Response:
     v.only_known(doc, {"email", "name", "password", "role", "service"})
     email = v.email(v.string(doc, "email", required=True, max_len=320) or "")
     name = v.string(doc, "name", default="", max_len=200) or ""
-    password = v.string(doc, "password", max_len=1024)
-    if password is not None and len(password) < 8:
-        raise BadRequest("field 'password' must have at least 8 characters", field="password")
+    password = _password(doc)
     role = _role(doc, "user")
     service = bool(v.boolean(doc, "service", False))
     if service and password is not None:
@@ -126,16 +177,12 @@ async def update_user(request: web.Request) -> web.Response:
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "password", "role", "blocked"})
     name = v.string(doc, "name", max_len=200)
-    password = v.string(doc, "password", max_len=1024)
-    if password is not None and len(password) < 8:
-        raise BadRequest("field 'password' must have at least 8 characters", field="password")
+    password = _password(doc)
     role = _role(doc, None)
     blocked = v.boolean(doc, "blocked")
     pw_hash = await hash_password_async(password) if password is not None else None
     async with request.app[STORE].change("user.updated") as s:
-        user = await s.get(User, _path_id(request))
-        if user is None:
-            raise NotFound("no such user")
+        user = await _get(s, User, request, "user")
         if pw_hash is not None:
             if user.is_service:
                 raise BadRequest("a service user has a client secret, not a password", field="password")
@@ -153,14 +200,7 @@ async def update_user(request: web.Request) -> web.Response:
 @routes.delete("/api/users/{id}")
 async def delete_user(request: web.Request) -> web.Response:
     await require_admin(request)
-    async with request.app[STORE].change("user.deleted") as s:
-        user = await s.get(User, _path_id(request))
-        if user is None:
-            raise NotFound("no such user")
-        email = user.email
-        await s.delete(user)
-    await request.app[EVENTS].record("user.deleted", email=email)
-    return web.Response(status=204)
+    return await _delete_recorded(request, User, "user", "user.deleted", "email")
 
 
 # --- groups -----------------------------------------------------------------------------
@@ -203,9 +243,7 @@ async def _resolve_users(s: Any, refs: list[str], field: str = "users") -> list[
 @routes.get("/api/groups")
 async def list_groups(request: web.Request) -> web.Response:
     await require_admin(request)
-    async with request.app[STORE].session() as s:
-        groups = (await s.execute(select(Group).order_by(Group.name))).scalars().all()
-        return web.json_response({"groups": [group_dict(g) for g in groups]})
+    return await _list_response(request, "groups", Group, Group.name, group_dict)
 
 
 @routes.post("/api/groups")
@@ -237,15 +275,11 @@ async def update_group(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "peers", "users"})
-    name = v.string(doc, "name", max_len=100)
-    if name is not None:
-        v.name(name)
+    name = _new_name(doc)
     peers = v.str_list(doc, "peers", max_len=64)
     users = v.str_list(doc, "users", max_len=320)
     async with request.app[STORE].change("group.updated") as s:
-        group = await s.get(Group, _path_id(request))
-        if group is None:
-            raise NotFound("no such group")
+        group = await _get(s, Group, request, "group")
         if name is not None and name != group.name:
             # Rules name groups: a rename rewrites them so policies keep their meaning.
             for p in await _policies_using(s, group.name):
@@ -269,9 +303,7 @@ async def update_group(request: web.Request) -> web.Response:
 async def delete_group(request: web.Request) -> web.Response:
     await require_admin(request)
     async with request.app[STORE].change("group.deleted") as s:
-        group = await s.get(Group, _path_id(request))
-        if group is None:
-            raise NotFound("no such group")
+        group = await _get(s, Group, request, "group")
         users = await _policies_using(s, group.name)
         if users:
             raise Conflict(f"group {group.name} is used by policy {users[0].name}; change the policy first",
@@ -311,7 +343,7 @@ async def _group_names(s: Any) -> dict[str, str]:
 async def list_setup_keys(request: web.Request) -> web.Response:
     await require_admin(request)
     async with request.app[STORE].session() as s:
-        keys = (await s.execute(select(SetupKey).order_by(SetupKey.created))).scalars().all()
+        keys = await _all(s, SetupKey, SetupKey.created)
         names = await _group_names(s)
         return web.json_response({"setup_keys": [setup_key_dict(k, names) for k in keys]})
 
@@ -350,9 +382,7 @@ async def create_setup_key(request: web.Request) -> web.Response:
 async def revoke_setup_key(request: web.Request) -> web.Response:
     await require_admin(request)
     async with request.app[STORE].write() as s:
-        row = await s.get(SetupKey, _path_id(request))
-        if row is None:
-            raise NotFound("no such setup key")
+        row = await _get(s, SetupKey, request, "setup key")
         row.revoked = True
     return web.Response(status=204)
 
@@ -443,9 +473,7 @@ def policy_dict(p: Policy) -> dict[str, Any]:
 @routes.get("/api/policies")
 async def list_policies(request: web.Request) -> web.Response:
     await require_admin(request)
-    async with request.app[STORE].session() as s:
-        policies = (await s.execute(select(Policy).order_by(Policy.name))).scalars().all()
-        return web.json_response({"policies": [policy_dict(p) for p in policies]})
+    return await _list_response(request, "policies", Policy, Policy.name, policy_dict)
 
 
 @routes.post("/api/policies")
@@ -473,15 +501,11 @@ async def update_policy(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "description", "enabled", "rules"})
-    name = v.string(doc, "name", max_len=100)
-    if name is not None:
-        v.name(name)
+    name = _new_name(doc)
     description = v.string(doc, "description", max_len=1000)
     enabled = v.boolean(doc, "enabled")
     async with request.app[STORE].change("policy.updated") as s:
-        policy = await s.get(Policy, _path_id(request))
-        if policy is None:
-            raise NotFound("no such policy")
+        policy = await _get(s, Policy, request, "policy")
         if "rules" in doc:
             policy.rules = await parse_rules(s, doc["rules"])
         if name is not None:
@@ -499,14 +523,7 @@ async def update_policy(request: web.Request) -> web.Response:
 @routes.delete("/api/policies/{id}")
 async def delete_policy(request: web.Request) -> web.Response:
     await require_admin(request)
-    async with request.app[STORE].change("policy.deleted") as s:
-        policy = await s.get(Policy, _path_id(request))
-        if policy is None:
-            raise NotFound("no such policy")
-        name = policy.name
-        await s.delete(policy)
-    await request.app[EVENTS].record("policy.deleted", name=name)
-    return web.Response(status=204)
+    return await _delete_recorded(request, Policy, "policy", "policy.deleted", "name")
 
 
 # --- peers ------------------------------------------------------------------------------------
@@ -545,7 +562,7 @@ async def list_peers(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     connected = request.app[HUB].connected_peers
     async with request.app[STORE].session() as s:
-        peers = (await s.execute(select(Peer).order_by(Peer.name))).scalars().all()
+        peers = await _all(s, Peer, Peer.name)
         return web.json_response({"peers": [peer_dict(p, settings.dns_domain, connected) for p in peers]})
 
 
