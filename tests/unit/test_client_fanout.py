@@ -191,3 +191,43 @@ def test_subsystem_option() -> None:
     assert want_pty(parse_ssh_args(["-stt", "win-1", "powershell"]), False)
     with pytest.raises(UsageError):
         parse_ssh_args(["-s", "win-1"])
+
+
+class _Reader:
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+
+    async def read(self, n: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+def test_pump_prefixes_lines_as_they_arrive_and_keeps_streams_apart() -> None:
+    import io
+
+    from client.fanout import Sink, _pump
+
+    out, err = io.BytesIO(), io.BytesIO()
+    sink = Sink(as_json=False, width=6, out=out, err=err)
+
+    async def go() -> None:
+        await _pump(_Reader(b"one\ntw", b"o\nthree"), "web-1", "stdout", sink, None)
+        await _pump(_Reader(b"oops\n"), "db", "stderr", sink, None)
+
+    asyncio.run(go())
+    assert out.getvalue() == b"web-1 : one\nweb-1 : two\nweb-1 : three\n"
+    assert err.getvalue() == b"db    : oops\n"
+
+
+def test_json_sink_writes_one_object_per_result() -> None:
+    import io
+    import json as _json
+
+    from client.fanout import Sink, _pump
+
+    out = io.BytesIO()
+    sink = Sink(as_json=True, width=5, out=out, err=io.BytesIO())
+    res = HostResult("web-1", exit_status=0, stdout=Capture(100), stderr=Capture(100))
+    asyncio.run(_pump(_Reader(b"a\n", b"b"), "web-1", "stdout", sink, res.stdout))
+    sink.result(res)
+    doc = _json.loads(out.getvalue())
+    assert doc["stdout"] == "a\nb" and doc["exit_status"] == 0 and doc["error"] is None
