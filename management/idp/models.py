@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import Boolean, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from management.store.models import Base, new_id, utcnow
+from management.store.models import Base, Created, RowId
 
 
 class SigningKeyRow(Base):
@@ -29,23 +29,23 @@ class SigningKeyRow(Base):
     alg: Mapped[str] = mapped_column(String(16))
     private_key_pem: Mapped[str] = mapped_column(Text)
     encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    retired: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created: Mapped[Created]
+    retired: Mapped[datetime | None]
 
 
 class DeviceCodeRow(Base):
     __tablename__ = "idp_device_codes"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[RowId]
     device_code_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     user_code: Mapped[str] = mapped_column(String(16), unique=True, index=True)
     client_id: Mapped[str] = mapped_column(String(64))
     scope: Mapped[str] = mapped_column(String(255), default="")
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created: Mapped[Created]
+    expires_at: Mapped[datetime]
     interval: Mapped[int] = mapped_column(Integer, default=5)
-    last_polled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_polled_at: Mapped[datetime | None]
     user_id: Mapped[str | None] = mapped_column(
         String(32), ForeignKey("users.id", ondelete="CASCADE"), nullable=True
     )
@@ -54,13 +54,13 @@ class DeviceCodeRow(Base):
 class RefreshTokenRow(Base):
     __tablename__ = "idp_refresh_tokens"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[RowId]
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     family_id: Mapped[str] = mapped_column(String(32), index=True)
     user_id: Mapped[str] = mapped_column(String(32), ForeignKey("users.id", ondelete="CASCADE"), index=True)
     client_id: Mapped[str] = mapped_column(String(64))
     scope: Mapped[str] = mapped_column(String(255), default="")
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created: Mapped[Created]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 
 from sqlalchemy import (
     JSON,
@@ -40,15 +40,29 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class Base(DeclarativeBase):
-    """The one declarative base of meshmgmt (core and issuer tables)."""
+    """The one declarative base of meshmgmt (core and issuer tables).
+
+    Every `Mapped[datetime]` column is stored with its zone (all are UTC, see `aware`);
+    declaring that here once keeps a new table from storing naive times by accident.
+    """
+
+    type_annotation_map = {datetime: DateTime(timezone=True)}
 
 
 def new_id() -> str:
     return secrets.token_hex(8)
 
 
+# The random string primary key of every table but `events` and `meta` (see "ids" above).
+RowId = Annotated[str, mapped_column(String(32), primary_key=True, default=new_id)]
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# When a row was inserted (UTC), filled in by the ORM.
+Created = Annotated[datetime, mapped_column(default=utcnow)]
 
 
 def aware(dt: datetime | None) -> datetime | None:
@@ -87,7 +101,7 @@ class User(Base):
 
     __tablename__ = "users"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[RowId]
     email: Mapped[str] = mapped_column(String(320), unique=True, index=True)
     name: Mapped[str] = mapped_column(String(200), default="")
     password_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -96,7 +110,7 @@ class User(Base):
     client_id: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     client_secret_hash: Mapped[str | None] = mapped_column(String(128), nullable=True)
     blocked: Mapped[bool] = mapped_column(Boolean, default=False)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[Created]
 
     groups: Mapped[list[Group]] = relationship(
         secondary=group_users, back_populates="users", lazy="selectin"
@@ -108,9 +122,9 @@ class Group(Base):
 
     __tablename__ = "groups"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[RowId]
     name: Mapped[str] = mapped_column(String(100), unique=True, index=True)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[Created]
 
     peers: Mapped[list[Peer]] = relationship(
         secondary=group_peers, back_populates="groups", lazy="selectin"
@@ -125,7 +139,7 @@ class Peer(Base):
 
     __tablename__ = "peers"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[RowId]
     name: Mapped[str] = mapped_column(String(63), unique=True, index=True)
     mesh_ip: Mapped[str] = mapped_column(String(45), unique=True)
     wg_public_key: Mapped[str] = mapped_column(String(64), unique=True, index=True)
@@ -137,8 +151,8 @@ class Peer(Base):
     credential_hash: Mapped[str] = mapped_column(String(128))
     ssh_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
     setup_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created: Mapped[Created]
+    last_seen: Mapped[datetime | None]
 
     groups: Mapped[list[Group]] = relationship(
         secondary=group_peers, back_populates="peers", lazy="selectin"
@@ -150,17 +164,17 @@ class SetupKey(Base):
 
     __tablename__ = "setup_keys"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[RowId]
     name: Mapped[str] = mapped_column(String(100), default="")
     key_hash: Mapped[str] = mapped_column(String(128), unique=True, index=True)
     reusable: Mapped[bool] = mapped_column(Boolean, default=False)
-    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    expires_at: Mapped[datetime | None]
     usage_limit: Mapped[int] = mapped_column(Integer, default=0)  # 0 = unlimited (reusable)
     used_count: Mapped[int] = mapped_column(Integer, default=0)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     auto_groups: Mapped[list[str]] = mapped_column(JSON, default=list)  # group ids
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_used: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created: Mapped[Created]
+    last_used: Mapped[datetime | None]
 
 
 class Policy(Base):
@@ -168,12 +182,12 @@ class Policy(Base):
 
     __tablename__ = "policies"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[RowId]
     name: Mapped[str] = mapped_column(String(100), unique=True, index=True)
     description: Mapped[str] = mapped_column(Text, default="")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     rules: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[Created]
 
 
 class Event(Base):
@@ -186,8 +200,8 @@ class Event(Base):
     )
     type: Mapped[str] = mapped_column(String(64), index=True)
     peer_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
-    time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    time: Mapped[datetime | None]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
@@ -196,10 +210,10 @@ class AdminToken(Base):
 
     __tablename__ = "admin_tokens"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[RowId]
     token_hash: Mapped[str] = mapped_column(String(128), unique=True, index=True)
     name: Mapped[str] = mapped_column(String(100), default="admin")
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[Created]
 
 
 class Meta(Base):
@@ -223,11 +237,11 @@ class Subsystem(Base):
         UniqueConstraint("group_id", "name", name="uq_subsystems_group_name"),
     )
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[RowId]
     peer_id: Mapped[str | None] = mapped_column(
         String(32), ForeignKey("peers.id", ondelete="CASCADE"), nullable=True, index=True)
     group_id: Mapped[str | None] = mapped_column(
         String(32), ForeignKey("groups.id", ondelete="CASCADE"), nullable=True, index=True)
     name: Mapped[str] = mapped_column(String(64))
     command: Mapped[str] = mapped_column(Text)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[Created]
