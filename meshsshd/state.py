@@ -32,7 +32,7 @@ import os
 import secrets
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -176,6 +176,30 @@ class Credential:
         return cls(**{k: str(v) for k, v in data.items() if k in known})
 
 
+class _StateFile:
+    """A read-only `StateDir` attribute: the path of one named file inside its root.
+
+    The file layout is a table of names (below) rather than one property per file, so
+    adding a file is one line and every path is built the same way.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, state: None, owner: type | None = None) -> _StateFile: ...
+
+    @overload
+    def __get__(self, state: StateDir, owner: type | None = None) -> Path: ...
+
+    def __get__(self, state: StateDir | None, owner: type | None = None) -> Path | _StateFile:
+        # On the class itself (introspection, autospec) it answers with itself, as a property does.
+        return self if state is None else state.root / self.name
+
+    def __set__(self, state: StateDir, value: object) -> None:
+        raise AttributeError(f"{self.name}: the state directory layout is fixed")
+
+
 class StateDir:
     """Paths and small typed accessors over one state directory."""
 
@@ -183,37 +207,14 @@ class StateDir:
         self.root = Path(root)
 
     # paths -------------------------------------------------------------------------
-    @property
-    def wireguard_key(self) -> Path:
-        return self.root / "wireguard.key"
-
-    @property
-    def credential_path(self) -> Path:
-        return self.root / "credential.json"
-
-    @property
-    def flags_path(self) -> Path:
-        return self.root / "flags.json"
-
-    @property
-    def netmap_path(self) -> Path:
-        return self.root / "netmap.json"
-
-    @property
-    def dataplane_path(self) -> Path:
-        return self.root / "dataplane.json"
-
-    @property
-    def status_path(self) -> Path:
-        return self.root / "status.json"
-
-    @property
-    def pid_path(self) -> Path:
-        return self.root / "meshsshd.pid"
-
-    @property
-    def events_path(self) -> Path:
-        return self.root / "events.jsonl"
+    wireguard_key = _StateFile("wireguard.key")
+    credential_path = _StateFile("credential.json")
+    flags_path = _StateFile("flags.json")
+    netmap_path = _StateFile("netmap.json")
+    dataplane_path = _StateFile("dataplane.json")
+    status_path = _StateFile("status.json")
+    pid_path = _StateFile("meshsshd.pid")
+    events_path = _StateFile("events.jsonl")
 
     # setup -------------------------------------------------------------------------
     def ensure(self) -> None:
