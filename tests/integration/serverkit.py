@@ -16,9 +16,12 @@ server's state directory, so starting a server costs well under a second.
 from __future__ import annotations
 
 import os
+import re
+import select
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,3 +208,28 @@ class ServerKit:
         if key is not None:
             argv += ["-i", str(key.path), "-o", "IdentitiesOnly=yes"]
         return argv
+
+
+def read_until(fd: int, pattern: bytes, timeout: float = 15.0, buf: bytes = b"") -> tuple[re.Match[bytes], bytes]:
+    """Read a pty master `fd` until the regex `pattern` matches what was read (plus `buf`,
+    read before); return the match and everything read. Shared by the tests that drive an
+    interactive ssh/meshssh through a pty; a timeout or the other end closing fails the test
+    with the tail of the output."""
+    m = re.search(pattern, buf)
+    if m:
+        return m, buf
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+            m = re.search(pattern, buf)
+            if m:
+                return m, buf
+    raise AssertionError(f"{pattern!r} not seen; got {buf[-2000:]!r}")

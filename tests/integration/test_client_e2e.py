@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import pty
-import select
+import re
 import signal
 import socket
 import struct
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.meshkit import Mesh
-from tests.integration.serverkit import ServerKit
+from tests.integration.serverkit import ServerKit, read_until
 from tests.support import console_script, free_port, require_root, require_tool, wait_for_port
 
 pytestmark = [pytest.mark.root, pytest.mark.openssh]
@@ -127,25 +127,6 @@ def test_exit_signal_is_255(world: World) -> None:
     assert r.returncode == 255
 
 
-def _read_until(fd: int, needle: bytes, timeout: float = 15.0) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while needle not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"{needle!r} not seen in {buf[-500:]!r}")
-        r, _, _ = select.select([fd], [], [], left)
-        if r:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            buf += chunk
-    return buf
-
-
 def _set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
@@ -160,9 +141,9 @@ def _interactive(argv: list[str], env: dict) -> None:
                             start_new_session=True,
                             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     try:
-        _read_until(master, b"$ ")  # the login shell's prompt: typeahead before it may be flushed
+        read_until(master, re.escape(b"$ "))  # the login shell's prompt: typeahead before it may be flushed
         os.write(master, b"stty size; tty\n")
-        out = _read_until(master, b"/dev/pts/")
+        _, out = read_until(master, rb"/dev/pts/")
         assert b"30 100" in out
         _set_size(master, 40, 120)  # the kernel sends the client SIGWINCH → window-change
         # The change travels client → (proxy →) peer asynchronously: ask until it arrived.
@@ -171,7 +152,7 @@ def _interactive(argv: list[str], env: dict) -> None:
         while b"40 120" not in seen and time.monotonic() < deadline:
             os.write(master, b"stty size\n")
             try:
-                seen += _read_until(master, b"40 120", timeout=1.0)
+                seen += read_until(master, rb"40 120", timeout=1.0)[1]
             except AssertionError:
                 continue
         assert b"40 120" in seen
@@ -226,14 +207,19 @@ def echo() -> Iterator[EchoServer]:
     e.close()
 
 
+def _recv_all(s: socket.socket) -> bytes:
+    """Everything the peer sends until it closes its side."""
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    return got
+
+
 def _echo_through(port: int, payload: bytes = b"ping through the mesh") -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
-    return got
+        return _recv_all(s)
 
 
 REMOTE_ECHO_CLIENT = ("python3 -c 'import socket,sys; s=socket.create_connection((\"127.0.0.1\",{port}));"
@@ -276,10 +262,7 @@ def _socks_echo(socks_port: int, dest_port: int, payload: bytes = b"via socks") 
         assert reply[:2] == b"\x05\x00", reply
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
-    return got
+        return _recv_all(s)
 
 
 @pytest.mark.parametrize("client", ["meshssh", "openssh"])

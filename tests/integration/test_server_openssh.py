@@ -12,7 +12,6 @@ import hashlib
 import os
 import pwd
 import re
-import select
 import shutil
 import signal
 import socket
@@ -27,7 +26,7 @@ import pytest
 
 from tests.support import free_port, os_user, require_root, require_tool
 
-from .serverkit import ServerKit, client_key, install_key
+from .serverkit import ServerKit, client_key, install_key, read_until
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root]
 
@@ -150,39 +149,17 @@ def _spawn_on_pty(argv, rows, cols):
     return proc, master
 
 
-def _read_until(fd, pattern, timeout=15.0, buf=b""):
-    """Read from fd until `pattern` matches what was read (plus `buf`, read before)."""
-    m = re.search(pattern, buf)
-    if m:
-        return m, buf
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            buf += chunk
-            m = re.search(pattern, buf)
-            if m:
-                return m, buf
-    raise AssertionError(f"{pattern!r} not seen; got {buf[-2000:]!r}")
-
-
 def test_pty_shell_has_terminal_and_follows_resize(world):
     srv, user, key, _ = world
     script = "trap 'echo WINCH $(stty size)' WINCH; echo SIZE $(stty size) TTY $(tty) TERM $TERM; while sleep 0.1; do :; done"
     argv = srv.ssh_argv(user.pw_name, key, "-tt", script)
     proc, master = _spawn_on_pty(argv, 30, 100)
     try:
-        m, _ = _read_until(master, rb"SIZE (\d+) (\d+) TTY (\S+) TERM (\S+)")
+        m, _ = read_until(master, rb"SIZE (\d+) (\d+) TTY (\S+) TERM (\S+)")
         assert m.group(1, 2) == (b"30", b"100")
         assert m.group(3).startswith(b"/dev/pts/")
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        m, _ = _read_until(master, rb"WINCH (\d+) (\d+)")
+        m, _ = read_until(master, rb"WINCH (\d+) (\d+)")
         assert m.group(1, 2) == (b"40", b"120")
         os.write(master, b"\x03")   # Ctrl-C through the terminal: the shell dies of SIGINT
         assert proc.wait(15) in (130, 255)
@@ -199,9 +176,9 @@ def test_pty_login_shell_job_control_who_and_last(world):
     proc, master = _spawn_on_pty(argv, 24, 80)
     try:
         os.write(master, b"echo TTY=$(tty) PG=$(ps -o tpgid= -p $$) SID=$(ps -o sid= -p $$); who\n")
-        m, buf = _read_until(master, rb"TTY=(/dev/pts/\d+) PG=\s*(\d+) SID=\s*(\d+)")
+        m, buf = read_until(master, rb"TTY=(/dev/pts/\d+) PG=\s*(\d+) SID=\s*(\d+)")
         tty = m.group(1).decode()
-        _, buf = _read_until(master, re.escape(user.pw_name.encode()) + rb"\s+" + re.escape(tty[5:].encode()),
+        _, buf = read_until(master, re.escape(user.pw_name.encode()) + rb"\s+" + re.escape(tty[5:].encode()),
                              buf=buf[m.end():])
         assert int(m.group(2)) != 0   # the shell has a controlling terminal with a foreground group
         os.write(master, b"exit 5\n")
