@@ -9,6 +9,7 @@ import ipaddress
 import json
 import logging
 import re
+from dataclasses import fields
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -16,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from meshsshd.logs import event
+from meshsshd.state import PeerFlags
 
 from ..errors import BadRequest, Conflict, TooManyRequests, Unauthorized
 from ..events import MAX_EVENTS_PER_POST, parse_peer_event
@@ -28,14 +30,9 @@ from .keys import EVENTS, HUB, LOAD_STATE, REGISTER_LIMITER, SETTINGS, STORE
 log = logging.getLogger("meshmgmt.api.peers")
 routes = web.RouteTableDef()
 
-PEER_FLAGS = (
-    "allow_server_ssh",
-    "enable_ssh_sftp",
-    "enable_ssh_local_port_forwarding",
-    "enable_ssh_remote_port_forwarding",
-    "enable_ssh_root",
-    "disable_ssh_auth",
-)
+# The switches a peer reports (docs/protocol.md). The daemon's PeerFlags is their one
+# definition, so a new flag cannot be sent by peers and silently dropped here.
+PEER_FLAGS = tuple(f.name for f in fields(PeerFlags))
 MAX_ENDPOINTS = 16
 
 
