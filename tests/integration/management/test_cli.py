@@ -96,6 +96,18 @@ async def test_admin_cli_end_to_end(sqlite_mgmt: Mgmt) -> None:
     assert users["alice@example.com"]["blocked"] is True
     assert users["alice@example.com"]["has_password"] is True
 
+    # The other switch and delete commands: each confirms what it did, naming the object.
+    assert mgmt.cli("users", "unblock", "alice@example.com").stdout == "unblocked alice@example.com\n"
+    assert mgmt.cli("policies", "enable", "admins-ssh").stdout == "policy admins-ssh enabled\n"
+    assert json.loads(mgmt.cli("--json", "policies", "list").stdout)["policies"][0]["enabled"] is True
+    assert mgmt.cli("policies", "delete", "admins-ssh").stdout == "deleted policy admins-ssh\n"
+    assert mgmt.cli("groups", "delete", "admins").stdout == "deleted group admins\n"
+    assert mgmt.cli("users", "delete", "ci@example.com").stdout == "deleted user ci@example.com\n"
+    users = {u["email"] for u in json.loads(mgmt.cli("--json", "users", "list").stdout)["users"]}
+    groups = {g["name"] for g in json.loads(mgmt.cli("--json", "groups", "list").stdout)["groups"]}
+    assert "ci@example.com" not in users and "alice@example.com" in users
+    assert groups == {"servers"} and json.loads(mgmt.cli("--json", "policies", "list").stdout)["policies"] == []
+
 
 def test_init_refuses_twice_and_protects_the_token(tmp_path: Path) -> None:
     data = tmp_path / "d"
