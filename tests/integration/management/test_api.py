@@ -316,9 +316,13 @@ async def test_admin_crud_conflicts_and_validation(http: aiohttp.ClientSession, 
     assert rule["sources"][0] == renamed and rule["destinations"] == [renamed]
     await call(http, "DELETE", f"{mgmt.url}/api/policies/{pol['id']}", headers=mgmt.admin, expect=204)
     await call(http, "DELETE", f"{mgmt.url}/api/groups/{made['id']}", headers=mgmt.admin, expect=204)
-    for path in ("/api/groups/", "/api/policies/", "/api/users/", "/api/peers/", "/api/setup-keys/"):
+    for path, what in (("/api/groups/", "group"), ("/api/policies/", "policy"), ("/api/users/", "user"),
+                       ("/api/peers/", "peer"), ("/api/setup-keys/", "setup key")):
         status, doc = await call(http, "DELETE", mgmt.url + path + "missing", headers=mgmt.admin)
-        assert status == 404 and doc["error"] == "not_found"
+        assert status == 404 and doc["error"] == "not_found" and doc["message"] == f"no such {what}"
+    _, events = await call(http, "GET", mgmt.url + "/api/events?type=policy.deleted&limit=1000", headers=mgmt.admin,
+                           expect=200)
+    assert any(e.get("name") == pol["name"] for e in events["events"])
     # Users: duplicate email, bad role, short password; service users get a one-time secret.
     email = f"{uniq('u')}@example.com"
     await call(http, "POST", mgmt.url + "/api/users", headers=mgmt.admin, json={"email": email}, expect=201)
@@ -331,6 +335,15 @@ async def test_admin_crud_conflicts_and_validation(http: aiohttp.ClientSession, 
         assert status == 400 and doc["field"] == field
     svc = await service_user(http, mgmt)
     assert svc["client_id"].startswith("svc-") and len(svc["client_secret"]) > 20
+    # An update checks the password like a create; a deleted user is named in the audit log.
+    status, doc = await call(http, "PUT", f"{mgmt.url}/api/users/{svc['id']}", headers=mgmt.admin,
+                             json={"password": "short"})
+    assert status == 400 and doc["field"] == "password" and "at least 8" in doc["message"]
+    gone = await service_user(http, mgmt)
+    await call(http, "DELETE", f"{mgmt.url}/api/users/{gone['id']}", headers=mgmt.admin, expect=204)
+    _, events = await call(http, "GET", mgmt.url + "/api/events?type=user.deleted&limit=1000", headers=mgmt.admin,
+                           expect=200)
+    assert any(e.get("email") == gone["email"] for e in events["events"])
     _, users = await call(http, "GET", mgmt.url + "/api/users", headers=mgmt.admin, expect=200)
     listed = next(u for u in users["users"] if u["id"] == svc["id"])
     assert "client_secret" not in listed and "password_hash" not in listed
