@@ -26,7 +26,7 @@ from .. import audit
 from ..logs import event
 from ..users import LocalUser
 from . import _utmp
-from ._io import FdReader, FdWriter
+from ._io import FdReader, FdWriter, make_pipe
 from ._pty import PTY
 from ._spawn import ConnectionInfo, build_child_argv, build_child_env, build_pam_argv, pam_service, spawn
 
@@ -133,9 +133,9 @@ class ChildSession(asyncssh.SSHServerSession):
                 self._pty = PTY(user.uid, self._size, self._modes)
                 stdin = stdout = stderr = self._pty.slave
             else:
-                in_r, in_w = os.pipe()
-                out_r, out_w = os.pipe()
-                err_r, err_w = os.pipe()
+                in_r, in_w = make_pipe()
+                out_r, out_w = make_pipe()
+                err_r, err_w = make_pipe()
                 child_fds = [in_r, out_w, err_w]
                 stdin, stdout, stderr = in_r, out_w, err_w
                 parent = (in_w, out_r, err_r)
