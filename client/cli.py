@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     idx = _first_word(argv)
     if idx is not None and argv[idx] in SUBCOMMANDS and idx == 0:
+        _add_heavy_commands(argv[0])
         cli.main(args=argv, prog_name="meshssh")
         return
     from .errors import UsageError
@@ -256,25 +257,20 @@ def cp(recursive: bool, port: int | None, preserve: bool, quiet: bool, bind_addr
                      quiet=quiet, bind_address=bind_address, ttl=ttl, no_cache=no_cache))
 
 
-def _add_exec() -> None:
-    """`meshssh exec` (fan-out, `--detach`) lives in client/fanout.py with its parsing."""
-    from .fanout import exec_command
+def _add_heavy_commands(name: str | None) -> None:
+    """Register `exec` (client/fanout.py) and `sessions | attach | receive`
+    (client/detach.py) only when one of them runs: they import asyncio and rich, and
+    `detect`/`proxy` run once per `ssh` invocation, so they must not pay for them.
+    `name=None` registers all (for `--help` of the group and for tests)."""
+    if name is None or name == "exec":
+        from .fanout import exec_command
 
-    cli.add_command(exec_command)
+        cli.add_command(exec_command)
+    if name is None or name in ("sessions", "attach", "receive"):
+        from .detach import COMMANDS
 
-
-_add_exec()
-
-
-def _add_detach() -> None:
-    """`meshssh sessions | attach | receive` (detached sessions) live in client/detach.py."""
-    from .detach import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
-
-
-_add_detach()
+        for command in COMMANDS:
+            cli.add_command(command)
 
 
 if __name__ == "__main__":  # pragma: no cover
