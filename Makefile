@@ -9,7 +9,7 @@ test:
 	scripts/test.sh
 
 bench:
-	scripts/install-deps.sh && .venv/bin/python -m bench
+	scripts/bench.sh
 
 deps:
 	scripts/install-deps.sh
