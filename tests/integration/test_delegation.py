@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.meshkit import Mesh
-from tests.support import console_script, require_root, require_tool
+from tests.support import console_script, require, require_root, require_tool
 
 pytestmark = [pytest.mark.root]
 
@@ -82,8 +82,8 @@ def write_user_launcher(directory: Path) -> Path:
     require_tool("python3")
     assert python is not None
     out = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
-    if out.stdout.strip() != str(tuple(sys.version_info[:2])):
-        pytest.skip(f"no python{sys.version_info[0]}.{sys.version_info[1]} that other users may run")
+    require(out.stdout.strip() == str(tuple(sys.version_info[:2])),
+            f"no python{sys.version_info[0]}.{sys.version_info[1]} that other users may run")
     paths = ":".join(p for p in sys.path if "/site-packages" in p and os.path.isdir(p))
     launcher = directory / "meshssh"
     launcher.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT}:{paths} exec {python} -c "
