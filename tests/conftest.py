@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from .support import os_user
+from .support import os_user, require_root
 
 CLEAN_ENV_KEYS = (
     "SSH_AUTH_SOCK", "MESHSSH_SOURCE_ADDRESS", "MESHSSH_CONFIG_DIR", "MESHSSHD_STATUS_FILE",
@@ -40,7 +39,6 @@ def make_user() -> Iterator[Callable[..., object]]:
 @pytest.fixture(scope="session")
 def session_user() -> Iterator[object]:
     """One throwaway user shared by a whole run, for tests that only read."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+    require_root()
     with os_user("mss") as user:
         yield user
