@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .managed import http_json
 from .servers import SSHD, Workspace, free_port, venv_script
 
 PSSH_SCRIPT = r"""
@@ -65,20 +66,6 @@ print(ok)
 def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _http(method: str, url: str, doc: Any = None, token: str | None = None) -> Any:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=None if doc is None else json.dumps(doc).encode(),
-                                 headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"{method} {url}: {exc.code} {exc.read()[:300]!r}") from None
-    return json.loads(body) if body else None
 
 
 @dataclass
@@ -139,7 +126,7 @@ class Fleet:
         return proc
 
     def api(self, method: str, path: str, doc: Any = None) -> Any:
-        return _http(method, self.url + path, doc, self.admin)
+        return http_json(method, self.url + path, doc, self.admin, timeout=60)
 
     def _wait(self, probe: Any, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -175,10 +162,10 @@ class Fleet:
         hostkey = load_or_create(state).public_lines[0]
 
         def register(name: str, key: str, server: bool) -> dict[str, Any]:
-            return _http("POST", f"{self.url}/api/peers/register", {
+            return http_json("POST", f"{self.url}/api/peers/register", {
                 "setup_key": key, "hostname": name, "ssh_host_key": hostkey,
                 "wg_public_key": base64.b64encode(os.urandom(32)).decode(),
-                "flags": {"allow_server_ssh": server}, "version": "bench", "endpoints": []})
+                "flags": {"allow_server_ssh": server}, "version": "bench", "endpoints": []}, timeout=60)
 
         t0 = time.perf_counter()
         self.laptop = register("laptop", laptop_key, False)

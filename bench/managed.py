@@ -43,8 +43,9 @@ def _not_measured(sshd: Summary | None, reason: str) -> list[Figure]:
     ]
 
 
-def _http(method: str, url: str, doc: Any = None, token: str | None = None,
-          form: dict[str, str] | None = None) -> Any:
+def http_json(method: str, url: str, doc: Any = None, token: str | None = None,
+              form: dict[str, str] | None = None, timeout: float = 15) -> Any:
+    """One management API call with the standard library (the bench imports no aiohttp)."""
     headers = {}
     data = None
     if token:
@@ -57,7 +58,7 @@ def _http(method: str, url: str, doc: Any = None, token: str | None = None,
         headers["Content-Type"] = "application/json"
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             body = resp.read()
     except urllib.error.HTTPError as exc:
         raise RuntimeError(f"{method} {url}: {exc.code} {exc.read()[:300]!r}") from None
@@ -91,7 +92,7 @@ class Mesh:
         return proc
 
     def api(self, method: str, path: str, doc: Any = None) -> Any:
-        return _http(method, self.url + path, doc, token=self.admin)
+        return http_json(method, self.url + path, doc, token=self.admin)
 
     def build(self, progress: Any) -> None:
         mgmt_dir = self.root / "mgmt"
