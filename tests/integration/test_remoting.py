@@ -73,9 +73,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, session_user) -> Iterator[Fl
             for n in names:
                 mesh.add_peer(n, key, "--allow-server-ssh", wait=None)
         mesh.add_peer("laptop", mesh.setup_key("laptops"), wait=None)
+        # Thirteen daemons start at once on two cores (imports, RSA-3072 host keys): a
+        # generous bound on a busy machine; it is a readiness wait, not a speed check.
         for n in [*WEB, *DB, LONELY]:
-            mesh.wait_status(n, "serving", timeout=60)
-        mesh.wait_status("laptop", None, timeout=60)
+            mesh.wait_status(n, "serving", timeout=180)
+        mesh.wait_status("laptop", None, timeout=180)
         cfg = mesh.login(*ALICE)
         mesh.stop_peer(DOWN)
         yield Fleet(mesh, cfg, session_user.pw_name)
