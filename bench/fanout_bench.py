@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .managed import http_json
+from .managed import http_json, wait_started
 from .servers import SSHD, Workspace, free_port, venv_script
 
 PSSH_SCRIPT = r"""
@@ -129,15 +129,7 @@ class Fleet:
         return http_json(method, self.url + path, doc, self.admin, timeout=60)
 
     def _wait(self, probe: Any, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                probe()
-                return
-            except (OSError, RuntimeError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{what} did not start (logs in {self.root})") from None
-                time.sleep(0.1)
+        wait_started(probe, proc, f"{what} did not start (logs in {self.root})", timeout)
 
     def build(self) -> None:
         from meshsshd.hostkeys import load_or_create

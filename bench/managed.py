@@ -43,6 +43,19 @@ def _not_measured(sshd: Summary | None, reason: str) -> list[Figure]:
     ]
 
 
+def wait_started(probe: Any, proc: subprocess.Popen, failure: str, timeout: float) -> None:
+    """Poll `probe()` until it stops raising; give up when `proc` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            probe()
+            return
+        except (OSError, RuntimeError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(failure) from None
+            time.sleep(0.1)
+
+
 def http_json(method: str, url: str, doc: Any = None, token: str | None = None,
               form: dict[str, str] | None = None, timeout: float = 15) -> Any:
     """One management API call with the standard library (the bench imports no aiohttp)."""
@@ -147,15 +160,7 @@ class Mesh:
                  f"bench-client {self.client_ip}")
 
     def _wait(self, probe: Any, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                probe()
-                return
-            except (OSError, RuntimeError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{what} did not start ({self.root})") from None
-                time.sleep(0.1)
+        wait_started(probe, proc, f"{what} did not start ({self.root})", timeout)
 
     @staticmethod
     def _status(state: Path) -> dict[str, Any]:
