@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, event_loop
 from .config import settings_from_toml
 from .errors import MeshsshdError
 from .logs import setup_logging
@@ -56,7 +56,7 @@ def serve(config: Path, log_level: str) -> None:
     """Serve SSH from a config file, without management (SIGHUP reloads it)."""
     setup_logging(log_level)
     try:
-        asyncio.run(_serve(config))
+        event_loop.run(_serve(config))
     except MeshsshdError as exc:
         click.echo(f"meshsshd: {exc}", err=True)
         sys.exit(exc.exit_code)

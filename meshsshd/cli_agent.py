@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from . import event_loop
 from .cli import main
 from .config import DEFAULT_STATE_DIR
 from .errors import MeshsshdError
@@ -97,7 +98,7 @@ def up(management_url: str | None, setup_key: str | None, state_dir: Path, inter
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--interface") from exc
         agent = Agent(state, config, setup_key=setup_key)
-        code = asyncio.run(agent.run())
+        code = event_loop.run(agent.run())
     except MeshsshdError as exc:
         click.echo(f"meshsshd: {exc.user_message}", err=True)
         sys.exit(exc.exit_code)

@@ -1,0 +1,72 @@
+"""What `meshsshd serve` puts on the wire for a bulk download, seen by the system OpenSSH
+client: data arrives whole, and no SSH_MSG_IGNORE precedes the data packets
+(meshsshd.asyncssh_tuning), on the event loop meshsshd.event_loop chose."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from tests.support import os_user, require_root, require_tool
+
+from .serverkit import ServerKit, client_key, install_key
+
+pytestmark = [pytest.mark.openssh, pytest.mark.root]
+
+SIZE = 8 << 20      # 256 packets of 32 KiB: asyncssh unpatched would send as many ignores
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    require_root()
+    require_tool("ssh")
+    tmp = tmp_path_factory.mktemp("wire")
+    key = client_key(tmp)
+    with os_user("msw") as user:
+        install_key(user, key)
+        payload = os.path.join(user.pw_dir, "payload.bin")
+        with open(payload, "wb") as f:
+            f.write(os.urandom(SIZE))
+        os.chown(payload, user.pw_uid, user.pw_gid)
+        config = {"authorized_keys": True,
+                  "access": [{"sources": ["127.0.0.0/8"], "identities": [key.identity],
+                              "local_users": [user.pw_name]}]}
+        with ServerKit(tmp / "server", config) as srv:
+            yield srv, user, key, payload
+
+
+def _events(srv: ServerKit) -> dict[str, dict]:
+    found = {}
+    for line in srv.output().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if "event" in doc:
+            found.setdefault(doc["event"], doc)
+    return found
+
+
+def test_daemon_runs_on_uvloop_with_the_ignore_patch(world):
+    srv, *_ = world
+    events = _events(srv)
+    assert events["event-loop.selected"]["loop"] == "uvloop"
+    assert "asyncssh-tuning.applied" in events
+    assert "asyncssh-tuning.refused" not in events
+
+
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"])
+def test_download_is_whole_and_has_no_ignore_packets(world, cipher):
+    srv, user, key, payload = world
+    with open(payload, "rb") as f:
+        expected = hashlib.sha256(f.read()).hexdigest()
+    # OpenSSH logs "Received SSH2_MSG_IGNORE" at debug3 for each ignore packet it reads.
+    r = srv.ssh(user.pw_name, key, "cat", payload, opts=("-o", "LogLevel=DEBUG3", "-c", cipher))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert hashlib.sha256(r.stdout).hexdigest() == expected
+    log = r.stderr.decode(errors="replace")
+    assert f"cipher: {cipher}" in log            # the debug log is there and names the cipher
+    assert log.count("Received SSH2_MSG_IGNORE") == 0
