@@ -24,13 +24,15 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .logs import event
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("meshsshd.jwks")
 
@@ -279,6 +281,9 @@ class KeyStore:
             raise JWKSError(f"{path}: not JSON ({exc})") from exc
 
     async def _fetch_url(self, url: str) -> tuple[Any, float]:
+        # Imported here: aiohttp is ~11 MiB of a daemon's memory, and only a jwks_url needs it.
+        import aiohttp
+
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT),
