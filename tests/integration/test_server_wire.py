@@ -1,6 +1,7 @@
-"""What `meshsshd serve` puts on the wire for a bulk download, seen by the system OpenSSH
-client: data arrives whole, and no SSH_MSG_IGNORE precedes the data packets
-(meshsshd.asyncssh_tuning), on the event loop meshsshd.event_loop chose."""
+"""What `meshsshd serve` runs on and puts on the wire: the event loop meshsshd.event_loop
+chose, no aiohttp in a daemon that does not need it, and a bulk download seen by the system
+OpenSSH client arriving whole with no SSH_MSG_IGNORE before the data packets
+(meshsshd.asyncssh_tuning)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,15 @@ def test_download_is_whole_and_has_no_ignore_packets(world, cipher):
     log = r.stderr.decode(errors="replace")
     assert f"cipher: {cipher}" in log            # the debug log is there and names the cipher
     assert log.count("Received SSH2_MSG_IGNORE") == 0
+
+
+def test_serve_with_file_keys_never_loads_aiohttp(world):
+    """aiohttp is for management, metrics and jwks_url only (meshsshd/jwks.py imports it
+    when it fetches); its C parser would show in the daemon's mappings once imported."""
+    srv, user, key, _ = world
+    assert srv.ssh(user.pw_name, key, "true").returncode == 0
+    assert srv.proc is not None
+    with open(f"/proc/{srv.proc.pid}/maps") as f:
+        maps = f.read()
+    assert "site-packages/cryptography/" in maps          # the check sees extension modules
+    assert "site-packages/aiohttp/" not in maps
