@@ -8,7 +8,9 @@ restart or crash of meshsshd does not touch it (WinRM's disconnected sessions, p
 survival of the server itself).
 
 The holder then:
-- spawns the child as the user (privilege drop through subprocess, as `_spawn.spawn`);
+- spawns the child as the user with `Popen(user=, group=, extra_groups=)`: unlike the
+  daemon (which uses setpriv, see `_spawn`), this process is small and single-threaded,
+  so the fork that Popen then makes is cheap;
 - keeps the output in a bounded in-memory spool of (stream, bytes) records; when over
   `spool_limit` the oldest bytes go and a counter grows (readers see
   "[meshsshd: N bytes dropped]"); memory is bounded by the limit plus one read;

@@ -1,16 +1,27 @@
 """Starting a child process as the mapped local user.
 
-The pure halves (`build_child_env`, `build_child_argv`) decide what the child sees and are
-tested without root. `spawn` hands them to `subprocess.Popen`, whose C fork/exec path does
-setgroups/setgid/setuid, chdir, umask and setsid without running Python code in the child
-(the daemon has threads: executor workers). A PTY child additionally needs its terminal as
-controlling terminal; util-linux `setsid --ctty` does that in C right before exec, so no
-`preexec_fn` is needed either.
+The pure halves (`build_child_env`, `build_child_argv`, `build_setpriv_argv`) decide what
+the child sees and are tested without root. `spawn` hands them to `subprocess.Popen`,
+whose C fork/exec path does chdir, umask and setsid without running Python code in the
+child (the daemon has threads: executor workers). A PTY child additionally needs its
+terminal as controlling terminal; util-linux `setsid --ctty` does that in C right before
+exec, so no `preexec_fn` is needed either.
+
+The privilege drop goes through util-linux `setpriv`, started by a plain Popen: CPython
+uses vfork() only when no uid/gid/groups change is asked of it, and with
+`Popen(user=, group=, extra_groups=)` every login fork()ed the whole daemon while holding
+the GIL (a third of the daemon's CPU during a login burst, bench/RESULTS.md "Logins").
+`Popen(user=)` stays for what setpriv cannot do (see `setpriv_program`) and for hosts
+without setpriv.
 """
 
 from __future__ import annotations
 
+import functools
+import grp
+import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -18,7 +29,10 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..logs import event
 from ..users import LocalUser
+
+log = logging.getLogger("meshsshd.session")
 
 USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -31,6 +45,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_ENV_VALUE = 4096
 
 SETSID = shutil.which("setsid") or "/usr/bin/setsid"
+SETPRIV = shutil.which("setpriv")   # util-linux; None: every session fork()s the daemon
 PAM_DIR = "/etc/pam.d"
 PAM_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pam_helper.py")
 
@@ -140,6 +155,88 @@ def build_pam_argv(user: LocalUser, executable: str, argv: list[str], *, service
     return python, helper
 
 
+def setpriv_program(executable: str, argv0: str, path: str) -> str | None:
+    """What setpriv must exec so that the program runs with `argv0`; None when it cannot.
+
+    setpriv has no flag for argv[0]: it execvp()s the name it is given, with that name as
+    argv[0]. That is right as is when argv[0] is the executable (`setsid --ctty ...` for
+    PTY sessions). OpenSSH's `bash -c command` has the shell's base name as argv[0]
+    (`$0`, error messages "bash: line 1: ..."): giving setpriv the base name keeps it when
+    the PATH search execvp makes in the child's PATH finds the user's shell itself (its
+    first hit is checked here; a shell elsewhere gets None). A login shell's `-bash`
+    cannot be reached at all: such sessions (no PTY, no command: `ssh -T`, VS Code
+    Remote) keep Popen(user=). They are one per interactive connection, not the hot
+    path, and the alternative, `bash -c 'exec -a "$0" "$@"'`, would put SHLVL=0 and PWD
+    into the user's environment and require bash.
+    """
+    if argv0 == executable:
+        return executable
+    if "/" in argv0 or argv0 != os.path.basename(executable):
+        return None
+    for directory in path.split(":"):
+        if not directory.startswith("/"):   # execvp would search the working directory
+            return None
+        candidate = os.path.join(directory, argv0)
+        if os.path.exists(candidate):
+            try:
+                return argv0 if os.path.samefile(candidate, executable) else None
+            except OSError:
+                return None
+    return None
+
+
+def build_setpriv_argv(setpriv: str, user: LocalUser, program: str, args: list[str]) -> list[str]:
+    """argv that runs `program args...` as the user through util-linux setpriv.
+
+    Numeric ids, and the supplementary groups the daemon computed (initgroups semantics,
+    as `Popen(extra_groups=)` had them). `--inh-caps=-all` empties the inheritable and so
+    the ambient set: a non-root user ends with no capabilities after exec. The bounding
+    set is left alone and no_new_privs stays off, as with sshd: sudo and su must keep
+    working in the session.
+    """
+    groups = f"--groups={','.join(map(str, user.groups))}" if user.groups else "--clear-groups"
+    return [setpriv, f"--reuid={user.uid}", f"--regid={user.gid}", groups, "--inh-caps=-all", "--",
+            program, *args]
+
+
+def ids_are_unambiguous(user: LocalUser) -> bool:
+    """Whether setpriv reads the user's numeric ids as those ids (blocking NSS lookups).
+
+    setpriv looks each id argument up as a *name* first (util-linux `get_user`,
+    `get_group`), so an account or group literally named "1000" would win. useradd and
+    systemd refuse such names, but NSS (LDAP) may serve them: then Popen(user=) is used.
+    """
+    try:
+        if pwd.getpwnam(str(user.uid)).pw_uid != user.uid:
+            return False
+    except KeyError:
+        pass
+    for gid in {user.gid, *user.groups}:
+        try:
+            if grp.getgrnam(str(gid)).gr_gid != gid:
+                return False
+        except KeyError:
+            pass
+    return True
+
+
+@functools.cache
+def _warn_no_setpriv() -> None:
+    event(log, "session.setpriv-missing", level=logging.WARNING,
+          effect="each session fork()s the daemon (slower logins)", fix="install util-linux")
+
+
+def _setpriv_argv(user: LocalUser, executable: str, argv: list[str], path: str) -> list[str] | None:
+    """The vfork-able way to start (executable, argv) as the user, or None."""
+    if SETPRIV is None:
+        _warn_no_setpriv()
+        return None
+    program = setpriv_program(executable, argv[0], path)
+    if program is None or not ids_are_unambiguous(user):
+        return None
+    return build_setpriv_argv(SETPRIV, user, program, argv[1:])
+
+
 def spawn(
     user: LocalUser,
     executable: str,
@@ -153,16 +250,24 @@ def spawn(
     as_root: bool = False,
 ) -> subprocess.Popen:
     """Blocking fork/exec as the user (or as root for the PAM helper, which drops
-    privileges itself); run it in an executor. Raises OSError."""
-    kwargs = dict(
-        executable=executable, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
+    privileges itself); run it in an executor. Raises OSError.
+
+    As root the drop goes through setpriv (vfork); where it cannot, and in a daemon not
+    running as root, through Popen(user=). Both chdir (as root, as before), set the umask
+    and the session, restore signal dispositions and close other fds the same way."""
+    kwargs: dict = dict(
+        stdin=stdin, stdout=stdout, stderr=stderr, env=env,
         close_fds=True, restore_signals=True, umask=0o022,
         start_new_session=new_session,
     )
     if as_root:
-        return subprocess.Popen(argv, cwd="/", **kwargs)
-    if os.geteuid() == 0 or user.uid != os.geteuid():
+        return subprocess.Popen(argv, executable=executable, cwd="/", **kwargs)
+    dropped = _setpriv_argv(user, executable, argv, env.get("PATH", "")) if os.geteuid() == 0 else None
+    if dropped is not None:
+        executable, argv = dropped[0], dropped
+    elif os.geteuid() == 0 or user.uid != os.geteuid():
         kwargs.update(user=user.uid, group=user.gid, extra_groups=list(user.groups))
+    kwargs["executable"] = executable
     cwd = user.home if os.path.isdir(user.home) else "/"
     try:
         return subprocess.Popen(argv, cwd=cwd, **kwargs)

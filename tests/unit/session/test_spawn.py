@@ -8,7 +8,7 @@ import pytest
 
 from meshsshd.session._pty import apply_modes
 from meshsshd.session._spawn import (ROOT_PATH, SETSID, USER_PATH, ConnectionInfo, build_child_argv,
-                                     build_child_env, is_accepted_env)
+                                     build_child_env, build_setpriv_argv, is_accepted_env, setpriv_program)
 from meshsshd.session._utmp import DEAD_PROCESS, USER_PROCESS, LoginRecord, Utmpx, build_record
 from meshsshd.users import LocalUser, is_valid_username
 
@@ -71,6 +71,44 @@ def test_client_cannot_override_fixed_variables():
 ])
 def test_argv(command, pty, expected):
     assert build_child_argv("/bin/bash", command, pty=pty) == expected
+
+
+def test_setpriv_argv_is_numeric_with_the_daemons_groups_and_no_inheritable_caps():
+    assert build_setpriv_argv("/usr/bin/setpriv", ALICE, "bash", ["-c", "id"]) == [
+        "/usr/bin/setpriv", "--reuid=1000", "--regid=1000", "--groups=1000,27", "--inh-caps=-all", "--",
+        "bash", "-c", "id"]
+    lonely = LocalUser("lonely", 1001, 1001, "/home/lonely", "/bin/sh", ())
+    assert "--clear-groups" in build_setpriv_argv("/usr/bin/setpriv", lonely, "/bin/sh", ["-c", "id"])
+
+
+@pytest.fixture
+def shells(tmp_path):
+    """A shell in bin/, a same-named other file in early/, a link to the shell in link/."""
+    for d in ("bin", "early", "link", "empty"):
+        (tmp_path / d).mkdir()
+    shell = tmp_path / "bin" / "mysh"
+    shell.write_text("#!/bin/sh\n")
+    (tmp_path / "early" / "mysh").write_text("#!/bin/sh\n")
+    (tmp_path / "link" / "mysh").symlink_to(shell)
+    return tmp_path, str(shell)
+
+
+@pytest.mark.parametrize(("argv0", "path", "expected"), [
+    pytest.param("{shell}", "/nowhere", "{shell}", id="argv0-is-the-executable"),
+    pytest.param("mysh", "{t}/empty:{t}/bin", "mysh", id="base-name-found-on-path"),
+    pytest.param("mysh", "{t}/link", "mysh", id="base-name-found-through-a-link"),
+    pytest.param("mysh", "{t}/early:{t}/bin", None, id="another-file-found-first"),
+    pytest.param("mysh", "{t}/empty", None, id="not-on-path"),
+    pytest.param("mysh", ":{t}/bin", None, id="empty-entry-means-cwd"),
+    pytest.param("mysh", "relative:{t}/bin", None, id="relative-entry"),
+    pytest.param("-mysh", "{t}/bin", None, id="login-shell-dash"),
+    pytest.param("other", "{t}/bin", None, id="not-the-base-name"),
+])
+def test_setpriv_program_keeps_argv0_only_where_execvp_reaches_the_shell(shells, argv0, path, expected):
+    t, shell = shells
+    fill = {"t": t, "shell": shell}
+    want = expected.format(**fill) if expected else None
+    assert setpriv_program(shell, argv0.format(**fill), path.format(**fill)) == want
 
 
 @pytest.mark.parametrize(("name", "ok"), [
