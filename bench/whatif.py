@@ -1,12 +1,13 @@
 """What-if runs: `meshsshd serve` with one change applied from outside, to measure an
 idea before anyone changes the server. Not product code; bench only.
 
-    python -m bench --whatif --mesh-env MESHBENCH_UVLOOP=1 --only bulk
+    python -m bench --whatif --mesh-env MESHBENCH_KEEP_IGNORE=1 --only bulk
 
 Each switch is an environment variable read here (the harness passes them with
 --mesh-env), and the patched server is then started exactly like `meshsshd serve`:
 
-- MESHBENCH_UVLOOP=1          run the daemon on uvloop instead of asyncio's loop
+- MESHBENCH_ASYNCIO_LOOP=1    run the daemon on asyncio's loop instead of uvloop
+                              (meshsshd.event_loop picks uvloop when it imports)
 - MESHBENCH_WINDOW=BYTES      SSH channel receive window (asyncssh default 2 MiB)
 - MESHBENCH_PKTSIZE=BYTES     max packet size offered (asyncssh default 32 KiB)
 - MESHBENCH_PIPE_SZ=BYTES     F_SETPIPE_SZ on every os.pipe() (Linux default 64 KiB)
@@ -14,14 +15,11 @@ Each switch is an environment variable read here (the harness passes them with
 - MESHBENCH_COALESCE=1        combine all socket writes of one loop iteration into one
                               send() (asyncio tries send() per SSH packet otherwise)
 - MESHBENCH_HIGH_WATER=BYTES  pause threshold of the child-input pump (session._io.HIGH_WATER)
-- MESHBENCH_NO_IGNORE=1       do not send the empty SSH_MSG_IGNORE that asyncssh puts before
-                              every encrypted packet (a CBC-era countermeasure; it doubles
-                              the packets, encryptions and send() calls per data packet)
+- MESHBENCH_KEEP_IGNORE=1     let asyncssh send the empty SSH_MSG_IGNORE it puts before every
+                              encrypted packet (meshsshd.asyncssh_tuning drops it for non-CBC
+                              ciphers; it doubles the packets, encryptions and send()s)
 - MESHBENCH_TRACEMALLOC=1     trace allocations; SIGUSR1 logs the 15 biggest allocation
                               sites to stderr (the daemon's log)
-- MESHBENCH_SETPRIV=1         start session children through `setpriv` instead of
-                              Popen(user=, group=, extra_groups=): CPython uses vfork
-                              only without those, so the daemon stops fork()ing itself
 """
 
 from __future__ import annotations
@@ -100,59 +98,6 @@ def _patch_coalesce() -> None:
     cls.get_write_buffer_size = get_write_buffer_size
 
 
-def _patch_setpriv() -> None:
-    import subprocess
-
-    from meshsshd.session import _spawn
-
-    real_popen = subprocess.Popen
-
-    class _Shim:
-        """Stands in for the `subprocess` module inside meshsshd.session._spawn only."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(subprocess, name)
-
-        @staticmethod
-        def Popen(argv: list[str], **kw: Any) -> subprocess.Popen:  # noqa: N802
-            uid, gid = kw.pop("user", None), kw.pop("group", None)
-            groups = kw.pop("extra_groups", None)
-            if uid is None:
-                return real_popen(argv, **kw)
-            exe = kw.pop("executable", None) or argv[0]
-            pre = ["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={gid}"]
-            pre.append(f"--groups={','.join(str(g) for g in groups)}" if groups else "--clear-groups")
-            if argv[0].startswith("-"):
-                # a login shell's argv[0] ("-bash") needs exec -a; setpriv has no such flag
-                cmd = pre + ["/bin/bash", "-c", 'exec -a "$0" "$1" "${@:2}"', argv[0], exe, *argv[1:]]
-            else:
-                cmd = pre + [exe, *argv[1:]]
-            return real_popen(cmd, **kw)
-
-    _spawn.subprocess = _Shim()  # type: ignore[assignment]
-
-
-def _patch_no_ignore() -> None:
-    from asyncssh import connection as conn_mod
-    from asyncssh.packet import String
-
-    cls = conn_mod.SSHConnection
-    orig = cls.send_packet
-    empty = String(b"")
-    ignore = conn_mod.MSG_IGNORE
-
-    def send_packet(self: Any, pkttype: int, *args: bytes, handler: Any = None) -> None:
-        if pkttype == ignore and args == (empty,) and self.__dict__.get("_mb_in_send"):
-            return  # the one send_packet inserts before each packet it sends
-        self._mb_in_send = True
-        try:
-            orig(self, pkttype, *args, handler=handler)
-        finally:
-            self._mb_in_send = False
-
-    cls.send_packet = send_packet
-
-
 def _trace_on_usr1() -> None:
     import signal
     import tracemalloc
@@ -189,18 +134,14 @@ def main() -> None:
         from meshsshd.session import _io as _io_hw
 
         _io_hw.HIGH_WATER = int(env["MESHBENCH_HIGH_WATER"])
-    if env.get("MESHBENCH_NO_IGNORE") == "1":
-        _patch_no_ignore()
+    if env.get("MESHBENCH_KEEP_IGNORE") == "1":
+        from meshsshd import asyncssh_tuning
+
+        asyncssh_tuning.skip_ignore_packets = lambda: False
     if env.get("MESHBENCH_COALESCE") == "1":
         _patch_coalesce()
-    if env.get("MESHBENCH_SETPRIV") == "1":
-        _patch_setpriv()
-    if env.get("MESHBENCH_UVLOOP") == "1":
-        import asyncio
-
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if env.get("MESHBENCH_ASYNCIO_LOOP") == "1":
+        sys.modules["uvloop"] = None  # type: ignore[assignment]  # `import uvloop` fails
     from meshsshd.cli import main as meshsshd_main
 
     sys.argv[0] = "meshsshd"
