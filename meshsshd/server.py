@@ -333,6 +333,9 @@ class MeshSSHServer:
             login_timeout=limits.login_grace,
             keepalive_interval=limits.keepalive_interval,
             keepalive_count_max=limits.keepalive_count_max,
+            # No GSSAPI logins. Left at its default, asyncssh resolves the host's FQDN
+            # (socket.getfqdn: NSS, DNS) for every connection to name a GSS service.
+            gss_host=None,
             **algorithms.listen_options(),
         )
 
