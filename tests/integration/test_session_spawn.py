@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import pytest
 from meshsshd.session import _spawn
 from meshsshd.session._spawn import ConnectionInfo, build_child_argv, build_child_env, spawn
 from meshsshd.users import lookup_user_sync
-from tests.support import os_user, require_root, require_tool
+from tests.support import REPO, os_user, require_root, require_tool
 
 from .serverkit import ServerKit, client_key, install_key
 
@@ -109,6 +110,19 @@ def test_spawn_without_setpriv_falls_back_to_popen_user(member, monkeypatch, cap
     assert "session.setpriv-missing" in caplog.text
 
 
+def test_daemon_capabilities_do_not_reach_the_user(member):
+    """A daemon given inheritable and ambient capabilities (systemd AmbientCapabilities=)
+    still starts the user with none: setpriv --inh-caps=-all."""
+    user, extra_gid = member
+    setpriv = require_tool("setpriv")
+    script = ("import sys; sys.path.insert(0, %r); from tests.integration.test_session_spawn import _run_spawned; "
+              "import pwd; print(_run_spawned(pwd.getpwnam(%r)), end='')" % (str(REPO), user.pw_name))
+    r = subprocess.run([setpriv, "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service", "--",
+                        sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    _check_probe(r.stdout, user, extra_gid, argv0="bash")
+
+
 @pytest.fixture(scope="module")
 def server(member, tmp_path_factory):
     require_tool("ssh")
@@ -128,6 +142,15 @@ def test_exec_session_over_ssh(member, server):
     r = srv.ssh(user.pw_name, key, PROBE)
     assert r.returncode == 0, r.stderr
     _check_probe(r.stdout.decode(), user, extra_gid, argv0="bash")
+
+
+def test_pty_exec_session_over_ssh(member, server):
+    """With a PTY the drop wraps `setsid --ctty`, which execs the shell by its path."""
+    user, extra_gid = member
+    srv, key = server
+    r = srv.ssh(user.pw_name, key, "-tt", PROBE)
+    assert r.returncode == 0, r.stderr
+    _check_probe(r.stdout.decode(), user, extra_gid, argv0=user.pw_shell)
 
 
 def test_login_shell_without_pty_over_ssh(member, server):
