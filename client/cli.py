@@ -15,10 +15,8 @@ import sys
 
 import click
 
-from .options import LONG_WITHARG, WITHARG
+from .options import SUBCOMMANDS, first_word
 
-SUBCOMMANDS = ("login", "logout", "detect", "proxy", "config", "cp", "peers", "exec", "sessions", "attach",
-               "receive")
 
 SSH_USAGE = """\
 usage: meshssh [-46AaNnqsTtv] [-b bind_address] [-D [bind_address:]port]
@@ -34,34 +32,13 @@ usage: meshssh [-46AaNnqsTtv] [-b bind_address] [-D [bind_address:]port]
        meshssh sessions host [--kill ID] | attach host ID | receive host ID [--follow]
        meshssh config install [--refresh] [--path DIR] | config remove
        meshssh detect HOST PORT | proxy HOST PORT   (used by the OpenSSH drop-in)
+       meshssh control status|stop   (the master that keeps logins warm; MESHSSH_CONTROL=no: off)
 
 Connects to a mesh peer (peer name, FQDN or mesh IP) with a per-peer SSH token,
 accepting only the host key management publishes. Options mean what they mean to ssh;
 the default port is 22022. Exit status is the remote command's, 255 on errors.
 Run `meshssh COMMAND --help` for a sub-command.
 """
-
-
-def _first_word(argv: list[str]) -> int | None:
-    i = 0
-    while i < len(argv):
-        w = argv[i]
-        if w == "--":
-            return i + 1 if i + 1 < len(argv) else None
-        if not w.startswith("-") or w == "-":
-            return i
-        if w.startswith("--"):
-            if w in LONG_WITHARG:
-                i += 1
-        else:
-            # bundled: the first letter that takes a value consumes the rest or the next word
-            for j, ch in enumerate(w[1:], start=1):
-                if ch in WITHARG:
-                    if j == len(w) - 1:
-                        i += 1
-                    break
-        i += 1
-    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] in ("-h", "--help"):
         sys.stdout.write(SSH_USAGE)
         sys.exit(0)
-    idx = _first_word(argv)
+    idx = first_word(argv)
     if idx is not None and argv[idx] in SUBCOMMANDS and idx == 0:
         _add_heavy_commands(argv[0])
         cli.main(args=argv, prog_name="meshssh")
@@ -155,10 +132,24 @@ def logout() -> None:
     """Forget the stored login and every cached token."""
     from . import auth
 
+    from .control import stop_master
+
+    stopped = stop_master()  # its pooled logins must not outlive the login
     if auth.logout():
         click.echo("Logged out; stored tokens removed.", err=True)
     else:
         click.echo("Not logged in.", err=True)
+    if stopped:
+        click.echo("Control master stopped.", err=True)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("action", type=click.Choice(["status", "stop"]))
+def control(action: str) -> None:
+    """The control master that keeps logins warm: `status`, or `stop` it."""
+    from .control import control_command
+
+    sys.exit(control_command([action]))
 
 
 @cli.command()

@@ -21,6 +21,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from meshsshd.netmap import SSH_PORT, PeerInfo
@@ -59,13 +60,14 @@ def local_username() -> str:
         return "root" if os.geteuid() == 0 else str(os.geteuid())
 
 
-def status_source_address(management_url: str, paths: tuple[str, ...] | None = None) -> str | None:
+def status_source_address(management_url: str, paths: tuple[str, ...] | None = None,
+                          environ: Mapping[str, str] | None = None) -> str | None:
     """Our own peer's mesh IP from meshsshd's status file, when it is in the same mesh.
 
     In single-machine mode every peer is a loopback address; binding the connection to
     our peer's address is what lets the server see which peer it comes from.
     """
-    env = os.environ.get(STATUS_FILE_ENV)
+    env = (os.environ if environ is None else environ).get(STATUS_FILE_ENV)
     candidates = (env,) if env else (paths or DEFAULT_STATUS_FILES)
     for path in candidates:
         try:
@@ -81,8 +83,11 @@ def status_source_address(management_url: str, paths: tuple[str, ...] | None = N
     return None
 
 
-def choose_source_address(explicit: str | None, management_url: str) -> str | None:
-    return explicit or os.environ.get("MESHSSH_SOURCE_ADDRESS") or status_source_address(management_url)
+def choose_source_address(explicit: str | None, management_url: str,
+                          environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    return (explicit or env.get("MESHSSH_SOURCE_ADDRESS")
+            or status_source_address(management_url, environ=env))
 
 
 def host_key_warning(target: Target, offered: Any, trusted: list[Any]) -> str:
@@ -138,6 +143,7 @@ class DialContext:
     target: Target
     session: Session | None
     quiet: bool = False
+    say: Callable[[str], None] | None = None  # where messages go (default: our stderr)
     banners: list[str] = field(default_factory=list)
     offered_key: Any = None
     authenticated: bool = False
@@ -158,9 +164,13 @@ class DialContext:
             self.show(msg)
 
     def show(self, msg: str) -> None:
-        if not self.quiet:
-            sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
-            sys.stderr.flush()
+        if self.quiet:
+            return
+        if self.say is not None:
+            self.say(msg)
+            return
+        sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
+        sys.stderr.flush()
 
     def show_held(self) -> None:
         for msg in self.held:
@@ -204,7 +214,7 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
                quiet: bool = False, client_keys: Any = None, agent_path: Any = (),
                agent_forwarding: bool = False, keepalive: float = 0.0,
                connect_timeout: float = 30.0, trusted_keys: list[Any] | None = None,
-               prefetch: asyncio.Future | None = None,
+               prefetch: asyncio.Future | None = None, say: Callable[[str], None] | None = None,
                **extra: Any) -> asyncssh.SSHClientConnection:
     """Connect and authenticate; raise a ClientError that says what went wrong.
 
@@ -220,7 +230,7 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
         raise HostKeyMismatch(
             f"management publishes no SSH host key for {target.name}; refusing to connect "
             "without one (no trust on first use)")
-    ctx = DialContext(target, session, quiet=quiet)
+    ctx = DialContext(target, session, quiet=quiet, say=say)
     if prefetch is not None:
         ctx.prefetch, ctx.own_prefetch = prefetch, False  # the caller's: never cancel it
     else:
@@ -262,6 +272,8 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
         raise ClientError(f"connect to host {target.name} ({target.address}) port "
                           f"{target.port}: {what}") from exc
     await ctx.cancel()
+    # The control master reuses a connection only while the token it logged in with lives.
+    conn.set_extra_info(meshssh_token_exp=ctx.used.exp if ctx.used is not None else None)
     if ctx.used is not None and session is not None:
         used = ctx.used
         await asyncio.to_thread(session.consume, target.peer.id, used.token)
@@ -403,28 +415,51 @@ async def _setup_forwards(conn: Any, args: SSHArgs) -> list[str]:
     return problems
 
 
-async def run_session(args: SSHArgs, session: Session) -> int:
-    """The `meshssh host [command]` body; returns the process exit code."""
-    import asyncssh
+@dataclass
+class Stdio:
+    """Where a session's bytes and messages go: this process's own descriptors, or the
+    ones a `meshssh` front passed to the control master (client/mux_master.py), which
+    also hands over the front's environment. `own_terminal`: raw mode and SIGWINCH are
+    handled here; the master leaves them to the front and gets resizes as messages,
+    calling `resize_hook`."""
 
+    stdin: int = 0
+    stdout: int = 1
+    stderr: int = 2
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    own_terminal: bool = True
+    resize_hook: Callable[[], None] | None = None
+
+    def say(self, text: str) -> None:
+        data = (text if text.endswith("\n") else text + "\n").encode(errors="replace")
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(self.stderr, data):]
+
+
+async def resolve_for(args: SSHArgs, session: Any) -> Target:
+    """The peer `args` names: through a delegated session's broker, or the peer list."""
     resolver = getattr(session, "resolve_target", None)  # a delegated session (client/broker.py)
     if resolver is not None:
-        target = await asyncio.to_thread(resolver, args.destination, args.port, args.user)
-    else:
-        target = await asyncio.to_thread(resolve, args.destination, session, args.port, args.user)
-    source = choose_source_address(args.bind_address, session.login.management_url)
+        return await asyncio.to_thread(resolver, args.destination, args.port, args.user)
+    return await asyncio.to_thread(resolve, args.destination, session, args.port, args.user)
+
+
+async def dial_for(args: SSHArgs, session: Any, target: Target, io: Stdio) -> asyncssh.SSHClientConnection:
+    """dial() with what `args` asks for: source address, keepalive, timeout, agent."""
+    source = choose_source_address(args.bind_address, session.login.management_url, io.environ)
     keepalive = float(args.option("serveraliveinterval") or 0)
     connect_timeout = float(args.option("connecttimeout") or 30)
-    agent_path: Any = ()
     client_keys: Any = list(args.identities) if args.identities else ()
     from .broker import agent_to_forward
 
     broker, forward = await agent_to_forward(args, session, target)
+    delegated = getattr(session, "resolve_target", None) is not None
     try:
-        conn = await (dial if resolver is not None else dial_verified)(
+        conn = await (dial if delegated else dial_verified)(
             target, session, source=source, quiet=args.quiet, client_keys=client_keys,
-            agent_path=agent_path, agent_forwarding=forward,
-            keepalive=keepalive, connect_timeout=connect_timeout,
+            agent_path=(), agent_forwarding=forward, keepalive=keepalive,
+            connect_timeout=connect_timeout, say=io.say,
         )
     except BaseException:
         if broker is not None:
@@ -432,6 +467,14 @@ async def run_session(args: SSHArgs, session: Session) -> int:
         raise
     if broker is not None:
         broker.close_with(conn)
+    return conn
+
+
+async def run_session(args: SSHArgs, session: Session) -> int:
+    """The `meshssh host [command]` body in this process; returns the exit code."""
+    io = Stdio()
+    target = await resolve_for(args, session)
+    conn = await dial_for(args, session, target, io)
     async with conn:
         problems = await _setup_forwards(conn, args)
         for p in problems:
@@ -441,58 +484,86 @@ async def run_session(args: SSHArgs, session: Session) -> int:
         if args.no_command:
             await conn.wait_closed()
             return 0
-        stdin_tty = os.isatty(0)
-        pty = want_pty(args, stdin_tty)
-        if args.tty == 1 and not stdin_tty and not args.quiet:
-            sys.stderr.write("Pseudo-terminal will not be allocated because stdin is not a terminal.\n")
-        env = env_to_send(args.send_env, dict(os.environ))
-        env.update(dict(args.set_env))
-        kw: dict[str, Any] = dict(env=env, encoding=None)
-        if pty:
-            size = os.get_terminal_size(0) if stdin_tty else os.terminal_size((80, 24))
-            kw.update(term_type=os.environ.get("TERM", "xterm"), term_size=(size.columns, size.lines),
-                      term_modes=local_term_modes(0) if stdin_tty else {}, request_pty="force")
-        else:
-            kw.update(request_pty=False)
-        try:
-            stdin: Any = asyncssh.DEVNULL if args.stdin_null else os.dup(0)
-        except OSError:  # started with stdin closed (cron, some daemons)
-            stdin = asyncssh.DEVNULL
-        try:
-            if args.subsystem:
-                process = await conn.create_process(subsystem=args.remote_command, **kw)
-            else:
-                process = await conn.create_process(args.remote_command, **kw)
-        except asyncssh.ChannelOpenError as exc:
-            sys.stderr.write(f"{target.name}: session refused: {exc.reason}\n")
-            return 255
-        loop = asyncio.get_running_loop()
-        raw = _RawTerminal(0) if pty and stdin_tty else contextlib.nullcontext()
-        with raw:
-            if pty and stdin_tty:
-                def winch() -> None:
-                    with contextlib.suppress(OSError, asyncssh.Error):
-                        sz = os.get_terminal_size(0)
-                        process.change_terminal_size(sz.columns, sz.lines)
+        return await run_command(conn, target, args, io)
+
+
+async def run_command(conn: Any, target: Target, args: SSHArgs, io: Stdio) -> int:
+    """Open the session channel for `args` on `conn` and run it to the end."""
+    import asyncssh
+
+    try:
+        process, pty = await open_process(conn, args, io)
+    except asyncssh.ChannelOpenError as exc:
+        io.say(f"{target.name}: session refused: {exc.reason}")
+        return 255
+    return await finish_process(process, pty, target, args, io)
+
+
+async def open_process(conn: Any, args: SSHArgs, io: Stdio) -> tuple[Any, bool]:
+    """The remote process, its channel open and its requests answered; (process, pty).
+    Raises asyncssh.ChannelOpenError when the peer refuses the session."""
+    import asyncssh
+
+    stdin_tty = os.isatty(io.stdin)
+    pty = want_pty(args, stdin_tty)
+    if args.tty == 1 and not stdin_tty and not args.quiet:
+        io.say("Pseudo-terminal will not be allocated because stdin is not a terminal.")
+    env = env_to_send(args.send_env, dict(io.environ))
+    env.update(dict(args.set_env))
+    kw: dict[str, Any] = dict(env=env, encoding=None)
+    if pty:
+        size = os.get_terminal_size(io.stdin) if stdin_tty else os.terminal_size((80, 24))
+        kw.update(term_type=io.environ.get("TERM", "xterm"), term_size=(size.columns, size.lines),
+                  term_modes=local_term_modes(io.stdin) if stdin_tty else {}, request_pty="force")
+    else:
+        kw.update(request_pty=False)
+    if args.subsystem:
+        process = await conn.create_process(subsystem=args.remote_command, **kw)
+    else:
+        process = await conn.create_process(args.remote_command, **kw)
+    return process, pty
+
+
+async def finish_process(process: Any, pty: bool, target: Target, args: SSHArgs, io: Stdio) -> int:
+    """Relay the process's streams to `io` until it ends; its exit code as ssh gives it."""
+    import asyncssh
+
+    stdin_tty = os.isatty(io.stdin)
+    try:
+        stdin: Any = asyncssh.DEVNULL if args.stdin_null else os.dup(io.stdin)
+    except OSError:  # started with stdin closed (cron, some daemons)
+        stdin = asyncssh.DEVNULL
+    loop = asyncio.get_running_loop()
+    local_tty = pty and stdin_tty
+    raw = _RawTerminal(io.stdin) if local_tty and io.own_terminal else contextlib.nullcontext()
+    with raw:
+        if local_tty:
+            def winch() -> None:
+                with contextlib.suppress(OSError, asyncssh.Error):
+                    sz = os.get_terminal_size(io.stdin)
+                    process.change_terminal_size(sz.columns, sz.lines)
+            io.resize_hook = winch
+            if io.own_terminal:
                 loop.add_signal_handler(signal.SIGWINCH, winch)
-            try:
-                await process.redirect(stdin=stdin, stdout=os.dup(1), stderr=os.dup(2))
-                await process.wait_closed()
-            finally:
-                if pty and stdin_tty:
-                    loop.remove_signal_handler(signal.SIGWINCH)
-        if process.exit_signal is not None:
-            sig = process.exit_signal[0]
-            if args.verbose:
-                sys.stderr.write(f"remote command was killed by signal {sig}\n")
-            return 255
-        if process.exit_status is None:
-            if not args.quiet:
-                sys.stderr.write(f"Connection to {target.name} closed by remote host.\n")
-            return 255
-        if pty and not args.quiet and args.remote_command is None:
-            sys.stderr.write(f"Connection to {target.name} closed.\r\n" if stdin_tty else "")
-        return process.exit_status
+        try:
+            await process.redirect(stdin=stdin, stdout=os.dup(io.stdout), stderr=os.dup(io.stderr))
+            await process.wait_closed()
+        finally:
+            io.resize_hook = None
+            if local_tty and io.own_terminal:
+                loop.remove_signal_handler(signal.SIGWINCH)
+    if process.exit_signal is not None:
+        sig = process.exit_signal[0]
+        if args.verbose:
+            io.say(f"remote command was killed by signal {sig}")
+        return 255
+    if process.exit_status is None:
+        if not args.quiet:
+            io.say(f"Connection to {target.name} closed by remote host.")
+        return 255
+    if pty and not args.quiet and args.remote_command is None and stdin_tty:
+        io.say(f"Connection to {target.name} closed.\r")
+    return process.exit_status
 
 
 def main_connect(args: SSHArgs) -> int:

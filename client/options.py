@@ -21,6 +21,9 @@ WITHARG = set("BbcDEeFIiJLlmOoPpQRSWw")
 SUPPORTED = set("46AaCNnqsTtvVbDiLlopR")
 LONG_WITHARG = {"--ssh-jwt-cache-ttl", "--delegate-to"}
 LONG_NOARG = {"--no-cache", "--help"}
+# `meshssh WORD ...` that are sub-commands, not destinations (client/cli.py, client/front.py).
+SUBCOMMANDS = ("login", "logout", "detect", "proxy", "config", "cp", "peers", "exec", "sessions",
+               "attach", "receive", "control")
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,30 @@ def _bind(text: str, kind: str) -> str:
     if text in ("", "*"):
         return "" if kind == "R" else "0.0.0.0"
     return text
+
+
+def first_word(argv: list[str]) -> int | None:
+    """Index of the first word that is not an option or an option's value (the
+    destination or a sub-command), or None."""
+    i = 0
+    while i < len(argv):
+        w = argv[i]
+        if w == "--":
+            return i + 1 if i + 1 < len(argv) else None
+        if not w.startswith("-") or w == "-":
+            return i
+        if w.startswith("--"):
+            if w in LONG_WITHARG:
+                i += 1
+        else:
+            # bundled: the first letter that takes a value consumes the rest or the next word
+            for j, ch in enumerate(w[1:], start=1):
+                if ch in WITHARG:
+                    if j == len(w) - 1:
+                        i += 1
+                    break
+        i += 1
+    return None
 
 
 def split_destination(dest: str) -> tuple[str | None, str, int | None]:

@@ -27,19 +27,12 @@ import asyncio
 import contextlib
 import os
 import socket
-import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ClientError
 
-def _say(text: str) -> None:
-    """The proxy's stderr is the user's terminal; OpenSSH hides banners at LogLevel ERROR."""
-    try:
-        sys.stderr.write(f"meshssh: {text}\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
-
+if TYPE_CHECKING:
+    from .connect import Stdio
 
 class _End(asyncio.Protocol):
     """One end of the stdin/stdout ↔ socket bridge.
@@ -96,15 +89,15 @@ class _End(asyncio.Protocol):
             self.done.set_result(self.name)
 
 
-async def _bridge_stdio(sock: socket.socket, done: asyncio.Future) -> list[Any]:
+async def _bridge_stdio(sock: socket.socket, done: asyncio.Future, io: Stdio) -> list[Any]:
     """stdin → sock, sock → stdout; returns the transports to close at the end.
 
     OpenSSH hands a ProxyCommand two pipes; asyncssh's `run_server` wants one socket.
     """
     loop = asyncio.get_running_loop()
     e_in, e_out, e_sock = _End("stdin", done), _End("stdout", done), _End("socket", done)
-    t_in, _ = await loop.connect_read_pipe(lambda: e_in, os.fdopen(os.dup(0), "rb", 0))
-    t_out, _ = await loop.connect_write_pipe(lambda: e_out, os.fdopen(os.dup(1), "wb", 0))
+    t_in, _ = await loop.connect_read_pipe(lambda: e_in, os.fdopen(os.dup(io.stdin), "rb", 0))
+    t_out, _ = await loop.connect_write_pipe(lambda: e_out, os.fdopen(os.dup(io.stdout), "wb", 0))
     t_sock, _ = await loop.create_connection(lambda: e_sock, sock=sock)
     e_sock.feeder, e_out.feeder = t_in, t_sock
     e_in.attach(t_sock)
@@ -184,7 +177,7 @@ def _classes() -> tuple[type, type, type]:
             def finished(t: asyncio.Future) -> None:
                 exc = None if t.cancelled() else t.exception()
                 if exc is not None:
-                    _say(f"{self.relay.name}: session failed: {type(exc).__name__}: {exc}")
+                    self.relay.say(f"{self.relay.name}: session failed: {type(exc).__name__}: {exc}")
                 ok = (not t.cancelled()) and exc is None and t.result()
                 report(bool(ok))
             task.add_done_callback(finished)
@@ -209,7 +202,7 @@ def _classes() -> tuple[type, type, type]:
                 chan, _ = await conn.create_session(lambda: BackendSession(self), **kw)
             except (asyncssh.Error, OSError) as exc:
                 what = subsystem and f"subsystem {subsystem}" or command and "command" or "shell"
-                _say(f"{self.relay.name}: {what} refused: {getattr(exc, 'reason', exc)}")
+                self.relay.say(f"{self.relay.name}: {what} refused: {getattr(exc, 'reason', exc)}")
                 return False
             self.backend = chan
             if self.closed:
@@ -321,7 +314,8 @@ class Relay:
 
     forwarder: Any = None
 
-    def __init__(self, host: str, port: int, session: Any, guess_user: str | None) -> None:
+    def __init__(self, host: str, port: int, session: Any, guess_user: str | None, io: Stdio) -> None:
+        self.io = io  # OpenSSH's pipes and stderr: ours, or passed to the control master
         self.host = host
         self.port = port
         self.session = session
@@ -337,6 +331,10 @@ class Relay:
         self._token: asyncio.Future | None = None
         self.broker: Any = None
         self.finished = asyncio.get_running_loop().create_future()
+
+    def say(self, text: str) -> None:
+        """The proxy's stderr is the user's terminal; OpenSSH hides banners at LogLevel ERROR."""
+        self.io.say(f"meshssh: {text}")
 
     def start_early(self) -> None:
         """Resolve the peer and fetch its token while OpenSSH does its key exchange with
@@ -364,16 +362,17 @@ class Relay:
             await self._prepared
             self.target.username = username
             token, self._token = self._token, None  # a token is good for one login only
-            source = choose_source_address(None, self.session.login.management_url)
+            source = choose_source_address(None, self.session.login.management_url, self.io.environ)
             conn = await dial_verified(self.target, self.session, source=source, agent_path=None,
+                                       say=self.io.say,
                                        client_keys=None, keepalive=30.0, prefetch=token)
         except ClientError as exc:
             self.failure = str(exc)
-            _say(str(exc))
+            self.say(str(exc))
             return None
         except Exception as exc:  # noqa: BLE001 — OpenSSH must get a reason, not a hang
             self.failure = f"{self.name}: {type(exc).__name__}: {exc}"
-            _say(self.failure)
+            self.say(self.failure)
             return None
         conn_closed = asyncio.ensure_future(conn.wait_closed())
         conn_closed.add_done_callback(lambda _: self.backend_lost())
@@ -400,7 +399,7 @@ class Relay:
         """What the peer's agent channels reach: OpenSSH's agent (`ssh -A`), or — with
         MESHSSH_DELEGATE_TO=LIST in ssh's environment — the token broker, which passes
         agent requests on to OpenSSH's agent when there is one (docs/delegation.md)."""
-        delegate = os.environ.get("MESHSSH_DELEGATE_TO", "").strip()
+        delegate = self.io.environ.get("MESHSSH_DELEGATE_TO", "").strip()
         if not delegate or self.target is None:
             return outer
         if self.broker is None:
@@ -434,7 +433,7 @@ class Relay:
         try:
             listener = await conn.create_server(accept, listen_host, listen_port)
         except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as exc:
-            _say(f"{self.name}: remote forward {listen_host}:{listen_port} refused: "
+            self.say(f"{self.name}: remote forward {listen_host}:{listen_port} refused: "
                  f"{getattr(exc, 'reason', exc)}")
             return False
         holder["listener"] = listener
@@ -451,16 +450,19 @@ class Relay:
             self.finished.set_result("outer")
 
 
-async def run_proxy(host: str, port: int, user: str | None, session: Any) -> int:
+async def run_proxy(host: str, port: int, user: str | None, session: Any, io: Stdio | None = None) -> int:
+    """Relay OpenSSH on `io` (default: our stdin/stdout) to the peer; the exit code."""
     import asyncssh
 
+    from .connect import Stdio
+
     server_cls, _, _ = _classes()
-    relay = Relay(host, port, session, user)
+    relay = Relay(host, port, session, user, io or Stdio())
     relay.start_early()
     ours, theirs = socket.socketpair()
     loop = asyncio.get_running_loop()
     bridge_done: asyncio.Future = loop.create_future()
-    transports = await _bridge_stdio(ours, bridge_done)
+    transports = await _bridge_stdio(ours, bridge_done, relay.io)
     key = asyncssh.generate_private_key("ssh-ed25519")
     try:
         conn = await asyncssh.run_server(
@@ -471,7 +473,7 @@ async def run_proxy(host: str, port: int, user: str | None, session: Any) -> int
         )
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
         if relay.failure is None and not isinstance(exc, asyncssh.ConnectionLost):
-            _say(f"proxy: {getattr(exc, 'reason', exc)}")
+            relay.say(f"proxy: {getattr(exc, 'reason', exc)}")
         return 255
     waiters = [relay.finished, bridge_done]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -496,7 +498,9 @@ def main_proxy(host: str, port: int, user: str | None, ttl: str | None, no_cache
         session = Session(ttl=parse_ttl(ttl), no_cache=no_cache)
         return asyncio.run(run_proxy(host, port, user, session))
     except ClientError as exc:
-        _say(str(exc))
+        from .connect import Stdio
+
+        Stdio().say(f"meshssh: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -49,6 +49,7 @@ class Mesh:
         self.mgmt: Proc | None = None
         self.peers: dict[str, Proc] = {}
         self.peer_dirs: dict[str, Path] = {}
+        self.client_dirs: set[Path] = set()  # meshssh config dirs used: their masters stop with us
 
     # ---- management -----------------------------------------------------------------
     def start(self) -> Mesh:
@@ -153,6 +154,7 @@ class Mesh:
     def login(self, email: str, password: str, config_dir: Path | None = None) -> Path:
         """`meshssh login --no-browser`, approved through the form; returns the config dir."""
         cfg = config_dir or self.dir / f"cfg-{email.split('@')[0]}"
+        self.client_dirs.add(cfg)
         env = {**os.environ, "MESHSSH_CONFIG_DIR": str(cfg)}
         proc = subprocess.Popen([console_script("meshssh"), "login", "--management-url", self.url,
                                  "--no-browser"], env=env, stdout=subprocess.PIPE,
@@ -179,6 +181,7 @@ class Mesh:
         return cfg
 
     def client_env(self, cfg: Path, source_peer: str | None = "laptop", **extra: str) -> dict[str, str]:
+        self.client_dirs.add(Path(cfg))
         env = {**os.environ, "MESHSSH_CONFIG_DIR": str(cfg)}
         env.pop("SSH_AUTH_SOCK", None)
         if source_peer:
@@ -191,7 +194,14 @@ class Mesh:
         return subprocess.run([console_script("meshssh"), *args], input=input, capture_output=True,
                               timeout=timeout, env=self.client_env(cfg, source_peer, **extra))
 
+    def stop_masters(self) -> None:
+        """`meshssh control stop` for every config dir a client ran with (client/mux_master.py)."""
+        for cfg in sorted(self.client_dirs):
+            subprocess.run([console_script("meshssh"), "control", "stop"], capture_output=True,
+                           timeout=30, env={**os.environ, "MESHSSH_CONFIG_DIR": str(cfg)})
+
     def stop(self) -> None:
+        self.stop_masters()
         for p in self.peers.values():
             p.stop()
         if self.mgmt is not None:

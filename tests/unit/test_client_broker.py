@@ -252,12 +252,12 @@ async def test_logged_in_client_starts_a_broker_only_when_asked(tmp_path: Path) 
     ],
 )
 def test_delegate_to_option(argv: list[str], dest: str, delegate: tuple[str, ...], command: tuple[str, ...]) -> None:
-    from client.cli import _first_word
+    from client.options import first_word
     from client.options import parse_ssh_args
 
     args = parse_ssh_args(argv)
     assert (args.destination, args.delegate_to, args.command) == (dest, delegate, command)
-    assert argv[_first_word(argv)] == dest  # the peer list is not mistaken for a sub-command
+    assert argv[first_word(argv)] == dest  # the peer list is not mistaken for a sub-command
 
 
 def test_delegate_to_needs_a_value() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.cli import _first_word
+from client.options import first_word
 from client.errors import UsageError
 from client.options import (Forward, env_to_send, parse_forward, parse_ssh_args,
                             split_destination, want_pty)
@@ -137,7 +137,7 @@ def test_sendenv_patterns() -> None:
     (["--", "login"], 1),
 ])
 def test_cli_finds_first_word(argv: list[str], index: int | None) -> None:
-    assert _first_word(argv) == index
+    assert first_word(argv) == index
 
 
 def test_unknown_and_hostkey_options_warn() -> None:
