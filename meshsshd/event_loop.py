@@ -3,10 +3,11 @@
 uvloop is a runtime dependency because it was measured to pay (bench/RESULTS.md, "Bulk
 and sftp"): asyncio's selector transport costs more per `send()`, and a bulk download is
 one send per SSH packet, so uvloop cuts the daemon's CPU per GiB. Nothing in meshsshd
-needs what uvloop lacks: session children are started with `subprocess.Popen` in an
-executor (not `create_subprocess_exec(user=…)`), their exits are watched through pidfds
-with `add_reader`, and the dataplane's `create_subprocess_exec` calls pass no `user=`.
-If the import fails (a platform without wheels, a broken install) the daemon still runs,
+spawns through the loop: session children are started with `subprocess.Popen` in an
+executor (uvloop has no `create_subprocess_exec(user=…)`) and their exits are watched
+through pidfds with `add_reader`; the dataplane's tools run through `subprocess` in the
+executor too, because uvloop's `create_subprocess_exec` leaks copies of the child's pipes
+into it (dataplane/_exec.py). If the import fails (a platform without wheels, a broken install) the daemon still runs,
 on asyncio's loop, and says so once in its log.
 """
 
