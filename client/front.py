@@ -5,7 +5,7 @@ click and cryptography, then a fresh login. This module imports only the standar
 library (and the stdlib-only `client.options`, `client.control`, `client.detect`), so:
 
 - `meshssh [-l user] [-p port] [-t|-T|-tt] [-q] [-n] [-s] [user@]host [command ...]`
-  and `meshssh proxy HOST PORT` go to the control master (client/mux_master.py),
+  and `meshssh proxy HOST PORT [--user LOGIN]` go to the control master (client/mux_master.py),
   started detached when none runs, with our stdin/stdout/stderr passed along; we keep
   the local terminal (raw mode, SIGWINCH) and exit with the status the master reports;
 - `meshssh detect HOST PORT` (run by the OpenSSH drop-in for every `ssh`) runs here;
@@ -36,8 +36,8 @@ _DEFAULTS = dict(local=(), remote=(), dynamic=(), agent=None, identities=(), ver
 
 def _request(argv: list[str]) -> tuple[str, list[str]] | None:
     """(op, argv) for what the master serves, else None."""
-    if len(argv) == 3 and argv[0] == "proxy" and argv[2].isdigit():
-        return "proxy", argv
+    if argv[:1] == ["proxy"] and len(argv) in (3, 5) and argv[2].isdigit() and argv[3:4] in ([], ["--user"]):
+        return "proxy", argv  # the drop-in's HOST PORT, or with --user LOGIN to dial early
     from .options import SUBCOMMANDS, first_word, parse_ssh_args
 
     idx = first_word(argv)

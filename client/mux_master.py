@@ -346,13 +346,14 @@ class Master:
         io = Stdio(stdin=fds[0], stdout=fds[1], stderr=fds[2], environ=environ, own_terminal=False)
         try:
             host, port = argv[1], int(argv[2])
+            user = argv[4] if argv[3:4] == ["--user"] else None
             session = Session(ttl=parse_ttl(environ.get("MESHSSH_SSH_JWT_CACHE_TTL")))
         except (IndexError, ValueError, ClientError) as exc:
             await ctl.send(fallback=type(exc).__name__)
             return None
         await ctl.send(started=True, raw=False)
         try:
-            return await run_proxy(host, port, None, session, io)
+            return await run_proxy(host, port, user, session, io)
         except ClientError as exc:
             io.say(f"meshssh: {exc}")
             return exc.exit_code

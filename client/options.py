@@ -10,7 +10,6 @@ with spaces (the remote shell splits them again).
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -391,6 +390,8 @@ def env_to_send(patterns: tuple[str, ...], environ: dict[str, str]) -> dict[str,
 
 
 def is_ip(text: str) -> bool:
+    import ipaddress  # here, not at the top: the meshssh front imports this module on every run
+
     try:
         ipaddress.ip_address(text)
         return True

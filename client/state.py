@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,8 @@ def ensure_dir(path: Path | None = None) -> Path:
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write `data` to `path` so readers see the old or the new file, never a mix."""
+    import tempfile  # only writers need it; the meshssh front only reads paths
+
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

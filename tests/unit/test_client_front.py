@@ -35,7 +35,8 @@ def test_front_imports_nothing_heavy() -> None:
     pytest.param(["--no-cache", "db-1"], None, id="no-cache"),
     pytest.param(["--delegate-to", "group:x", "db-1"], None, id="delegate"),
     pytest.param(["login"], None, id="subcommand"),
-    pytest.param(["proxy", "db-1", "22022", "--user", "x"], None, id="proxy-with-options"),
+    pytest.param(["proxy", "db-1", "22022", "--user", "x"], "proxy", id="proxy-with-user"),
+    pytest.param(["proxy", "db-1", "22022", "--no-cache"], None, id="proxy-with-options"),
     pytest.param(["-Z", "db-1"], None, id="usage-error"),
 ])
 def test_what_the_master_serves(argv: list[str], op: str | None) -> None:
