@@ -381,6 +381,16 @@ class _RawTerminal:
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
 
 
+def _is_devnull(fd: int) -> bool:
+    """stdin is /dev/null (`< /dev/null`, cron): epoll cannot watch it, so asyncssh would
+    never read its end of file and the remote command would wait for input forever."""
+    try:
+        st, null = os.fstat(fd), os.stat(os.devnull)
+    except OSError:
+        return False
+    return (st.st_mode, st.st_rdev) == (null.st_mode, null.st_rdev)
+
+
 def _restore_blocking() -> None:
     for fd in (0, 1, 2):
         with contextlib.suppress(OSError):
@@ -530,7 +540,7 @@ async def finish_process(process: Any, pty: bool, target: Target, args: SSHArgs,
 
     stdin_tty = os.isatty(io.stdin)
     try:
-        stdin: Any = asyncssh.DEVNULL if args.stdin_null else os.dup(io.stdin)
+        stdin: Any = asyncssh.DEVNULL if args.stdin_null or _is_devnull(io.stdin) else os.dup(io.stdin)
     except OSError:  # started with stdin closed (cron, some daemons)
         stdin = asyncssh.DEVNULL
     loop = asyncio.get_running_loop()

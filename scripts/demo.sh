@@ -20,6 +20,7 @@ rm -rf "$STATE"; mkdir -p "$STATE"; chmod 700 "$STATE"
 export MESHSSH_CONFIG_DIR="$STATE/client"
 PIDS=()
 cleanup() {
+  meshssh control stop >/dev/null 2>&1 || true  # the control master meshssh started (docs/client.md)
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   if [ "${CREATED_USER:-}" ]; then userdel -r -f "$CREATED_USER" >/dev/null 2>&1 || true; fi

@@ -137,6 +137,16 @@ def test_exit_codes_and_streams(fresh: World) -> None:
     assert w.status()["served"] == 3
 
 
+@pytest.mark.parametrize("control", ["yes", "no"])
+def test_stdin_devnull_is_end_of_file(fresh: World, control: str) -> None:
+    """`meshssh host cat < /dev/null` ends at once, in the master and in-process (epoll
+    cannot watch /dev/null; it used to hang until the timeout)."""
+    r = subprocess.run([console_script("meshssh"), f"{fresh.user}@db-1", "cat; echo done"],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                       env=fresh.mesh.client_env(fresh.alice, MESHSSH_CONTROL=control))
+    assert (r.returncode, r.stdout) == (0, b"done\n"), r.stderr
+
+
 @pytest.mark.parametrize("argv", [
     pytest.param(["{user}@web-1", "true"], id="no-policy"),
     pytest.param(["{user}@nosuchpeer", "true"], id="unknown-peer"),
