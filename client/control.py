@@ -165,6 +165,8 @@ def _spawn_master(path: Path) -> None:
             os.dup2(null, 1)
             os.dup2(err, 2)
             os.closerange(3, 65536)
+            # It runs in "/": a relative MESHSSH_CONFIG_DIR must keep naming the same place.
+            os.environ[state.CONFIG_DIR_ENV] = str(state.config_dir().absolute())
             os.chdir("/")
             os.execv(sys.executable, [sys.executable, "-m", "client.mux_master"])
         finally:

@@ -211,6 +211,9 @@ class Master:
         except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
             log.info("request failed: %s", type(exc).__name__)
             sock.close()
+        except Exception as exc:  # noqa: BLE001 — one request's bug must not end the master
+            log.error("request failed: %s: %s", type(exc).__name__, exc)
+            sock.close()
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):

@@ -24,8 +24,11 @@ PEERS_FILE = "peers.json"  # the peer list, cached briefly
 LOCK_FILE = "lock"
 
 
+CONFIG_DIR_ENV = "MESHSSH_CONFIG_DIR"
+
+
 def config_dir() -> Path:
-    env = os.environ.get("MESHSSH_CONFIG_DIR")
+    env = os.environ.get(CONFIG_DIR_ENV)
     if env:
         return Path(env)
     xdg = os.environ.get("XDG_CONFIG_HOME")

@@ -305,3 +305,14 @@ def test_zz_policy_revocation_closes_the_pooled_login(fresh: World) -> None:
     r = w.ms(f"{w.user}@db-1", "true", cfg=w.bob)
     assert r.returncode == 255, r.stderr
     assert w.logins(BOB[0]) == before + 1
+
+
+def test_relative_config_dir_names_the_same_master(fresh: World) -> None:
+    """The master runs in "/"; a relative MESHSSH_CONFIG_DIR still reaches the same one."""
+    w = fresh
+    env = {**w.mesh.client_env(w.alice), "MESHSSH_CONFIG_DIR": w.alice.name}
+    for _ in range(2):
+        r = subprocess.run([console_script("meshssh"), f"{w.user}@db-1", "echo rel"], env=env,
+                           cwd=w.alice.parent, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        assert (r.returncode, r.stdout) == (0, b"rel\n"), r.stderr
+    assert w.status()["served"] == 2
