@@ -80,6 +80,9 @@ class _Connection(asyncssh.SSHServer):
         self._key_options: dict[str, Any] | None = None
         self._admitted = False
         self._closing = False
+        # Set by revoke(): the message new channels are refused with until the
+        # connection's delayed disconnect lands.
+        self.revoked: str | None = None
 
     # ---- connection -----------------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -228,9 +231,16 @@ class _Connection(asyncssh.SSHServer):
               user=self.user.name, source=self.info.client_ip)
 
     # ---- channels -------------------------------------------------------------------
+    def _refuse_if_revoked(self) -> None:
+        """A revoked connection stays open for a moment so the user reads why; a pooled
+        client (meshssh's control master) must not open new channels in that moment."""
+        if self.revoked is not None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, self.revoked)
+
     def session_requested(self) -> asyncssh.SSHServerSession | bool:
         if self.ctx is None:
             return False
+        self._refuse_if_revoked()
         live = {s for s in self.sessions if not s.closed}
         self.sessions = live
         if len(live) >= self.server.settings.limits.max_sessions:
@@ -242,6 +252,7 @@ class _Connection(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         settings = self.server.settings
+        self._refuse_if_revoked()
         if self.ctx is None or not settings.local_port_forwarding:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "local port forwarding is disabled on this peer")
@@ -251,6 +262,9 @@ class _Connection(asyncssh.SSHServer):
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         settings = self.server.settings
+        if self.revoked is not None:
+            event(log, "forward.refused", kind="remote", reason="revoked", source=self.info.client_ip)
+            return False
         if self.ctx is None or not settings.remote_port_forwarding:
             event(log, "forward.refused", kind="remote", reason="disabled", source=self.info.client_ip)
             return False
@@ -274,6 +288,7 @@ class _Connection(asyncssh.SSHServer):
         """Close every session and the connection, telling the user why."""
         srv = self.server
         assert self.ctx is not None
+        self.revoked = message
         srv.audit.emit(SessionRevoked(**self.ctx.base_event(""), reason=reason))
         event(log, "session.revoked", reason=reason, identity=self.ctx.identity, user=self.ctx.user.name,
               source=self.info.client_ip)

@@ -31,7 +31,7 @@ async def test_embedded_server_lifecycle(tmp_path, make_user):
     rule = AccessRule(sources=("127.0.0.0/8",), identities=("*",), local_users=(user.pw_name,))
     port1, port2 = free_port(), free_port()
     settings = ServerSettings(listen=(("127.0.0.1", port1),), state_dir=tmp_path / "state", disable_auth=True,
-                              access=(rule,))
+                              access=(rule,), local_port_forwarding=True, remote_port_forwarding=True)
     sink = ListSink()
     server = MeshSSHServer(settings, audit=sink)
     await server.start()
@@ -55,6 +55,15 @@ async def test_embedded_server_lifecycle(tmp_path, make_user):
             # New listen address and rules that no longer admit this user.
             other = AccessRule(sources=("127.0.0.0/8",), identities=("*",), local_users=("nobody",))
             await server.apply(settings.with_(listen=(("127.0.0.1", port2),), access=(other,)))
+            # Until its delayed disconnect, the revoked connection opens no new channel
+            # (no await since apply(), so the disconnect cannot have happened yet).
+            assert server.connections
+            for c in server.connections:
+                with pytest.raises(asyncssh.ChannelOpenError, match="access revoked"):
+                    c.session_requested()
+                with pytest.raises(asyncssh.ChannelOpenError, match="access revoked"):
+                    c.connection_requested("127.0.0.1", 1, "127.0.0.1", 2)
+                assert c.server_requested("127.0.0.1", 0) is False
             assert server.bound_addresses == [("127.0.0.1", port2)]
             await asyncio.wait_for(proc.wait_closed(), 5)
             stderr = await proc.stderr.read()
