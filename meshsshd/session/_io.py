@@ -113,7 +113,11 @@ class FdReader:
 
 
 class FdWriter:
-    """Buffers writes to an fd; tells the caller when to stop and restart reading input."""
+    """Buffers writes to an fd; tells the caller when to stop and restart reading input.
+
+    Writes are collected for one turn of the loop and go out in one `write()`: asyncssh
+    delivers every 32 KiB packet of a socket read to us one by one in the same turn, so
+    writing each at once cost one syscall per packet on uploads."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, *, owns_fd: bool,
                  on_pause: Callable[[], None], on_resume: Callable[[], None]) -> None:
@@ -122,6 +126,8 @@ class FdWriter:
         self._buf = bytearray()
         self._eof_pending = False
         self._paused = False
+        self._flush_due = False     # a flush is scheduled for the end of this loop turn
+        self._waiting = False       # the fd was full: add_writer is registered
         self.closed = False
         self.bytes = 0
         os.set_blocking(fd, False)
@@ -130,36 +136,39 @@ class FdWriter:
         if self.closed or self._eof_pending:
             return
         self.bytes += len(data)
-        if not self._buf:
-            try:
-                n = os.write(self.fd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError:  # child closed its input (EPIPE): drop, as sshd does
-                self._close()
-                return
-            data = data[n:]
-            if not data:
-                return
-            self._loop.add_writer(self.fd, self._writable)
         self._buf += data
+        if not self._flush_due and not self._waiting:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
         if len(self._buf) > HIGH_WATER and not self._paused:
             self._paused = True
             self._on_pause()
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self.closed:
+            return
+        self._writable()
+        if self._buf and not self.closed and not self._waiting:
+            self._waiting = True
+            self._loop.add_writer(self.fd, self._writable)
 
     def _writable(self) -> None:
         try:
             n = os.write(self.fd, self._buf)
         except BlockingIOError:
             return
-        except OSError:
+        except OSError:  # child closed its input (EPIPE): drop, as sshd does
             self._close()
             return
         del self._buf[:n]
         if not self._buf:
-            self._loop.remove_writer(self.fd)
+            if self._waiting:
+                self._waiting = False
+                self._loop.remove_writer(self.fd)
             if self._eof_pending:
                 self._close()
+                return
         if self._paused and len(self._buf) < HIGH_WATER // 4:
             self._paused = False
             self._on_resume()
@@ -175,9 +184,10 @@ class FdWriter:
         if self.closed:
             return
         self.closed = True
-        if self._buf:
+        if self._waiting:
+            self._waiting = False
             self._loop.remove_writer(self.fd)
-            self._buf.clear()
+        self._buf.clear()
         if self._owns:
             os.close(self.fd)
         if self._paused:

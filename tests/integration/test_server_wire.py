@@ -83,3 +83,35 @@ def test_serve_with_file_keys_never_loads_aiohttp(world):
         maps = f.read()
     assert "site-packages/cryptography/" in maps          # the check sees extension modules
     assert "site-packages/aiohttp/" not in maps
+
+
+# Reads 1 MiB at a time with a pause after each, so the daemon's child-input pump fills,
+# pauses the channel and resumes it again and again; prints what it got.
+SLOW_READER = ("import hashlib, sys, time\n"
+               "h, n = hashlib.sha256(), 0\n"
+               "while chunk := sys.stdin.buffer.read(1 << 20):\n"
+               "    h.update(chunk); n += len(chunk); time.sleep(0.005)\n"
+               "print(n, h.hexdigest())\n")
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_upload_to_a_slow_reader_is_whole_and_bounded(world):
+    """Uploads are written to the child in one write() per loop turn (session/_io.py
+    FdWriter) and paused above 2 × the SSH window; a reader slower than the network must
+    get every byte in order, and the daemon must not buffer the difference (before the
+    flow-control fix a 2 GiB upload grew it by 390–590 MiB; bench/RESULTS.md)."""
+    srv, user, key, _ = world
+    assert srv.proc is not None
+    data = os.urandom(16 << 20) * 16                       # 256 MiB
+    with open(f"/proc/{srv.proc.pid}/clear_refs", "w") as f:
+        f.write("5")                                       # reset the peak RSS (VmHWM)
+    before = _peak_rss_kib(srv.proc.pid)
+    r = srv.ssh(user.pw_name, key, "/usr/bin/python3", "-c", f"'{SLOW_READER}'", input=data, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.decode().split() == [str(len(data)), hashlib.sha256(data).hexdigest()]
+    grown_mib = (_peak_rss_kib(srv.proc.pid) - before) / 1024
+    assert grown_mib < 64, f"the daemon buffered the upload: peak RSS grew by {grown_mib:.0f} MiB"
