@@ -50,15 +50,21 @@ class FdReader:
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._readable)
 
-    def _readable(self) -> None:
+    def _read(self) -> bytes | None:
+        """One chunk; b"" at EOF (EIO is a pty master's EOF), None when nothing is ready."""
         try:
-            data = os.read(self.fd, READ_SIZE)
+            return os.read(self.fd, READ_SIZE)
         except BlockingIOError:
-            return
+            return None
         except OSError as exc:
             if exc.errno not in (errno.EIO, errno.EBADF):
                 raise
-            data = b""
+            return b""
+
+    def _readable(self) -> None:
+        data = self._read()
+        if data is None:
+            return
         if data:
             self.bytes += len(data)
             self._on_data(data)
@@ -69,11 +75,11 @@ class FdReader:
         """Read whatever is buffered right now (after the child exited)."""
         while not self.eof:
             try:
-                data = os.read(self.fd, READ_SIZE)
-            except BlockingIOError:
-                return
+                data = self._read()
             except OSError:
                 data = b""
+            if data is None:
+                return
             if not data:
                 self._finish()
                 return
