@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
-import select
+import re
 import struct
 import subprocess
 import termios
@@ -23,6 +23,7 @@ import pytest
 
 from tests.integration.detachkit import audit_events, kill_holders, wait_for
 from tests.integration.meshkit import Mesh
+from tests.integration.serverkit import read_until
 from tests.support import console_script, require_root, require_tool
 
 pytestmark = [pytest.mark.root, pytest.mark.openssh]
@@ -112,21 +113,7 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
 
 
 def _read_until(fd: int, needle: bytes, timeout: float = 20.0) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while needle not in buf:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{needle!r} not seen in {buf[-600:]!r}"
-        r, _, _ = select.select([fd], [], [], left)
-        if r:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            buf += chunk
-    return buf
+    return read_until(fd, re.escape(needle), timeout)[1]
 
 
 class Terminal:
