@@ -102,3 +102,45 @@ def test_passwords() -> None:
 )
 def test_normalise_url(url: str, expected: str) -> None:
     assert normalise_url(url) == expected
+
+
+async def test_a_cancelled_request_still_returns_its_connection(store: Store) -> None:
+    """Cancellation landing while a session closes (a follower hung up, shutdown) must not
+    cut the close short: the connection goes back to the pool, rolled back, not lost."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    closing, release = asyncio.Event(), asyncio.Event()
+    make = store._sessions
+
+    def slow_close_sessions():  # failure injection: hold the close open until released
+        s = make()
+        real_close = s.close
+
+        async def close() -> None:
+            closing.set()
+            await release.wait()
+            await real_close()
+
+        s.close = close
+        return s
+
+    store._sessions = slow_close_sessions
+
+    async def request() -> None:
+        async with store.session() as s:
+            await s.execute(text("SELECT 1"))
+
+    task = asyncio.create_task(request())
+    await asyncio.wait_for(closing.wait(), 5)
+    assert store.engine.pool.checkedout() == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    for _ in range(100):
+        if store.engine.pool.checkedout() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert store.engine.pool.checkedout() == 0
