@@ -81,17 +81,8 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session whose closing a cancellation cannot interrupt.
-
-        Requests are cancelled (a follower hangs up, a stream is closed, shutdown); if the
-        cancellation lands while the session hands its connection back, SQLAlchemy's
-        reset (rollback) is cut off, it logs an error and throws the connection away.
-        The close runs shielded instead; the caller still sees its CancelledError."""
-        s = self._sessions()
-        try:
+        async with self._sessions() as s:
             yield s
-        finally:
-            await asyncio.shield(s.close())
 
     @contextlib.asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
@@ -104,14 +95,14 @@ class Store:
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A write that does not affect network maps (audit events, last-seen): commits."""
-        async with self._locked(), self.session() as s:
+        async with self._locked(), self._sessions() as s:
             yield s
             await s.commit()
 
     @contextlib.asynccontextmanager
     async def change(self, reason: str = "") -> AsyncIterator[AsyncSession]:
         """A write that may change network maps: commit + serial bump + notify, or nothing."""
-        async with self._locked(), self.session() as s:
+        async with self._locked(), self._sessions() as s:
             yield s
             serial = await self._bump(s)
             if self.is_postgres:
