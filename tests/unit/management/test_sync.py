@@ -119,3 +119,45 @@ async def test_lost_notification_is_caught_by_the_serial_poll() -> None:
         assert ws.sent[-1]["netmap"]["serial"] == 2
     finally:
         await hub.close()
+
+
+class GatedSource:
+    """Loads that take the snapshot when called and return it when their gate opens:
+    the hub loop's recompute is in flight while the test changes the store."""
+
+    def __init__(self, state: MeshState, gates: list[asyncio.Event]) -> None:
+        self.state = state
+        self.gates = gates
+
+    async def __call__(self) -> MeshState:
+        snap = self.state
+        if self.gates:
+            await self.gates.pop(0).wait()
+        return snap
+
+
+async def test_a_peer_attaching_during_a_recompute_is_not_taken_for_deleted() -> None:
+    """The loop clears `dirty` when a load starts; a stream attaching while that load is
+    in flight must not be served the previous snapshot, from before its registration
+    (it was told "peer-deleted" and stopped for good: seen in CI with 13 peers)."""
+    first, second = asyncio.Event(), asyncio.Event()
+    source = GatedSource(snapshot(1), [])
+    hub = SyncHub(source, Registry())
+    await hub._load()          # the cached snapshot: a and b
+    hub.start()
+    try:
+        source.gates = [first, second]
+        hub.changed()          # some change: the loop starts loading (snapshot 1) and waits
+        await settle(hub)
+        C = PeerRecord(id="c", name="c", mesh_ip="100.64.0.4")
+        source.state = snapshot(2, peers=(A, B, C))
+        hub.changed()          # c registers meanwhile
+        first.set()            # the old load lands; the loop starts the next one and waits
+        await settle(hub)
+        ws = FakeWS()
+        await hub.attach("c", ws)  # type: ignore[arg-type]
+        assert [m.get("type") for m in ws.sent] == ["netmap"] and not ws.closed
+        assert ws.sent[0]["netmap"]["serial"] == 2
+        second.set()
+    finally:
+        await hub.close()
