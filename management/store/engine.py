@@ -64,7 +64,6 @@ class Store:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             sa_event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            sa_event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._listeners: list[ChangeListener] = []
         self._pg_conn: Any = None
@@ -243,12 +242,3 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
-    # Python's sqlite3 opens a transaction only before INSERT/UPDATE/DELETE, so the
-    # SELECTs of one snapshot (store/snapshot.py) each saw the latest commit: a map could
-    # carry one serial and another change's rows. Transactions are ours instead
-    # (_sqlite_begin), as SQLAlchemy's pysqlite/aiosqlite docs recommend.
-    dbapi_conn.isolation_level = None
-
-
-def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN")

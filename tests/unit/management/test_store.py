@@ -102,18 +102,3 @@ def test_passwords() -> None:
 )
 def test_normalise_url(url: str, expected: str) -> None:
     assert normalise_url(url) == expected
-
-
-async def test_a_session_transaction_is_one_sqlite_snapshot(store: Store) -> None:
-    """Reads in one transaction must not see a commit made meanwhile (the network map's
-    serial and rows come from one snapshot)."""
-    from sqlalchemy import func, select
-
-    async with store.session() as s, s.begin():
-        before = (await s.execute(select(func.count()).select_from(Group))).scalar()
-        async with store.change("meanwhile") as w:
-            w.add(Group(name="meanwhile"))
-        again = (await s.execute(select(func.count()).select_from(Group))).scalar()
-        assert again == before
-    async with store.session() as s:
-        assert (await s.execute(select(func.count()).select_from(Group))).scalar() == before + 1
