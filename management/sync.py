@@ -50,11 +50,6 @@ class SyncHub:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._state: MeshState | None = None
-        # Changes seen, and how many of them the cached state includes: the loop clears
-        # `_dirty` when it *starts* loading, so dirty alone cannot tell a stream that
-        # attaches meanwhile whether `_state` already has the latest change.
-        self._changes = 0
-        self._state_changes = 0
         self._computed = metrics.counter("meshmgmt_maps_computed_total", "Network maps computed")
         self._sent = metrics.counter("meshmgmt_maps_sent_total", "Network maps sent on sync streams")
         self._duration = metrics.histogram(
@@ -96,7 +91,6 @@ class SyncHub:
 
     def changed(self, _serial: int = 0) -> None:
         """Store change listener: mark dirty; the loop coalesces bursts of changes."""
-        self._changes += 1
         self._dirty.set()
 
     @property
@@ -108,8 +102,7 @@ class SyncHub:
     async def attach(self, peer_id: str, ws: web.WebSocketResponse) -> Stream:
         st = Stream(peer_id, ws)
         self._streams.setdefault(peer_id, set()).add(st)
-        fresh = self._state is not None and self._state_changes == self._changes
-        state = self._state if fresh else await self._load()
+        state = self._state if (self._state is not None and not self._dirty.is_set()) else await self._load()
         await self._send_map(st, state)
         return st
 
@@ -122,11 +115,9 @@ class SyncHub:
                 del self._streams[st.peer_id]
 
     async def _load(self) -> MeshState:
-        changes = self._changes
         state = await self._load_state()
         if self._state is None or state.serial >= self._state.serial:
             self._state = state
-            self._state_changes = max(self._state_changes, changes)
         return state
 
     async def _send_map(self, st: Stream, state: MeshState) -> None:
