@@ -78,6 +78,7 @@ class _Connection(asyncssh.SSHServer):
         self._tries = AuthTries(server.settings.limits.max_auth_tries)
         self._authorized_keys: asyncssh.SSHAuthorizedKeys | None = None
         self._key_options: dict[str, Any] | None = None
+        self._accept_env: tuple[str, ...] = ()   # of the rule that admitted the login
         self._admitted = False
         self._closing = False
         # Set by revoke(): the message new channels are refused with until the
@@ -184,6 +185,8 @@ class _Connection(asyncssh.SSHServer):
             self._refuse(result.reason, result.message, method=identity.method, identity=identity.value,
                          via=identity.via)
             return False
+        rule = settings.access[result.rule_index] if result.rule_index is not None else None
+        self._accept_env = rule.accept_env if rule is not None and rule.accept_env is not None else settings.accept_env
         self.identity = identity
         return True
 
@@ -218,14 +221,22 @@ class _Connection(asyncssh.SSHServer):
         srv = self.server
         srv.gate.done(self)
         assert self.user is not None and self.identity is not None and self.conn is not None
+        options = dict(self._key_options or {})
+        # The session applies a forced command itself (asyncssh would drop the original
+        # command, which SSH_ORIGINAL_COMMAND must carry).
+        forced = options.pop("command", None)
         if self._key_options is not None:
             # asyncssh resets key options when our validate_public_key accepted the key;
-            # restore them so from=, command=, no-pty, permitopen... keep working.
-            self.conn._key_options = self._key_options  # noqa: SLF001
+            # restore them so from=, no-pty, permitopen... keep working.
+            self.conn._key_options = options  # noqa: SLF001
+        # Forced-command and `restrict` keys exist to pin down what runs: no client
+        # variables at all, so none can steer the command (LANG, LC_* included).
+        restricted = forced is not None or bool(options.get("restrict"))
         self.ctx = SessionContext(
             user=self.user, conn=self.info, identity=self.identity.value, via=self.identity.via,
             audit=srv.audit, resolve_subsystem=lambda name: resolve_subsystem(srv.settings, name),
-            registry=srv.session_registry,
+            accept_env=() if restricted else self._accept_env,
+            registry=srv.session_registry, forced_command=None if forced is None else str(forced),
         )
         event(log, "auth.accepted", method=self.identity.method, identity=self.identity.value,
               user=self.user.name, source=self.info.client_ip)
