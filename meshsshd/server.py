@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
 import asyncssh
 
-from . import __version__, acl, algorithms, asyncssh_tuning, forwarding, hostkeys
+from . import __version__, account, acl, algorithms, asyncssh_tuning, forwarding, hostkeys
 from .audit import AuditSink, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -32,13 +33,14 @@ from .detached import DetachableSession, DetachedSessions
 from .errors import AuthRefused
 from .limits import AuthTries, Penalties, StartupGate
 from .logs import event
-from .session import ChildSession, ConnectionInfo, SessionContext, resolve_subsystem
+from .session import ChildSession, ConnectionInfo, SessionContext, pam_service, resolve_subsystem
 from .users import LocalUser, lookup_user
 
 log = logging.getLogger("meshsshd.server")
 
 JWT_MARKER = "meshsshd-jwt"
 SOFTWARE_VERSION = "meshsshd_" + ".".join(__version__.split(".")[:2])
+PAM_FILE = "/etc/pam.d/meshsshd"
 
 
 def server_version(settings: ServerSettings) -> str:
@@ -79,6 +81,7 @@ class _Connection(asyncssh.SSHServer):
         self._authorized_keys: asyncssh.SSHAuthorizedKeys | None = None
         self._key_options: dict[str, Any] | None = None
         self._accept_env: tuple[str, ...] = ()   # of the rule that admitted the login
+        self._account: account.AccountState | None = None
         self._admitted = False
         self._closing = False
         # Set by revoke(): the message new channels are refused with until the
@@ -132,6 +135,7 @@ class _Connection(asyncssh.SSHServer):
         self._authorized_keys = None
         self.user = await lookup_user(username)
         settings = srv.settings
+        self._account = await account.read_account(self.user, settings.nologin_files) if self.user else None
         if self.user is not None and settings.authorized_keys and not self._closing:
             try:
                 self._authorized_keys = await _load_authorized_keys(self.user)
@@ -185,10 +189,26 @@ class _Connection(asyncssh.SSHServer):
             self._refuse(result.reason, result.message, method=identity.method, identity=identity.value,
                          via=identity.via)
             return False
+        if not self._account_allows(identity):
+            return False
         rule = settings.access[result.rule_index] if result.rule_index is not None else None
         self._accept_env = rule.accept_env if rule is not None and rule.accept_env is not None else settings.accept_env
         self.identity = identity
         return True
+
+    def _account_allows(self, identity: Identity) -> bool:
+        """Expiry and nologin (meshsshd/account.py), after the access rules so that only
+        someone the rules admit learns about the account."""
+        assert self.user is not None
+        state = self._account or account.AccountState(error="account state was not read")
+        decision = account.decide(state, is_root=self.user.is_root, today=int(time.time() // account.DAY))
+        if decision.allowed:
+            return True
+        if state.error is not None:
+            event(log, "account.unreadable", level=logging.WARNING, user=self.user.name, error=state.error)
+        self._refuse(decision.reason, decision.message, method=identity.method, identity=identity.value,
+                     via=identity.via)
+        return False
 
     def _refuse(self, reason: str, message: str, *, method: str, identity: str = "", quiet: bool = False,
                 via: str | None = None) -> None:
@@ -341,6 +361,11 @@ class MeshSSHServer:
             await self._bind(address)
         self._prune_task = loop.create_task(self._prune_forever())
         await self.detached.start()
+        if os.geteuid() == 0 and await loop.run_in_executor(None, pam_service) is None:
+            event(log, "server.pam-missing", level=logging.WARNING, path=PAM_FILE,
+                  effect="no PAM account or session modules (limits, loginuid, systemd session); "
+                         "meshsshd itself still refuses expired accounts and honours nologin",
+                  fix=f"install deploy/pam.d/meshsshd as {PAM_FILE}")
         event(log, "server.started", listen=[f"{h}:{p}" for h, p in self.bound_addresses],
               jwt=jwt_enabled(self.settings), disable_auth=self.settings.disable_auth,
               authorized_keys=self.settings.authorized_keys, sftp=self.settings.sftp)
