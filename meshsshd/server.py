@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -34,7 +35,7 @@ from .errors import AuthRefused
 from .limits import AuthTries, Penalties, StartupGate
 from .logs import event
 from .session import ChildSession, ConnectionInfo, SessionContext, pam_service, resolve_subsystem
-from .users import LocalUser, lookup_user
+from .users import LocalUser, lookup_user_sync
 
 log = logging.getLogger("meshsshd.server")
 
@@ -62,6 +63,12 @@ async def _load_authorized_keys(user: LocalUser) -> asyncssh.SSHAuthorizedKeys |
     if user.passwd is None:
         return None
     return await load_authorized_keys(user.passwd)
+
+
+def _resolve_user(name: str, nologin_files: tuple[Path, ...]) -> tuple[LocalUser | None, account.AccountState | None]:
+    """Blocking (executor): the local user and their account state, in one job."""
+    user = lookup_user_sync(name)
+    return user, (account.read_account_sync(user, nologin_files) if user is not None else None)
 
 
 class _Connection(asyncssh.SSHServer):
@@ -133,9 +140,9 @@ class _Connection(asyncssh.SSHServer):
         self.login = username
         self.identity = None
         self._authorized_keys = None
-        self.user = await lookup_user(username)
         settings = srv.settings
-        self._account = await account.read_account(self.user, settings.nologin_files) if self.user else None
+        self.user, self._account = await asyncio.get_running_loop().run_in_executor(
+            None, _resolve_user, username, settings.nologin_files)
         if self.user is not None and settings.authorized_keys and not self._closing:
             try:
                 self._authorized_keys = await _load_authorized_keys(self.user)
