@@ -99,8 +99,9 @@ def build_child_env(
     """The child's whole environment: nothing leaks from the daemon's own.
 
     accept_env: the AcceptEnv patterns client variables must match (the config's or the
-    admitting rule's; empty for forced commands and `restrict` keys). original_command: what the client asked for when a forced command
-    runs instead (`SSH_ORIGINAL_COMMAND`, which rrsync, borg and gitolite read)."""
+    admitting rule's; empty for forced commands and `restrict` keys). original_command:
+    what the client asked for when a forced command runs instead (`SSH_ORIGINAL_COMMAND`,
+    which rrsync, borg and gitolite read)."""
     env = {k: v for k, v in client_env.items() if is_accepted_env(k, v, accept_env)}
     if term:
         env["TERM"] = term
