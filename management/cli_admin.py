@@ -259,7 +259,7 @@ def register(main: click.Group) -> None:
                 rows.append({"id": p["id"] if i == 0 else "", "name": p["name"] if i == 0 else "",
                              "enabled": p["enabled"], **r})
         _emit(ctx, doc, rows, ("id", "name", "enabled", "sources", "destinations", "protocol", "ports",
-                               "bidirectional", "local_users", "allow_root"))
+                               "bidirectional", "local_users", "allow_root", "accept_env"))
 
     @policies.command("create")
     @click.argument("name")
@@ -271,12 +271,15 @@ def register(main: click.Group) -> None:
     @click.option("--bidirectional", is_flag=True)
     @click.option("--local-user", "local_users", multiple=True, help="login name, localpart or * (repeat)")
     @click.option("--allow-root", is_flag=True)
+    @click.option("--accept-env", "accept_env", multiple=True,
+                  help="client variable SSH sessions keep, AcceptEnv pattern like LC_* (repeat; '' for none; "
+                       "default: the peer's, LANG LC_*)")
     @click.option("--disabled", is_flag=True)
     @click.option("--rules-file", type=click.Path(exists=True, dir_okay=False), help="JSON list of rules instead")
     @click.pass_context
     def policies_create(ctx: click.Context, name: str, sources: tuple[str, ...], destinations: tuple[str, ...],
                         protocol: str, ports: tuple[str, ...], bidirectional: bool, local_users: tuple[str, ...],
-                        allow_root: bool, disabled: bool, rules_file: str | None) -> None:
+                        allow_root: bool, accept_env: tuple[str, ...], disabled: bool, rules_file: str | None) -> None:
         if rules_file:
             rules = json.loads(Path(rules_file).read_text())
         else:
@@ -284,7 +287,7 @@ def register(main: click.Group) -> None:
                 raise click.UsageError("give --source and --destination (or --rules-file)")
             rules = [{"sources": list(sources), "destinations": list(destinations), "protocol": protocol,
                       "ports": list(ports), "bidirectional": bidirectional, "local_users": list(local_users),
-                      "allow_root": allow_root}]
+                      "allow_root": allow_root, **({"accept_env": [p for p in accept_env if p]} if accept_env else {})}]
         doc = _run(ctx, "POST", "/api/policies", {"name": name, "enabled": not disabled, "rules": rules})
         _emit(ctx, doc, columns=("id", "name", "enabled"))
 

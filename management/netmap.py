@@ -35,7 +35,8 @@ Semantics (kept small on purpose; docs/management.md repeats them for operators)
   peers' mesh IPs, identities = emails of the (non-blocked) users in the source groups
   plus the `user:` entries, local_users = the rule's list (default ["localpart"]) with
   "root" kept only if `allow_root` (and added when `allow_root` is set). A rule that
-  names no user gives nobody SSH access (deny by default).
+  names no user gives nobody SSH access (deny by default). A rule's `accept_env`
+  (AcceptEnv patterns) travels with its access rule; absent, the peer's default applies.
 - Output is deterministic: peers sorted by name, rules and addresses sorted.
 - The map's serial is the store's global serial, which only grows (it lives in the
   database, so it survives restarts and is shared by replicas).
@@ -172,7 +173,8 @@ class _Index:
         if key not in self._access:
             sources = self.cidrs(r.sources, peer_id)
             self._access[key] = (
-                AccessRule(sources=sources, identities=r.identities, local_users=_local_users(r.rule))
+                AccessRule(sources=sources, identities=r.identities, local_users=_local_users(r.rule),
+                           accept_env=r.rule.accept_env)
                 if sources else None
             )
         return self._access[key]
@@ -336,7 +338,8 @@ def _access(idx: _Index, peer: PeerRecord) -> tuple[AccessRule, ...]:
         rule = idx.access_rule(r, peer.id)
         if rule is not None:
             out.add(rule)
-    return tuple(sorted(out, key=lambda a: ([_ip_key(s) for s in a.sources], a.identities, a.local_users)))
+    return tuple(sorted(out, key=lambda a: ([_ip_key(s) for s in a.sources], a.identities, a.local_users,
+                                            a.accept_env or ())))
 
 
 def compute_map(state: MeshState, peer_id: str) -> NetworkMap | None:

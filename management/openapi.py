@@ -72,6 +72,8 @@ def _schemas() -> dict[str, Any]:
         "bidirectional": _BOOL,
         "local_users": {**_STRS, "description": "login names, localpart, or *"},
         "allow_root": _BOOL,
+        "accept_env": {**_STRS, "description": "client variables SSH sessions keep (AcceptEnv patterns, * and ?); "
+                                                "absent: the peer's default, LANG LC_*; [] for none"},
         "action": {"type": "string", "enum": ["accept"]},
     }, ("sources", "destinations"))
     peer_info = _obj({"id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "wg_public_key": _STR,

@@ -56,6 +56,7 @@ class RuleRecord:
     bidirectional: bool = False
     local_users: tuple[str, ...] = ()
     allow_root: bool = False
+    accept_env: tuple[str, ...] | None = None   # AcceptEnv patterns; None: the peer's own
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RuleRecord:
@@ -67,6 +68,7 @@ class RuleRecord:
             bidirectional=bool(d.get("bidirectional", False)),
             local_users=tuple(d.get("local_users", ())),
             allow_root=bool(d.get("allow_root", False)),
+            accept_env=tuple(d["accept_env"]) if d.get("accept_env") is not None else None,
         )
 
 

@@ -12,7 +12,9 @@ Options: asyncssh enforces `command`, `from`, `permitopen`, `principals`,
 `no-X11-forwarding` and `no-touch-required`, but would silently ignore the rest. So each
 entry is rewritten first (`rewrite_entry`, pure):
   - `restrict` becomes the `no-*` options it implies, minus any re-enabled by `pty`,
-    `port-forwarding`, `agent-forwarding`, `X11-forwarding`, `user-rc`;
+    `port-forwarding`, `agent-forwarding`, `X11-forwarding`, `user-rc`; `restrict`
+    itself stays as a flag (asyncssh ignores it) so sessions know to take no client
+    environment;
   - `expiry-time` is checked at load time (entries are loaded at each login); an
     expired entry is dropped;
   - `environment` is dropped (sshd's default PermitUserEnvironment=no);
@@ -153,6 +155,7 @@ def rewrite_entry(line: str, now: float) -> str:
         else:
             raise EntrySkipped(f"unknown option {name[:40]!r}")
     if restrict:
+        kept.append("restrict")
         for what in _RESTRICTABLE:
             if what not in enabled and what != "user-rc":
                 no = "no-" + _CANONICAL.get(what, what)

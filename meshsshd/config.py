@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .netmap import SSH_PORT, AccessRule, NetmapError, NetworkMap
+from .netmap import SSH_PORT, AccessRule, NetmapError, NetworkMap, check_accept_env
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshsshd")
 SFTP_SERVER_CANDIDATES = (
@@ -24,6 +24,14 @@ SFTP_SERVER_CANDIDATES = (
     "/usr/lib/ssh/sftp-server",
     "/usr/libexec/sftp-server",
 )
+# Client variables sessions keep (sshd's AcceptEnv patterns) unless the admitting access
+# rule says otherwise: `LANG LC_*` as Debian ships sshd (upstream's default is none).
+# Anything wider lets a client steer the user's programs (EDITOR, PAGER, LESSOPEN, TZ
+# file paths), which matters most where a forced command is the whole point.
+DEFAULT_ACCEPT_ENV = ("LANG", "LC_*")
+# Files whose existence stops non-root logins (sshd's _PATH_NOLOGIN; pam_nologin also
+# reads /run/nologin, which systemd creates before a scheduled shutdown).
+DEFAULT_NOLOGIN_FILES = (Path("/etc/nologin"), Path("/run/nologin"))
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,8 @@ class ServerSettings:
     # Addresses a -R forward may bind besides loopback (the peer's own mesh IP).
     own_addresses: tuple[str, ...] = ()
     metrics_listen: tuple[str, int] | None = None
+    accept_env: tuple[str, ...] = DEFAULT_ACCEPT_ENV
+    nologin_files: tuple[Path, ...] = DEFAULT_NOLOGIN_FILES
 
     def with_(self, **changes: Any) -> ServerSettings:
         return replace(self, **changes)
@@ -128,6 +138,15 @@ def _bool(table: dict[str, Any], key: str, default: bool = False) -> bool:
     return value
 
 
+def _strings(table: dict[str, Any], key: str, default: tuple[Any, ...]) -> tuple[str, ...]:
+    value = table.get(key)
+    if value is None:
+        return tuple(str(v) for v in default)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} must be a list of strings")
+    return tuple(value)
+
+
 def _audience(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
@@ -140,6 +159,7 @@ KNOWN_KEYS = {
     "listen", "state_dir", "use_system_host_keys", "sftp", "local_port_forwarding",
     "remote_port_forwarding", "root_login", "disable_auth", "authorized_keys", "jwt",
     "access", "subsystems", "sftp_server", "limits", "own_addresses", "metrics_listen",
+    "accept_env", "nologin_files",
 }
 JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
 
@@ -202,6 +222,13 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
     except TypeError as exc:
         raise ConfigError(f"[limits]: {exc}") from exc
     metrics = data.get("metrics_listen")
+    try:
+        accept_env = check_accept_env(_strings(data, "accept_env", DEFAULT_ACCEPT_ENV))
+    except NetmapError as exc:
+        raise ConfigError(str(exc)) from exc
+    nologin_files = tuple(Path(p) for p in _strings(data, "nologin_files", DEFAULT_NOLOGIN_FILES))
+    if not all(p.is_absolute() for p in nologin_files):
+        raise ConfigError("nologin_files must be absolute paths")
     settings = ServerSettings(
         listen=tuple(parse_listen(s) for s in listen_raw),
         state_dir=Path(data.get("state_dir", DEFAULT_STATE_DIR)),
@@ -219,6 +246,8 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         limits=limits,
         own_addresses=tuple(data.get("own_addresses", [])),
         metrics_listen=parse_listen(metrics) if metrics else None,
+        accept_env=accept_env,
+        nologin_files=nologin_files,
     )
     if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
         raise ConfigError(

@@ -353,7 +353,7 @@ class DetachedSessions:
                 child_fds = [devnull, out_w, err_w]
                 parent_fds = [out_r, err_r]
             env = build_child_env(user, ctx.conn, client_env, term=term,
-                                  tty_name=term_pty.name if term_pty else None)
+                                  tty_name=term_pty.name if term_pty else None, accept_env=ctx.accept_env)
             env["MESHSSHD_SESSION_ID"] = meta["id"]
             executable, argv = build_child_argv(user.shell, command, pty=pty)
             as_root = False
@@ -457,8 +457,8 @@ class SessionsChannel:
 
     def _may_pty(self) -> bool:
         """authorized_keys `no-pty`/`restrict` (and certificates) bind detached PTYs too.
-        (A forced `command=` never reaches here: asyncssh turns the subsystem request
-        into that command.)"""
+        (A forced `command=` never reaches here: the session runs that command instead
+        of the subsystem.)"""
         conn = self.chan.get_extra_info("connection")
         if conn is None:
             return True
@@ -623,7 +623,7 @@ class DetachableSession(ChildSession):
         self._detached_wanted = False
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        if subsystem == SUBSYSTEM:
+        if subsystem == SUBSYSTEM and self.ctx.forced_command is None:   # forced: ChildSession runs it
             self._detached_wanted = True
             return True
         return super().subsystem_requested(subsystem)

@@ -7,11 +7,13 @@ dataclass with `to_dict`/`from_dict` so that the JSON shape is defined in one pl
 
 Schema history (bump SCHEMA_VERSION and add a line when the shape changes):
   1 — first version: self, peers, firewall rules, SSH section with inline JWKS.
+      Additive since: an access rule may carry `accept_env` (older peers ignore it).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +24,10 @@ SSH_PORT = 22022
 REDIRECTED_SSH_PORT = 22
 
 PROTOCOLS = ("tcp", "udp", "icmp", "all")
+
+# An AcceptEnv pattern as sshd takes it: a variable name with `*` and `?` wildcards.
+_ENV_PATTERN = re.compile(r"^[A-Za-z0-9_*?]{1,64}$")
+MAX_ENV_PATTERNS = 64
 
 
 class NetmapError(ValueError):
@@ -44,6 +50,18 @@ def _str_list(data: dict[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def check_accept_env(patterns: tuple[str, ...], where: str = "accept_env") -> tuple[str, ...]:
+    """The patterns, or NetmapError naming the first bad one (shared by the TOML config,
+    the map and management's policy API, so all three accept exactly the same)."""
+    if len(patterns) > MAX_ENV_PATTERNS:
+        raise NetmapError(f"{where}: at most {MAX_ENV_PATTERNS} patterns")
+    for pattern in patterns:
+        if not _ENV_PATTERN.match(pattern):
+            raise NetmapError(f"{where}: {pattern[:70]!r} is not a variable name pattern "
+                              "(letters, digits, '_', wildcards '*' and '?')")
+    return patterns
+
+
 @dataclass(frozen=True)
 class AccessRule:
     """Who may log in as whom: source AND identity AND requested local user must match.
@@ -55,11 +73,14 @@ class AccessRule:
     - identities: JWT identity values, `*`, or `key:SHA256:...` public-key fingerprints.
     - local_users: names, `localpart` (the part of the identity before `@`), or `*`
       (any non-root user). `root` must be named explicitly and also needs root login on.
+    - accept_env: the client variables (AcceptEnv patterns) sessions admitted by this
+      rule keep; None means the server's `accept_env`. Not part of the match.
     """
 
     sources: tuple[str, ...] = ()
     identities: tuple[str, ...] = ()
     local_users: tuple[str, ...] = ()
+    accept_env: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for cidr in self.sources:
@@ -67,9 +88,11 @@ class AccessRule:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
                 raise NetmapError(f"access rule source {cidr!r} is not a CIDR") from exc
+        if self.accept_env is not None:
+            check_accept_env(self.accept_env, "access rule accept_env")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) for k, v in asdict(self).items()}
+        return {k: list(v) for k, v in asdict(self).items() if v is not None}   # no accept_env: as before
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AccessRule:
@@ -77,6 +100,7 @@ class AccessRule:
             sources=_str_list(data, "sources"),
             identities=_str_list(data, "identities"),
             local_users=_str_list(data, "local_users"),
+            accept_env=_str_list(data, "accept_env") if data.get("accept_env") is not None else None,
         )
 
 

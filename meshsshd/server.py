@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncssh
 
-from . import __version__, acl, algorithms, asyncssh_tuning, forwarding, hostkeys
+from . import __version__, account, acl, algorithms, asyncssh_tuning, forwarding, hostkeys
 from .audit import AuditSink, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -32,13 +34,14 @@ from .detached import DetachableSession, DetachedSessions
 from .errors import AuthRefused
 from .limits import AuthTries, Penalties, StartupGate
 from .logs import event
-from .session import ChildSession, ConnectionInfo, SessionContext, resolve_subsystem
-from .users import LocalUser, lookup_user
+from .session import ChildSession, ConnectionInfo, SessionContext, pam_service, resolve_subsystem
+from .users import LocalUser, lookup_user_sync
 
 log = logging.getLogger("meshsshd.server")
 
 JWT_MARKER = "meshsshd-jwt"
 SOFTWARE_VERSION = "meshsshd_" + ".".join(__version__.split(".")[:2])
+PAM_FILE = "/etc/pam.d/meshsshd"
 
 
 def server_version(settings: ServerSettings) -> str:
@@ -62,6 +65,12 @@ async def _load_authorized_keys(user: LocalUser) -> asyncssh.SSHAuthorizedKeys |
     return await load_authorized_keys(user.passwd)
 
 
+def _resolve_user(name: str, nologin_files: tuple[Path, ...]) -> tuple[LocalUser | None, account.AccountState | None]:
+    """Blocking (executor): the local user and their account state, in one job."""
+    user = lookup_user_sync(name)
+    return user, (account.read_account_sync(user, nologin_files) if user is not None else None)
+
+
 class _Connection(asyncssh.SSHServer):
     """One client connection, from TCP accept to close."""
 
@@ -78,6 +87,8 @@ class _Connection(asyncssh.SSHServer):
         self._tries = AuthTries(server.settings.limits.max_auth_tries)
         self._authorized_keys: asyncssh.SSHAuthorizedKeys | None = None
         self._key_options: dict[str, Any] | None = None
+        self._accept_env: tuple[str, ...] = ()   # of the rule that admitted the login
+        self._account: account.AccountState | None = None
         self._admitted = False
         self._closing = False
         # Set by revoke(): the message new channels are refused with until the
@@ -129,8 +140,9 @@ class _Connection(asyncssh.SSHServer):
         self.login = username
         self.identity = None
         self._authorized_keys = None
-        self.user = await lookup_user(username)
         settings = srv.settings
+        self.user, self._account = await asyncio.get_running_loop().run_in_executor(
+            None, _resolve_user, username, settings.nologin_files)
         if self.user is not None and settings.authorized_keys and not self._closing:
             try:
                 self._authorized_keys = await _load_authorized_keys(self.user)
@@ -184,8 +196,26 @@ class _Connection(asyncssh.SSHServer):
             self._refuse(result.reason, result.message, method=identity.method, identity=identity.value,
                          via=identity.via)
             return False
+        if not self._account_allows(identity):
+            return False
+        rule = settings.access[result.rule_index] if result.rule_index is not None else None
+        self._accept_env = rule.accept_env if rule is not None and rule.accept_env is not None else settings.accept_env
         self.identity = identity
         return True
+
+    def _account_allows(self, identity: Identity) -> bool:
+        """Expiry and nologin (meshsshd/account.py), after the access rules so that only
+        someone the rules admit learns about the account."""
+        assert self.user is not None
+        state = self._account or account.AccountState(error="account state was not read")
+        decision = account.decide(state, is_root=self.user.is_root, today=int(time.time() // account.DAY))
+        if decision.allowed:
+            return True
+        if state.error is not None:
+            event(log, "account.unreadable", level=logging.WARNING, user=self.user.name, error=state.error)
+        self._refuse(decision.reason, decision.message, method=identity.method, identity=identity.value,
+                     via=identity.via)
+        return False
 
     def _refuse(self, reason: str, message: str, *, method: str, identity: str = "", quiet: bool = False,
                 via: str | None = None) -> None:
@@ -218,14 +248,22 @@ class _Connection(asyncssh.SSHServer):
         srv = self.server
         srv.gate.done(self)
         assert self.user is not None and self.identity is not None and self.conn is not None
+        options = dict(self._key_options or {})
+        # The session applies a forced command itself (asyncssh would drop the original
+        # command, which SSH_ORIGINAL_COMMAND must carry).
+        forced = options.pop("command", None)
         if self._key_options is not None:
             # asyncssh resets key options when our validate_public_key accepted the key;
-            # restore them so from=, command=, no-pty, permitopen... keep working.
-            self.conn._key_options = self._key_options  # noqa: SLF001
+            # restore them so from=, no-pty, permitopen... keep working.
+            self.conn._key_options = options  # noqa: SLF001
+        # Forced-command and `restrict` keys exist to pin down what runs: no client
+        # variables at all, so none can steer the command (LANG, LC_* included).
+        restricted = forced is not None or bool(options.get("restrict"))
         self.ctx = SessionContext(
             user=self.user, conn=self.info, identity=self.identity.value, via=self.identity.via,
             audit=srv.audit, resolve_subsystem=lambda name: resolve_subsystem(srv.settings, name),
-            registry=srv.session_registry,
+            accept_env=() if restricted else self._accept_env,
+            registry=srv.session_registry, forced_command=None if forced is None else str(forced),
         )
         event(log, "auth.accepted", method=self.identity.method, identity=self.identity.value,
               user=self.user.name, source=self.info.client_ip)
@@ -330,6 +368,11 @@ class MeshSSHServer:
             await self._bind(address)
         self._prune_task = loop.create_task(self._prune_forever())
         await self.detached.start()
+        if os.geteuid() == 0 and await loop.run_in_executor(None, pam_service) is None:
+            event(log, "server.pam-missing", level=logging.WARNING, path=PAM_FILE,
+                  effect="no PAM account or session modules (limits, loginuid, systemd session); "
+                         "meshsshd itself still refuses expired accounts and honours nologin",
+                  fix=f"install deploy/pam.d/meshsshd as {PAM_FILE}")
         event(log, "server.started", listen=[f"{h}:{p}" for h, p in self.bound_addresses],
               jwt=jwt_enabled(self.settings), disable_auth=self.settings.disable_auth,
               authorized_keys=self.settings.authorized_keys, sftp=self.settings.sftp)

@@ -1,13 +1,13 @@
 """Local accounts: POSIX name validation and password-database lookups.
 
 Lookups go through NSS (which may mean LDAP or sssd over the network), so async callers
-use `lookup_user`, which runs them in an executor. The group list is computed here, in
+run `lookup_user_sync` in an executor (the server, together with the account checks of
+`account.py`). The group list is computed here, in
 the daemon, because the child process must not run NSS code between fork and exec.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import re
@@ -56,6 +56,3 @@ def lookup_user_sync(name: str) -> LocalUser | None:
         shell=pw.pw_shell or "/bin/sh", groups=groups, passwd=pw,
     )
 
-
-async def lookup_user(name: str) -> LocalUser | None:
-    return await asyncio.get_running_loop().run_in_executor(None, lookup_user_sync, name)

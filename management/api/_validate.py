@@ -125,6 +125,19 @@ def login_pattern(value: str, field: str) -> str:
     raise BadRequest(f"field {field!r}: {value!r} is not a login name, 'localpart' or '*'", field=field)
 
 
+def accept_env(doc: dict[str, Any], field: str) -> list[str] | None:
+    """A rule's AcceptEnv patterns, checked as the peer checks them; None when absent."""
+    from meshsshd.netmap import NetmapError, check_accept_env
+
+    patterns = str_list(doc, "accept_env", field=field, max_items=64, max_len=64)
+    if patterns is None:
+        return None
+    try:
+        return list(dict.fromkeys(check_accept_env(tuple(patterns), field)))
+    except NetmapError as exc:
+        raise BadRequest(str(exc), field=field) from exc
+
+
 def wg_key(value: str, field: str = "wg_public_key") -> str:
     try:
         raw = base64.b64decode(value, validate=True)

@@ -390,7 +390,7 @@ async def revoke_setup_key(request: web.Request) -> web.Response:
 # --- policies ---------------------------------------------------------------------------------
 
 _RULE_KEYS = {"sources", "destinations", "protocol", "ports", "bidirectional", "local_users", "allow_root",
-              "action"}
+              "action", "accept_env"}
 
 
 async def parse_rules(s: Any, value: Any) -> list[dict[str, Any]]:
@@ -452,6 +452,7 @@ async def parse_rules(s: Any, value: Any) -> list[dict[str, Any]]:
                                  max_len=32) or []
         for j, u in enumerate(local_users):
             v.login_pattern(u, f"{where}.local_users[{j}]")
+        accept_env = v.accept_env(r, f"{where}.accept_env")
         out.append({
             "sources": list(dict.fromkeys(norm_sources)),
             "destinations": list(dict.fromkeys(dests)),
@@ -461,6 +462,7 @@ async def parse_rules(s: Any, value: Any) -> list[dict[str, Any]]:
             "local_users": list(dict.fromkeys(local_users)),
             "allow_root": bool(v.boolean(r, "allow_root", False, field=f"{where}.allow_root")),
             "action": "accept",
+            **({"accept_env": accept_env} if accept_env is not None else {}),
         })
     return out
 

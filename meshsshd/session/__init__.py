@@ -6,7 +6,7 @@ Private parts: `_spawn` (privilege drop, env/argv building), `_pty`, `_io` (fd p
 
 from ._exec import ChildSession, SessionContext
 from ._sftp import resolve_subsystem
-from ._spawn import ConnectionInfo, build_child_argv, build_child_env, reset_inherited_signals
+from ._spawn import ConnectionInfo, build_child_argv, build_child_env, pam_service, reset_inherited_signals
 
 __all__ = ["ChildSession", "ConnectionInfo", "SessionContext", "build_child_argv", "build_child_env",
-           "reset_inherited_signals", "resolve_subsystem"]
+           "pam_service", "reset_inherited_signals", "resolve_subsystem"]

@@ -45,7 +45,11 @@ class SessionContext:
     via: str | None
     audit: audit.AuditSink
     resolve_subsystem: Callable[[str], str | None]   # name → command line, None = refused
+    accept_env: tuple[str, ...]                      # AcceptEnv patterns; () for forced commands
     registry: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # authorized_keys `command=`: runs instead of whatever the client asks for (sshd's
+    # do_exec); meshsshd applies it, not asyncssh, to set SSH_ORIGINAL_COMMAND.
+    forced_command: str | None = None
 
     def base_event(self, session_id: str) -> dict[str, Any]:
         return dict(session_id=session_id, identity=self.identity, source_ip=self.conn.client_ip,
@@ -67,6 +71,7 @@ class ChildSession(asyncssh.SSHServerSession):
         self._loop = asyncio.get_running_loop()
         self._kind = "shell"
         self._command: str | None = None
+        self._original_command: str | None = None
         self._subsystem: str | None = None
         self._term: str | None = None
         self._size = (80, 24, 0, 0)
@@ -100,16 +105,29 @@ class ChildSession(asyncssh.SSHServerSession):
         self._modes = dict(term_modes)
         return True
 
+    def _forced(self, original: str | None) -> bool:
+        """Run the forced command instead of the request, if there is one. As sshd:
+        SSH_ORIGINAL_COMMAND is the exec command or the subsystem's command line (a
+        shell request has none), and any subsystem request becomes the forced command."""
+        if self.ctx.forced_command is None:
+            return False
+        self._kind, self._command, self._original_command = "exec", self.ctx.forced_command, original
+        return True
+
     def shell_requested(self) -> bool:
-        self._kind = "shell"
+        if not self._forced(None):
+            self._kind = "shell"
         return True
 
     def exec_requested(self, command: str) -> bool:
-        self._kind, self._command = "exec", command
+        if not self._forced(command):
+            self._kind, self._command = "exec", command
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
         command = self.ctx.resolve_subsystem(subsystem)
+        if self._forced(command or subsystem):
+            return True
         if command is None:
             event(log, "subsystem.refused", session_id=self.id, subsystem=subsystem)
             return False
@@ -144,7 +162,8 @@ class ChildSession(asyncssh.SSHServerSession):
                 term=self._term if pty else None,
                 tty_name=self._pty.name if self._pty else None,
                 auth_sock=auth_sock,
-                original_command=None,
+                original_command=self._original_command,
+                accept_env=self.ctx.accept_env,
             )
             executable, argv = build_child_argv(user.shell, self._command, pty=pty)
             tty = self._pty.name if self._pty else None

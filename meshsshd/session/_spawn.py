@@ -17,6 +17,7 @@ without setpriv.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import grp
 import logging
@@ -26,7 +27,7 @@ import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..logs import event
@@ -37,10 +38,6 @@ log = logging.getLogger("meshsshd.session")
 USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Client-supplied variables we pass on (OpenSSH's AcceptEnv LANG LC_* on Debian, plus
-# harmless presentation variables). Never LD_*, PATH, IFS, SHELL, HOME, ...
-ACCEPT_ENV = frozenset({"LANG", "LANGUAGE", "TERM", "TZ", "COLORTERM", "EDITOR", "VISUAL", "PAGER", "LESS", "LESSCHARSET"})
-ACCEPT_ENV_PREFIXES = ("LC_",)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_ENV_VALUE = 4096
 
@@ -62,12 +59,14 @@ def pam_service() -> str | None:
     return name
 
 
-def is_accepted_env(name: str, value: str) -> bool:
+def is_accepted_env(name: str, value: str, patterns: Sequence[str]) -> bool:
+    """sshd's AcceptEnv test (`*` and `?` wildcards, case-sensitive), except that LD_*
+    and malformed names or values never pass, whatever an admin's pattern says."""
     if not _ENV_NAME.match(name) or name.startswith("LD_"):
         return False
     if "\0" in value or len(value) > MAX_ENV_VALUE:
         return False
-    return name in ACCEPT_ENV or name.startswith(ACCEPT_ENV_PREFIXES)
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 @dataclass(frozen=True)
@@ -95,9 +94,15 @@ def build_child_env(
     tty_name: str | None = None,
     auth_sock: str | None = None,
     original_command: str | None = None,
+    accept_env: Sequence[str],
 ) -> dict[str, str]:
-    """The child's whole environment: nothing leaks from the daemon's own."""
-    env = {k: v for k, v in client_env.items() if is_accepted_env(k, v)}
+    """The child's whole environment: nothing leaks from the daemon's own.
+
+    accept_env: the AcceptEnv patterns client variables must match (the config's or the
+    admitting rule's; empty for forced commands and `restrict` keys). original_command:
+    what the client asked for when a forced command runs instead (`SSH_ORIGINAL_COMMAND`,
+    which rrsync, borg and gitolite read)."""
+    env = {k: v for k, v in client_env.items() if is_accepted_env(k, v, accept_env)}
     if term:
         env["TERM"] = term
     env.update({

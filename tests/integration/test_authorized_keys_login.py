@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from meshsshd.config import find_sftp_server
+from tests.integration.detachkit import wait_for
 from tests.integration.serverkit import ClientKey, ServerKit, client_key, install_key
 
 pytestmark = [pytest.mark.root, pytest.mark.openssh]
@@ -69,6 +71,47 @@ def test_forced_command_and_restrict(tmp_path: Path, setup: tuple[Any, ClientKey
         r = srv.ssh(user.pw_name, key, "tty", opts=["-tt"])
         assert r.returncode == 0, r.stderr
         assert r.stdout.decode().strip() == f"forced-{user.pw_name}"
+
+
+def _env(r: Any) -> dict[str, str]:
+    assert r.returncode == 0, r.stderr
+    return dict(line.split("=", 1) for line in r.stdout.decode().splitlines() if "=" in line)
+
+
+SEND = ["-o", "SetEnv=LANG=C.UTF-8 LC_MESH=yes EDITOR=vim"]
+
+
+def test_forced_command_sees_the_original_command_and_no_client_env(
+        tmp_path: Path, setup: tuple[Any, ClientKey, dict[str, Any]]) -> None:
+    """rrsync, borg --restrict-to-path and gitolite read SSH_ORIGINAL_COMMAND."""
+    user, key, config = setup
+    install_key(user, key, options='command="env"')
+    config["sftp"] = True
+    with ServerKit(tmp_path / "srv", config) as srv:
+        env = _env(srv.ssh(user.pw_name, key, "rsync --server -vlogDtpre.iLsfxC . /backup", opts=SEND))
+        assert env["SSH_ORIGINAL_COMMAND"] == "rsync --server -vlogDtpre.iLsfxC . /backup"
+        assert not {"LANG", "LC_MESH", "EDITOR"} & set(env)
+        # A shell request has no original command; a subsystem's is its command line.
+        assert "SSH_ORIGINAL_COMMAND" not in _env(srv.ssh(user.pw_name, key, opts=["-T", *SEND], input=b""))
+        r = srv.ssh(user.pw_name, key, "sftp", opts=["-s"], input=b"")
+        assert _env(r)["SSH_ORIGINAL_COMMAND"] == srv.config.get("sftp_server", find_sftp_server())
+
+
+def test_client_env_follows_accept_env_and_restrict(tmp_path: Path,
+                                                   setup: tuple[Any, ClientKey, dict[str, Any]]) -> None:
+    user, key, config = setup
+    install_key(user, key)
+    with ServerKit(tmp_path / "srv", config) as srv:
+        env = _env(srv.ssh(user.pw_name, key, "env", opts=SEND))
+        assert env["LANG"] == "C.UTF-8" and env["LC_MESH"] == "yes" and "EDITOR" not in env
+        install_key(user, key, options="restrict")
+        assert not {"LANG", "LC_MESH", "EDITOR"} & set(_env(srv.ssh(user.pw_name, key, "env", opts=SEND)))
+        install_key(user, key)
+        # The admitting rule's accept_env replaces the server's.
+        srv.reload(access=[{**config["access"][0], "accept_env": ["EDITOR", "LC_M?SH"]}])
+        wait_for(lambda: "server.applied" in srv.output(), what="reload")
+        env = _env(srv.ssh(user.pw_name, key, "env", opts=SEND))
+        assert env["EDITOR"] == "vim" and env["LC_MESH"] == "yes" and "LANG" not in env
 
 
 def test_unsupported_option_skips_only_that_entry(tmp_path: Path,

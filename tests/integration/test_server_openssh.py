@@ -111,10 +111,13 @@ def test_no_pty_no_command_shell_reads_stdin(world):
 
 def test_environment_is_clean_and_client_env_allowlisted(world):
     srv, user, key, _ = world
-    opts = ["-o", "SetEnv=LC_MESH=yes EDITOR=vim LD_PRELOAD=/tmp/evil.so PATH=/evil MESH_SECRET=1"]
+    opts = ["-o", "SetEnv=LC_MESH=yes LANG=C.UTF-8 EDITOR=vim TZ=:/tmp/tz LD_PRELOAD=/tmp/evil.so PATH=/evil "
+                  "MESH_SECRET=1"]
     r = run(srv, user, key, "env", opts=opts)
     env = dict(line.split("=", 1) for line in r.stdout.decode().splitlines() if "=" in line)
-    assert env["LC_MESH"] == "yes" and env["EDITOR"] == "vim"
+    assert env["LC_MESH"] == "yes" and env["LANG"] == "C.UTF-8"
+    # The default is sshd's AcceptEnv as Debian ships it, LANG LC_*, and nothing wider.
+    assert "EDITOR" not in env and "TZ" not in env
     assert "LD_PRELOAD" not in env and "MESH_SECRET" not in env
     assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin:/usr/games"
     assert env["USER"] == env["LOGNAME"] == user.pw_name

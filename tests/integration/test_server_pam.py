@@ -5,6 +5,7 @@ daemons on this machine unaffected."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def test_pam_session_wraps_exec_and_pty(tmp_path, pam_service):
         r = srv.ssh(user.pw_name, None, "id -u; ulimit -n; exit 7")
         assert r.returncode == 7, r.stderr
         assert r.stdout.decode().split() == [str(user.pw_uid), "777"]
+        assert "server.pam-missing" not in srv.output()
         assert _wait_lines(log, 2)[:2] == [f"open_session {user.pw_name} tty= rhost=127.0.0.1",
                                            f"close_session {user.pw_name} tty= rhost=127.0.0.1"]
         # A signal-killed command is still reported as exit-signal through the helper.
@@ -89,3 +91,30 @@ def test_no_pam_file_means_no_helper(tmp_path, make_user):
         assert r.returncode == 0
         assert b"_pam_helper" not in r.stdout
         assert b"meshsshd serve" in r.stdout   # the shell is the daemon's own child
+        warnings = [json.loads(line) for line in srv.output().splitlines() if '"server.pam-missing"' in line]
+        assert len(warnings) == 1 and warnings[0]["level"] == "warning"
+        assert warnings[0]["fix"] == "install deploy/pam.d/meshsshd as /etc/pam.d/meshsshd"
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "pam.d" / "meshsshd"
+
+
+def test_example_pam_file_runs_sessions(tmp_path, make_user):
+    """deploy/pam.d/meshsshd as shipped, under a throwaway service name."""
+    require_root()
+    user = make_user("msp")
+    name = f"meshsshd-example-{secrets.token_hex(4)}"
+    service = Path("/etc/pam.d") / name
+    service.write_text(EXAMPLE.read_text())
+    rule = {"sources": ["127.0.0.0/8"], "identities": ["*"], "local_users": [user.pw_name]}
+    try:
+        with ServerKit(tmp_path / "srv", {"disable_auth": True, "access": [rule]},
+                       env={"MESHSSHD_PAM_SERVICE": name}) as srv:
+            r = srv.ssh(user.pw_name, None, "id -un; ps -o args= -p $PPID")
+            assert r.returncode == 0, r.stderr
+            out = r.stdout.decode().splitlines()
+            assert out[0] == user.pw_name and "_pam_helper" in out[1]
+            r = srv.ssh(user.pw_name, None, "tty", opts=["-tt"])
+            assert r.returncode == 0 and r.stdout.startswith(b"/dev/pts/"), r.stderr
+    finally:
+        service.unlink()

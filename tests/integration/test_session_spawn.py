@@ -74,7 +74,7 @@ def _run_spawned(user) -> str:
     local = lookup_user_sync(user.pw_name)
     assert local is not None
     executable, argv = build_child_argv(local.shell, PROBE, pty=False)
-    env = build_child_env(local, ConnectionInfo("127.0.0.1", 1, "127.0.0.1", 2), {})
+    env = build_child_env(local, ConnectionInfo("127.0.0.1", 1, "127.0.0.1", 2), {}, accept_env=())
     r, w = os.pipe()
     with open(os.devnull, "rb") as devnull:
         try:

@@ -56,9 +56,10 @@ def test_restrict_expands_to_enforced_options(keys: list[asyncssh.SSHKey]) -> No
     parsed = parse_authorized_keys(f"restrict {pub(keys[0])}\nrestrict,pty {pub(keys[1])}", NOW)
     assert options_for(parsed.keys, keys[0]) == {
         "no-agent-forwarding": True, "no-port-forwarding": True, "no-pty": True, "no-X11-forwarding": True,
+        "restrict": True,   # kept as a marker: such sessions get no client environment
     }
     assert options_for(parsed.keys, keys[1]) == {
-        "no-agent-forwarding": True, "no-port-forwarding": True, "no-X11-forwarding": True,
+        "no-agent-forwarding": True, "no-port-forwarding": True, "no-X11-forwarding": True, "restrict": True,
     }
 
 

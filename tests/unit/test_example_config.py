@@ -1,11 +1,14 @@
-"""deploy/meshsshd.example.toml is valid and documents every config key."""
+"""deploy/meshsshd.example.toml is valid and documents every config key; key validation."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from meshsshd.config import JWT_KEYS, KNOWN_KEYS, Limits, settings_from_toml
+import pytest
+
+from meshsshd.config import JWT_KEYS, KNOWN_KEYS, Limits, settings_from_dict, settings_from_toml
+from meshsshd.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "meshsshd.example.toml"
 
@@ -23,3 +26,25 @@ def test_example_mentions_every_key():
     limit_keys = set(Limits.__dataclass_fields__)
     missing = (KNOWN_KEYS | JWT_KEYS | limit_keys) - mentioned
     assert not missing, f"undocumented keys: {sorted(missing)}"
+
+
+def _config(**extra: object) -> dict[str, object]:
+    return {"disable_auth": True, **extra}
+
+
+def test_accept_env_and_nologin_files_defaults_and_validation() -> None:
+    settings = settings_from_dict(_config())
+    assert settings.accept_env == ("LANG", "LC_*")
+    assert settings.nologin_files == (Path("/etc/nologin"), Path("/run/nologin"))
+    assert settings_from_dict(_config(accept_env=[])).accept_env == ()
+    rule = {"sources": ["10.0.0.0/8"], "identities": ["*"], "local_users": ["*"], "accept_env": ["GIT_*"]}
+    assert settings_from_dict(_config(access=[rule])).access[0].accept_env == ("GIT_*",)
+    for bad, message in (
+        (_config(accept_env=["LC_*", "LD PRELOAD"]), "accept_env: 'LD PRELOAD' is not a variable name pattern"),
+        (_config(accept_env="LANG"), "accept_env must be a list of strings"),
+        (_config(access=[{**rule, "accept_env": ["A=B"]}]), "[[access]]: access rule accept_env: 'A=B'"),
+        (_config(nologin_files=["nologin"]), "nologin_files must be absolute paths"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            settings_from_dict(bad)
+        assert message in str(info.value)

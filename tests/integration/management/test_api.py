@@ -300,11 +300,15 @@ async def test_admin_crud_conflicts_and_validation(http: aiohttp.ClientSession, 
     status, doc = await call(http, "POST", mgmt.url + "/api/policies", headers=mgmt.admin, json={
         "name": uniq("p"), "rules": [{"sources": [g], "destinations": [g], "local_users": ["bad user"]}]})
     assert status == 400 and doc["field"] == "rules[0].local_users[0]"
+    status, doc = await call(http, "POST", mgmt.url + "/api/policies", headers=mgmt.admin, json={
+        "name": uniq("p"), "rules": [{"sources": [g], "destinations": [g], "accept_env": ["LC_*", "A=B"]}]})
+    assert status == 400 and doc["field"] == "rules[0].accept_env" and "'A=B'" in doc["message"]
     _, pol = await call(http, "POST", mgmt.url + "/api/policies", headers=mgmt.admin, expect=201, json={
         "name": uniq("p"), "rules": [{"sources": [g, "user:Bob@Example.com"], "destinations": [g],
                                       "protocol": "tcp", "ports": [80, "8000-8080"]}]})
     assert pol["rules"][0]["sources"] == [g, "user:bob@example.com"]
     assert pol["rules"][0]["ports"] == ["80", "8000-8080"]
+    assert "accept_env" not in pol["rules"][0]   # absent stays absent: the peer's default applies
     # A group in use cannot be deleted; a rename follows into the policy.
     status, doc = await call(http, "DELETE", f"{mgmt.url}/api/groups/{made['id']}", headers=mgmt.admin)
     assert status == 409 and pol["name"] in doc["message"]

@@ -28,7 +28,8 @@ async def test_admin_cli_end_to_end(sqlite_mgmt: Mgmt) -> None:
     key = key_out.strip().splitlines()[-1].split(": ", 1)[1]
     assert key.startswith("mk_")
     mgmt.cli("policies", "create", "admins-ssh", "--source", "admins", "--destination", "servers",
-             "--protocol", "ssh", "--local-user", "localpart", "--local-user", "deploy")
+             "--protocol", "ssh", "--local-user", "localpart", "--local-user", "deploy",
+             "--accept-env", "LANG", "--accept-env", "GIT_*")
 
     async with aiohttp.ClientSession() as http:
         srv = await register_peer(http, mgmt, key, "db-1")
@@ -40,7 +41,7 @@ async def test_admin_cli_end_to_end(sqlite_mgmt: Mgmt) -> None:
             netmap = (await ws.receive_json(timeout=5))["netmap"]
     assert netmap["ssh"]["enabled"]
     assert netmap["ssh"]["access"] == [{"sources": [laptop["mesh_ip"] + "/32"], "identities": ["alice@example.com"],
-                                        "local_users": ["localpart", "deploy"]}]
+                                        "local_users": ["localpart", "deploy"], "accept_env": ["LANG", "GIT_*"]}]
 
     peers = json.loads(mgmt.cli("--json", "peers", "list").stdout)["peers"]
     assert {p["name"] for p in peers} == {"db-1", "laptop"}

@@ -182,6 +182,20 @@ def test_ssh_section_contents() -> None:
     assert access.local_users == ("deploy", "localpart")
 
 
+def test_accept_env_travels_with_the_access_rule() -> None:
+    plain = RuleRecord(("admins",), ("servers",), "ssh", local_users=("admin",))
+    narrow = replace(plain, local_users=("deploy",), accept_env=())
+    wide = replace(plain, local_users=("dev",), accept_env=("LANG", "GIT_*"))
+    access = m(state((LAPTOP, DB), BASE_GROUPS, (plain, narrow, wide)), "db").ssh.access
+    assert [(a.local_users, a.accept_env) for a in access] == [
+        (("admin",), None), (("deploy",), ()), (("dev",), ("LANG", "GIT_*"))]
+    wire = [a.to_dict() for a in access]
+    assert "accept_env" not in wire[0]   # the wire form of a rule without it is as before
+    assert wire[1]["accept_env"] == [] and wire[2]["accept_env"] == ["LANG", "GIT_*"]
+    assert RuleRecord.from_dict({"accept_env": ["LANG"]}).accept_env == ("LANG",)
+    assert RuleRecord.from_dict({}).accept_env is None
+
+
 @pytest.mark.parametrize(
     ("local_users", "allow_root", "expected"),
     [

@@ -6,6 +6,7 @@ import termios
 
 import pytest
 
+from meshsshd.config import DEFAULT_ACCEPT_ENV
 from meshsshd.session._pty import apply_modes
 from meshsshd.session._spawn import (ROOT_PATH, SETSID, USER_PATH, ConnectionInfo, build_child_argv,
                                      build_child_env, build_setpriv_argv, is_accepted_env, setpriv_program)
@@ -15,10 +16,11 @@ from meshsshd.users import LocalUser, is_valid_username
 ALICE = LocalUser("alice", 1000, 1000, "/home/alice", "/bin/bash", (1000, 27))
 ROOT = LocalUser("root", 0, 0, "/root", "/bin/bash", (0,))
 CONN = ConnectionInfo("100.64.0.7", 51022, "100.64.0.2", 22022)
+DEFAULT = DEFAULT_ACCEPT_ENV
 
 
 def test_env_is_built_from_scratch():
-    env = build_child_env(ALICE, CONN, {}, term=None)
+    env = build_child_env(ALICE, CONN, {}, term=None, accept_env=DEFAULT)
     assert env == {
         "USER": "alice", "LOGNAME": "alice", "HOME": "/home/alice", "SHELL": "/bin/bash",
         "PATH": USER_PATH, "MAIL": "/var/mail/alice",
@@ -29,38 +31,54 @@ def test_env_is_built_from_scratch():
 
 def test_env_for_pty_session_with_agent():
     env = build_child_env(ALICE, CONN, {"TERM": "vt100"}, term="xterm-256color", tty_name="/dev/pts/4",
-                          auth_sock="/tmp/asyncssh-x/agent")
+                          auth_sock="/tmp/asyncssh-x/agent", accept_env=DEFAULT)
     assert env["TERM"] == "xterm-256color"
     assert env["SSH_TTY"] == "/dev/pts/4"
     assert env["SSH_AUTH_SOCK"] == "/tmp/asyncssh-x/agent"
 
 
 def test_root_gets_sbin_path():
-    assert build_child_env(ROOT, CONN, {})["PATH"] == ROOT_PATH
+    assert build_child_env(ROOT, CONN, {}, accept_env=DEFAULT)["PATH"] == ROOT_PATH
 
 
-@pytest.mark.parametrize(("name", "value", "accepted"), [
-    pytest.param("LANG", "de_DE.UTF-8", True, id="lang"),
-    pytest.param("LC_ALL", "C", True, id="lc-prefix"),
-    pytest.param("TZ", "UTC", True, id="tz"),
-    pytest.param("COLORTERM", "truecolor", True, id="colorterm"),
-    pytest.param("EDITOR", "vim", True, id="editor"),
-    pytest.param("LD_PRELOAD", "/tmp/x.so", False, id="ld-preload"),
-    pytest.param("LD_LIBRARY_PATH", "/tmp", False, id="ld-library-path"),
-    pytest.param("PATH", "/evil", False, id="path"),
-    pytest.param("HOME", "/", False, id="home"),
-    pytest.param("BASH_ENV", "/tmp/x", False, id="bash-env"),
-    pytest.param("LANG", "a\0b", False, id="nul-in-value"),
-    pytest.param("LC_X", "x" * 5000, False, id="huge-value"),
-    pytest.param("LC_A=B", "x", False, id="bad-name"),
+@pytest.mark.parametrize(("name", "value", "patterns", "accepted"), [
+    pytest.param("LANG", "de_DE.UTF-8", DEFAULT, True, id="lang"),
+    pytest.param("LC_ALL", "C", DEFAULT, True, id="lc-prefix"),
+    # Debian's sshd default (AcceptEnv LANG LC_*) and no wider.
+    pytest.param("LANGUAGE", "de", DEFAULT, False, id="language-not-by-default"),
+    pytest.param("TZ", "UTC", DEFAULT, False, id="tz-not-by-default"),
+    pytest.param("EDITOR", "vim", DEFAULT, False, id="editor-not-by-default"),
+    pytest.param("TERM", "xterm", DEFAULT, False, id="term-only-from-pty-req"),
+    pytest.param("lc_all", "C", DEFAULT, False, id="case-sensitive"),
+    pytest.param("EDITOR", "vim", ("EDITOR", "LC_*"), True, id="configured-name"),
+    pytest.param("GIT_PROTOCOL", "version=2", ("GIT_*",), True, id="configured-wildcard"),
+    pytest.param("TZ", "UTC", ("T?",), True, id="question-mark"),
+    pytest.param("TZX", "UTC", ("T?",), False, id="question-mark-is-one-char"),
+    pytest.param("LANG", "C", (), False, id="no-patterns-nothing-passes"),
+    pytest.param("LD_PRELOAD", "/tmp/x.so", ("*",), False, id="ld-preload-never"),
+    pytest.param("LD_LIBRARY_PATH", "/tmp", ("LD_*",), False, id="ld-library-path-never"),
+    pytest.param("PATH", "/evil", DEFAULT, False, id="path"),
+    pytest.param("HOME", "/", DEFAULT, False, id="home"),
+    pytest.param("BASH_ENV", "/tmp/x", DEFAULT, False, id="bash-env"),
+    pytest.param("LANG", "a\0b", DEFAULT, False, id="nul-in-value"),
+    pytest.param("LC_X", "x" * 5000, DEFAULT, False, id="huge-value"),
+    pytest.param("LC_A=B", "x", ("*",), False, id="bad-name"),
 ])
-def test_env_allowlist(name, value, accepted):
-    assert is_accepted_env(name, value) is accepted
+def test_env_allowlist(name, value, patterns, accepted):
+    assert is_accepted_env(name, value, patterns) is accepted
 
 
 def test_client_cannot_override_fixed_variables():
-    env = build_child_env(ALICE, CONN, {"USER": "root", "LC_TIME": "C", "SSH_CLIENT": "x"})
+    env = build_child_env(ALICE, CONN, {"USER": "root", "LC_TIME": "C", "SSH_CLIENT": "x"}, accept_env=("*",))
     assert env["USER"] == "alice" and env["LC_TIME"] == "C" and env["SSH_CLIENT"] != "x"
+
+
+def test_forced_command_env_has_the_original_command_and_no_client_variables():
+    env = build_child_env(ALICE, CONN, {"LANG": "C", "LC_ALL": "C"}, accept_env=(),
+                          original_command="rsync --server -e.Lsfx . /backup")
+    assert env["SSH_ORIGINAL_COMMAND"] == "rsync --server -e.Lsfx . /backup"
+    assert "LANG" not in env and "LC_ALL" not in env
+    assert "SSH_ORIGINAL_COMMAND" not in build_child_env(ALICE, CONN, {}, accept_env=DEFAULT)
 
 
 @pytest.mark.parametrize(("command", "pty", "expected"), [
