@@ -52,6 +52,7 @@ from .mgmt_client import (
     Registration,
 )
 from .netmap import SSH_PORT, NetmapError, NetworkMap
+from .peerproof import private_key_from_b64
 from .state import PUBLIC_MODE, Credential, StateDir, UpConfig, is_meshsshd, read_json, write_json_async
 
 log = logging.getLogger("meshsshd.agent")
@@ -302,10 +303,11 @@ class Agent:
             version=__version__,
             endpoints=self.endpoints,
         )
+        wg_private = private_key_from_b64((await asyncio.to_thread(self.state.wireguard_keypair))[0])
         attempt = 0
         while True:
             try:
-                doc = await self.mgmt.register(req)
+                doc = await self.mgmt.register(req, wg_private)
                 break
             except ManagementUnavailable as exc:
                 delay = backoff_delay(attempt)

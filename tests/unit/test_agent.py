@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from meshsshd.agent import EXIT_PEER_DELETED, Agent, backoff_delay
 from meshsshd.audit import AuthRefused, SessionStarted
@@ -45,7 +46,7 @@ class Outage:
             return PeerDeleted("management does not know this peer's credential any more: peer deleted")
         return ManagementUnavailable("cannot reach management: connection refused")
 
-    async def register(self, req: Registration) -> dict[str, Any]:
+    async def register(self, req: Registration, wg_private: X25519PrivateKey) -> dict[str, Any]:
         raise self._fail()
 
     async def update_self(self, cred: Credential, body: dict[str, Any]) -> None:
