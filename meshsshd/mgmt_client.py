@@ -7,7 +7,9 @@ here, at one boundary, into the three exceptions the agent acts on:
 
     ManagementUnavailable   network error, 5xx, timeout   → retry with backoff
     ManagementRejected      4xx with a JSON error          → stop and say why (bad setup key)
-    PeerDeleted             401 / "peer-deleted" message    → stop serving, forget credential
+    PeerDeleted             401 / "peer-deleted" message    → check again with backoff; after
+                                                              repeated refusals stop serving
+                                                              and forget the credential
 """
 
 from __future__ import annotations
