@@ -88,9 +88,15 @@ def _cell(v: Any) -> str:
 
 
 def _resolve(ctx: click.Context, collection: str, ref: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The item whose id is `ref`, else the first whose name (or another of `keys`) is.
+
+    Ids first over the whole list: an item named like another's id must not win."""
     items = _run(ctx, "GET", f"/api/{collection}")[collection.replace("-", "_")]
     for item in items:
-        if ref == item["id"] or any(str(item.get(k, "")).lower() == ref.lower() for k in keys):
+        if ref == item["id"]:
+            return item
+    for item in items:
+        if any(str(item.get(k, "")).lower() == ref.lower() for k in keys):
             return item
     raise click.ClickException(f"no {collection[:-1]} {ref!r}")
 

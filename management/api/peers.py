@@ -25,6 +25,7 @@ from ..netmap import reachable_peers
 from ..store import Group, Peer, SetupKey, aware, hash_secret, new_secret, utcnow
 from . import _validate as v
 from ._auth import require_peer, require_user
+from ._lookup import reserve_id_shape
 from .enrol import authorise_rekey, consume_proof
 from .keys import EVENTS, HUB, LOAD_STATE, REGISTER_LIMITER, SETTINGS, STORE
 
@@ -61,9 +62,10 @@ _LABEL_BAD = re.compile(r"[^a-z0-9-]+")
 
 
 def dns_label(hostname: str) -> str:
-    """A DNS label from a hostname: first label, lowercase, [a-z0-9-], ≤ 50 characters."""
+    """A DNS label from a hostname: first label, lowercase, [a-z0-9-], ≤ 50 characters,
+    never shaped like a peer id (admin commands take an id or a name)."""
     label = _LABEL_BAD.sub("-", hostname.split(".")[0].lower()).strip("-")[:50].strip("-")
-    return label or "peer"
+    return reserve_id_shape(label or "peer")
 
 
 async def unique_name(s: Any, base: str, exclude_id: str | None = None) -> str:
