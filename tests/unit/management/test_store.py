@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from alembic.script import ScriptDirectory
-from sqlalchemy import text
 
-from management.store import Group, Peer, Policy, Store, User, hash_password, verify_password, sqlite_url
+from management.store import Group, Peer, Policy, Store, User, hash_password, verify_password
 from management.store.engine import normalise_url
-from management.store.migrate import alembic_config
 
-HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
+from .migrations import HEAD, upgraded_from
 
 
 @pytest.fixture
@@ -110,19 +107,7 @@ def test_normalise_url(url: str, expected: str) -> None:
 
 
 async def test_migration_0003_adds_challenges_and_rekey_approval_to_an_older_database(tmp_path: Path) -> None:
-    store = Store(sqlite_url(tmp_path))
-    try:
-        await store.migrate()
-        async with store.session() as s:
-            await s.execute(text("DROP TABLE peer_challenges"))
-            await s.execute(text("ALTER TABLE peers DROP COLUMN rekey_approved_until"))
-            await s.execute(text("UPDATE alembic_version SET version_num = '0002'"))
-            await s.commit()
-        await store.migrate()
-        async with store.session() as s:
-            tables = {r[0] for r in await s.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))}
-            columns = {r[1] for r in await s.execute(text("PRAGMA table_info(peers)"))}
-            version = (await s.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-        assert "peer_challenges" in tables and "rekey_approved_until" in columns and version == HEAD
-    finally:
-        await store.close()
+    schema = await upgraded_from(tmp_path, "0002", "DROP TABLE peer_challenges",
+                                 "ALTER TABLE peers DROP COLUMN rekey_approved_until")
+    assert "peer_challenges" in schema.tables and "rekey_approved_until" in schema.columns["peers"]
+    assert schema.version == HEAD
