@@ -133,6 +133,8 @@ async def test_a_peer_named_like_another_peers_id_cannot_stand_in_for_it(sqlite_
     assert "deleted peer victim" in out
     left = {p["id"] for p in json.loads(mgmt.cli("--json", "peers", "list").stdout)["peers"]}
     assert victim["peer_id"] not in left and impostor["peer_id"] in left
+    out = mgmt.cli("peers", "approve-rekey", "spare", "--expires-in", "120").stdout
+    assert out.startswith("spare may register again until ")
 
 
 async def _get(mgmt: Mgmt, path: str) -> tuple[int, dict]:
