@@ -23,7 +23,6 @@ What is real and what is folded together (say this with the numbers):
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import math
 import os
@@ -132,7 +131,10 @@ class Fleet:
         wait_started(probe, proc, f"{what} did not start (logs in {self.root})", timeout)
 
     def build(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
         from meshsshd.hostkeys import load_or_create
+        from meshsshd.peerproof import prove, public_key_b64
 
         mgmt_dir = self.root / "mgmt"
         subprocess.run([venv_script("meshmgmt"), "init", "--data-dir", str(mgmt_dir),
@@ -154,10 +156,13 @@ class Fleet:
         hostkey = load_or_create(state).public_lines[0]
 
         def register(name: str, key: str, server: bool) -> dict[str, Any]:
-            return http_json("POST", f"{self.url}/api/peers/register", {
-                "setup_key": key, "hostname": name, "ssh_host_key": hostkey,
-                "wg_public_key": base64.b64encode(os.urandom(32)).decode(),
-                "flags": {"allow_server_ssh": server}, "version": "bench", "endpoints": []}, timeout=60)
+            wg = X25519PrivateKey.generate()
+            body = {"setup_key": key, "hostname": name, "ssh_host_key": hostkey,
+                    "wg_public_key": public_key_b64(wg),
+                    "flags": {"allow_server_ssh": server}, "version": "bench", "endpoints": []}
+            challenge = http_json("POST", f"{self.url}/api/peers/challenge",
+                                  {"wg_public_key": body["wg_public_key"]}, timeout=60)
+            return http_json("POST", f"{self.url}/api/peers/register", prove(body, wg, challenge), timeout=60)
 
         t0 = time.perf_counter()
         self.laptop = register("laptop", laptop_key, False)

@@ -24,7 +24,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import random
 import shutil
 import socket
@@ -39,8 +38,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
+
 from management.netmap import compute_map  # noqa: E402
 from management.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, UserRecord  # noqa: E402
+from meshsshd.peerproof import prove, public_key_b64  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -166,9 +168,12 @@ async def bench_propagation(n_streams: int, rounds: int) -> dict[str, Any]:
 
             async def register(i: int) -> dict:
                 async with sem:
-                    return await post("/api/peers/register", {
-                        "setup_key": key, "wg_public_key": base64.b64encode(os.urandom(32)).decode(),
-                        "hostname": f"bench-{i}", "flags": {"allow_server_ssh": True}}, headers={})
+                    wg = X25519PrivateKey.generate()
+                    body = {"setup_key": key, "wg_public_key": public_key_b64(wg),
+                            "hostname": f"bench-{i}", "flags": {"allow_server_ssh": True}}
+                    challenge = await post("/api/peers/challenge", {"wg_public_key": body["wg_public_key"]},
+                                           headers={})
+                    return await post("/api/peers/register", prove(body, wg, challenge), headers={})
 
             peers = await asyncio.gather(*(register(i) for i in range(n_streams)))
             reg_seconds = time.perf_counter() - t_reg

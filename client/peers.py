@@ -43,10 +43,14 @@ def _norm(host: str) -> str:
 
 
 def match_peer(peers: Sequence[PeerInfo], host: str) -> PeerInfo | None:
-    """Peer name, FQDN, the FQDN's first label, mesh IP or peer id — exact matches only."""
+    """Peer id, name, FQDN, the FQDN's first label or mesh IP — exact matches only. An id
+    wins over a name: a peer named like another's id must not stand in for it."""
     h = _norm(host)
     if h.startswith("[") and h.endswith("]"):
         h = h[1:-1]
+    for p in peers:
+        if p.id.lower() == h:
+            return p
     try:
         ip = ipaddress.ip_address(h)
     except ValueError:
@@ -58,7 +62,7 @@ def match_peer(peers: Sequence[PeerInfo], host: str) -> PeerInfo | None:
                     return p
             except ValueError:
                 continue
-        elif h in (_norm(p.name), _norm(p.fqdn), p.id.lower()):
+        elif h in (_norm(p.name), _norm(p.fqdn)):
             return p
     if ip is None:
         for p in peers:

@@ -18,8 +18,10 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from meshsshd.logs import event
 
-from .api import admin, peers, subsystems
-from .api.keys import EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, REGISTER_LIMITER, SETTINGS, STORE
+from .api import admin, enrol, peers, subsystems
+from .api.keys import (BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, REGISTER_LIMITER,
+                       SETTINGS, STORE)
+from .boxkey import load_or_create_box_key
 from .errors import ManagementError, TooManyRequests
 from .events import EventFeed
 from .metrics import Registry
@@ -112,6 +114,8 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app[METRICS] = registry
     app[EVENTS] = EventFeed(store)
     app[REGISTER_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
+    app[CHALLENGE_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
+    app[BOX_KEY] = load_or_create_box_key(settings.data_dir)
 
     async def load_state() -> MeshState:
         state = await store.load_state(network=settings.network, dns_domain=settings.dns_domain)
@@ -155,6 +159,7 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/openapi.json", openapi)
+    app.router.add_routes(enrol.routes)
     app.router.add_routes(peers.routes)  # before admin: /api/peers/sync must win over /api/peers/{id}
     app.router.add_routes(admin.routes)
     app.router.add_routes(subsystems.routes)

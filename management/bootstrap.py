@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from meshsshd.logs import setup_logging
 
+from .boxkey import BOX_KEY_FILE, load_or_create_box_key
 from .errors import BadRequest, ManagementError
 from .store import AdminToken, Store, User, hash_password_async, hash_secret
 
@@ -63,9 +64,11 @@ async def initialise(data_dir: Path, admin_email: str, password: str | None, dat
                     user.password_hash = pw_hash
             s.add(AdminToken(token_hash=hash_secret(token), name="init"))
         _write_secret(token_file, token)
+        load_or_create_box_key(data_dir)  # now, so it can be copied to replicas before they start
     finally:
         await store.close()
-    return {"email": email, "token_file": str(token_file), "kid": kid}
+    return {"email": email, "token_file": str(token_file), "kid": kid,
+            "box_key_file": str(data_dir / BOX_KEY_FILE)}
 
 
 async def _check_initialised(store: Store) -> None:

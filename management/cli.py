@@ -78,6 +78,7 @@ def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database:
     click.echo(f"  admin user:   {result['email']} ({'with' if password else 'without'} a password)")
     click.echo(f"  admin token:  {result['token_file']} (mode 0600)")
     click.echo(f"  signing key:  {result['kid']}")
+    click.echo(f"  peer box key: {result['box_key_file']} (mode 0600; copy it to every replica's data dir)")
 
 
 @main.command()

@@ -88,9 +88,15 @@ def _cell(v: Any) -> str:
 
 
 def _resolve(ctx: click.Context, collection: str, ref: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The item whose id is `ref`, else the first whose name (or another of `keys`) is.
+
+    Ids first over the whole list: an item named like another's id must not win."""
     items = _run(ctx, "GET", f"/api/{collection}")[collection.replace("-", "_")]
     for item in items:
-        if ref == item["id"] or any(str(item.get(k, "")).lower() == ref.lower() for k in keys):
+        if ref == item["id"]:
+            return item
+    for item in items:
+        if any(str(item.get(k, "")).lower() == ref.lower() for k in keys):
             return item
     raise click.ClickException(f"no {collection[:-1]} {ref!r}")
 
@@ -324,6 +330,19 @@ def register(main: click.Group) -> None:
         p = _resolve(ctx, "peers", peer, _PEER_KEYS)
         doc = _run(ctx, "PUT", f"/api/peers/{p['id']}", {"ssh_enabled": state == "on"})
         _ok(ctx, f"SSH {state} for {p['name']}", doc)
+
+    @peers.command("approve-rekey")
+    @click.argument("peer")
+    @click.option("--expires-in", type=click.IntRange(60, 7 * 86400), default=3600, show_default=True,
+                  help="seconds the approval stays usable")
+    @click.pass_context
+    def peers_approve_rekey(ctx: click.Context, peer: str, expires_in: int) -> None:
+        """Let a peer that lost its state (but kept its WireGuard key) register again once,
+        keeping its id, name, address and groups."""
+        p = _resolve(ctx, "peers", peer, _PEER_KEYS)
+        doc = _run(ctx, "POST", f"/api/peers/{p['id']}/approve-rekey", {"expires_in": expires_in})
+        _ok(ctx, f"{p['name']} may register again until {doc['rekey_approved_until']} "
+                 "(meshsshd up --setup-key KEY on that machine)", doc)
 
     from .cli_subsystems import register as register_subsystems
 

@@ -12,10 +12,12 @@
       ├── _status_loop    status.json for `meshsshd status` and the client
       └── metrics         optional Prometheus endpoint (metrics.py)
 
-A PeerDeleted from management (401 or a "peer-deleted" message) stops the SSH server,
-removes the data plane, forgets the credential and the map, and ends the daemon with exit
-code 3 and the reason in status.json and the log: the peer must not keep serving with an
-identity its administrator removed.
+A PeerDeleted from management (401 or a "peer-deleted" message) is checked again with
+backoff first (state "credential-refused", the reason in status.json): one refusal may be
+a race or a replica behind, and the credential is this peer's identity. Refused
+`refusals_before_deleted` times in a row, the agent stops the SSH server, removes the
+data plane, forgets the credential and the map, and ends with exit code 3: the peer must
+not keep serving with an identity its administrator removed.
 
 Everything here is I/O glue; the decisions (what the nft table, the wg peers, the server
 settings look like) are pure functions in `dataplane/` and `config.py`.
@@ -52,6 +54,7 @@ from .mgmt_client import (
     Registration,
 )
 from .netmap import SSH_PORT, NetmapError, NetworkMap
+from .peerproof import private_key_from_b64
 from .state import PUBLIC_MODE, Credential, StateDir, UpConfig, is_meshsshd, read_json, write_json_async
 
 log = logging.getLogger("meshsshd.agent")
@@ -108,6 +111,8 @@ async def _maybe_await(value: Any) -> Any:
 
 class Agent:
     map_retry_every = 5  # seconds between attempts to apply a map that failed transiently
+    refusals_before_deleted = 5  # consecutive credential refusals (≈ 4-8 s) that mean deletion
+    refusal_backoff = 0.5  # base of the backoff between those checks, seconds
 
     def __init__(
         self,
@@ -302,10 +307,11 @@ class Agent:
             version=__version__,
             endpoints=self.endpoints,
         )
+        wg_private = private_key_from_b64((await asyncio.to_thread(self.state.wireguard_keypair))[0])
         attempt = 0
         while True:
             try:
-                doc = await self.mgmt.register(req)
+                doc = await self.mgmt.register(req, wg_private)
                 break
             except ManagementUnavailable as exc:
                 delay = backoff_delay(attempt)
@@ -385,12 +391,20 @@ class Agent:
                     event(log, "netmap.persist_failed", logging.ERROR, error=str(exc))
             self.netmap, self.serving = netmap, serve
             self._last_map_error = ""
-            self._state_name = "serving" if serve else "ssh-off"
-            self._reason = "" if serve else self._why_not_serving(netmap)
+            self._settle_state()
         event(log, "netmap.applied", serial=netmap.serial, peers=len(netmap.peers),
               rules=len(netmap.firewall_rules), ssh=serve)
         await self._write_status()
         return True
+
+    def _settle_state(self) -> None:
+        """State and reason from the map in force (after a map, or a refusal that passed)."""
+        if self.netmap is None:
+            self._state_name, self._reason = "starting", ""
+        elif self.serving:
+            self._state_name, self._reason = "serving", ""
+        else:
+            self._state_name, self._reason = "ssh-off", self._why_not_serving(self.netmap)
 
     def _why_not_serving(self, netmap: NetworkMap) -> str:
         if not self.config.flags.allow_server_ssh:
@@ -433,13 +447,15 @@ class Agent:
 
     # sync ----------------------------------------------------------------------------
     async def _sync_loop(self) -> None:
-        attempt = 0
+        attempt = refusals = 0
         cred = self._require_cred()
         while not self._stop.is_set():
             try:
                 async for msg in self.mgmt.sync(cred):
                     if not self._mgmt.get("connected"):
-                        attempt = 0
+                        attempt = refusals = 0
+                        if self._state_name == "credential-refused":
+                            self._settle_state()
                         self._mgmt.update(connected=True, since=_now_iso(), last_error="")
                         event(log, "sync.connected", url=self.config.management_url)
                         task = asyncio.create_task(self._report_self())
@@ -455,6 +471,20 @@ class Agent:
                         event(log, "sync.error", logging.WARNING, error=msg.get("error"),
                               message=msg.get("message"))
                 raise ManagementUnavailable("management closed the sync stream")
+            except PeerDeleted as exc:
+                refusals += 1
+                if refusals >= self.refusals_before_deleted:
+                    raise
+                delay = backoff_delay(refusals - 1, base=self.refusal_backoff)
+                self._mgmt.update(connected=False, last_error=str(exc))
+                self._state_name = "credential-refused"
+                self._reason = (f"{exc}; checking again in {delay:.0f} s (refusal {refusals} of "
+                                f"{self.refusals_before_deleted} before this peer counts as deleted)")
+                event(log, "sync.credential_refused", logging.WARNING, error=str(exc), refusals=refusals,
+                      retry_in=round(delay, 2))
+                await self._write_status()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
             except (ManagementUnavailable, ManagementRejected) as exc:
                 was = self._mgmt.get("connected")
                 self._mgmt.update(connected=False, since=_now_iso() if was else self._mgmt.get("since"),

@@ -7,7 +7,9 @@ here, at one boundary, into the three exceptions the agent acts on:
 
     ManagementUnavailable   network error, 5xx, timeout   → retry with backoff
     ManagementRejected      4xx with a JSON error          → stop and say why (bad setup key)
-    PeerDeleted             401 / "peer-deleted" message    → stop serving, forget credential
+    PeerDeleted             401 / "peer-deleted" message    → check again with backoff; after
+                                                              repeated refusals stop serving
+                                                              and forget the credential
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .errors import MeshsshdError
+from .peerproof import ProofError, prove
 from .state import Credential
 
 
@@ -68,7 +72,7 @@ class Registration:
 
 
 class ManagementClient(Protocol):
-    async def register(self, req: Registration) -> dict[str, Any]: ...
+    async def register(self, req: Registration, wg_private: X25519PrivateKey) -> dict[str, Any]: ...
     async def update_self(self, cred: Credential, body: dict[str, Any]) -> None: ...
     def sync(self, cred: Credential) -> AsyncIterator[dict[str, Any]]: ...
     async def post_events(self, cred: Credential, events: list[dict[str, Any]]) -> None: ...
@@ -127,8 +131,15 @@ class HTTPManagementClient:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise ManagementUnavailable(f"cannot reach management at {self.base_url}: {exc!s}") from exc
 
-    async def register(self, req: Registration) -> dict[str, Any]:
-        doc = await self._post("/api/peers/register", req.to_dict(), None, peer_request=False)
+    async def register(self, req: Registration, wg_private: X25519PrivateKey) -> dict[str, Any]:
+        """Ask for a challenge, answer it with the WireGuard key, register (docs/protocol.md)."""
+        challenge = await self._post("/api/peers/challenge", {"wg_public_key": req.wg_public_key}, None,
+                                     peer_request=False)
+        try:
+            body = prove(req.to_dict(), wg_private, challenge)
+        except ProofError as exc:
+            raise ManagementRejected(200, "bad-response", f"registration challenge unusable: {exc}") from exc
+        doc = await self._post("/api/peers/register", body, None, peer_request=False)
         for key in ("peer_id", "mesh_ip", "credential"):
             if not isinstance(doc.get(key), str) or not doc[key]:
                 raise ManagementRejected(200, "bad-response", f"registration answer lacks {key!r}")

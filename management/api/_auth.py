@@ -80,14 +80,23 @@ async def require_user(request: web.Request) -> Caller:
     return caller
 
 
-async def require_peer(request: web.Request) -> Peer:
+def peer_header(request: web.Request) -> tuple[str, str] | None:
+    """(peer id, credential) from `Authorization: Peer <id>:<credential>`, None without one."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     peer_id, sep, credential = value.strip().partition(":")
     if scheme != "Peer" or not sep or not peer_id or not credential or "\x00" in peer_id:
+        return None
+    return peer_id[:64], credential
+
+
+async def require_peer(request: web.Request) -> Peer:
+    claimed = peer_header(request)
+    if claimed is None:
         raise Unauthorized("an 'Authorization: Peer <peer_id>:<credential>' header is required")
+    peer_id, credential = claimed
     async with request.app[STORE].session() as s:
-        peer = await s.get(Peer, peer_id[:64])
+        peer = await s.get(Peer, peer_id)
     if peer is None or not hmac.compare_digest(peer.credential_hash, hash_secret(credential)):
         raise Unauthorized("unknown peer or wrong credential", code="peer_unauthorized")
     return peer

@@ -27,6 +27,7 @@ from ..netmap import RULE_PROTOCOLS, USER_PREFIX
 from ..store import Group, Peer, Policy, SetupKey, User, aware, hash_password_async, hash_secret, new_secret, utcnow
 from . import _validate as v
 from ._auth import require_admin
+from ._lookup import by_id_or_name, is_id_shaped
 from .keys import EVENTS, HUB, SETTINGS, STORE
 
 log = logging.getLogger("meshmgmt.api.admin")
@@ -221,7 +222,7 @@ def group_dict(g: Group) -> dict[str, Any]:
 async def _resolve_peers(s: Any, refs: list[str], field: str = "peers") -> list[Peer]:
     out = []
     for i, ref in enumerate(refs):
-        peer = (await s.execute(select(Peer).where((Peer.id == ref) | (Peer.name == ref)))).scalars().first()
+        peer = await by_id_or_name(s, Peer, ref)
         if peer is None:
             raise BadRequest(f"{field}[{i}]: no peer with id or name {ref!r}", field=f"{field}[{i}]")
         out.append(peer)
@@ -362,7 +363,7 @@ async def create_setup_key(request: web.Request) -> web.Response:
     async with request.app[STORE].write() as s:
         gids = []
         for i, ref in enumerate(auto_groups):
-            g = (await s.execute(select(Group).where((Group.id == ref) | (Group.name == ref)))).scalars().first()
+            g = await by_id_or_name(s, Group, ref)
             if g is None:
                 raise BadRequest(f"auto_groups[{i}]: no group {ref!r}", field=f"auto_groups[{i}]")
             gids.append(g.id)
@@ -552,7 +553,7 @@ def peer_dict(p: Peer, dns_domain: str, connected: set[str]) -> dict[str, Any]:
 
 
 async def _find_peer(s: Any, ref: str) -> Peer:
-    peer = (await s.execute(select(Peer).where((Peer.id == ref) | (Peer.name == ref)))).scalars().first()
+    peer = await by_id_or_name(s, Peer, ref)
     if peer is None:
         raise NotFound("no such peer")
     return peer
@@ -584,6 +585,8 @@ async def update_peer(request: web.Request) -> web.Response:
     name = v.string(doc, "name", max_len=63)
     if name is not None and not _DNS_LABEL.match(name):
         raise BadRequest("field 'name' must be a DNS label: lowercase letters, digits and '-'", field="name")
+    if name is not None and is_id_shaped(name):
+        raise BadRequest("field 'name' must not look like a peer id (16 hex digits)", field="name")
     ssh_enabled = v.boolean(doc, "ssh_enabled")
     async with request.app[STORE].change("peer.updated") as s:
         peer = await _find_peer(s, _path_id(request))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ..events import EventFeed
 from ..metrics import Registry
@@ -19,6 +20,8 @@ HUB = web.AppKey("hub", SyncHub)
 EVENTS = web.AppKey("events", EventFeed)
 METRICS = web.AppKey("metrics", Registry)
 REGISTER_LIMITER = web.AppKey("register_limiter", RateLimiter)
+CHALLENGE_LIMITER = web.AppKey("challenge_limiter", RateLimiter)
+BOX_KEY = web.AppKey("box_key", X25519PrivateKey)  # management/boxkey.py
 ISSUER = web.AppKey("issuer", Any)  # management.idp.Issuer, or None before the issuer exists
 
 # async () -> MeshState with the issuer's URL and JWKS filled in

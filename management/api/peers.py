@@ -25,6 +25,8 @@ from ..netmap import reachable_peers
 from ..store import Group, Peer, SetupKey, aware, hash_secret, new_secret, utcnow
 from . import _validate as v
 from ._auth import require_peer, require_user
+from ._lookup import reserve_id_shape
+from .enrol import authorise_rekey, consume_proof
 from .keys import EVENTS, HUB, LOAD_STATE, REGISTER_LIMITER, SETTINGS, STORE
 
 log = logging.getLogger("meshmgmt.api.peers")
@@ -60,9 +62,10 @@ _LABEL_BAD = re.compile(r"[^a-z0-9-]+")
 
 
 def dns_label(hostname: str) -> str:
-    """A DNS label from a hostname: first label, lowercase, [a-z0-9-], ≤ 50 characters."""
+    """A DNS label from a hostname: first label, lowercase, [a-z0-9-], ≤ 50 characters,
+    never shaped like a peer id (admin commands take an id or a name)."""
     label = _LABEL_BAD.sub("-", hostname.split(".")[0].lower()).strip("-")[:50].strip("-")
-    return label or "peer"
+    return reserve_id_shape(label or "peer")
 
 
 async def unique_name(s: Any, base: str, exclude_id: str | None = None) -> str:
@@ -122,6 +125,7 @@ async def register(request: web.Request) -> web.Response:
     for attempt in range(8):
         try:
             async with store.change("peer.registered") as s:
+                await consume_proof(request, s, doc, wg)
                 q = select(SetupKey).where(SetupKey.key_hash == hash_secret(setup_key or ""))
                 if store.is_postgres:
                     q = q.with_for_update()
@@ -130,10 +134,11 @@ async def register(request: web.Request) -> web.Response:
                 if problem is not None:
                     raise Unauthorized(problem, field="setup_key", code="invalid_setup_key")
                 assert key is not None
-                key.used_count += 1
-                key.last_used = utcnow()
                 peer = (await s.execute(select(Peer).where(Peer.wg_public_key == wg))).scalar_one_or_none()
                 created = peer is None
+                rekey = "" if peer is None else authorise_rekey(request, peer)
+                key.used_count += 1
+                key.last_used = utcnow()
                 if peer is None:
                     used = set((await s.execute(select(Peer.mesh_ip))).scalars())
                     peer = Peer(
@@ -166,10 +171,10 @@ async def register(request: web.Request) -> web.Response:
     result.update(fqdn=f"{result['name']}.{settings.dns_domain}", network=settings.network,
                   credential=credential)
     event(log, "peer.registered", peer=result["peer_id"], peer_name=result["name"], mesh_ip=result["mesh_ip"],
-          new=created)
+          new=created, rekey=rekey or None)
     await request.app[EVENTS].record("peer.registered" if created else "peer.reregistered",
                                      peer_id=result["peer_id"], name=result["name"], mesh_ip=result["mesh_ip"],
-                                     hostname=hostname)
+                                     hostname=hostname, **({"allowed_by": rekey} if rekey else {}))
     return web.json_response(result, status=201)
 
 

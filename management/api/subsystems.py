@@ -25,6 +25,7 @@ from ..store import Group, Peer
 from ..store.models import Subsystem
 from . import _validate as v
 from ._auth import require_admin
+from ._lookup import by_id_or_name
 from .keys import EVENTS, STORE
 
 routes = web.RouteTableDef()
@@ -71,10 +72,10 @@ async def _owner(s: Any, kind: str, ref: str) -> tuple[str, str]:
     model = Peer if kind == "peer" else Group
     if len(ref) > 100 or "\x00" in ref:
         raise NotFound(f"no such {kind}")
-    row = (await s.execute(select(model.id, model.name).where((model.id == ref) | (model.name == ref)))).first()
+    row = await by_id_or_name(s, model, ref)
     if row is None:
         raise NotFound(f"no such {kind}")
-    return row[0], row[1]
+    return row.id, row.name
 
 
 def _column(kind: str) -> Any:

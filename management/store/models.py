@@ -153,10 +153,27 @@ class Peer(Base):
     setup_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created: Mapped[Created]
     last_seen: Mapped[datetime | None]
+    # Until when an admin allows one re-registration of this WireGuard key without the
+    # current credential (`meshmgmt peers approve-rekey`); cleared when it is used.
+    rekey_approved_until: Mapped[datetime | None]
 
     groups: Mapped[list[Group]] = relationship(
         secondary=group_peers, back_populates="peers", lazy="selectin"
     )
+
+
+class PeerChallenge(Base):
+    """A single-use registration challenge (docs/protocol.md), bound to the WireGuard key
+    it was asked for and to management's box key of the time; deleted when answered.
+    Stored, not kept in memory, so any replica can check the answer. `id` is the digest of
+    the challenge (the challenge itself is not a secret, but nothing needs it back)."""
+
+    __tablename__ = "peer_challenges"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    wg_public_key: Mapped[str] = mapped_column(String(64))
+    box_key: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class SetupKey(Base):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from meshsshd.agent import EXIT_PEER_DELETED, Agent, backoff_delay
 from meshsshd.audit import AuthRefused, SessionStarted
@@ -45,7 +46,7 @@ class Outage:
             return PeerDeleted("management does not know this peer's credential any more: peer deleted")
         return ManagementUnavailable("cannot reach management: connection refused")
 
-    async def register(self, req: Registration) -> dict[str, Any]:
+    async def register(self, req: Registration, wg_private: X25519PrivateKey) -> dict[str, Any]:
         raise self._fail()
 
     async def update_self(self, cred: Credential, body: dict[str, Any]) -> None:
@@ -122,14 +123,58 @@ async def test_restart_while_management_is_down_serves_the_persisted_map(tmp_pat
 
 async def test_deleted_credential_stops_serving_and_says_why(tmp_path: Path) -> None:
     sd = registered_state(tmp_path, netmap(3))
-    agent = Agent(sd, config(), mgmt=Outage(deleted=True), dataplane=NoDataplane())
+    mgmt = Outage(deleted=True)
+    agent = Agent(sd, config(), mgmt=mgmt, dataplane=NoDataplane())
+    agent.refusal_backoff = 0.01
     code = await asyncio.wait_for(agent.run(), 10)
     assert code == EXIT_PEER_DELETED
+    assert mgmt.sync_calls == agent.refusals_before_deleted  # checked again before giving up
     status = read_json(sd.status_path)
     assert status["state"] == "credential-deleted"
     assert "peer deleted" in status["reason"]
     assert status["ssh"]["running"] is False
     assert sd.load_credential() is None and not sd.netmap_path.exists()
+
+
+class RefusesFirst(Outage):
+    """Failure injection: the first `refusals` sync connections are refused with 401
+    (a race, a replica behind); then management sends a map and holds the stream."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+        self.served = asyncio.Event()
+
+    async def update_self(self, cred: Credential, body: dict[str, Any]) -> None:
+        pass
+
+    async def sync(self, cred: Credential) -> AsyncIterator[dict[str, Any]]:
+        self.sync_calls += 1
+        if self.sync_calls <= self.refusals:
+            raise PeerDeleted("management refused this peer's credential (401)")
+        yield {"type": "netmap", "netmap": netmap(4).to_dict()}
+        self.served.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_refused_credential_is_checked_again_not_forgotten(tmp_path: Path) -> None:
+    sd = registered_state(tmp_path, netmap(3))
+    mgmt = RefusesFirst(refusals=2)
+    agent = Agent(sd, config(), mgmt=mgmt, dataplane=NoDataplane())
+    agent.refusal_backoff = 0.3
+    seen: list[dict[str, Any]] = []
+
+    def refused_then_served() -> bool:
+        doc = read_json(sd.status_path) if sd.status_path.exists() else None
+        if doc and doc.get("state") == "credential-refused":
+            seen.append(doc)
+        return mgmt.served.is_set() and agent.netmap is not None and agent.netmap.serial == 4
+
+    code = await run_until(agent, refused_then_served)
+    assert code == 0
+    assert seen and "401" in seen[0]["reason"] and "checking again" in seen[0]["reason"]
+    assert sd.load_credential() is not None  # the identity survived the refusals
+    assert agent._state_name != "credential-refused"
 
 
 async def test_unregistered_peer_without_setup_key_is_told_what_to_do(tmp_path: Path) -> None:

@@ -27,6 +27,14 @@ def test_match_peer(host: str, expect: str | None) -> None:
     assert (got.id if got else None) == expect
 
 
+def test_an_id_means_that_peer_even_when_another_is_named_like_it() -> None:
+    victim = PeerInfo(id="0123456789abcdef", name="db-2", fqdn="db-2.mesh.internal", mesh_ip="100.64.0.3")
+    impostor = PeerInfo(id="fedcba9876543210", name="0123456789abcdef", fqdn="0123456789abcdef.mesh.internal",
+                        mesh_ip="100.64.0.4")
+    for order in ([impostor, victim], [victim, impostor]):
+        assert match_peer(order, "0123456789abcdef") is victim
+
+
 def test_peer_list_skips_bad_entries() -> None:
     doc = {"peers": [PEERS[0].to_dict(), {"id": "x"}, "junk", {**PEERS[1].to_dict(), "ssh_host_keys": 3}]}
     assert [p.id for p in parse_peer_list(doc)] == ["p1"]

@@ -4,7 +4,6 @@ an admin or a user would. Nothing in the product imports this module."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import shutil
@@ -18,14 +17,13 @@ from typing import Any
 import aiohttp
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from meshsshd.peerproof import prove, public_key_b64
 
 from tests.support import Proc, console_script, free_port, require, require_root, wait_for_port
 
 PG_BIN = Path("/usr/lib/postgresql")
-
-
-def wg_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
 
 
 def host_key() -> str:
@@ -179,13 +177,20 @@ async def call(http: aiohttp.ClientSession, method: str, url: str, *, headers: d
 
 
 async def register_peer(http: aiohttp.ClientSession, mgmt: Mgmt, setup_key: str, hostname: str, *,
-                        allow_server_ssh: bool = True, wg: str | None = None, expect: int = 201) -> dict[str, Any]:
-    body = {"setup_key": setup_key, "wg_public_key": wg or wg_key(), "ssh_host_key": host_key(),
+                        allow_server_ssh: bool = True, wg: X25519PrivateKey | None = None,
+                        headers: dict[str, str] | None = None, expect: int = 201) -> dict[str, Any]:
+    """Register as a peer does: a challenge, then the request with its proof (`_wg` in the
+    answer is the WireGuard private key, to register the same key again)."""
+    wg = wg or X25519PrivateKey.generate()
+    body = {"setup_key": setup_key, "wg_public_key": public_key_b64(wg), "ssh_host_key": host_key(),
             "hostname": hostname, "flags": {"allow_server_ssh": allow_server_ssh}, "version": "test",
             "endpoints": ["127.0.0.1:51820"]}
-    _, doc = await call(http, "POST", mgmt.url + "/api/peers/register", json=body, expect=expect)
+    _, challenge = await call(http, "POST", mgmt.url + "/api/peers/challenge", expect=200,
+                              json={"wg_public_key": body["wg_public_key"]})
+    _, doc = await call(http, "POST", mgmt.url + "/api/peers/register", json=prove(body, wg, challenge),
+                        headers=headers, expect=expect)
     if isinstance(doc, dict):
-        doc["_wg"] = body["wg_public_key"]
+        doc["_wg"] = wg
     return doc
 
 

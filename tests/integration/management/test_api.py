@@ -8,8 +8,11 @@ import secrets
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from .mgmtkit import Mgmt, call, host_key, peer_auth, register_peer, service_token, wg_key
+from meshsshd.peerproof import prove, public_key_b64
+
+from .mgmtkit import Mgmt, call, host_key, peer_auth, register_peer, service_token
 
 
 def uniq(prefix: str) -> str:
@@ -151,14 +154,77 @@ async def test_register_allocates_and_reregisters(http: aiohttp.ClientSession, m
     assert a["fqdn"] == f"{host}.mesh.internal" and a["network"] == "127.77.0.0/16"
     assert a["mesh_ip"] != b["mesh_ip"] and a["mesh_ip"].startswith("127.77.")
     assert a["mesh_ip"] not in ("127.77.0.0", "127.77.0.1")
-    # Same WireGuard key again: same peer, new credential, old credential dead.
-    again = await register_peer(http, mgmt, key["key"], host, wg=a["_wg"])
+    # Same WireGuard key again, with the peer's current credential: same peer, new
+    # credential, old credential dead.
+    again = await register_peer(http, mgmt, key["key"], host, wg=a["_wg"], headers=peer_auth(a))
     assert (again["peer_id"], again["mesh_ip"], again["name"]) == (a["peer_id"], a["mesh_ip"], a["name"])
     assert again["credential"] != a["credential"]
     status, _ = await call(http, "POST", mgmt.url + "/api/peers/self", headers=peer_auth(a), json={})
     assert status == 401
     await call(http, "POST", mgmt.url + "/api/peers/self", headers=peer_auth(again), json={"version": "2"},
                expect=200)
+
+
+async def test_reregistering_a_key_needs_its_credential_or_an_admins_approval(
+        http: aiohttp.ClientSession, mgmt: Mgmt) -> None:
+    key = await setup_key(http, mgmt, reusable=True)
+    a = await register_peer(http, mgmt, key["key"], uniq("lost"))
+    other = await register_peer(http, mgmt, key["key"], uniq("other"))
+    # The key's own proof is not enough, nor another peer's credential.
+    for headers in (None, peer_auth(other)):
+        doc = await register_peer(http, mgmt, key["key"], "lost", wg=a["_wg"], headers=headers, expect=409)
+        assert doc["error"] == "peer_exists" and "approve-rekey" in doc["message"]
+    await call(http, "POST", mgmt.url + "/api/peers/self", headers=peer_auth(a), json={}, expect=200)
+    # An admin's approval lets it register once, keeping id, name and address.
+    _, ok = await call(http, "POST", f"{mgmt.url}/api/peers/{a['name']}/approve-rekey", headers=mgmt.admin,
+                       json={"expires_in": 600}, expect=200)
+    assert ok["id"] == a["peer_id"] and ok["rekey_approved_until"]
+    again = await register_peer(http, mgmt, key["key"], "lost", wg=a["_wg"])
+    assert (again["peer_id"], again["name"], again["mesh_ip"]) == (a["peer_id"], a["name"], a["mesh_ip"])
+    await register_peer(http, mgmt, key["key"], "lost", wg=a["_wg"], expect=409)  # single use
+    _, events = await call(http, "GET", mgmt.url + "/api/events?limit=1000", headers=mgmt.admin, expect=200)
+    assert any(e["type"] == "peer.reregistered" and e.get("allowed_by") == "approval"
+               and e["peer_id"] == a["peer_id"] for e in events["events"])
+
+
+async def test_registration_proves_the_wireguard_private_key(http: aiohttp.ClientSession, mgmt: Mgmt) -> None:
+    """The WireGuard public key is in every map: holding it must not be enough."""
+    key = await setup_key(http, mgmt, reusable=True)
+    victim = await register_peer(http, mgmt, key["key"], uniq("victim"))
+    victim_pub = public_key_b64(victim["_wg"])
+    mine = X25519PrivateKey.generate()
+    body = {"setup_key": key["key"], "wg_public_key": victim_pub, "ssh_host_key": host_key(),
+            "hostname": "evil", "flags": {"allow_server_ssh": True}, "version": "x", "endpoints": []}
+
+    async def challenge(wg: str) -> dict:
+        return (await call(http, "POST", mgmt.url + "/api/peers/challenge", json={"wg_public_key": wg},
+                           expect=200))[1]
+
+    url = mgmt.url + "/api/peers/register"
+    # No proof (a peer of the old protocol): told why.
+    status, doc = await call(http, "POST", url, json=body)
+    assert status == 400 and doc["error"] == "proof_required"
+    # A proof made with another key for the victim's public key does not verify.
+    forged = prove(body, mine, await challenge(victim_pub))
+    status, doc = await call(http, "POST", url, json=forged)
+    assert status == 401 and doc["error"] == "invalid_proof", doc
+    # A challenge asked for one key cannot be used for another.
+    mine_body = {**body, "wg_public_key": public_key_b64(mine), "hostname": uniq("mine")}
+    stolen = prove(mine_body, mine, await challenge(victim_pub))
+    status, doc = await call(http, "POST", url, json=stolen)
+    assert status == 401 and doc["error"] == "invalid_challenge"
+    # A changed body (another setup key, host key...) breaks the proof.
+    good = prove(mine_body, mine, await challenge(mine_body["wg_public_key"]))
+    status, doc = await call(http, "POST", url, json={**good, "ssh_host_key": host_key()})
+    assert status == 401 and doc["error"] == "invalid_proof"
+    # The right answer works once; replayed, it is refused.
+    await call(http, "POST", url, json=good, expect=201)
+    status, doc = await call(http, "POST", url, json=good)
+    assert status == 401 and doc["error"] == "invalid_challenge"
+    # The victim was never touched.
+    _, row = await call(http, "GET", f"{mgmt.url}/api/peers/{victim['peer_id']}", headers=mgmt.admin, expect=200)
+    assert row["hostname"] != "evil" and row["wg_public_key"] == victim_pub
+    await call(http, "POST", mgmt.url + "/api/peers/self", headers=peer_auth(victim), json={}, expect=200)
 
 
 async def test_peer_auth_required(http: aiohttp.ClientSession, mgmt: Mgmt) -> None:
@@ -391,7 +457,7 @@ async def test_unknown_route_and_method_are_json(http: aiohttp.ClientSession, mg
     assert status == 404 and doc["error"] == "not_found"
     status, doc = await call(http, "PATCH", mgmt.url + "/api/users", headers=mgmt.admin)
     assert status == 405 and doc["error"] == "method_not_allowed"
-    _ = host_key, wg_key
+    _ = host_key
 
 
 async def test_shutdown_tells_streams_to_go_away(http: aiohttp.ClientSession, sqlite_mgmt: Mgmt) -> None:

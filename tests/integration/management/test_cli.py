@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import aiohttp
 
 from tests.support import console_script
 
-from .mgmtkit import Mgmt, register_peer
+from .mgmtkit import Mgmt, call, register_peer
 
 
 async def test_admin_cli_end_to_end(sqlite_mgmt: Mgmt) -> None:
@@ -108,6 +109,38 @@ async def test_admin_cli_end_to_end(sqlite_mgmt: Mgmt) -> None:
     groups = {g["name"] for g in json.loads(mgmt.cli("--json", "groups", "list").stdout)["groups"]}
     assert "ci@example.com" not in users and "alice@example.com" in users
     assert groups == {"servers"} and json.loads(mgmt.cli("--json", "policies", "list").stdout)["policies"] == []
+
+
+async def test_a_peer_named_like_another_peers_id_cannot_stand_in_for_it(sqlite_mgmt: Mgmt) -> None:
+    """Issue 11 item 11: admin commands take an id or a name; an id means that peer."""
+    mgmt = sqlite_mgmt
+    key = json.loads(mgmt.cli("--json", "setup-keys", "create", "--reusable").stdout)["key"]
+    async with aiohttp.ClientSession() as http:
+        victim = await register_peer(http, mgmt, key, "victim")
+        impostor = await register_peer(http, mgmt, key, victim["peer_id"])
+        spare = await register_peer(http, mgmt, key, "spare")
+    assert impostor["name"] == f"peer-{victim['peer_id']}"  # id-shaped names are reserved
+    res = mgmt.cli("peers", "rename", "spare", spare["peer_id"][::-1], check=False)
+    assert res.returncode != 0 and "peer id" in res.stderr
+    # A database from before the reservation may hold such a name: ids still win.
+    with sqlite3.connect(mgmt.data_dir / "meshmgmt.db") as db:
+        db.execute("UPDATE peers SET name = ? WHERE id = ?", (victim["peer_id"], impostor["peer_id"]))
+    _, doc = await _get(mgmt, f"/api/peers/{victim['peer_id']}")
+    assert doc["id"] == victim["peer_id"]
+    mgmt.cli("groups", "create", "pair", "--peer", victim["peer_id"])
+    group = next(g for g in json.loads(mgmt.cli("--json", "groups", "list").stdout)["groups"] if g["name"] == "pair")
+    assert group["peers"] == [victim["peer_id"]]
+    out = mgmt.cli("peers", "delete", victim["peer_id"]).stdout
+    assert "deleted peer victim" in out
+    left = {p["id"] for p in json.loads(mgmt.cli("--json", "peers", "list").stdout)["peers"]}
+    assert victim["peer_id"] not in left and impostor["peer_id"] in left
+    out = mgmt.cli("peers", "approve-rekey", "spare", "--expires-in", "120").stdout
+    assert out.startswith("spare may register again until ")
+
+
+async def _get(mgmt: Mgmt, path: str) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http:
+        return await call(http, "GET", mgmt.url + path, headers=mgmt.admin, expect=200)
 
 
 def test_init_refuses_twice_and_protects_the_token(tmp_path: Path) -> None:

@@ -17,9 +17,12 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from tests.support import Proc
 
-from .mgmtkit import Mgmt, host_key, wg_key
+from meshsshd.peerproof import prove, public_key_b64
+
+from .mgmtkit import Mgmt, host_key
 
 DEVICE = "urn:ietf:params:oauth:grant-type:device_code"
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -61,9 +64,11 @@ async def _build_mesh(server: Server) -> dict[str, Any]:
         out["svc"] = (svc["client_id"], svc["client_secret"])
         key = (await post("/api/setup-keys", {"name": "test", "reusable": True}))["key"]
         for name, ssh in (("laptop-1", False), ("web-1", True), ("db-1", True)):
-            reg = await post("/api/peers/register", {
-                "setup_key": key, "wg_public_key": wg_key(), "ssh_host_key": host_key(), "hostname": name,
-                "flags": {"allow_server_ssh": ssh}, "version": "test", "endpoints": []}, auth=False)
+            wg = X25519PrivateKey.generate()
+            body = {"setup_key": key, "wg_public_key": public_key_b64(wg), "ssh_host_key": host_key(),
+                    "hostname": name, "flags": {"allow_server_ssh": ssh}, "version": "test", "endpoints": []}
+            challenge = await post("/api/peers/challenge", {"wg_public_key": body["wg_public_key"]}, auth=False)
+            reg = await post("/api/peers/register", prove(body, wg, challenge), auth=False)
             out[name] = reg
         await post("/api/groups", {"name": "devs", "peers": ["laptop-1"], "users": ["alice@example.com", "ci@example.com"]})
         await post("/api/groups", {"name": "servers", "peers": ["web-1"]})

@@ -4,12 +4,17 @@ reaches a sync stream held by the other within 1 s (LISTEN/NOTIFY)."""
 from __future__ import annotations
 
 import asyncio
+import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from meshsshd.peerproof import prove, public_key_b64
 
 from .mgmtkit import Mgmt, PgCluster, assert_no_server_errors, call, init_data_dir, peer_auth, register_peer, start_serve
 
@@ -18,11 +23,12 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 def replicas(pg: PgCluster, tmp_path: Path) -> Iterator[tuple[Mgmt, Mgmt]]:
-    database = pg.create_database("replicas")
+    database = pg.create_database(f"replicas_{secrets.token_hex(4)}")  # one per test
     one = tmp_path / "one"
     token = init_data_dir(one, database)
     two = tmp_path / "two"
     two.mkdir(mode=0o700)
+    shutil.copy2(one / "peer-box.key", two / "peer-box.key")  # as docs/management.md says
     r1 = start_serve(one, token, database)
     try:
         r2 = start_serve(two, token, database)
@@ -72,11 +78,12 @@ async def test_change_via_one_replica_reaches_stream_on_the_other(replicas: tupl
             # re-listen and catch up, so a change made meanwhile still arrives.
             import asyncpg
 
-            admin = await asyncpg.connect(r1.database.replace("/replicas", "/postgres"))
+            base, db_name = r1.database.rsplit("/", 1)
+            admin = await asyncpg.connect(base + "/postgres")
             try:
                 killed = await admin.fetchval(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = 'replicas' AND query LIKE 'LISTEN%'")
+                    "WHERE datname = $1 AND query LIKE 'LISTEN%'", db_name)
             finally:
                 await admin.close()
             assert killed == 2
@@ -93,3 +100,19 @@ async def test_change_via_one_replica_reaches_stream_on_the_other(replicas: tupl
         _, h1 = await call(http, "GET", r1.url + "/healthz", expect=200)
         _, h2 = await call(http, "GET", r2.url + "/healthz", expect=200)
         assert h1["serial"] == h2["serial"]
+
+
+async def test_a_challenge_from_one_replica_is_answered_at_the_other(replicas: tuple[Mgmt, Mgmt]) -> None:
+    """Behind a load balancer the challenge and the registration may hit different
+    replicas: the challenge is in the database, the box key file is shared."""
+    r1, r2 = replicas
+    wg = X25519PrivateKey.generate()
+    async with aiohttp.ClientSession() as http:
+        _, key = await call(http, "POST", r1.url + "/api/setup-keys", headers=r1.admin, json={}, expect=201)
+        body = {"setup_key": key["key"], "wg_public_key": public_key_b64(wg), "hostname": "lb"}
+        _, challenge = await call(http, "POST", r1.url + "/api/peers/challenge", expect=200,
+                                  json={"wg_public_key": body["wg_public_key"]})
+        signed = prove(body, wg, challenge)
+        await call(http, "POST", r2.url + "/api/peers/register", json=signed, expect=201)
+        status, doc = await call(http, "POST", r1.url + "/api/peers/register", json=signed)  # replayed elsewhere
+        assert status == 401 and doc["error"] == "invalid_challenge"
