@@ -283,7 +283,12 @@ class Issuer:
             if isinstance(checked, exchange.Refused):
                 raise IdpError("invalid_request", checked.description, reason=checked.reason)
             via_id = checked.id
-        return identity, [exchange.decide(state, identity, a) for a in audiences], via_id
+        decisions = [exchange.decide(state, identity, a) for a in audiences]
+        duplicate = exchange.first_duplicate(decisions)
+        if duplicate is not None:
+            raise IdpError("invalid_request", f"audience {duplicate} repeats a peer already asked for; "
+                           "name each peer once", reason="duplicate-audience")
+        return identity, decisions, via_id
 
     def ssh_token(self, identity: tokens.Identity, allowed: exchange.Allowed, via: str | None = None) -> str:
         claims = tokens.ssh_claims(identity, self.issuer_url, allowed.peer.id, allowed.local_users,
