@@ -351,9 +351,9 @@ async def test_verification_page_rate_limits_sign_in(tmp_path: Path) -> None:
     try:
         form = parse_form(await (await client.get("/device")).text())
         statuses = []
-        for _ in range(5):
+        for i in range(5):  # a new email each time: the per-address bucket, not the per-email backoff
             resp = await client.post("/device", data=dict(form.fields, user_code="BCDF-GHJK",
-                                                           email="x@example.com", password="guess",
+                                                           email=f"x{i}@example.com", password="guess",
                                                            action="approve"))
             statuses.append(resp.status)
         assert 429 not in statuses[:3] and statuses[3:] == [429, 429]

@@ -157,7 +157,8 @@ async def test_device_flow_end_to_end(server: Server, cli: aiohttp.ClientSession
     assert (status, body["error"]) == (400, "slow_down")
 
     status, page = await _approve_in_browser(browser, start["verification_uri_complete"], "alice@example.com", "wrong")
-    assert status == 401 and "Wrong email or password" in page
+    assert status == 401 and "Wrong email or password (next try in 1 s)" in page
+    await asyncio.sleep(1.1)  # a failure makes this client wait before the next try for this email
     status, page = await _approve_in_browser(browser, start["verification_uri_complete"], "alice@example.com")
     assert status == 200 and "Device approved" in page
 
