@@ -22,6 +22,7 @@ from .api import admin, enrol, peers, subsystems
 from .api.keys import (BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, REGISTER_LIMITER,
                        SETTINGS, STORE)
 from .boxkey import load_or_create_box_key
+from .clientaddr import forwarded_middleware, parse_trusted_proxies
 from .errors import ManagementError, TooManyRequests
 from .events import EventFeed
 from .metrics import Registry
@@ -107,7 +108,9 @@ def _setup_issuer(app: web.Application, store: Store, settings: MgmtSettings):  
 
 def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Application:
     store = store or Store.for_data_dir(settings.data_dir, settings.database)
-    app = web.Application(middlewares=[errors_middleware], client_max_size=2 * 1024 * 1024)
+    app = web.Application(middlewares=[errors_middleware,
+                                       forwarded_middleware(parse_trusted_proxies(settings.trusted_proxies))],
+                          client_max_size=2 * 1024 * 1024)
     registry = Registry()
     app[SETTINGS] = settings
     app[STORE] = store

@@ -2,6 +2,7 @@
 
     meshmgmt init  --data-dir DIR --admin-email EMAIL [--admin-password-stdin] [--database URL]
     meshmgmt serve --data-dir DIR --listen HOST:PORT [--database URL] [--public-url URL] [--network CIDR]
+                   [--trusted-proxy CIDR]...
     meshmgmt [--url URL] [--token-file F] [--json] <users|groups|setup-keys|policies|peers|events> <verb> ...
 
 Admin commands read the URL and token from the flags, or from MESHMGMT_URL /
@@ -92,8 +93,11 @@ def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database:
 @click.option("--register-rate", type=float, default=2.0, show_default=True,
               help="peer registrations per second per client address (after the burst)")
 @click.option("--register-burst", type=int, default=20, show_default=True)
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="CIDR",
+              help="a reverse proxy (address or network, repeatable) whose X-Forwarded-For names the client")
 def serve(data_dir: Path, listen: str, database: str | None, public_url: str | None, network: str,
-          dns_domain: str, log_level: str, register_rate: float, register_burst: int) -> None:
+          dns_domain: str, log_level: str, register_rate: float, register_burst: int,
+          trusted_proxies: tuple[str, ...]) -> None:
     """Run the management server (REST API, issuer, sync streams)."""
     os.umask(0o077)
     from .bootstrap import run_server
@@ -106,7 +110,7 @@ def serve(data_dir: Path, listen: str, database: str | None, public_url: str | N
         run_server(data_dir, host, port, database=database,
                    public_url=public_url or f"http://{url_host}:{port}", network=network,
                    dns_domain=dns_domain, log_level=log_level, register_rate=register_rate,
-                   register_burst=register_burst)
+                   register_burst=register_burst, trusted_proxies=trusted_proxies)
     except ManagementError as exc:
         click.echo(f"meshmgmt: {exc.message}", err=True)
         sys.exit(EXIT_USAGE)

@@ -16,6 +16,9 @@ import aiohttp
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from .escaping import escape_controls, escape_strings
 
 
 class ApiError(click.ClickException):
@@ -70,12 +73,14 @@ def _emit(ctx: click.Context, doc: Any, rows: list[dict[str, Any]] | None = None
     table = Table(title=title or None, show_lines=False)
     for c in columns:
         table.add_column(c)
-    for r in rows:
-        table.add_row(*(_cell(r.get(c)) for c in columns))
+    for r in rows:  # Text, not str: a value is never read as rich markup ("[link=…]")
+        table.add_row(*(Text(_cell(r.get(c))) for c in columns))
     Console(width=200).print(table)
 
 
 def _cell(v: Any) -> str:
+    """One value as table text; control characters escaped (events stored before
+    ingest escaped them, and anything else a client or peer wrote)."""
     if v is None:
         return ""
     if isinstance(v, bool):
@@ -83,8 +88,8 @@ def _cell(v: Any) -> str:
     if isinstance(v, list):
         return ", ".join(_cell(x) for x in v)
     if isinstance(v, dict):
-        return ", ".join(f"{k}={_cell(x)}" for k, x in sorted(v.items()) if x)
-    return str(v)
+        return ", ".join(f"{_cell(k)}={_cell(x)}" for k, x in sorted(v.items()) if x)
+    return escape_controls(str(v))
 
 
 def _resolve(ctx: click.Context, collection: str, ref: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -361,7 +366,7 @@ def register(main: click.Group) -> None:
     def events_list(ctx: click.Context, since: int, limit: int, follow: bool) -> None:
         cols = ("id", "received_at", "type", "peer_id", "identity", "local_user", "source_ip", "command", "reason")
         if not follow:
-            doc = _run(ctx, "GET", "/api/events", params={"since": since, "limit": limit})
+            doc = escape_strings(_run(ctx, "GET", "/api/events", params={"since": since, "limit": limit}))
             _emit(ctx, doc, doc["events"], cols)
             return
         client = _client(ctx)
@@ -374,7 +379,7 @@ def register(main: click.Group) -> None:
                     async for msg in ws:
                         if msg.type != aiohttp.WSMsgType.TEXT:
                             break
-                        e = json.loads(msg.data).get("event", {})
+                        e = escape_strings(json.loads(msg.data).get("event", {}))
                         if json_mode:
                             click.echo(json.dumps(e, sort_keys=True))
                         else:

@@ -3,6 +3,7 @@ management records itself (peer registered/deleted, policy changed), listed and 
 
 Peer events are validated field by field (`parse_peer_event`), stored with `peer_id` and
 `received_at`, and handed out in id order, so `since=<last id>` pages without gaps.
+Control characters in any string are stored as visible escapes (`management.escaping`).
 Following (`EventFeed.wait`) wakes at once for events written through this process and
 polls the database about once a second for those written through other replicas.
 """
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import select
 
 from .errors import BadRequest
+from .escaping import escape_strings
 from .store import Event, Store, aware, utcnow
 
 PEER_EVENT_TYPES = (
@@ -66,9 +68,9 @@ def parse_peer_event(doc: Any, where: str) -> tuple[str, datetime | None, dict[s
         v = doc.get(k)
         if v is None:
             continue
-        if not isinstance(v, str) or len(v) > 4096 or "\x00" in v:
+        if not isinstance(v, str) or len(v) > 4096:
             raise BadRequest(f"{where}.{k} must be a string (≤ 4096 characters)", field=f"{where}.{k}")
-        data[k] = v
+        data[k] = v  # a NUL or ESC in a command is evidence: kept, and escaped when stored
     for k in _INT_FIELDS:
         v = doc.get(k)
         if v is None:
@@ -104,14 +106,14 @@ class EventFeed:
         if not _TYPE.match(etype):
             raise ValueError(f"bad event type {etype!r}")
         async with self.store.write() as s:
-            s.add(Event(type=etype, peer_id=peer_id, time=when or utcnow(), data=data))
+            s.add(Event(type=etype, peer_id=peer_id, time=when or utcnow(), data=escape_strings(data)))
         await self._wake()
 
     async def ingest(self, peer_id: str, events: list[tuple[str, datetime | None, dict[str, Any]]]) -> int:
         now = utcnow()
         async with self.store.write() as s:
             for etype, when, data in events:
-                s.add(Event(type=etype, peer_id=peer_id, time=when, received_at=now, data=data))
+                s.add(Event(type=etype, peer_id=peer_id, time=when, received_at=now, data=escape_strings(data)))
         await self._wake()
         return len(events)
 

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from .clientaddr import parse_trusted_proxies
 from .errors import BadRequest
 
 DEFAULT_NETWORK = "100.64.0.0/10"
@@ -22,6 +23,7 @@ class MgmtSettings:
     register_rate: float = 2.0  # registrations per second per client address ...
     register_burst: int = 20  # ... after a burst of this many
     idp_options: dict | None = None  # passed to setup_idp as keyword arguments
+    trusted_proxies: tuple[str, ...] = ()  # reverse proxies whose X-Forwarded-For is believed
 
     def __post_init__(self) -> None:
         try:
@@ -33,3 +35,5 @@ class MgmtSettings:
             raise BadRequest("--network must have room for at least a few peers (/29 or larger)",
                              field="network")
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+        proxies = parse_trusted_proxies(self.trusted_proxies)
+        object.__setattr__(self, "trusted_proxies", tuple(str(n) for n in proxies))

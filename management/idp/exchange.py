@@ -50,10 +50,15 @@ def resolve_local_users(patterns: tuple[str, ...], email: str) -> tuple[str, ...
 MAX_AUDIENCE_LEN = 253  # the longest DNS name
 
 
+def _shown(asked: str) -> str:
+    """What a refusal quotes of a name the client sent: all of a plausible one."""
+    return asked if len(asked) <= MAX_AUDIENCE_LEN else asked[:40] + "…"
+
+
 def decide(state: MeshState, identity: Identity, asked: str) -> Allowed | Refused:
     peer = find_peer(state, asked) if asked.strip() and len(asked) <= MAX_AUDIENCE_LEN else None
     if peer is None:
-        shown = asked if len(asked) <= MAX_AUDIENCE_LEN else asked[:40] + "…"
+        shown = _shown(asked)
         return Refused(shown, "invalid_target", "unknown-peer", f"unknown peer {shown}", 400)
     grant = ssh_access(state, identity.email, None, peer.id)
     if grant is not None:
@@ -71,6 +76,21 @@ def decide(state: MeshState, identity: Identity, asked: str) -> Allowed | Refuse
                    f"no policy lets {identity.email} reach {peer.name}", 403)
 
 
+def first_duplicate(decisions: list[Allowed | Refused]) -> str | None:
+    """The first audience whose token would go to a peer an earlier audience already got
+    one for (by id, name, FQDN or mesh IP), or that repeats an earlier refused name; None
+    when all are distinct. Two tokens for one peer from one request serve no client (the
+    client names each peer once by id) and would let one request mint a pile of live
+    tokens for the same target."""
+    seen: set[str] = set()
+    for d in decisions:
+        key = d.peer.id if isinstance(d, Allowed) else d.asked.strip().lower().rstrip(".")
+        if key in seen:
+            return d.asked
+        seen.add(key)
+    return None
+
+
 def check_via(state: MeshState, identity: Identity, via: str) -> PeerRecord | Refused:
     """The peer a delegated request comes through (the session on B asking the user's
     client on A for a token for C). It must be a known peer that this identity may reach
@@ -78,7 +98,7 @@ def check_via(state: MeshState, identity: Identity, via: str) -> PeerRecord | Re
     in the audit trail. Its id goes into the SSH token's `via` claim."""
     ok_ref = bool(via.strip()) and len(via) <= MAX_AUDIENCE_LEN
     peer = find_peer(state, via) if ok_ref else None
-    shown = via if len(via) <= MAX_AUDIENCE_LEN else via[:40] + "…"
+    shown = _shown(via)
     if peer is None:
         return Refused(shown, "invalid_request", "via-unknown-peer", f"via: unknown peer {shown}", 400)
     if ssh_access(state, identity.email, None, peer.id) is None:

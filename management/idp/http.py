@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
@@ -28,7 +29,8 @@ from meshsshd.logs import event
 from . import page
 from .device import normalize_user_code
 from .errors import IdpError
-from .issuer import Issuer
+from .issuer import BAD_PASSWORD, Issuer
+from .signin import BACKOFF, CEILING, SignInThrottle
 from .tokens import SSH_TOKEN_TYPE_URN
 
 log = logging.getLogger("meshmgmt.idp")
@@ -61,6 +63,15 @@ def _limited(retry_after: str, what: str) -> web.Response:
     )
 
 
+# What the page says when a throttle refuses (by Decision.reason); {} is the wait in seconds.
+_SIGN_IN_WAIT = {
+    "": "Too many sign-in attempts. Try again in {} s.",
+    BACKOFF: "Too many failed sign-ins for this email from here. Try again in {} s.",
+    CEILING: "Too many failed sign-ins for this account. Try again in {} s, "
+             "or sign in from a device that signed in here before.",
+}
+
+
 def _client_ip(request: web.Request) -> str:
     return request.remote or "?"
 
@@ -70,7 +81,7 @@ class IdpRoutes:
         self.issuer = issuer
         s = issuer.settings
         self.login_ip = RateLimiter(*s.login_limit)
-        self.login_email = RateLimiter(*s.login_email_limit)
+        self.sign_in = SignInThrottle(s.login_backoff, s.login_email_ceiling, s.login_remember)
         self.device_code = RateLimiter(*s.device_code_limit)
         self.token = RateLimiter(*s.token_limit)
 
@@ -234,14 +245,24 @@ class IdpRoutes:
             self.issuer.metrics.refused("device_verification", "csrf")
             event(log, "idp.device_page_refused", reason="csrf", ip=_client_ip(request))
             return again("This form expired or came from another site. Please try again.", 403)
-        for limiter, key in ((self.login_ip, _client_ip(request)), (self.login_email, email.lower())):
-            decision = limiter.hit(key)
-            if not decision.allowed:
-                self.issuer.metrics.refused("device_verification", "rate-limited")
-                event(log, "idp.device_page_refused", reason="rate-limited", ip=_client_ip(request))
-                resp = again(f"Too many sign-in attempts. Wait {decision.retry_after_header} seconds.", 429)
-                resp.headers["Retry-After"] = decision.retry_after_header
-                return resp
+        client = _client_ip(request)
+        decision = self.login_ip.hit(client)
+        if decision.allowed:
+            decision = self.sign_in.begin(email, client)
+        if not decision.allowed:
+            reason = decision.reason or "rate-limited"
+            self.issuer.metrics.refused("device_verification", reason)
+            event(log, "idp.device_page_refused", reason=reason, ip=client)
+            resp = again(_SIGN_IN_WAIT.get(reason, _SIGN_IN_WAIT[""]).format(decision.retry_after_header), 429)
+            resp.headers["Retry-After"] = decision.retry_after_header
+            return resp
+        try:
+            return await self._sign_in_and_decide(field, email, raw_code, client, again)
+        finally:
+            self.sign_in.release(email, client)
+
+    async def _sign_in_and_decide(self, field: Any, email: str, raw_code: str, client: str,
+                                  again: Callable[[str, int], web.Response]) -> web.Response:
         action = field("action")
         if action not in ("approve", "deny"):
             return again("Choose Approve or Deny.", 400)
@@ -253,8 +274,15 @@ class IdpRoutes:
             identity = await self.issuer.approve_device(code, email, field("password"), action == "approve")
         except IdpError as exc:
             self.issuer.metrics.refused("device_verification", exc.reason)
-            event(log, "idp.device_page_refused", reason=exc.reason, ip=_client_ip(request))
-            return again(exc.description[:1].upper() + exc.description[1:] + ".", exc.status)
+            event(log, "idp.device_page_refused", reason=exc.reason, ip=client)
+            if exc.reason != BAD_PASSWORD:  # approve_device checks the password first: it was right
+                self.sign_in.succeeded(email, client)
+                return again(exc.description[:1].upper() + exc.description[1:] + ".", exc.status)
+            wait = self.sign_in.failed(email, client)
+            resp = again(f"Wrong email or password (next try in {wait.retry_after_header} s).", exc.status)
+            resp.headers["Retry-After"] = wait.retry_after_header
+            return resp
+        self.sign_in.succeeded(email, client)
         return self._html(page.render_result(approved=action == "approve", email=identity.email))
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger("meshmgmt.idp")
 
 MAX_AUDIENCES = 512  # fan-out (`meshssh exec`) asks for every target at once; aiohttp caps a form at 1000 fields
 PUBLIC_CLIENTS = ("meshssh",)
+BAD_PASSWORD = "bad-password"  # the refusal reason of a failed sign-in (what sign-in throttling counts)
 
 
 @dataclass
@@ -48,9 +49,14 @@ class IssuerSettings:
     key_secret: bytes | None = None  # encrypts private keys at rest when set
     public_clients: tuple[str, ...] = PUBLIC_CLIENTS
     housekeeping_interval: float = 60.0
-    # Token buckets per client IP (and per email for sign-in): (rate per second, burst).
+    # Token buckets per client IP: (rate per second, burst).
     login_limit: tuple[float, int] = (1 / 6, 10)
-    login_email_limit: tuple[float, int] = (1 / 30, 5)
+    # Sign-in failures (management/idp/signin.py): per (email, client) a doubling wait
+    # (first, cap) in seconds; per email a ceiling drained by failures only, which clients
+    # that signed in as that email within `login_remember` seconds are exempt from.
+    login_backoff: tuple[float, float] = (1.0, 900.0)
+    login_email_ceiling: tuple[float, int] = (1 / 60, 50)
+    login_remember: float = 30 * 86400.0
     device_code_limit: tuple[float, int] = (1.0, 20)
     token_limit: tuple[float, int] = (10.0, 120)
     clock: Callable[[], float] = field(default=time.time)
@@ -251,7 +257,7 @@ class Issuer:
         """The verification page: sign the user in, then approve or deny the code."""
         identity = await self.grants.authenticate_user(email, password)
         if identity is None:
-            raise IdpError("access_denied", "wrong email or password", status=401, reason="bad-password")
+            raise IdpError("access_denied", "wrong email or password", status=401, reason=BAD_PASSWORD)
         refused = await self.grants.decide_device(user_code, identity.sub, approve)
         if refused is not None:
             raise IdpError("invalid_request", "this code is unknown, expired or already used; "
@@ -283,7 +289,12 @@ class Issuer:
             if isinstance(checked, exchange.Refused):
                 raise IdpError("invalid_request", checked.description, reason=checked.reason)
             via_id = checked.id
-        return identity, [exchange.decide(state, identity, a) for a in audiences], via_id
+        decisions = [exchange.decide(state, identity, a) for a in audiences]
+        duplicate = exchange.first_duplicate(decisions)
+        if duplicate is not None:
+            raise IdpError("invalid_request", f"audience {duplicate} repeats a peer already asked for; "
+                           "name each peer once", reason="duplicate-audience")
+        return identity, decisions, via_id
 
     def ssh_token(self, identity: tokens.Identity, allowed: exchange.Allowed, via: str | None = None) -> str:
         claims = tokens.ssh_claims(identity, self.issuer_url, allowed.peer.id, allowed.local_users,

@@ -162,7 +162,8 @@ async def test_device_flow_end_to_end(server: Server, cli: aiohttp.ClientSession
     assert (status, body["error"]) == (400, "slow_down")
 
     status, page = await _approve_in_browser(browser, start["verification_uri_complete"], "alice@example.com", "wrong")
-    assert status == 401 and "Wrong email or password" in page
+    assert status == 401 and "Wrong email or password (next try in 1 s)" in page
+    await asyncio.sleep(1.1)  # a failure makes this client wait before the next try for this email
     status, page = await _approve_in_browser(browser, start["verification_uri_complete"], "alice@example.com")
     assert status == 200 and "Device approved" in page
 
@@ -204,11 +205,10 @@ async def test_token_exchange_allowed_and_refused(server: Server, cli: aiohttp.C
     status, body = await _exchange(cli, carol, "web-1")
     assert (status, body["error_description"]) == (403, "no policy lets carol@example.com reach web-1")
 
-    # Fan-out by FQDN and mesh IP, with one failure in the middle.
-    web = server.data["web-1"]
-    status, body = await _exchange(cli, alice, "web-1.mesh.internal", "db-9", web["mesh_ip"])
+    # Fan-out by FQDN and mesh IP, with failures in the middle and at the end.
+    status, body = await _exchange(cli, alice, "web-1.mesh.internal", "db-9", server.data["laptop-1"]["mesh_ip"])
     assert status == 200
-    assert [t.get("error") for t in body["tokens"]] == [None, "invalid_target", None]
+    assert [t.get("error") for t in body["tokens"]] == [None, "invalid_target", "access_denied"]
 
     # The admin turns SSH on for db-1 (the toggle needs a rule admitting TCP 22: there is none).
     async with cli.put(f"/api/peers/{server.data['db-1']['peer_id']}", json={"ssh_enabled": True},
@@ -216,6 +216,21 @@ async def test_token_exchange_allowed_and_refused(server: Server, cli: aiohttp.C
         assert r.status == 200, await r.text()
     status, body = await _exchange(cli, alice, "db-1")
     assert status == 403 and body["error"] == "access_denied"
+
+
+async def test_token_exchange_refuses_a_peer_named_twice(server: Server, cli: aiohttp.ClientSession,
+                                                         browser: aiohttp.ClientSession) -> None:
+    """One request, one token per peer: naming web-1 again (by any of its names) refuses
+    the whole request, so no request mints several live tokens for one target."""
+    alice = (await _login(cli, browser, "alice@example.com"))["access_token"]
+    web = server.data["web-1"]
+    for again in ("web-1", "WEB-1.mesh.internal.", web["mesh_ip"], web["peer_id"]):
+        status, body = await _exchange(cli, alice, "web-1", "db-9", again)
+        assert (status, body.get("error")) == (400, "invalid_request"), (again, body)
+        assert body["error_description"] == f"audience {again} repeats a peer already asked for; name each peer once"
+        assert "tokens" not in body and "access_token" not in body
+    status, body = await _exchange(cli, alice, "db-9", "db-9")  # an unknown name twice, too
+    assert (status, body.get("error")) == (400, "invalid_request"), body
 
 
 async def test_client_credentials_for_a_service_user(server: Server, cli: aiohttp.ClientSession) -> None:

@@ -1,4 +1,5 @@
-"""The token-bucket rate limiter, the Prometheus exposition, and registration throttling."""
+"""The token-bucket rate limiter, the sign-in backoff and failure ceiling, the Prometheus
+exposition, and registration throttling."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from management.app import create_app
+from management.idp.signin import BACKOFF, CEILING, SignInThrottle
 from management.metrics import Registry
-from management.ratelimit import RateLimiter
+from management.ratelimit import Backoff, Decision, RateLimiter
 from management.settings import MgmtSettings
 
 
@@ -47,6 +49,74 @@ def test_bucket_prunes_idle_keys() -> None:
 def test_bad_limiter_settings() -> None:
     with pytest.raises(ValueError):
         RateLimiter(rate=0, burst=1)
+
+
+def test_backoff_doubles_up_to_the_cap_and_resets_on_success() -> None:
+    clock = Clock()
+    b = Backoff(base=1.0, cap=8.0, clock=clock)
+    assert b.check("k").allowed
+    waits = [b.failed("k").retry_after for _ in range(6)]
+    assert waits == [1, 2, 4, 8, 8, 8]
+    assert b.check("k").retry_after == pytest.approx(8)
+    clock.t += 7.5
+    assert not b.check("k").allowed  # early retries are refused, and do not count
+    clock.t += 0.5
+    assert b.check("k").allowed
+    b.succeeded("k")
+    assert b.failed("k").retry_after == 1
+
+
+def test_backoff_forgets_after_a_quiet_day() -> None:
+    clock = Clock()
+    b = Backoff(base=1.0, cap=900.0, clock=clock)
+    for _ in range(5):
+        b.failed("k")
+    clock.t += 86400
+    assert b.failed("k").retry_after == 1
+
+
+def _may_try(t: SignInThrottle, email: str, client: str) -> Decision:
+    """One attempt's verdict, released at once (these tests look at waits, not overlap)."""
+    decision = t.begin(email, client)
+    t.release(email, client)
+    return decision
+
+
+def test_one_client_failing_does_not_slow_another() -> None:
+    clock = Clock()
+    t = SignInThrottle(backoff=(1.0, 900.0), ceiling=(1 / 60, 50), clock=clock)
+    for _ in range(5):
+        t.failed("alice@example.com", "198.51.100.66")
+    d = _may_try(t, "Alice@example.com", "198.51.100.66")
+    assert (d.allowed, d.reason) == (False, BACKOFF) and d.retry_after == pytest.approx(16)
+    assert _may_try(t, "alice@example.com", "203.0.113.10").allowed  # the owner, elsewhere
+    assert _may_try(t, "bob@example.com", "198.51.100.66").allowed  # another account, same client
+
+
+def test_one_attempt_in_flight_per_email_and_client() -> None:
+    t = SignInThrottle(clock=Clock())
+    assert t.begin("alice@example.com", "192.0.2.1").allowed
+    second = t.begin("alice@example.com", "192.0.2.1")
+    assert (second.allowed, second.reason) == (False, BACKOFF)
+    assert t.begin("alice@example.com", "192.0.2.2").allowed
+    t.release("alice@example.com", "192.0.2.1")
+    assert t.begin("alice@example.com", "192.0.2.1").allowed
+
+
+def test_the_ceiling_spares_clients_that_signed_in_before() -> None:
+    clock = Clock()
+    t = SignInThrottle(backoff=(1.0, 900.0), ceiling=(1 / 60, 3), clock=clock)
+    t.succeeded("alice@example.com", "203.0.113.10")  # her laptop, last week
+    for i in range(3):  # failures spread over many addresses
+        t.failed("alice@example.com", f"198.51.100.{i}")
+    fresh = _may_try(t, "alice@example.com", "192.0.2.1")
+    assert (fresh.allowed, fresh.reason) == (False, CEILING) and fresh.retry_after == pytest.approx(60)
+    assert _may_try(t, "alice@example.com", "203.0.113.10").allowed
+    assert _may_try(t, "bob@example.com", "192.0.2.1").allowed
+    clock.t += 30 * 86400  # remembered for 30 days, then a stranger again
+    for i in range(3):
+        t.failed("alice@example.com", f"198.51.100.{i}")
+    assert _may_try(t, "alice@example.com", "203.0.113.10").reason == CEILING
 
 
 def test_exposition_format() -> None:
