@@ -16,10 +16,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from meshsshd.peerproof import public_key_b64
 from tests.support import console_script
 
-from .mgmtkit import Mgmt, call, host_key, init_data_dir, mgmt_server, wg_key
+from .mgmtkit import Mgmt, call, host_key, init_data_dir, mgmt_server
 
 PASSWORD = "alice-has-a-long-password"
 ALICE = "alice@example.com"
@@ -147,7 +149,7 @@ async def test_forwarded_for_is_ignored_without_a_trusted_proxy(direct: Mgmt, br
 
 
 async def _register(http: aiohttp.ClientSession, mgmt: Mgmt, forwarded_for: str) -> tuple[int, object]:
-    body = {"setup_key": "mk_not-a-key", "wg_public_key": wg_key(), "ssh_host_key": host_key(),
+    body = {"setup_key": "mk_not-a-key", "wg_public_key": public_key_b64(X25519PrivateKey.generate()), "ssh_host_key": host_key(),
             "hostname": "x", "flags": {}, "version": "test", "endpoints": []}
     return await call(http, "POST", mgmt.url + "/api/peers/register", json=body,
                       headers={"X-Forwarded-For": forwarded_for})
