@@ -164,8 +164,9 @@ def main(argv: list[str]) -> int:
             os.setgid(args.gid)
             os.setuid(args.uid)
             try:
-                os.chdir(args.cwd)
-            except OSError:
+                os.chdir(args.cwd)   # after the drop: with the user's rights, as sshd
+            except OSError as exc:
+                os.write(2, f"Could not chdir to home directory {args.cwd}: {exc.strerror}\n".encode())
                 os.chdir("/")
             os.execve(executable, child_argv, env)
         except OSError as exc:
