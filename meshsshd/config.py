@@ -86,6 +86,8 @@ class ServerSettings:
     # Addresses a -R forward may bind besides loopback (the peer's own mesh IP).
     own_addresses: tuple[str, ...] = ()
     metrics_listen: tuple[str, int] | None = None
+    # `ssh -A` (OpenSSH's AllowAgentForwarding, on by default there too).
+    agent_forwarding: bool = True
 
     def with_(self, **changes: Any) -> ServerSettings:
         return replace(self, **changes)
@@ -140,6 +142,7 @@ KNOWN_KEYS = {
     "listen", "state_dir", "use_system_host_keys", "sftp", "local_port_forwarding",
     "remote_port_forwarding", "root_login", "disable_auth", "authorized_keys", "jwt",
     "access", "subsystems", "sftp_server", "limits", "own_addresses", "metrics_listen",
+    "agent_forwarding",
 }
 JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
 
@@ -219,6 +222,7 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         limits=limits,
         own_addresses=tuple(data.get("own_addresses", [])),
         metrics_listen=parse_listen(metrics) if metrics else None,
+        agent_forwarding=_bool(data, "agent_forwarding", True),
     )
     if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
         raise ConfigError(

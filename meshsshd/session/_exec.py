@@ -26,9 +26,11 @@ from .. import audit
 from ..logs import event
 from ..users import LocalUser
 from . import _utmp
+from ._agent import AgentForwarding
 from ._io import FdReader, FdWriter, make_pipe
 from ._pty import PTY
-from ._spawn import ConnectionInfo, build_child_argv, build_child_env, build_pam_argv, pam_service, spawn
+from ._spawn import (ConnectionInfo, build_child_argv, build_child_env, build_pam_argv, pam_service,
+                     signal_as_user, spawn)
 
 log = logging.getLogger("meshsshd.session")
 
@@ -46,6 +48,7 @@ class SessionContext:
     audit: audit.AuditSink
     resolve_subsystem: Callable[[str], str | None]   # name → command line, None = refused
     registry: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agent: AgentForwarding = field(default_factory=AgentForwarding)   # closed with the connection
 
     def base_event(self, session_id: str) -> dict[str, Any]:
         return dict(session_id=session_id, identity=self.identity, source_ip=self.conn.client_ip,
@@ -125,7 +128,7 @@ class ChildSession(asyncssh.SSHServerSession):
         chan = self._chan
         assert chan is not None
         user = self.ctx.user
-        auth_sock = self._prepare_agent(chan)
+        auth_sock = await self._prepare_agent(chan)
         pty = self._want_pty and self._kind != "subsystem"
         child_fds: list[int] = []
         try:
@@ -198,19 +201,14 @@ class ChildSession(asyncssh.SSHServerSession):
                          new_session=not pty, as_root=True)
         return spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr, new_session=not pty)
 
-    def _prepare_agent(self, chan: asyncssh.SSHServerChannel) -> str | None:
-        """asyncssh made the agent socket as root; hand it to the user, as sshd does."""
-        path = chan.get_agent_path()
-        if not path:
+    async def _prepare_agent(self, chan: asyncssh.SSHServerChannel) -> str | None:
+        """SSH_AUTH_SOCK when the client forwards its agent (asyncssh accepted the request
+        and has its own root-only listener); the user's socket comes from `_agent`."""
+        if not chan.get_agent_path():
             return None
-        user = self.ctx.user
-        try:
-            os.chown(os.path.dirname(path), user.uid, user.gid)
-            os.chown(path, user.uid, user.gid)
-        except OSError as exc:
-            event(log, "agent.chown-failed", level=logging.WARNING, session_id=self.id, error=str(exc))
-            return None
-        self.ctx.audit.emit(audit.ForwardOpened(**self.ctx.base_event(self.id), forward="agent"))
+        path = await self.ctx.agent.path(chan.get_extra_info("connection"), self.ctx.user, self.id)
+        if path is not None:
+            self.ctx.audit.emit(audit.ForwardOpened(**self.ctx.base_event(self.id), forward="agent"))
         return path
 
     def _register(self) -> None:
@@ -275,16 +273,24 @@ class ChildSession(asyncssh.SSHServerSession):
             return False
         return True
 
+    def _is_forced_command(self) -> bool:
+        """authorized_keys `command=` or a certificate's force-command (asyncssh ran it
+        in place of what the client asked for)."""
+        conn = self._chan.get_extra_info("connection") if self._chan is not None else None
+        return conn is not None and (conn.get_certificate_option("force-command") is not None
+                                     or conn.get_key_option("command") is not None)
+
     def signal_received(self, signal_name: str) -> None:
+        """As sshd: refused for subsystems and forced commands; otherwise sent to the
+        session's process group with the user's credentials (never as root)."""
         if self._kind == "subsystem" or self._popen is None or self._exit is not None:
             return
         signum = getattr(signal, "SIG" + signal_name.upper(), None)
-        if signum is None:
+        if signum is None or self._is_forced_command():
+            event(log, "session.signal-refused", session_id=self.id, signal=signal_name,
+                  reason="unknown" if signum is None else "forced-command")
             return
-        try:
-            os.killpg(self._popen.pid, signum)
-        except ProcessLookupError:
-            pass
+        self._loop.run_in_executor(None, signal_as_user, self.ctx.user, self._popen.pid, signum)
 
     # ---- end ------------------------------------------------------------------------
     def _child_exited(self) -> None:
