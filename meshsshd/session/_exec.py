@@ -355,6 +355,13 @@ class ChildSession(asyncssh.SSHServerSession):
             self._pty.close()
 
     def _kill_group(self) -> None:
+        """End the session's process group (client gone, revoked, shutting down).
+
+        Sent as root on purpose, unlike a user's `signal` request: the signals are the
+        daemon's choice, and the group is the one our child leads, which is not reaped
+        while `_exit` is None, so its id cannot have been handed to anyone else; a
+        session that ends takes what the user started in it along, `sudo`'d commands
+        included (with the user's rights those would outlive a revocation)."""
         popen = self._popen
         if popen is None or self._exit is not None:
             return

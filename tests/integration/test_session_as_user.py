@@ -159,6 +159,37 @@ def test_agent_socket_symlink_race_never_hands_a_root_file_to_the_user(user_serv
     assert not leftovers
 
 
+@pytest.mark.openssh
+def test_agent_forwarding_off_gives_no_socket(tmp_path, make_user):
+    """`agent_forwarding = false` (`up --disable-ssh-agent-forwarding`): `ssh -A` gets
+    no SSH_AUTH_SOCK and no helper runs; the login itself works."""
+    require_root()
+    require_tool("ssh")
+    user = make_user("msn")
+    key = client_key(tmp_path)
+    install_key(user, key)
+    config = {"authorized_keys": True, "agent_forwarding": False,
+              "access": [{"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}]}
+    sock, agent_pid = _start_agent()
+    try:
+        with ServerKit(tmp_path / "server", config) as srv:
+            r = subprocess.run(srv.ssh_argv(user.pw_name, key, 'echo "sock=$SSH_AUTH_SOCK"', opts=["-A"]),
+                               env={**os.environ, "SSH_AUTH_SOCK": sock}, capture_output=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == b"sock=\n"
+            srv.reload(agent_forwarding=True)   # and back on without a restart
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                r = subprocess.run(srv.ssh_argv(user.pw_name, key, 'echo "sock=$SSH_AUTH_SOCK"', opts=["-A"]),
+                                   env={**os.environ, "SSH_AUTH_SOCK": sock}, capture_output=True, timeout=30)
+                if r.stdout.startswith(b"sock=/tmp/ssh-"):
+                    break
+                time.sleep(0.2)
+            assert r.stdout.startswith(b"sock=/tmp/ssh-"), r.stdout
+    finally:
+        os.kill(agent_pid, signal.SIGTERM)
+
+
 # ---- signals ----------------------------------------------------------------------------
 @pytest.fixture
 def suid_dir():

@@ -281,3 +281,15 @@ async def test_audit_batch_management_refuses_is_split_and_the_rest_delivered() 
     assert await sink.flush_once() == 3
     assert [d["session_id"] for d in delivered] == ["s1", "s2"]
     assert sink.rejected == 1 and not sink.queue
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    pytest.param({}, True, id="default-on-as-openssh"),
+    pytest.param({"disable_ssh_agent_forwarding": True}, False, id="disable-flag"),
+])
+def test_agent_forwarding_follows_the_up_flag(tmp_path: Path, flags: dict, expected: bool) -> None:
+    from meshsshd.agent import base_settings
+    from meshsshd.state import PeerFlags
+
+    config = UpConfig(flags=PeerFlags.from_dict(flags))
+    assert base_settings(StateDir(tmp_path), config, netmap(1)).agent_forwarding is expected
