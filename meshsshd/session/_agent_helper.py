@@ -24,15 +24,16 @@ def main() -> int:
     for sig in (signal.SIGHUP, signal.SIGINT):   # the daemon's EOF ends us, not a hang-up
         signal.signal(sig, signal.SIG_IGN)
     daemon = socket.socket(fileno=0)
-    directory = tempfile.mkdtemp(prefix="ssh-", dir=BASE)
+    try:
+        directory = tempfile.mkdtemp(prefix="ssh-", dir=BASE)   # 0700
+    except OSError as exc:
+        os.write(2, f"meshsshd: agent socket directory in {BASE}: {exc.strerror}\n".encode())
+        return 1
+    os.umask(0o177)   # for the socket: 0600; nothing else is created after it
     path = os.path.join(directory, f"agent.{os.getpid()}")
     try:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            listener.bind(path)
-        finally:
-            os.umask(old)
+        listener.bind(path)
         listener.listen(128)
         socket.send_fds(daemon, [b"ok"], [listener.fileno()])
         listener.close()
