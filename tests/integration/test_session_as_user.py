@@ -316,3 +316,32 @@ async def test_home_is_entered_with_the_users_rights(tmp_path, make_user):
         assert login.stdout.strip() == user.pw_dir and "Could not chdir" not in login.stderr
     finally:
         await server.stop()
+
+
+async def test_agent_socket_failure_leaves_the_session_working(tmp_path, make_user, monkeypatch, caplog):
+    """A helper that cannot make the socket (failure injected): the session still runs,
+    without SSH_AUTH_SOCK, and the log says why."""
+    require_root()
+    from meshsshd.session import _agent
+
+    user = make_user("msb")
+    shared = Path(tempfile.mkdtemp(prefix="meshsshd-helper-"))   # readable by the user
+    shared.chmod(0o755)
+    broken = shared / "broken_helper.py"
+    broken.write_text("import os, sys\nos.write(2, b'meshsshd: agent socket: No space left on device\\n')\nsys.exit(1)\n")
+    broken.chmod(0o644)
+    monkeypatch.setattr(_agent, "HELPER", str(broken))
+    sock, agent_pid = _start_agent()
+    server = await _serve(tmp_path, user)
+    try:
+        async with asyncssh.connect("127.0.0.1", server.bound_addresses[0][1], username=user.pw_name,
+                                    known_hosts=None, client_keys=None, agent_path=sock,
+                                    agent_forwarding=True) as conn:
+            r = await conn.run('echo "sock=$SSH_AUTH_SOCK"')
+        assert r.exit_status == 0 and r.stdout == "sock=\n"
+        errors = [rec.fields.get("error") for rec in caplog.records if rec.getMessage() == "agent.socket-failed"]
+        assert errors == ["meshsshd: agent socket: No space left on device"]
+    finally:
+        await server.stop()
+        os.kill(agent_pid, signal.SIGTERM)
+        shutil.rmtree(shared, ignore_errors=True)
