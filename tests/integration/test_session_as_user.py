@@ -345,3 +345,40 @@ async def test_agent_socket_failure_leaves_the_session_working(tmp_path, make_us
         await server.stop()
         os.kill(agent_pid, signal.SIGTERM)
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.openssh
+def test_detached_session_enters_home_as_the_user(tmp_path, make_user):
+    """The detached-session holder (root) starts its child in `/` too; the home only root
+    may enter stays out of reach, with sshd's message in the session's stderr."""
+    import json
+    import pwd
+
+    from .detachkit import SUBSYSTEM, kill_holders
+
+    require_root()
+    require_tool("ssh")
+    name = make_user("msd").pw_name
+    home = Path(tempfile.mkdtemp(prefix="meshsshd-roothome-"))   # root's, mode 0700
+    subprocess.run(["usermod", "-d", str(home), name], check=True)
+    user = pwd.getpwnam(name)
+    key = client_key(tmp_path)
+    install_key(user, key)
+    config = {"authorized_keys": True,
+              "access": [{"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [name]}]}
+
+    def request(srv, doc):
+        r = srv.ssh(name, key, SUBSYSTEM, opts=["-s"], input=json.dumps(doc).encode() + b"\n", timeout=30)
+        first, _, body = r.stdout.partition(b"\n")
+        return json.loads(first), body, r.stderr
+
+    try:
+        with ServerKit(tmp_path / "server", config) as srv:
+            answer, _, _ = request(srv, {"op": "start", "command": "pwd", "pty": False})
+            assert answer["ok"], answer
+            answer, body, err = request(srv, {"op": "receive", "id": answer["id"], "follow": True})
+            assert body == b"/\n"
+            assert f"Could not chdir to home directory {home}: Permission denied".encode() in err
+    finally:
+        kill_holders(tmp_path)
+        shutil.rmtree(home, ignore_errors=True)
