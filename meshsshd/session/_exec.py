@@ -62,6 +62,15 @@ def _signal_name(signum: int) -> str:
         return f"SIG{signum}"
 
 
+def _first_child(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
 class ChildSession(asyncssh.SSHServerSession):
     def __init__(self, ctx: SessionContext) -> None:
         self.ctx = ctx
@@ -87,6 +96,7 @@ class ChildSession(asyncssh.SSHServerSession):
         self._lost = False
         self._started = time.time()
         self._utmp: _utmp.LoginRecord | None = None
+        self._pam = False   # our child is the PAM helper (root); the user's process is its child
 
     @property
     def closed(self) -> bool:
@@ -197,6 +207,7 @@ class ChildSession(asyncssh.SSHServerSession):
         if service is not None and os.geteuid() == 0:
             executable, argv = build_pam_argv(user, executable, argv, service=service, tty=tty,
                                               rhost=self.ctx.conn.client_ip, python=sys.executable)
+            self._pam = True
             return spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr,
                          new_session=not pty, as_root=True)
         return spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr, new_session=not pty)
@@ -290,7 +301,19 @@ class ChildSession(asyncssh.SSHServerSession):
             event(log, "session.signal-refused", session_id=self.id, signal=signal_name,
                   reason="unknown" if signum is None else "forced-command")
             return
-        self._loop.run_in_executor(None, signal_as_user, self.ctx.user, self._popen.pid, signum)
+        self._loop.run_in_executor(None, self._signal_as_user, self._popen.pid, signum)
+
+    def _signal_as_user(self, pid: int, signum: int) -> None:
+        """Blocking (executor). Under PAM the group to signal is that of the helper's child
+        (a shell with job control leads its own); a stale pid here is harmless, since the
+        kill runs with the user's rights."""
+        if self._pam:
+            pid = _first_child(pid) or pid
+        try:
+            pgid = os.getpgid(pid)
+        except ProcessLookupError:
+            return
+        signal_as_user(self.ctx.user, pgid, signum)
 
     # ---- end ------------------------------------------------------------------------
     def _child_exited(self) -> None:

@@ -193,7 +193,8 @@ def main(argv: list[str]) -> int:
     pam.pam_end(handle, PAM_SUCCESS)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig != signal.SIGKILL:   # KILL cannot be caught, so has no disposition to reset
+            signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
         os.kill(os.getpid(), sig)
         return 128 + sig

@@ -32,6 +32,7 @@ from meshsshd.server import MeshSSHServer
 from tests.support import free_port, require_root, require_tool
 
 from .serverkit import ServerKit, client_key, install_key
+from .test_server_pam import pam_service  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.root]
 
@@ -382,3 +383,30 @@ def test_detached_session_enters_home_as_the_user(tmp_path, make_user):
     finally:
         kill_holders(tmp_path)
         shutil.rmtree(home, ignore_errors=True)
+
+
+async def test_signal_reaches_a_job_control_shell_under_pam(tmp_path, pam_service, monkeypatch):
+    """Under PAM the session's child is the root helper and an interactive shell leads a
+    process group of its own: the signal (sent as the user) must reach the shell, and the
+    helper must live on to close the PAM session."""
+    from .test_server_pam import _wait_lines
+
+    name, user, log = pam_service
+    monkeypatch.setenv("MESHSSHD_PAM_SERVICE", name)
+    server = await _serve(tmp_path, user)
+    try:
+        async with asyncssh.connect("127.0.0.1", server.bound_addresses[0][1], username=user.pw_name,
+                                    known_hosts=None, client_keys=None, agent_path=None) as conn:
+            proc = await conn.create_process(term_type="xterm", term_size=(80, 24))
+            proc.stdin.write("echo rea''dy\n")
+            output = ""
+            while "ready" not in output:
+                output += await asyncio.wait_for(proc.stdout.read(1024), 10)
+            proc.send_signal("KILL")
+            result = await asyncio.wait_for(proc.wait(), 10)
+            assert result.exit_signal is not None and result.exit_signal[0] == "KILL"
+        lines = _wait_lines(log, 2)
+        assert lines[0].startswith(f"open_session {user.pw_name}") and lines[1].startswith(
+            f"close_session {user.pw_name}")   # the helper was not killed
+    finally:
+        await server.stop()
