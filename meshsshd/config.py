@@ -247,4 +247,5 @@ def settings_from_netmap(base: ServerSettings, netmap: NetworkMap) -> ServerSett
         access=ssh.access,
         subsystems={**base.subsystems, **ssh.subsystems},
         own_addresses=(netmap.peer.mesh_ip,),
+        agent_forwarding=base.agent_forwarding and ssh.agent_forwarding,
     )
