@@ -146,8 +146,8 @@ def test_agent_socket_symlink_race_never_hands_a_root_file_to_the_user(user_serv
             racer.kill()
         os.kill(agent_pid, signal.SIGTERM)
         stop.unlink()
-    won = int(hits.read_text() or 0)
-    hits.unlink()
+        won = int(hits.read_text() or 0)
+        hits.unlink()
     st = victim.stat()
     assert (st.st_uid, st.st_gid) == (0, 0)
     assert served == completed > logins * 0.9   # every login had its agent socket
