@@ -62,7 +62,8 @@ _NO_CONTENT = {"204": {"description": "done"}}
 
 def _schemas() -> dict[str, Any]:
     flags = _obj({k: _BOOL for k in ("allow_server_ssh", "enable_ssh_sftp", "enable_ssh_local_port_forwarding",
-                                     "enable_ssh_remote_port_forwarding", "enable_ssh_root", "disable_ssh_auth")},
+                                     "enable_ssh_remote_port_forwarding", "enable_ssh_root", "disable_ssh_auth",
+                                     "disable_ssh_agent_forwarding")},
                  extra=True)
     rule = _obj({
         "sources": {**_STRS, "description": "group names or user:<email>"},

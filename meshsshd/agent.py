@@ -80,6 +80,7 @@ def base_settings(state: StateDir, config: UpConfig, netmap: NetworkMap) -> Serv
         root_login=f.enable_ssh_root,
         disable_auth=f.disable_ssh_auth,
         sftp_server=find_sftp_server(),
+        agent_forwarding=not f.disable_ssh_agent_forwarding,
     )
 
 

@@ -35,6 +35,7 @@ FLAG_NAMES = (
     "enable_ssh_remote_port_forwarding",
     "enable_ssh_root",
     "disable_ssh_auth",
+    "disable_ssh_agent_forwarding",
 )
 
 _state_dir_option = click.option(
@@ -59,6 +60,7 @@ def _flag(name: str, help_text: str):
 @_flag("enable_ssh_remote_port_forwarding", "Allow ssh -R")
 @_flag("enable_ssh_root", "Allow logins as root (when a policy maps to root)")
 @_flag("disable_ssh_auth", "Accept SSH logins without a token (dangerous)")
+@_flag("disable_ssh_agent_forwarding", "Refuse ssh -A agent forwarding")
 @_state_dir_option
 @click.option("--interface", help="Mesh interface name [mesh0].")
 @click.option("--wireguard-port", type=click.IntRange(1, 65535), help="WireGuard UDP port [51820].")

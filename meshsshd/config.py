@@ -96,6 +96,8 @@ class ServerSettings:
     metrics_listen: tuple[str, int] | None = None
     accept_env: tuple[str, ...] = DEFAULT_ACCEPT_ENV
     nologin_files: tuple[Path, ...] = DEFAULT_NOLOGIN_FILES
+    # `ssh -A` (OpenSSH's AllowAgentForwarding, on by default there too).
+    agent_forwarding: bool = True
 
     def with_(self, **changes: Any) -> ServerSettings:
         return replace(self, **changes)
@@ -160,6 +162,7 @@ KNOWN_KEYS = {
     "remote_port_forwarding", "root_login", "disable_auth", "authorized_keys", "jwt",
     "access", "subsystems", "sftp_server", "limits", "own_addresses", "metrics_listen",
     "accept_env", "nologin_files",
+    "agent_forwarding",
 }
 JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
 
@@ -248,6 +251,7 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         metrics_listen=parse_listen(metrics) if metrics else None,
         accept_env=accept_env,
         nologin_files=nologin_files,
+        agent_forwarding=_bool(data, "agent_forwarding", True),
     )
     if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
         raise ConfigError(
@@ -272,4 +276,5 @@ def settings_from_netmap(base: ServerSettings, netmap: NetworkMap) -> ServerSett
         access=ssh.access,
         subsystems={**base.subsystems, **ssh.subsystems},
         own_addresses=(netmap.peer.mesh_ip,),
+        agent_forwarding=base.agent_forwarding and ssh.agent_forwarding,
     )

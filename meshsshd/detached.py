@@ -50,7 +50,7 @@ from .config import ServerSettings
 from .logs import event
 from .session import ChildSession, SessionContext, build_child_argv, build_child_env
 from .session._pty import PTY
-from .session._spawn import build_pam_argv, pam_service
+from .session._spawn import build_home_argv, build_pam_argv, pam_service
 
 log = logging.getLogger("meshsshd.detached")
 
@@ -363,9 +363,11 @@ class DetachedSessions:
                                                   tty=term_pty.name if term_pty else None,
                                                   rhost=ctx.conn.client_ip, python=sys.executable)
                 as_root = True
+            else:
+                executable, argv = build_home_argv(user.home, executable, argv, env.get("PATH", ""))
             spec = dict(id=meta["id"], dir=str(self.dir), pty=pty, spool_limit=meta["spool_limit"],
                         executable=executable, argv=argv, env=env, uid=user.uid, gid=user.gid,
-                        groups=list(user.groups), home=user.home, as_root=as_root,
+                        groups=list(user.groups), as_root=as_root,
                         child_fds=child_fds, parent_fds=parent_fds, meta=meta)
             proc = subprocess.Popen([*systemd_scope(meta["id"]), sys.executable, "-I", "-S", HOLDER],
                                     stdin=subprocess.PIPE,

@@ -8,6 +8,8 @@ dataclass with `to_dict`/`from_dict` so that the JSON shape is defined in one pl
 Schema history (bump SCHEMA_VERSION and add a line when the shape changes):
   1 — first version: self, peers, firewall rules, SSH section with inline JWKS.
       Additive since: an access rule may carry `accept_env` (older peers ignore it).
+      Additive since: the SSH section may carry `agent_forwarding: false` (absent = true;
+      older peers ignore it).
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ class SSHSection:
 
     jwks is the issuer's JWKS document inline, so peers validate tokens offline.
     audience is what this peer expects in `aud` (its own peer id).
+    agent_forwarding false lets management refuse `ssh -A` on the peer; it can only
+    narrow the peer's own setting (`up --disable-ssh-agent-forwarding`), never widen it.
     """
 
     enabled: bool = False
@@ -209,6 +213,7 @@ class SSHSection:
     user_claim: str = "sub"
     access: tuple[AccessRule, ...] = ()
     subsystems: dict[str, str] = field(default_factory=dict)
+    agent_forwarding: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -219,7 +224,7 @@ class SSHSection:
             "user_claim": self.user_claim,
             "access": [r.to_dict() for r in self.access],
             "subsystems": dict(self.subsystems),
-        }
+        } | ({} if self.agent_forwarding else {"agent_forwarding": False})   # as before when on
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SSHSection:
@@ -232,6 +237,9 @@ class SSHSection:
         jwks = data.get("jwks", {})
         if not isinstance(jwks, dict):
             raise NetmapError("field 'jwks' must be an object")
+        agent_forwarding = data.get("agent_forwarding", True)
+        if not isinstance(agent_forwarding, bool):
+            raise NetmapError("field 'agent_forwarding' must be true or false")
         return cls(
             enabled=bool(data.get("enabled", False)),
             issuer=data.get("issuer", "") or "",
@@ -240,6 +248,7 @@ class SSHSection:
             user_claim=data.get("user_claim", "sub") or "sub",
             access=tuple(AccessRule.from_dict(r) for r in access),
             subsystems={str(k): str(v) for k, v in subsystems.items()},
+            agent_forwarding=agent_forwarding,
         )
 
 

@@ -132,6 +132,8 @@ class _Connection(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.gate.done(self)
         self.server.connections.discard(self)
+        if self.ctx is not None:
+            self.ctx.agent.close()
 
     # ---- authentication -------------------------------------------------------------
     async def begin_auth(self, username: str) -> bool:
@@ -387,7 +389,7 @@ class MeshSSHServer:
             line_editor=False,
             allow_scp=False,
             x11_forwarding=False,
-            agent_forwarding=True,
+            agent_forwarding=settings.agent_forwarding,
             login_timeout=limits.login_grace,
             keepalive_interval=limits.keepalive_interval,
             keepalive_count_max=limits.keepalive_count_max,

@@ -109,6 +109,7 @@ class PeerFlags:
     enable_ssh_remote_port_forwarding: bool = False
     enable_ssh_root: bool = False
     disable_ssh_auth: bool = False
+    disable_ssh_agent_forwarding: bool = False
 
     def to_dict(self) -> dict[str, bool]:
         return asdict(self)

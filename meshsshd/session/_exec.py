@@ -26,9 +26,11 @@ from .. import audit
 from ..logs import event
 from ..users import LocalUser
 from . import _utmp
+from ._agent import AgentForwarding
 from ._io import FdReader, FdWriter, make_pipe
 from ._pty import PTY
-from ._spawn import ConnectionInfo, build_child_argv, build_child_env, build_pam_argv, pam_service, spawn
+from ._spawn import (ConnectionInfo, build_child_argv, build_child_env, build_pam_argv, pam_service,
+                     signal_as_user, spawn)
 
 log = logging.getLogger("meshsshd.session")
 
@@ -50,6 +52,7 @@ class SessionContext:
     # authorized_keys `command=`: runs instead of whatever the client asks for (sshd's
     # do_exec); meshsshd applies it, not asyncssh, to set SSH_ORIGINAL_COMMAND.
     forced_command: str | None = None
+    agent: AgentForwarding = field(default_factory=AgentForwarding)   # closed with the connection
 
     def base_event(self, session_id: str) -> dict[str, Any]:
         return dict(session_id=session_id, identity=self.identity, source_ip=self.conn.client_ip,
@@ -61,6 +64,15 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name.removeprefix("SIG")
     except ValueError:
         return f"SIG{signum}"
+
+
+def _first_child(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
 
 
 class ChildSession(asyncssh.SSHServerSession):
@@ -89,6 +101,7 @@ class ChildSession(asyncssh.SSHServerSession):
         self._lost = False
         self._started = time.time()
         self._utmp: _utmp.LoginRecord | None = None
+        self._pam = False   # our child is the PAM helper (root); the user's process is its child
 
     @property
     def closed(self) -> bool:
@@ -143,7 +156,7 @@ class ChildSession(asyncssh.SSHServerSession):
         chan = self._chan
         assert chan is not None
         user = self.ctx.user
-        auth_sock = self._prepare_agent(chan)
+        auth_sock = await self._prepare_agent(chan)
         pty = self._want_pty and self._kind != "subsystem"
         child_fds: list[int] = []
         try:
@@ -213,23 +226,19 @@ class ChildSession(asyncssh.SSHServerSession):
         if service is not None and os.geteuid() == 0:
             executable, argv = build_pam_argv(user, executable, argv, service=service, tty=tty,
                                               rhost=self.ctx.conn.client_ip, python=sys.executable)
+            self._pam = True
             return spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr,
                          new_session=not pty, as_root=True)
         return spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr, new_session=not pty)
 
-    def _prepare_agent(self, chan: asyncssh.SSHServerChannel) -> str | None:
-        """asyncssh made the agent socket as root; hand it to the user, as sshd does."""
-        path = chan.get_agent_path()
-        if not path:
+    async def _prepare_agent(self, chan: asyncssh.SSHServerChannel) -> str | None:
+        """SSH_AUTH_SOCK when the client forwards its agent (asyncssh accepted the request
+        and has its own root-only listener); the user's socket comes from `_agent`."""
+        if not chan.get_agent_path():
             return None
-        user = self.ctx.user
-        try:
-            os.chown(os.path.dirname(path), user.uid, user.gid)
-            os.chown(path, user.uid, user.gid)
-        except OSError as exc:
-            event(log, "agent.chown-failed", level=logging.WARNING, session_id=self.id, error=str(exc))
-            return None
-        self.ctx.audit.emit(audit.ForwardOpened(**self.ctx.base_event(self.id), forward="agent"))
+        path = await self.ctx.agent.path(chan.get_extra_info("connection"), self.ctx.user, self.id)
+        if path is not None:
+            self.ctx.audit.emit(audit.ForwardOpened(**self.ctx.base_event(self.id), forward="agent"))
         return path
 
     def _register(self) -> None:
@@ -294,16 +303,37 @@ class ChildSession(asyncssh.SSHServerSession):
             return False
         return True
 
+    def _is_forced_command(self) -> bool:
+        """authorized_keys `command=` (meshsshd runs it, ctx.forced_command) or a
+        certificate's force-command (asyncssh runs that in place of the client's request)."""
+        if self.ctx.forced_command is not None:
+            return True
+        conn = self._chan.get_extra_info("connection") if self._chan is not None else None
+        return conn is not None and conn.get_certificate_option("force-command") is not None
+
     def signal_received(self, signal_name: str) -> None:
+        """As sshd: refused for subsystems and forced commands; otherwise sent to the
+        session's process group with the user's credentials (never as root)."""
         if self._kind == "subsystem" or self._popen is None or self._exit is not None:
             return
         signum = getattr(signal, "SIG" + signal_name.upper(), None)
-        if signum is None:
+        if signum is None or self._is_forced_command():
+            event(log, "session.signal-refused", session_id=self.id, signal=signal_name,
+                  reason="unknown" if signum is None else "forced-command")
             return
+        self._loop.run_in_executor(None, self._signal_as_user, self._popen.pid, signum)
+
+    def _signal_as_user(self, pid: int, signum: int) -> None:
+        """Blocking (executor). Under PAM the group to signal is that of the helper's child
+        (a shell with job control leads its own); a stale pid here is harmless, since the
+        kill runs with the user's rights."""
+        if self._pam:
+            pid = _first_child(pid) or pid
         try:
-            os.killpg(self._popen.pid, signum)
+            pgid = os.getpgid(pid)
         except ProcessLookupError:
-            pass
+            return
+        signal_as_user(self.ctx.user, pgid, signum)
 
     # ---- end ------------------------------------------------------------------------
     def _child_exited(self) -> None:
@@ -368,6 +398,13 @@ class ChildSession(asyncssh.SSHServerSession):
             self._pty.close()
 
     def _kill_group(self) -> None:
+        """End the session's process group (client gone, revoked, shutting down).
+
+        Sent as root on purpose, unlike a user's `signal` request: the signals are the
+        daemon's choice, and the group is the one our child leads, which is not reaped
+        while `_exit` is None, so its id cannot have been handed to anyone else; a
+        session that ends takes what the user started in it along, `sudo`'d commands
+        included (with the user's rights those would outlive a revocation)."""
         popen = self._popen
         if popen is None or self._exit is not None:
             return

@@ -10,7 +10,8 @@ survival of the server itself).
 The holder then:
 - spawns the child as the user with `Popen(user=, group=, extra_groups=)`: unlike the
   daemon (which uses setpriv, see `_spawn`), this process is small and single-threaded,
-  so the fork that Popen then makes is cheap;
+  so the fork that Popen then makes is cheap; the child starts in `/` and its argv
+  enters the home directory with the user's rights;
 - keeps the output in a bounded in-memory spool of (stream, bytes) records; when over
   `spool_limit` the oldest bytes go and a counter grows (readers see
   "[meshsshd: N bytes dropped]"); memory is bounded by the limit plus one read;
@@ -145,18 +146,11 @@ class Holder:
         kwargs: dict = dict(executable=s["executable"], stdin=s["child_fds"][0], stdout=s["child_fds"][1],
                             stderr=s["child_fds"][2], env=s["env"], close_fds=True, restore_signals=True,
                             umask=0o022, start_new_session=not self.pty)
-        if s["as_root"]:
-            cwd = "/"
-        else:
-            if os.geteuid() == 0 or s["uid"] != os.geteuid():
-                kwargs.update(user=s["uid"], group=s["gid"], extra_groups=list(s["groups"]))
-            cwd = s["home"] if os.path.isdir(s["home"]) else "/"
-        try:
-            self.proc = subprocess.Popen(s["argv"], cwd=cwd, **kwargs)
-        except (PermissionError, FileNotFoundError):
-            if cwd == "/":
-                raise
-            self.proc = subprocess.Popen(s["argv"], cwd="/", **kwargs)
+        if not s["as_root"] and (os.geteuid() == 0 or s["uid"] != os.geteuid()):
+            kwargs.update(user=s["uid"], group=s["gid"], extra_groups=list(s["groups"]))
+        # Started in "/": the argv enters the home directory after the drop (see
+        # `_spawn.build_home_argv`; the PAM helper does it itself), never as root.
+        self.proc = subprocess.Popen(s["argv"], cwd="/", **kwargs)
         for fd in set(s["child_fds"]):
             os.close(fd)
         self.pidfd = os.pidfd_open(self.proc.pid)

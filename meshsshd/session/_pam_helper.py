@@ -164,8 +164,9 @@ def main(argv: list[str]) -> int:
             os.setgid(args.gid)
             os.setuid(args.uid)
             try:
-                os.chdir(args.cwd)
-            except OSError:
+                os.chdir(args.cwd)   # after the drop: with the user's rights, as sshd
+            except OSError as exc:
+                os.write(2, f"Could not chdir to home directory {args.cwd}: {exc.strerror}\n".encode())
                 os.chdir("/")
             os.execve(executable, child_argv, env)
         except OSError as exc:
@@ -192,7 +193,8 @@ def main(argv: list[str]) -> int:
     pam.pam_end(handle, PAM_SUCCESS)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig != signal.SIGKILL:   # KILL cannot be caught, so has no disposition to reset
+            signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
         os.kill(os.getpid(), sig)
         return 128 + sig

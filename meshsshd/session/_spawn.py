@@ -11,8 +11,17 @@ The privilege drop goes through util-linux `setpriv`, started by a plain Popen: 
 uses vfork() only when no uid/gid/groups change is asked of it, and with
 `Popen(user=, group=, extra_groups=)` every login fork()ed the whole daemon while holding
 the GIL (a third of the daemon's CPU during a login burst, bench/RESULTS.md "Logins").
-`Popen(user=)` stays for what setpriv cannot do (see `setpriv_program`) and for hosts
-without setpriv.
+`Popen(user=)` stays for hosts without setpriv and ids setpriv would misread.
+
+Both C paths chdir before they drop privileges, so the daemon never lets them enter the
+home directory: the child starts in `/` and `build_home_argv` puts a small step in front
+of the program that, already running as the user, enters the home directory (or stays
+in `/` with sshd's "Could not chdir to home directory" line) and execs the program.
+That is OpenSSH's order: the user's own permissions decide (a 0700 home on NFS with
+root_squash works, a directory only root may enter does not become the user's cwd).
+
+Signals a user asks for (`signal` channel requests) are sent by `kill` started the same
+way, with the user's credentials (`signal_as_user`), as sshd's killpg after its drop.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +55,19 @@ SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 SETPRIV = shutil.which("setpriv")   # util-linux; None: every session fork()s the daemon
 PAM_DIR = "/etc/pam.d"
 PAM_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pam_helper.py")
+ENTER_HOME_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_enter_home.py")
+SH = "/bin/sh"
+KILL = shutil.which("kill") or "/bin/kill"
+# `sh -c ENTER_HOME meshsshd HOME PROGRAM ARGS...`, run as the user. The reasons mirror
+# chdir(2)'s common errors (a POSIX shell cannot print strerror); PWD and OLDPWD, which
+# `cd` exports, are dropped again so the program gets exactly the daemon's environment.
+ENTER_HOME = (
+    'cd -P -- "$1" 2>/dev/null || { '
+    'if [ ! -e "$1" ]; then r="No such file or directory"; '
+    'elif [ ! -d "$1" ]; then r="Not a directory"; else r="Permission denied"; fi; '
+    'printf "Could not chdir to home directory %s: %s\\n" "$1" "$r" >&2; cd /; }; '
+    'shift; unset PWD OLDPWD r; exec "$@"'
+)
 
 
 def pam_service() -> str | None:
@@ -169,10 +192,9 @@ def setpriv_program(executable: str, argv0: str, path: str) -> str | None:
     (`$0`, error messages "bash: line 1: ..."): giving setpriv the base name keeps it when
     the PATH search execvp makes in the child's PATH finds the user's shell itself (its
     first hit is checked here; a shell elsewhere gets None). A login shell's `-bash`
-    cannot be reached at all: such sessions (no PTY, no command: `ssh -T`, VS Code
-    Remote) keep Popen(user=). They are one per interactive connection, not the hot
-    path, and the alternative, `bash -c 'exec -a "$0" "$@"'`, would put SHLVL=0 and PWD
-    into the user's environment and require bash.
+    cannot be reached at all: `build_home_argv` then uses its Python step, which can
+    set argv[0] (`bash -c 'exec -a "$0" "$@"'` would put SHLVL=0 and PWD into the
+    user's environment and require bash).
     """
     if argv0 == executable:
         return executable
@@ -242,6 +264,21 @@ def _setpriv_argv(user: LocalUser, executable: str, argv: list[str], path: str) 
     return build_setpriv_argv(SETPRIV, user, program, argv[1:])
 
 
+def build_home_argv(home: str, executable: str, argv: list[str], path: str,
+                    python: str = sys.executable) -> tuple[str, list[str]]:
+    """(executable, argv) that enters `home` as the user, then runs (executable, argv).
+
+    `/bin/sh` (a millisecond) where exec by name keeps argv[0] (`setpriv_program`); a
+    login shell's `-bash` cannot be reached that way, so those sessions (no PTY, no
+    command: `ssh -T`, VS Code Remote; one per interactive connection) go through the
+    stdlib-only `_enter_home.py`, which execs with any argv[0]. Either way the result
+    runs with argv[0] == its executable, so setpriv can start it."""
+    program = setpriv_program(executable, argv[0], path)
+    if program is not None:
+        return SH, [SH, "-c", ENTER_HOME, "meshsshd", home, program, *argv[1:]]
+    return python, [python, "-I", "-S", ENTER_HOME_HELPER, home, executable, *argv]
+
+
 def spawn(
     user: LocalUser,
     executable: str,
@@ -253,33 +290,48 @@ def spawn(
     stderr: int,
     new_session: bool,
     as_root: bool = False,
+    enter_home: bool = True,
 ) -> subprocess.Popen:
     """Blocking fork/exec as the user (or as root for the PAM helper, which drops
     privileges itself); run it in an executor. Raises OSError.
 
     As root the drop goes through setpriv (vfork); where it cannot, and in a daemon not
-    running as root, through Popen(user=). Both chdir (as root, as before), set the umask
-    and the session, restore signal dispositions and close other fds the same way."""
+    running as root, through Popen(user=). Both start in `/`, set the umask and the
+    session, restore signal dispositions and close other fds the same way; the home
+    directory is entered after the drop (`build_home_argv`; the PAM helper does it
+    itself), unless `enter_home` is false (the daemon's own helpers)."""
     kwargs: dict = dict(
-        stdin=stdin, stdout=stdout, stderr=stderr, env=env,
+        stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd="/",
         close_fds=True, restore_signals=True, umask=0o022,
         start_new_session=new_session,
     )
     if as_root:
-        return subprocess.Popen(argv, executable=executable, cwd="/", **kwargs)
-    dropped = _setpriv_argv(user, executable, argv, env.get("PATH", "")) if os.geteuid() == 0 else None
+        return subprocess.Popen(argv, executable=executable, **kwargs)
+    path = env.get("PATH", "")
+    if enter_home:
+        executable, argv = build_home_argv(user.home, executable, argv, path)
+    dropped = _setpriv_argv(user, executable, argv, path) if os.geteuid() == 0 else None
     if dropped is not None:
         executable, argv = dropped[0], dropped
     elif os.geteuid() == 0 or user.uid != os.geteuid():
         kwargs.update(user=user.uid, group=user.gid, extra_groups=list(user.groups))
-    kwargs["executable"] = executable
-    cwd = user.home if os.path.isdir(user.home) else "/"
-    try:
-        return subprocess.Popen(argv, cwd=cwd, **kwargs)
-    except (PermissionError, FileNotFoundError) as exc:
-        if cwd != "/" and getattr(exc, "filename", None) in (cwd, None):
-            return subprocess.Popen(argv, cwd="/", **kwargs)
-        raise
+    return subprocess.Popen(argv, executable=executable, **kwargs)
+
+
+def signal_as_user(user: LocalUser, pgid: int, signum: int) -> None:
+    """Blocking (executor): `kill -SIG -- -pgid` with the user's credentials.
+
+    The kernel then decides with the user's rights: a setuid program that switched all
+    its ids to root (sudo's command, su) stays out of reach, as under sshd. A pgid that
+    was re-used meanwhile is harmless for the same reason. Errors (no such group, not
+    permitted) are the user's to see, as with kill(1): logged at debug only."""
+    with open(os.devnull, "rb+") as devnull:
+        proc = spawn(user, KILL, [KILL, "-s", str(signum), "--", f"-{pgid}"], {"PATH": USER_PATH},
+                     stdin=devnull.fileno(), stdout=devnull.fileno(), stderr=devnull.fileno(),
+                     new_session=True, enter_home=False)
+    rc = proc.wait()
+    if rc != 0:
+        event(log, "session.signal-failed", level=logging.DEBUG, user=user.name, pgid=pgid, signal=signum, rc=rc)
 
 
 def reset_inherited_signals() -> None:

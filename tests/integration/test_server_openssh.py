@@ -392,12 +392,13 @@ def test_agent_forwarding_socket_belongs_to_user(world, tmp_path):
     try:
         env = {**os.environ, "SSH_AUTH_SOCK": sock}
         subprocess.run(["ssh-add", str(key.path)], env=env, check=True, capture_output=True)
-        r = subprocess.run(srv.ssh_argv(user.pw_name, key, "stat -c %U $SSH_AUTH_SOCK; ssh-add -l", opts=["-A"]),
+        command = 'stat -c "%U %a" $SSH_AUTH_SOCK "$(dirname $SSH_AUTH_SOCK)"; ssh-add -l'
+        r = subprocess.run(srv.ssh_argv(user.pw_name, key, command, opts=["-A"]),
                            env=env, capture_output=True, timeout=30)
         lines = r.stdout.decode().splitlines()
         assert r.returncode == 0, r.stderr
-        assert lines[0] == user.pw_name
-        assert key.fingerprint in lines[1]
+        assert lines[:2] == [f"{user.pw_name} 600", f"{user.pw_name} 700"]   # made by the user, private
+        assert key.fingerprint in lines[2]
     finally:
         os.kill(pid, signal.SIGTERM)
 

@@ -2,7 +2,8 @@
 
 Children started by `spawn` itself (through setpriv, and through the Popen(user=)
 fallback used where setpriv is missing) and by real `ssh` logins to a running meshsshd
-(an exec session goes through setpriv, a no-PTY login shell through Popen(user=)) must
+(an exec session and a no-PTY login shell both go through setpriv, the latter with the
+Python step that enters the home directory and sets argv[0] `-bash`) must
 all look the same: the user's uid, gid and groups (one of them a supplementary group),
 the home directory, umask 022, no capabilities, the bounding set untouched and
 no_new_privs off (sudo and su must work, as under sshd).

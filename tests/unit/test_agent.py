@@ -326,3 +326,42 @@ async def test_audit_batch_management_refuses_is_split_and_the_rest_delivered() 
     assert await sink.flush_once() == 3
     assert [d["session_id"] for d in delivered] == ["s1", "s2"]
     assert sink.rejected == 1 and not sink.queue
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    pytest.param({}, True, id="default-on-as-openssh"),
+    pytest.param({"disable_ssh_agent_forwarding": True}, False, id="disable-flag"),
+])
+def test_agent_forwarding_follows_the_up_flag(tmp_path: Path, flags: dict, expected: bool) -> None:
+    from meshsshd.agent import base_settings
+    from meshsshd.state import PeerFlags
+
+    config = UpConfig(flags=PeerFlags.from_dict(flags))
+    assert base_settings(StateDir(tmp_path), config, netmap(1)).agent_forwarding is expected
+
+
+@pytest.mark.parametrize(("local", "in_map", "expected"), [
+    pytest.param(True, True, True, id="both-on"),
+    pytest.param(True, False, False, id="management-turns-it-off"),
+    pytest.param(False, True, False, id="the-map-cannot-widen-the-peer-flag"),
+])
+def test_agent_forwarding_in_the_map_only_narrows(tmp_path: Path, local: bool, in_map: bool, expected: bool) -> None:
+    from meshsshd.agent import base_settings
+    from meshsshd.config import settings_from_netmap
+    from meshsshd.state import PeerFlags
+
+    doc = netmap(1).to_dict()
+    assert "agent_forwarding" not in doc["ssh"]   # the default leaves the wire shape as it was
+    if not in_map:
+        doc["ssh"]["agent_forwarding"] = False
+    parsed = NetworkMap.from_dict(doc)
+    assert parsed.to_dict() == doc
+    base = base_settings(StateDir(tmp_path), UpConfig(flags=PeerFlags(disable_ssh_agent_forwarding=not local)), parsed)
+    assert settings_from_netmap(base, parsed).agent_forwarding is expected
+
+
+def test_agent_forwarding_in_the_map_must_be_a_bool() -> None:
+    doc = netmap(1).to_dict()
+    doc["ssh"]["agent_forwarding"] = "no"
+    with pytest.raises(ValueError, match="agent_forwarding"):
+        NetworkMap.from_dict(doc)

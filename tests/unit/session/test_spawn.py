@@ -8,8 +8,9 @@ import pytest
 
 from meshsshd.config import DEFAULT_ACCEPT_ENV
 from meshsshd.session._pty import apply_modes
-from meshsshd.session._spawn import (ROOT_PATH, SETSID, USER_PATH, ConnectionInfo, build_child_argv,
-                                     build_child_env, build_setpriv_argv, is_accepted_env, setpriv_program)
+from meshsshd.session._spawn import (ENTER_HOME, ENTER_HOME_HELPER, ROOT_PATH, SETSID, USER_PATH, ConnectionInfo,
+                                     build_child_argv, build_child_env, build_home_argv, build_setpriv_argv,
+                                     is_accepted_env, setpriv_program)
 from meshsshd.session._utmp import DEAD_PROCESS, USER_PROCESS, LoginRecord, Utmpx, build_record
 from meshsshd.users import LocalUser, is_valid_username
 
@@ -185,3 +186,35 @@ def test_pam_argv_wraps_the_command_and_keeps_setsid_outermost():
     assert exe == SETSID and argv[:3] == [SETSID, "--ctty", "/usr/bin/python3"]
     assert argv[-3:] == ["/bin/bash", "/bin/bash", "-l"]
     assert argv[argv.index("--tty") + 1] == "/dev/pts/3"
+
+
+@pytest.mark.parametrize(("executable", "argv", "expected"), [
+    pytest.param("/bin/bash", ["bash", "-c", "id"], ["/bin/sh", "-c", ENTER_HOME, "meshsshd", "/home/alice",
+                                                     "bash", "-c", "id"], id="exec-by-name-keeps-argv0"),
+    pytest.param(SETSID, [SETSID, "--ctty", "/bin/bash", "-l"],
+                 ["/bin/sh", "-c", ENTER_HOME, "meshsshd", "/home/alice", SETSID, "--ctty", "/bin/bash", "-l"],
+                 id="pty-wrapper"),
+    pytest.param("/bin/bash", ["-bash"], ["/py", "-I", "-S", ENTER_HOME_HELPER, "/home/alice", "/bin/bash", "-bash"],
+                 id="login-shell-dash-needs-the-python-step"),
+])
+def test_home_is_entered_by_a_step_after_the_drop(executable, argv, expected):
+    """The step is what setpriv runs (argv[0] == executable), so the drop comes first."""
+    got_exe, got_argv = build_home_argv("/home/alice", executable, argv, "/usr/bin:/bin", python="/py")
+    assert got_argv == expected and got_exe == got_argv[0]
+    assert setpriv_program(got_exe, got_argv[0], "/nowhere") == got_exe
+
+
+def test_enter_home_step_prints_sshds_message_and_stays_in_root(tmp_path):
+    import subprocess
+
+    missing = tmp_path / "gone"
+
+    def step(home, *program):
+        return subprocess.run(["/bin/sh", "-c", ENTER_HOME, "meshsshd", str(home), *program],
+                              capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, cwd=str(tmp_path))
+
+    r = step(missing, "pwd")
+    assert r.stderr == f"Could not chdir to home directory {missing}: No such file or directory\n"
+    assert r.stdout == "/\n"
+    assert step(tmp_path, "pwd").stdout == f"{tmp_path}\n"
+    assert step(missing, "env").stdout == "PATH=/usr/bin:/bin\n"   # cd's PWD/OLDPWD do not leak
