@@ -22,7 +22,9 @@ draft-miller-ssh-agent) carry the delegation:
 
 Both answer only for peers on the delegation list; B never sees the refresh token, the
 login access token or a token for any other peer. A refusal is explained on both sides:
-B's meshssh prints it, A's prints a one-line notice.
+B's meshssh prints it, A's prints a one-line notice. Every grant is printed on A too, a
+connection's broker mints at most `--delegate-max` tokens, and with `--delegate-confirm`
+each one waits for a yes from the user's askpass program (client/askpass.py).
 
 Pure parts (wire framing, the delegation list, the verdict) are functions over values;
 `Broker` (A) and `BrokerClient`/`BrokerSession` (B) are the thin I/O edges.
@@ -68,6 +70,7 @@ AGENT_EXTENSION_FAILURE = 28
 
 MAX_MESSAGE = 1 << 20  # an agent message larger than this is a protocol error
 MAX_CONCURRENT = 4  # token requests answered at once; more wait their turn
+DEFAULT_BUDGET = 10  # tokens one connection's broker mints before refusing (--delegate-max)
 PEERS_MAX_AGE = 30.0  # the broker's copy of the peer list
 PEERS_REFRESH_MIN = 5.0  # an unknown name refetches the list at most this often
 
@@ -228,7 +231,7 @@ class DelegationList:
 @dataclass(frozen=True)
 class Verdict:
     allowed: bool
-    reason: str = ""  # stable code: delegation-off | unknown-peer | not-listed | no-ssh
+    reason: str = ""  # stable code: delegation-off | unknown-peer | not-listed | no-ssh | budget | declined
     message: str = ""
 
 
@@ -274,7 +277,6 @@ class Broker:
     delegation: DelegationList
     via: PeerInfo
     upstream: str | None = None  # the real ssh-agent ($SSH_AUTH_SOCK), only with -A
-    verbose: bool = False
     origin: str = field(default_factory=origin_name)
     say: Callable[[str], None] = field(default=lambda text: _stderr(text))
     path: str = ""
@@ -282,8 +284,12 @@ class Broker:
     _server: Any = None
     _peers: list[PeerInfo] = field(default_factory=list)
     _peers_at: float = 0.0
+    budget: int = DEFAULT_BUDGET
+    confirm_with: str | None = None  # the askpass program of --delegate-confirm
     granted: int = 0
     refused: int = 0
+    _reserved: int = 0  # grants counted against the budget, including those in flight
+    _asking: asyncio.Lock = field(default_factory=asyncio.Lock)
     _busy: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT))
     _signals: dict[int, Any] = field(default_factory=dict)
 
@@ -409,15 +415,38 @@ class Broker:
         if name == EXT_PEERS:
             return reply(True, {"peer": peer.to_dict(), "management_url": self.session.login.management_url,
                                 "identity": self.session.identity, "origin": self.origin})
+        if self._reserved >= self.budget:
+            return self._refuse(peer.name, "budget",
+                                f"this connection's budget of {self.budget} delegated tokens is spent "
+                                f"(--delegate-max); reconnect to {self.via.name} for a fresh one")
+        self._reserved += 1  # before any await: concurrent requests cannot overrun the budget
+        granted = False
         try:
-            res = await asyncio.to_thread(self._mint, peer)
-        except ClientError as exc:
-            return self._refuse(peer.name, "management", str(exc))
+            if self.confirm_with and not await self._confirmed(peer):
+                return self._refuse(peer.name, "declined", "not confirmed (--delegate-confirm)")
+            try:
+                res = await asyncio.to_thread(self._mint, peer)
+            except ClientError as exc:
+                return self._refuse(peer.name, "management", str(exc))
+            granted = True
+        finally:
+            if not granted:  # refused or failed: the slot is not spent
+                self._reserved -= 1
         self.granted += 1
-        if self.verbose:
-            self.say(f"delegated a token for {peer.name} to the session on {self.via.name}")
+        self.say(f"delegated a token for {peer.name} to the session on {self.via.name} "
+                 f"({self.granted} of {self.budget} for this connection)")
         return reply(True, {"token": res.token, "peer": peer.id, "name": peer.name,
                             "exp": res.exp, "origin": self.origin})
+
+    async def _confirmed(self, peer: PeerInfo) -> bool:
+        """One question at a time, so that each yes answers exactly one token."""
+        from .askpass import confirm
+
+        assert self.confirm_with is not None
+        async with self._asking:
+            return await confirm(self.confirm_with,
+                                 f"Allow the session on {self.via.name} a token for {peer.name} "
+                                 f"as {self.session.identity}?")
 
     def _refuse(self, asked: str, reason: str, message: str) -> bytes:
         self.refused += 1
@@ -486,11 +515,27 @@ def _stderr(text: str) -> None:
         sys.stderr.flush()
 
 
+def parse_budget(text: str | None) -> int:
+    """--delegate-max N (or MESHSSH_DELEGATE_MAX): a positive count; there is no
+    "unlimited", so that a forgotten session cannot mint without end."""
+    if text is None:
+        return DEFAULT_BUDGET
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"--delegate-max: {text!r} is not a positive number of tokens")
+    return value
+
+
 async def start_broker(session: Any, via: PeerInfo, delegate_to: Sequence[str], agent: bool | None,
-                       verbose: bool = False, upstream: str | None = None) -> Broker | None:
+                       upstream: str | None = None, budget: int = DEFAULT_BUDGET,
+                       confirm: bool = False) -> Broker | None:
     """The agent socket to forward to `via`, or None when nothing should be forwarded.
 
-    -A passes ssh-agent requests through to $SSH_AUTH_SOCK; --delegate-to enables tokens.
+    -A passes ssh-agent requests through to $SSH_AUTH_SOCK; --delegate-to enables tokens,
+    at most `budget` of them, each asked of the user first with `confirm`.
     A session that is itself delegated (no login here) forwards nothing of its own: the
     agent it would forward is the broker on A, which records only the first hop.
     """
@@ -503,8 +548,11 @@ async def start_broker(session: Any, via: PeerInfo, delegate_to: Sequence[str], 
         upstream = os.environ.get("SSH_AUTH_SOCK")
     elif not agent:
         upstream = None
+    from .askpass import askpass_program
+
+    program = askpass_program() if confirm and delegation.enabled else None
     broker = Broker(session=session, delegation=delegation, via=via, upstream=upstream or None,
-                    verbose=verbose)
+                    budget=budget, confirm_with=program)
     await broker.start()
     return broker
 
@@ -519,7 +567,8 @@ async def agent_to_forward(args: Any, session: Any, target: Target) -> tuple[Bro
                     "of your client on another peer, and delegation goes one hop only")
         return None, False
     broker = await start_broker(session, target.peer, delegate_to, args.agent,
-                                verbose=bool(getattr(args, "verbose", 0)))
+                                budget=getattr(args, "delegate_max", None) or DEFAULT_BUDGET,
+                                confirm=bool(getattr(args, "delegate_confirm", False)))
     return broker, (broker.path if broker is not None else False)
 
 
