@@ -51,11 +51,16 @@ def _version(text: str) -> tuple[int, ...] | None:
         return None
 
 
-def refusal(version: str, send_packet: Callable[..., Any]) -> str | None:
-    """Why this asyncssh must not be patched, or None if it may."""
+def version_checked(version: str) -> bool:
+    """Whether `version` is one whose internals our patches were read against."""
     parsed = _version(version)
     low, high = CHECKED_VERSIONS
-    if parsed is None or not low <= parsed < high:
+    return parsed is not None and low <= parsed < high
+
+
+def refusal(version: str, send_packet: Callable[..., Any]) -> str | None:
+    """Why this asyncssh must not be patched, or None if it may."""
+    if not version_checked(version):
         return "version-not-checked"
     code = getattr(send_packet, "__code__", None)
     if code is None or not _SHAPE_NAMES <= set(code.co_names):

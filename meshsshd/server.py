@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncssh
 
-from . import __version__, acl, algorithms, asyncssh_tuning, forwarding, hostkeys
+from . import __version__, acl, algorithms, asyncssh_ping, asyncssh_tuning, forwarding, hostkeys
 from .audit import AuditSink, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -322,6 +322,7 @@ class MeshSSHServer:
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         asyncssh_tuning.skip_ignore_packets()
+        asyncssh_ping.answer_pings()
         loop = asyncio.get_running_loop()
         self._host_keys = await loop.run_in_executor(
             None, hostkeys.load_or_create, self.settings.state_dir, self.settings.use_system_host_keys)
