@@ -8,7 +8,8 @@ before its signature is checked:
     size (≤ 16 KiB, unread otherwise) → header → alg in the asymmetric allowlist →
     key by kid (one rate-limited JWKS refresh on a miss) → alg fits that key's type →
     signature → required claims → iss → aud → exp → nbf → iat (future, too old) →
-    identity claim → jti not seen before (recorded only when everything passed)
+    identity claim → issued after the replay cache began (not before a restart) →
+    jti not seen before (recorded only when everything passed)
 
 `check_claims` is the pure core (claims, expectations, now → refusal or None); the
 validator adds the keys (`meshsshd/jwks.py`), the clock and the replay cache. The token
@@ -210,9 +211,15 @@ class JWTValidator:
     """Checks SSH tokens for one peer. One instance per server; `update()` swaps the
     settings (e.g. a new network map) and keeps the replay cache."""
 
-    def __init__(self, settings: JWTSettings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: JWTSettings, *, clock: Callable[[], float] = time.time,
+                 started: float | None = None) -> None:
         self._clock = clock
         self._replay = _ReplayCache()
+        # The replay cache lives in memory: it knows nothing of the tokens used before it
+        # existed (before a restart), so a token issued earlier cannot be told from a replay.
+        # `started` defaults to now; whole seconds, as `iat` is: a token from the same
+        # second still works.
+        self._cache_since = float(int(clock() if started is None else started))
         self._settings = settings
         self._expect = ClaimExpectations.from_settings(settings)
         self._keys = self._store_for(settings)
@@ -295,6 +302,12 @@ class JWTValidator:
         local_users = _local_users_claim(claims)
         via = claims.get("via")
         replay_key = (claims["iss"], claims["jti"])
+        if float(claims["iat"]) < self._cache_since:
+            raise AuthRefused(
+                "issued-before-start",
+                "token was issued before this peer's SSH server started, so it could be a "
+                "replay — run the command again (`meshssh` fetches a fresh token)",
+            )
         if self._replay.seen(replay_key, now):
             raise AuthRefused(
                 "replayed",

@@ -216,6 +216,29 @@ async def test_key_rotation_in_the_jwks_file(tmp_path: Path, session_user: Any, 
         assert [d["kids"] for d in loaded] == [["main"], ["main", "rotated"]]
 
 
+async def test_a_token_used_before_a_restart_is_not_accepted_after_it(tmp_path: Path, session_user: Any,
+                                                                   keys: Keys) -> None:
+    """The replay cache is in memory; a restart must not turn a used token into a fresh one."""
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [Keys.jwk(keys.main, "EdDSA", "main")]}))
+    config = {
+        "jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks_file), "user_claim": "email"},
+        "access": [{"sources": ["127.0.0.1/32"], "identities": ["*"], "local_users": ["localpart", "*"]}],
+    }
+    with ServerKit(tmp_path, config) as srv:
+        token = sign(keys.main, claims())
+        out, banner = await login(srv, session_user.pw_name, token)
+        assert out == session_user.pw_name, banner
+        srv.stop()
+        await asyncio.sleep(1.1)  # iat has whole seconds
+        srv.start()
+        out, banner = await login(srv, session_user.pw_name, token)
+        assert out is None and "issued before this peer's SSH server started" in banner, banner
+        assert refusals(srv)[-1]["reason"] == "issued-before-start"
+        out, banner = await login(srv, session_user.pw_name, sign(keys.main, claims()))
+        assert out == session_user.pw_name, banner
+
+
 async def test_a_jwks_file_others_may_write_is_not_read(tmp_path: Path, session_user: Any, keys: Keys) -> None:
     """The same rotation, but the file became writable by others: whoever could write it
     could add their own key, so the reload refuses it and the new kid stays unknown."""
