@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncssh
 
-from . import __version__, acl, algorithms, asyncssh_ping, asyncssh_tuning, forwarding, hostkeys
+from . import __version__, acl, algorithms, asyncssh_keyopts, asyncssh_ping, asyncssh_tuning, forwarding, hostkeys
 from .audit import AuditSink, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -147,6 +147,7 @@ class _Connection(asyncssh.SSHServer):
         return jwt_enabled(self.server.settings) and self.server.validator is not None
 
     async def validate_password(self, username: str, password: str) -> bool:
+        self._key_options = None  # each attempt on its own: no options of a key queried before
         validator = self.server.validator
         if validator is None:
             return False
@@ -161,10 +162,17 @@ class _Connection(asyncssh.SSHServer):
         return self.server.settings.authorized_keys
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Each attempt on its own: a key only offered (a query, no signature) or refused
+        # earlier must not lend its options to the method that finally succeeds.
+        self._key_options = None
         keys = self._authorized_keys
         options = keys.validate(key, self.info.client_ip, self.info.client_ip) if keys else None
         if options is None:
             self._refuse("unknown-key", "public key not accepted", method="publickey", quiet=True)
+            return False
+        if options and not asyncssh_keyopts.enforceable():
+            self._refuse("key-options-unsupported", "this key's authorized_keys options cannot be "
+                         "enforced by this server — ask the administrator", method="publickey")
             return False
         if self._check_access(key_identity(key.get_fingerprint("sha256"))):
             self._key_options = dict(options)
@@ -218,10 +226,10 @@ class _Connection(asyncssh.SSHServer):
         srv = self.server
         srv.gate.done(self)
         assert self.user is not None and self.identity is not None and self.conn is not None
-        if self._key_options is not None:
+        if self._key_options:
             # asyncssh resets key options when our validate_public_key accepted the key;
             # restore them so from=, command=, no-pty, permitopen... keep working.
-            self.conn._key_options = self._key_options  # noqa: SLF001
+            asyncssh_keyopts.restore(self.conn, self._key_options)
         self.ctx = SessionContext(
             user=self.user, conn=self.info, identity=self.identity.value, via=self.identity.via,
             audit=srv.audit, resolve_subsystem=lambda name: resolve_subsystem(srv.settings, name),
