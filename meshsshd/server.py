@@ -32,6 +32,8 @@ from .detached import DetachableSession, DetachedSessions
 from .errors import AuthRefused
 from .limits import AuthTries, Penalties, StartupGate
 from .logs import event
+from .replay_log import FILE_NAME as REPLAY_LOG_NAME
+from .replay_log import ReplayLog
 from .session import ChildSession, ConnectionInfo, SessionContext, resolve_subsystem
 from .users import LocalUser, lookup_user
 
@@ -334,7 +336,7 @@ class MeshSSHServer:
         loop = asyncio.get_running_loop()
         self._host_keys = await loop.run_in_executor(
             None, hostkeys.load_or_create, self.settings.state_dir, self.settings.use_system_host_keys)
-        self._update_validator(self.settings)
+        await self._update_validator(self.settings)
         for address in self.settings.listen:
             await self._bind(address)
         self._prune_task = loop.create_task(self._prune_forever())
@@ -396,10 +398,12 @@ class MeshSSHServer:
             self.penalties.prune()
 
     # ---- settings -------------------------------------------------------------------
-    def _update_validator(self, settings: ServerSettings) -> None:
+    async def _update_validator(self, settings: ServerSettings) -> None:
         if jwt_enabled(settings):
             if self.validator is None:
-                self.validator = JWTValidator(settings.jwt)
+                self.validator = JWTValidator(
+                    settings.jwt, replay_log=ReplayLog(settings.state_dir / REPLAY_LOG_NAME))
+                await self.validator.restore()
             else:
                 self.validator.update(settings.jwt)
 
@@ -409,7 +413,7 @@ class MeshSSHServer:
         self.settings = settings
         self.gate.limits = settings.limits
         self.penalties.limits = settings.limits
-        self._update_validator(settings)
+        await self._update_validator(settings)
         if not jwt_enabled(settings) and self.validator is not None:
             validator, self.validator = self.validator, None
             await validator.close()
