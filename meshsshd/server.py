@@ -23,7 +23,8 @@ from typing import Any
 
 import asyncssh
 
-from . import __version__, acl, algorithms, asyncssh_keyopts, asyncssh_ping, asyncssh_tuning, forwarding, hostkeys
+from . import (__version__, acl, algorithms, asyncssh_agentdir, asyncssh_keyopts, asyncssh_ping, asyncssh_tuning,
+               forwarding, hostkeys)
 from .audit import AuditSink, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -333,6 +334,7 @@ class MeshSSHServer:
     async def start(self) -> None:
         asyncssh_tuning.skip_ignore_packets()
         asyncssh_ping.answer_pings()
+        asyncssh_agentdir.safe_agent_cleanup()
         loop = asyncio.get_running_loop()
         self._host_keys = await loop.run_in_executor(
             None, hostkeys.load_or_create, self.settings.state_dir, self.settings.use_system_host_keys)

@@ -399,6 +399,30 @@ def test_agent_forwarding_socket_belongs_to_user(world, tmp_path):
         os.kill(pid, signal.SIGTERM)
 
 
+def test_agent_socket_directory_is_gone_after_the_session(world, tmp_path):
+    """Removed by meshsshd.asyncssh_agentdir (no TemporaryDirectory.cleanup as root on the
+    user's directory), once the connection ends."""
+    srv, user, key, _ = world
+    require_tool("ssh-agent")
+    out = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    sock = re.search(r"SSH_AUTH_SOCK=([^;]+);", out).group(1)
+    pid = int(re.search(r"SSH_AGENT_PID=(\d+);", out).group(1))
+    try:
+        env = {**os.environ, "SSH_AUTH_SOCK": sock}
+        r = subprocess.run(srv.ssh_argv(user.pw_name, key, "dirname $SSH_AUTH_SOCK", opts=["-A"]),
+                           env=env, capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        agent_dir = r.stdout.decode().strip()
+        assert agent_dir.startswith("/") and "asyncssh-" in agent_dir
+        deadline = time.monotonic() + 10
+        while os.path.lexists(agent_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.lexists(agent_dir)
+        assert '"asyncssh-agentdir.applied"' in srv.output()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+
 # ---- refusals ---------------------------------------------------------------------------
 def test_unknown_key_and_other_user_refused(world, tmp_path):
     srv, user, key, _ = world
