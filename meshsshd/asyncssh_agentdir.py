@@ -25,7 +25,7 @@ from typing import Any
 import asyncssh
 from asyncssh import agent as _agent
 
-from .asyncssh_tuning import version_checked
+from .asyncssh_patch import apply_guarded, version_checked
 from .logs import event
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,15 @@ def _close(self: Any) -> None:
 def safe_agent_cleanup() -> bool:
     """Patch asyncssh once per process; True if applied."""
     global _applied
-    if _applied:
-        return True
-    cls = _agent.SSHAgentListener
-    why = refusal(asyncssh.__version__, cls)
-    if why is not None:
-        event(log, "asyncssh-agentdir.refused", logging.WARNING, reason=why, asyncssh=asyncssh.__version__,
-              effect="the agent socket directory is removed by TemporaryDirectory.cleanup as root")
-        return False
-    _close.__wrapped__ = cls.close  # type: ignore[attr-defined]
-    cls.close = _close  # type: ignore[method-assign]
-    _applied = True
-    event(log, "asyncssh-agentdir.applied", change="agent socket directory removed without chmod or symlinks",
-          asyncssh=asyncssh.__version__)
-    return True
+    if not _applied:
+        cls = _agent.SSHAgentListener
+
+        def patch() -> None:
+            _close.__wrapped__ = cls.close  # type: ignore[attr-defined]
+            cls.close = _close  # type: ignore[method-assign]
+
+        _applied = apply_guarded(log, "asyncssh-agentdir", refusal(asyncssh.__version__, cls), patch,
+                                 change="agent socket directory removed without chmod or symlinks",
+                                 effect="the agent socket directory is removed by TemporaryDirectory.cleanup "
+                                        "as root")
+    return _applied

@@ -22,8 +22,7 @@ from typing import Any
 import asyncssh
 from asyncssh import connection as _conn
 
-from .asyncssh_tuning import version_checked
-from .logs import event
+from .asyncssh_patch import apply_guarded, version_checked
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +46,9 @@ def enforceable() -> bool:
     """Whether restore() works here; decided (and warned about) once per process."""
     global _verdict
     if _verdict is None:
-        why = refusal(asyncssh.__version__)
-        _verdict = why is None
-        if why is not None:
-            event(log, "asyncssh-keyopts.refused", logging.WARNING, reason=why, asyncssh=asyncssh.__version__,
-                  effect="public keys with authorized_keys options are refused")
+        _verdict = apply_guarded(log, "asyncssh-keyopts", refusal(asyncssh.__version__), lambda: None,
+                                 change="key options restored after login",
+                                 effect="public keys with authorized_keys options are refused")
     return _verdict
 
 

@@ -24,6 +24,7 @@ if the pieces still have the shape read here; otherwise one warning and no ping 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -32,8 +33,7 @@ import asyncssh
 from asyncssh import connection as _conn
 from asyncssh.packet import SSHPacket, String
 
-from .asyncssh_tuning import version_checked
-from .logs import event
+from .asyncssh_patch import apply_guarded, version_checked
 
 log = logging.getLogger(__name__)
 
@@ -85,30 +85,27 @@ def _process_pong(self: Any, _pkttype: int, _pktid: int, packet: SSHPacket) -> N
 
 
 def _advertising(send_ext_info: Callable[[Any], None]) -> Callable[[Any], None]:
+    @functools.wraps(send_ext_info)  # keeps __wrapped__: the tests unpatch with it
     def send_ext_info_with_ping(self: Any) -> None:
         self._extensions_to_send[EXTENSION] = EXTENSION_VERSION
         send_ext_info(self)
 
-    send_ext_info_with_ping.__wrapped__ = send_ext_info  # type: ignore[attr-defined]
     return send_ext_info_with_ping
 
 
 def answer_pings() -> bool:
     """Patch asyncssh's server connections once per process; True if applied."""
     global _applied
-    if _applied:
-        return True
-    cls = _conn.SSHServerConnection
-    why = refusal(asyncssh.__version__, cls)
-    if why is not None:
-        event(log, "asyncssh-ping.refused", logging.WARNING, reason=why, asyncssh=asyncssh.__version__,
-              effect="OpenSSH clients send keystrokes without timing obfuscation")
-        return False
-    # The server class's own table: asyncssh's clients (and their table) stay as they are.
-    cls._packet_handlers = {**cls._packet_handlers, MSG_PING: _process_ping,  # type: ignore[attr-defined]
-                            MSG_PONG: _process_pong}
-    cls._send_ext_info = _advertising(cls._send_ext_info)  # type: ignore[method-assign]
-    _applied = True
-    event(log, "asyncssh-ping.applied", change="ping@openssh.com advertised and answered",
-          asyncssh=asyncssh.__version__)
-    return True
+    if not _applied:
+        cls = _conn.SSHServerConnection
+
+        def patch() -> None:
+            # The server class's own table: asyncssh's clients (and their table) stay as they are.
+            cls._packet_handlers = {**cls._packet_handlers,  # type: ignore[attr-defined]
+                                    MSG_PING: _process_ping, MSG_PONG: _process_pong}
+            cls._send_ext_info = _advertising(cls._send_ext_info)  # type: ignore[method-assign]
+
+        _applied = apply_guarded(log, "asyncssh-ping", refusal(asyncssh.__version__, cls), patch,
+                                 change="ping@openssh.com advertised and answered",
+                                 effect="OpenSSH clients send keystrokes without timing obfuscation")
+    return _applied

@@ -335,6 +335,7 @@ class MeshSSHServer:
         asyncssh_tuning.skip_ignore_packets()
         asyncssh_ping.answer_pings()
         asyncssh_agentdir.safe_agent_cleanup()
+        asyncssh_keyopts.enforceable()
         loop = asyncio.get_running_loop()
         self._host_keys = await loop.run_in_executor(
             None, hostkeys.load_or_create, self.settings.state_dir, self.settings.use_system_host_keys)

@@ -193,15 +193,20 @@ async def test_good_token_logs_in_once(server: ServerKit, session_user: Any, key
     assert refusals(server)[-1]["reason"] == "replayed"
 
 
-async def test_key_rotation_in_the_jwks_file(tmp_path: Path, session_user: Any, keys: Keys) -> None:
-    """A new kid appears in the file: the first token signed with it makes the server reload.
-    (Its own server, so the unknown-kid cooldown of the shared one does not interfere.)"""
+def own_server_config(tmp_path: Path, keys: Keys) -> tuple[Path, dict[str, Any]]:
+    """A JWKS file with the main key, and a config for a server of the test's own."""
     jwks_file = tmp_path / "jwks.json"
     jwks_file.write_text(json.dumps({"keys": [Keys.jwk(keys.main, "EdDSA", "main")]}))
-    config = {
+    return jwks_file, {
         "jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks_file), "user_claim": "email"},
         "access": [{"sources": ["127.0.0.1/32"], "identities": ["*"], "local_users": ["localpart", "*"]}],
     }
+
+
+async def test_key_rotation_in_the_jwks_file(tmp_path: Path, session_user: Any, keys: Keys) -> None:
+    """A new kid appears in the file: the first token signed with it makes the server reload.
+    (Its own server, so the unknown-kid cooldown of the shared one does not interfere.)"""
+    jwks_file, config = own_server_config(tmp_path, keys)
     with ServerKit(tmp_path, config) as srv:
         out, banner = await login(srv, session_user.pw_name, sign(keys.main, claims()))
         assert out == session_user.pw_name, banner
@@ -221,12 +226,7 @@ async def test_a_token_used_before_a_restart_is_not_accepted_after_it(tmp_path: 
     """The replay cache survives a restart (meshsshd/replay_log.py): a token used before
     is still refused after it, while one fetched before and not used yet still works
     (a client may hold it through a management outage)."""
-    jwks_file = tmp_path / "jwks.json"
-    jwks_file.write_text(json.dumps({"keys": [Keys.jwk(keys.main, "EdDSA", "main")]}))
-    config = {
-        "jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks_file), "user_claim": "email"},
-        "access": [{"sources": ["127.0.0.1/32"], "identities": ["*"], "local_users": ["localpart", "*"]}],
-    }
+    jwks_file, config = own_server_config(tmp_path, keys)
     with ServerKit(tmp_path, config) as srv:
         used, unused = sign(keys.main, claims()), sign(keys.main, claims())
         out, banner = await login(srv, session_user.pw_name, used)
@@ -257,12 +257,7 @@ async def test_a_token_used_before_a_restart_is_not_accepted_after_it(tmp_path: 
 async def test_a_jwks_file_others_may_write_is_not_read(tmp_path: Path, session_user: Any, keys: Keys) -> None:
     """The same rotation, but the file became writable by others: whoever could write it
     could add their own key, so the reload refuses it and the new kid stays unknown."""
-    jwks_file = tmp_path / "jwks.json"
-    jwks_file.write_text(json.dumps({"keys": [Keys.jwk(keys.main, "EdDSA", "main")]}))
-    config = {
-        "jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks_file), "user_claim": "email"},
-        "access": [{"sources": ["127.0.0.1/32"], "identities": ["*"], "local_users": ["localpart", "*"]}],
-    }
+    jwks_file, config = own_server_config(tmp_path, keys)
     with ServerKit(tmp_path, config) as srv:
         jwks_file.write_text(json.dumps({"keys": [Keys.jwk(keys.main, "EdDSA", "main"),
                                                   Keys.jwk(keys.attacker, "EdDSA", "planted")]}))

@@ -7,6 +7,7 @@ start their own server with ServerKit.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -380,14 +381,22 @@ def test_local_forward_to_closed_port_fails_cleanly(world):
         _stop(proc)
 
 
-def test_agent_forwarding_socket_belongs_to_user(world, tmp_path):
-    srv, user, key, _ = world
+@contextlib.contextmanager
+def ssh_agent():
+    """A running ssh-agent for the test; the environment that reaches it."""
     require_tool("ssh-agent")
     out = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
     sock = re.search(r"SSH_AUTH_SOCK=([^;]+);", out).group(1)
     pid = int(re.search(r"SSH_AGENT_PID=(\d+);", out).group(1))
     try:
-        env = {**os.environ, "SSH_AUTH_SOCK": sock}
+        yield {**os.environ, "SSH_AUTH_SOCK": sock}
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+
+def test_agent_forwarding_socket_belongs_to_user(world, tmp_path):
+    srv, user, key, _ = world
+    with ssh_agent() as env:
         subprocess.run(["ssh-add", str(key.path)], env=env, check=True, capture_output=True)
         r = subprocess.run(srv.ssh_argv(user.pw_name, key, "stat -c %U $SSH_AUTH_SOCK; ssh-add -l", opts=["-A"]),
                            env=env, capture_output=True, timeout=30)
@@ -395,20 +404,13 @@ def test_agent_forwarding_socket_belongs_to_user(world, tmp_path):
         assert r.returncode == 0, r.stderr
         assert lines[0] == user.pw_name
         assert key.fingerprint in lines[1]
-    finally:
-        os.kill(pid, signal.SIGTERM)
 
 
 def test_agent_socket_directory_is_gone_after_the_session(world, tmp_path):
     """Removed by meshsshd.asyncssh_agentdir (no TemporaryDirectory.cleanup as root on the
     user's directory), once the connection ends."""
     srv, user, key, _ = world
-    require_tool("ssh-agent")
-    out = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
-    sock = re.search(r"SSH_AUTH_SOCK=([^;]+);", out).group(1)
-    pid = int(re.search(r"SSH_AGENT_PID=(\d+);", out).group(1))
-    try:
-        env = {**os.environ, "SSH_AUTH_SOCK": sock}
+    with ssh_agent() as env:
         r = subprocess.run(srv.ssh_argv(user.pw_name, key, "dirname $SSH_AUTH_SOCK", opts=["-A"]),
                            env=env, capture_output=True, timeout=30)
         assert r.returncode == 0, r.stderr
@@ -419,8 +421,6 @@ def test_agent_socket_directory_is_gone_after_the_session(world, tmp_path):
             time.sleep(0.05)
         assert not os.path.lexists(agent_dir)
         assert '"asyncssh-agentdir.applied"' in srv.output()
-    finally:
-        os.kill(pid, signal.SIGTERM)
 
 
 # ---- refusals ---------------------------------------------------------------------------
