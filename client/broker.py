@@ -26,8 +26,9 @@ B's meshssh prints it, A's prints a one-line notice. Every grant is printed on A
 connection's broker mints at most `--delegate-max` tokens, and with `--delegate-confirm`
 each one waits for a yes from the user's askpass program (client/askpass.py).
 
-Pure parts (wire framing, the delegation list, the verdict) are functions over values;
-`Broker` (A) and `BrokerClient`/`BrokerSession` (B) are the thin I/O edges.
+Pure parts (the wire framing in client/agent_wire.py, the delegation list, the verdict)
+are functions over values; `Broker` (A) and `BrokerClient`/`BrokerSession` (B) are the
+thin I/O edges.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ from typing import TYPE_CHECKING, Any
 
 from meshsshd.netmap import NetmapError, PeerInfo
 
+from .agent_wire import (AGENT_FAILURE, AGENT_IDENTITIES_ANSWER, AGENT_SUCCESS, AGENTC_REQUEST_IDENTITIES,
+                         MAX_MESSAGE, extension_request, frame, parse_extension, parse_json_arg, parse_query_reply,
+                         parse_reply, query_reply, reply)
 from .errors import AccessDenied, ClientError, UsageError
 
 if TYPE_CHECKING:
@@ -60,15 +64,6 @@ EXT_TOKEN = "ssh-token@meshsshd"
 EXT_PEERS = "peers@meshsshd"
 EXTENSIONS = (EXT_TOKEN, EXT_PEERS)
 
-# draft-miller-ssh-agent message numbers
-AGENT_FAILURE = 5
-AGENT_SUCCESS = 6
-AGENTC_REQUEST_IDENTITIES = 11
-AGENT_IDENTITIES_ANSWER = 12
-AGENTC_EXTENSION = 27
-AGENT_EXTENSION_FAILURE = 28
-
-MAX_MESSAGE = 1 << 20  # an agent message larger than this is a protocol error
 MAX_CONCURRENT = 4  # token requests answered at once; more wait their turn
 DEFAULT_BUDGET = 10  # tokens one connection's broker mints before refusing (--delegate-max)
 PEERS_MAX_AGE = 30.0  # the broker's copy of the peer list
@@ -81,91 +76,6 @@ class DelegationRefused(AccessDenied):
 
 class BrokerUnavailable(ClientError):
     pass
-
-
-# ---------------------------------------------------------------- wire (pure)
-
-def put_string(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
-def get_string(buf: bytes, off: int = 0) -> tuple[bytes, int]:
-    if off + 4 > len(buf):
-        raise ValueError("truncated string")
-    (n,) = struct.unpack_from(">I", buf, off)
-    end = off + 4 + n
-    if end > len(buf):
-        raise ValueError("truncated string")
-    return buf[off + 4:end], end
-
-
-def frame(payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + payload
-
-
-def extension_request(name: str, doc: dict[str, Any] | None = None) -> bytes:
-    """The payload (unframed) of SSH_AGENTC_EXTENSION `name` with a JSON document."""
-    body = put_string(name.encode())
-    if doc is not None:
-        body += put_string(json.dumps(doc, separators=(",", ":")).encode())
-    return bytes([AGENTC_EXTENSION]) + body
-
-
-def parse_extension(payload: bytes) -> tuple[str, bytes] | None:
-    """(extension name, the rest) for an SSH_AGENTC_EXTENSION payload, else None."""
-    if not payload or payload[0] != AGENTC_EXTENSION:
-        return None
-    try:
-        name, off = get_string(payload, 1)
-        return name.decode("utf-8"), payload[off:]
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def parse_json_arg(rest: bytes) -> dict[str, Any]:
-    """The JSON document that follows our extension names; ValueError if malformed."""
-    raw, off = get_string(rest, 0)
-    if off != len(rest):
-        raise ValueError("trailing bytes")
-    doc = json.loads(raw)
-    if not isinstance(doc, dict):
-        raise ValueError("not an object")
-    return doc
-
-
-def reply(ok: bool, doc: dict[str, Any]) -> bytes:
-    """SUCCESS or EXTENSION_FAILURE, each followed by a JSON string (the reason too)."""
-    code = AGENT_SUCCESS if ok else AGENT_EXTENSION_FAILURE
-    return bytes([code]) + put_string(json.dumps(doc, separators=(",", ":")).encode())
-
-
-def parse_reply(payload: bytes) -> tuple[int, dict[str, Any]]:
-    """(message code, JSON document or {}) of an answer to one of our extensions."""
-    if not payload:
-        raise ValueError("empty reply")
-    code = payload[0]
-    if code == AGENT_FAILURE or len(payload) == 1:
-        return code, {}
-    raw, _ = get_string(payload, 1)
-    doc = json.loads(raw)
-    return code, doc if isinstance(doc, dict) else {}
-
-
-def query_reply(names: Iterable[str]) -> bytes:
-    return bytes([AGENT_SUCCESS]) + b"".join(put_string(n.encode()) for n in names)
-
-
-def parse_query_reply(payload: bytes) -> list[str]:
-    if not payload or payload[0] != AGENT_SUCCESS:
-        return []
-    out, off = [], 1
-    try:
-        while off < len(payload):
-            name, off = get_string(payload, off)
-            out.append(name.decode("utf-8", "replace"))
-    except ValueError:
-        pass
-    return out
 
 
 # ---------------------------------------------------------------- the delegation list (pure)

@@ -12,12 +12,15 @@ from typing import Any
 import pytest
 
 from client import broker
-from client.broker import (
+from client import agent_wire
+from client.agent_wire import (
     AGENT_EXTENSION_FAILURE,
     AGENT_FAILURE,
     AGENT_IDENTITIES_ANSWER,
     AGENT_SUCCESS,
     AGENTC_REQUEST_IDENTITIES,
+)
+from client.broker import (
     EXT_PEERS,
     EXT_TOKEN,
     Broker,
@@ -97,24 +100,24 @@ def test_refusal_messages_name_the_fix() -> None:
 # ------------------------------------------------------------------ wire format
 
 def test_extension_round_trip() -> None:
-    payload = broker.extension_request(EXT_TOKEN, {"peer": "db-1"})
-    name, rest = broker.parse_extension(payload)
-    assert name == EXT_TOKEN and broker.parse_json_arg(rest) == {"peer": "db-1"}
-    assert broker.parse_extension(bytes([AGENTC_REQUEST_IDENTITIES])) is None
-    assert broker.parse_extension(bytes([27, 0, 0, 0, 9, 1])) is None  # truncated name
+    payload = agent_wire.extension_request(EXT_TOKEN, {"peer": "db-1"})
+    name, rest = agent_wire.parse_extension(payload)
+    assert name == EXT_TOKEN and agent_wire.parse_json_arg(rest) == {"peer": "db-1"}
+    assert agent_wire.parse_extension(bytes([AGENTC_REQUEST_IDENTITIES])) is None
+    assert agent_wire.parse_extension(bytes([27, 0, 0, 0, 9, 1])) is None  # truncated name
 
 
 @pytest.mark.parametrize("rest", [b"", b"\x00\x00\x00\x02[]", b"\x00\x00\x00\x02{}x", b"\x00\x00\x00\x05{}"])
 def test_malformed_arguments_raise(rest: bytes) -> None:
     with pytest.raises(ValueError):
-        broker.parse_json_arg(rest)
+        agent_wire.parse_json_arg(rest)
 
 
 def test_replies_and_query() -> None:
-    assert broker.parse_reply(broker.reply(True, {"token": "t"})) == (AGENT_SUCCESS, {"token": "t"})
-    assert broker.parse_reply(broker.reply(False, {"message": "no"})) == (AGENT_EXTENSION_FAILURE, {"message": "no"})
-    assert broker.parse_reply(bytes([AGENT_FAILURE])) == (AGENT_FAILURE, {})
-    assert broker.parse_query_reply(broker.query_reply(["a@x", EXT_TOKEN])) == ["a@x", EXT_TOKEN]
+    assert agent_wire.parse_reply(agent_wire.reply(True, {"token": "t"})) == (AGENT_SUCCESS, {"token": "t"})
+    assert agent_wire.parse_reply(agent_wire.reply(False, {"message": "no"})) == (AGENT_EXTENSION_FAILURE, {"message": "no"})
+    assert agent_wire.parse_reply(bytes([AGENT_FAILURE])) == (AGENT_FAILURE, {})
+    assert agent_wire.parse_query_reply(agent_wire.query_reply(["a@x", EXT_TOKEN])) == ["a@x", EXT_TOKEN]
 
 
 # ------------------------------------------------------------------ the broker over sockets
@@ -149,12 +152,12 @@ async def _fake_agent(path: Path) -> asyncio.AbstractServer:
                 msg = await r.readexactly(n)
                 if msg[0] == AGENTC_REQUEST_IDENTITIES:
                     out = bytes([AGENT_IDENTITIES_ANSWER]) + struct.pack(">I", 1) + \
-                        broker.put_string(b"blob") + broker.put_string(b"real-key")
-                elif broker.parse_extension(msg) == ("query", b""):
-                    out = broker.query_reply(["session-bind@openssh.com"])
+                        agent_wire.put_string(b"blob") + agent_wire.put_string(b"real-key")
+                elif agent_wire.parse_extension(msg) == ("query", b""):
+                    out = agent_wire.query_reply(["session-bind@openssh.com"])
                 else:
                     out = bytes([AGENT_FAILURE])
-                w.write(broker.frame(out))
+                w.write(agent_wire.frame(out))
                 await w.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             w.close()
