@@ -22,10 +22,13 @@ draft-miller-ssh-agent) carry the delegation:
 
 Both answer only for peers on the delegation list; B never sees the refresh token, the
 login access token or a token for any other peer. A refusal is explained on both sides:
-B's meshssh prints it, A's prints a one-line notice.
+B's meshssh prints it, A's prints a one-line notice. Every grant is printed on A too, a
+connection's broker mints at most `--delegate-max` tokens, and with `--delegate-confirm`
+each one waits for a yes from the user's askpass program (client/askpass.py).
 
-Pure parts (wire framing, the delegation list, the verdict) are functions over values;
-`Broker` (A) and `BrokerClient`/`BrokerSession` (B) are the thin I/O edges.
+Pure parts (the wire framing in client/agent_wire.py, the delegation list, the verdict)
+are functions over values; `Broker` (A) and `BrokerClient`/`BrokerSession` (B) are the
+thin I/O edges.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ from typing import TYPE_CHECKING, Any
 
 from meshsshd.netmap import NetmapError, PeerInfo
 
+from .agent_wire import (AGENT_FAILURE, AGENT_IDENTITIES_ANSWER, AGENT_SUCCESS, AGENTC_REQUEST_IDENTITIES,
+                         MAX_MESSAGE, extension_request, frame, parse_extension, parse_json_arg, parse_query_reply,
+                         parse_reply, query_reply, reply)
 from .errors import AccessDenied, ClientError, UsageError
 
 if TYPE_CHECKING:
@@ -58,16 +64,8 @@ EXT_TOKEN = "ssh-token@meshsshd"
 EXT_PEERS = "peers@meshsshd"
 EXTENSIONS = (EXT_TOKEN, EXT_PEERS)
 
-# draft-miller-ssh-agent message numbers
-AGENT_FAILURE = 5
-AGENT_SUCCESS = 6
-AGENTC_REQUEST_IDENTITIES = 11
-AGENT_IDENTITIES_ANSWER = 12
-AGENTC_EXTENSION = 27
-AGENT_EXTENSION_FAILURE = 28
-
-MAX_MESSAGE = 1 << 20  # an agent message larger than this is a protocol error
 MAX_CONCURRENT = 4  # token requests answered at once; more wait their turn
+DEFAULT_BUDGET = 10  # tokens one connection's broker mints before refusing (--delegate-max)
 PEERS_MAX_AGE = 30.0  # the broker's copy of the peer list
 PEERS_REFRESH_MIN = 5.0  # an unknown name refetches the list at most this often
 
@@ -78,91 +76,6 @@ class DelegationRefused(AccessDenied):
 
 class BrokerUnavailable(ClientError):
     pass
-
-
-# ---------------------------------------------------------------- wire (pure)
-
-def put_string(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
-def get_string(buf: bytes, off: int = 0) -> tuple[bytes, int]:
-    if off + 4 > len(buf):
-        raise ValueError("truncated string")
-    (n,) = struct.unpack_from(">I", buf, off)
-    end = off + 4 + n
-    if end > len(buf):
-        raise ValueError("truncated string")
-    return buf[off + 4:end], end
-
-
-def frame(payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + payload
-
-
-def extension_request(name: str, doc: dict[str, Any] | None = None) -> bytes:
-    """The payload (unframed) of SSH_AGENTC_EXTENSION `name` with a JSON document."""
-    body = put_string(name.encode())
-    if doc is not None:
-        body += put_string(json.dumps(doc, separators=(",", ":")).encode())
-    return bytes([AGENTC_EXTENSION]) + body
-
-
-def parse_extension(payload: bytes) -> tuple[str, bytes] | None:
-    """(extension name, the rest) for an SSH_AGENTC_EXTENSION payload, else None."""
-    if not payload or payload[0] != AGENTC_EXTENSION:
-        return None
-    try:
-        name, off = get_string(payload, 1)
-        return name.decode("utf-8"), payload[off:]
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def parse_json_arg(rest: bytes) -> dict[str, Any]:
-    """The JSON document that follows our extension names; ValueError if malformed."""
-    raw, off = get_string(rest, 0)
-    if off != len(rest):
-        raise ValueError("trailing bytes")
-    doc = json.loads(raw)
-    if not isinstance(doc, dict):
-        raise ValueError("not an object")
-    return doc
-
-
-def reply(ok: bool, doc: dict[str, Any]) -> bytes:
-    """SUCCESS or EXTENSION_FAILURE, each followed by a JSON string (the reason too)."""
-    code = AGENT_SUCCESS if ok else AGENT_EXTENSION_FAILURE
-    return bytes([code]) + put_string(json.dumps(doc, separators=(",", ":")).encode())
-
-
-def parse_reply(payload: bytes) -> tuple[int, dict[str, Any]]:
-    """(message code, JSON document or {}) of an answer to one of our extensions."""
-    if not payload:
-        raise ValueError("empty reply")
-    code = payload[0]
-    if code == AGENT_FAILURE or len(payload) == 1:
-        return code, {}
-    raw, _ = get_string(payload, 1)
-    doc = json.loads(raw)
-    return code, doc if isinstance(doc, dict) else {}
-
-
-def query_reply(names: Iterable[str]) -> bytes:
-    return bytes([AGENT_SUCCESS]) + b"".join(put_string(n.encode()) for n in names)
-
-
-def parse_query_reply(payload: bytes) -> list[str]:
-    if not payload or payload[0] != AGENT_SUCCESS:
-        return []
-    out, off = [], 1
-    try:
-        while off < len(payload):
-            name, off = get_string(payload, off)
-            out.append(name.decode("utf-8", "replace"))
-    except ValueError:
-        pass
-    return out
 
 
 # ---------------------------------------------------------------- the delegation list (pure)
@@ -228,7 +141,7 @@ class DelegationList:
 @dataclass(frozen=True)
 class Verdict:
     allowed: bool
-    reason: str = ""  # stable code: delegation-off | unknown-peer | not-listed | no-ssh
+    reason: str = ""  # stable code: delegation-off | unknown-peer | not-listed | no-ssh | budget | declined
     message: str = ""
 
 
@@ -274,7 +187,6 @@ class Broker:
     delegation: DelegationList
     via: PeerInfo
     upstream: str | None = None  # the real ssh-agent ($SSH_AUTH_SOCK), only with -A
-    verbose: bool = False
     origin: str = field(default_factory=origin_name)
     say: Callable[[str], None] = field(default=lambda text: _stderr(text))
     path: str = ""
@@ -282,8 +194,12 @@ class Broker:
     _server: Any = None
     _peers: list[PeerInfo] = field(default_factory=list)
     _peers_at: float = 0.0
+    budget: int = DEFAULT_BUDGET
+    confirm_with: str | None = None  # the askpass program of --delegate-confirm
     granted: int = 0
     refused: int = 0
+    _reserved: int = 0  # grants counted against the budget, including those in flight
+    _asking: asyncio.Lock = field(default_factory=asyncio.Lock)
     _busy: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT))
     _signals: dict[int, Any] = field(default_factory=dict)
 
@@ -409,15 +325,38 @@ class Broker:
         if name == EXT_PEERS:
             return reply(True, {"peer": peer.to_dict(), "management_url": self.session.login.management_url,
                                 "identity": self.session.identity, "origin": self.origin})
+        if self._reserved >= self.budget:
+            return self._refuse(peer.name, "budget",
+                                f"this connection's budget of {self.budget} delegated tokens is spent "
+                                f"(--delegate-max); reconnect to {self.via.name} for a fresh one")
+        self._reserved += 1  # before any await: concurrent requests cannot overrun the budget
+        granted = False
         try:
-            res = await asyncio.to_thread(self._mint, peer)
-        except ClientError as exc:
-            return self._refuse(peer.name, "management", str(exc))
+            if self.confirm_with and not await self._confirmed(peer):
+                return self._refuse(peer.name, "declined", "not confirmed (--delegate-confirm)")
+            try:
+                res = await asyncio.to_thread(self._mint, peer)
+            except ClientError as exc:
+                return self._refuse(peer.name, "management", str(exc))
+            granted = True
+        finally:
+            if not granted:  # refused or failed: the slot is not spent
+                self._reserved -= 1
         self.granted += 1
-        if self.verbose:
-            self.say(f"delegated a token for {peer.name} to the session on {self.via.name}")
+        self.say(f"delegated a token for {peer.name} to the session on {self.via.name} "
+                 f"({self.granted} of {self.budget} for this connection)")
         return reply(True, {"token": res.token, "peer": peer.id, "name": peer.name,
                             "exp": res.exp, "origin": self.origin})
+
+    async def _confirmed(self, peer: PeerInfo) -> bool:
+        """One question at a time, so that each yes answers exactly one token."""
+        from .askpass import confirm
+
+        assert self.confirm_with is not None
+        async with self._asking:
+            return await confirm(self.confirm_with,
+                                 f"Allow the session on {self.via.name} a token for {peer.name} "
+                                 f"as {self.session.identity}?")
 
     def _refuse(self, asked: str, reason: str, message: str) -> bytes:
         self.refused += 1
@@ -486,11 +425,27 @@ def _stderr(text: str) -> None:
         sys.stderr.flush()
 
 
+def parse_budget(text: str | None) -> int:
+    """--delegate-max N (or MESHSSH_DELEGATE_MAX): a positive count; there is no
+    "unlimited", so that a forgotten session cannot mint without end."""
+    if text is None:
+        return DEFAULT_BUDGET
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"--delegate-max: {text!r} is not a positive number of tokens")
+    return value
+
+
 async def start_broker(session: Any, via: PeerInfo, delegate_to: Sequence[str], agent: bool | None,
-                       verbose: bool = False, upstream: str | None = None) -> Broker | None:
+                       upstream: str | None = None, budget: int = DEFAULT_BUDGET,
+                       confirm: bool = False) -> Broker | None:
     """The agent socket to forward to `via`, or None when nothing should be forwarded.
 
-    -A passes ssh-agent requests through to $SSH_AUTH_SOCK; --delegate-to enables tokens.
+    -A passes ssh-agent requests through to $SSH_AUTH_SOCK; --delegate-to enables tokens,
+    at most `budget` of them, each asked of the user first with `confirm`.
     A session that is itself delegated (no login here) forwards nothing of its own: the
     agent it would forward is the broker on A, which records only the first hop.
     """
@@ -503,8 +458,11 @@ async def start_broker(session: Any, via: PeerInfo, delegate_to: Sequence[str], 
         upstream = os.environ.get("SSH_AUTH_SOCK")
     elif not agent:
         upstream = None
+    from .askpass import askpass_program
+
+    program = askpass_program() if confirm and delegation.enabled else None
     broker = Broker(session=session, delegation=delegation, via=via, upstream=upstream or None,
-                    verbose=verbose)
+                    budget=budget, confirm_with=program)
     await broker.start()
     return broker
 
@@ -519,7 +477,8 @@ async def agent_to_forward(args: Any, session: Any, target: Target) -> tuple[Bro
                     "of your client on another peer, and delegation goes one hop only")
         return None, False
     broker = await start_broker(session, target.peer, delegate_to, args.agent,
-                                verbose=bool(getattr(args, "verbose", 0)))
+                                budget=getattr(args, "delegate_max", None) or DEFAULT_BUDGET,
+                                confirm=bool(getattr(args, "delegate_confirm", False)))
     return broker, (broker.path if broker is not None else False)
 
 

@@ -23,7 +23,8 @@ usage: meshssh [-46AaNnqsTtv] [-b bind_address] [-D [bind_address:]port]
                [-i identity_file] [-L [bind_address:]port:host:hostport]
                [-l login_name] [-o option] [-p port]
                [-R [bind_address:]port:host:hostport] [--ssh-jwt-cache-ttl SECONDS]
-               [--no-cache] [--delegate-to PEER,group:NAME] [user@]host [command ...]
+               [--no-cache] [--delegate-to PEER,group:NAME] [--delegate-max N]
+               [--delegate-confirm] [user@]host [command ...]
        meshssh login [--management-url URL] [--no-browser]
        meshssh login --client-id ID --client-secret-file FILE
        meshssh logout | peers | cp [-r] SRC... DST

@@ -18,7 +18,8 @@ authenticated connection and answers with JSON lines:
 The socket is `control.sock` in the client's config directory (0700, client/state.py),
 or `control-<hash of that directory>.sock` in `$XDG_RUNTIME_DIR/meshssh/` when the
 runtime directory is the user's own. The master checks SO_PEERCRED on every
-connection. Stdlib only: the front imports this on every `meshssh` run.
+connection, and the front checks the master's before it sends anything (its stdio
+descriptors and environment would otherwise go to whoever listens there). Stdlib only: the front imports this on every `meshssh` run.
 """
 
 from __future__ import annotations
@@ -115,37 +116,54 @@ class LineReader:
         return doc
 
 
+class ForeignMaster(OSError):
+    """The socket is served by another user: they would get our stdio and our environment."""
+
+
 def connect(path: Path | None = None) -> socket.socket | None:
-    """A connection to the running master, or None when there is none."""
+    """A connection to the running master, or None when there is none; ForeignMaster
+    when whoever listens there is not us (checked before a byte or a descriptor goes out,
+    as the master checks its callers)."""
     path = path or socket_path()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
+        uid = peer_uid(sock)
     except OSError:
         sock.close()
         return None
+    if uid != os.geteuid():
+        sock.close()
+        raise ForeignMaster(f"{path} is served by uid {uid}, not by you (uid {os.geteuid()})")
     return sock
+
+
+def _warn_foreign(exc: ForeignMaster) -> None:
+    sys.stderr.write(f"meshssh: not using the control master: {exc}; remove that socket\n")
 
 
 def connect_or_start() -> socket.socket | None:
     """The running master, or a newly started one; None if neither works in time."""
     path = socket_path()
-    sock = connect(path)
-    if sock is not None:
-        return sock
     try:
-        ensure_socket_dir(path)
-        _spawn_master(path)
-    except OSError:
-        return None
-    deadline = time.monotonic() + START_WAIT
-    delay = 0.005
-    while time.monotonic() < deadline:
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
         sock = connect(path)
         if sock is not None:
             return sock
+        try:
+            ensure_socket_dir(path)
+            _spawn_master(path)
+        except OSError:
+            return None
+        deadline = time.monotonic() + START_WAIT
+        delay = 0.005
+        while time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            sock = connect(path)
+            if sock is not None:
+                return sock
+    except ForeignMaster as exc:
+        _warn_foreign(exc)
     return None
 
 
@@ -176,7 +194,11 @@ def _spawn_master(path: Path) -> None:
 
 def ask(op: str) -> dict[str, Any] | None:
     """Send a fd-less request (status, stop) to a running master; its answer or None."""
-    sock = connect()
+    try:
+        sock = connect()
+    except ForeignMaster as exc:
+        _warn_foreign(exc)
+        return None
     if sock is None:
         return None
     with sock:

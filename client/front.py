@@ -30,7 +30,7 @@ from . import control
 # process (forwards, agents, keys, verbosity) and runs in-process.
 _DEFAULTS = dict(local=(), remote=(), dynamic=(), agent=None, identities=(), verbose=0,
                  bind_address=None, address_family=0, options=(), ssh_jwt_cache_ttl=None,
-                 no_cache=False, delegate_to=(), no_command=False, send_env=(), set_env=(),
+                 no_cache=False, delegate_to=(), delegate_max=None, delegate_confirm=False, no_command=False, send_env=(), set_env=(),
                  warnings=(), tty_override=0)
 
 

@@ -18,8 +18,8 @@ from .errors import UsageError
 NOARG = set("46AaCfGgKkMNnqsTtVvXxYy")
 WITHARG = set("BbcDEeFIiJLlmOoPpQRSWw")
 SUPPORTED = set("46AaCNnqsTtvVbDiLlopR")
-LONG_WITHARG = {"--ssh-jwt-cache-ttl", "--delegate-to"}
-LONG_NOARG = {"--no-cache", "--help"}
+LONG_WITHARG = {"--ssh-jwt-cache-ttl", "--delegate-to", "--delegate-max"}
+LONG_NOARG = {"--no-cache", "--help", "--delegate-confirm"}
 # `meshssh WORD ...` that are sub-commands, not destinations (client/cli.py, client/front.py).
 SUBCOMMANDS = ("login", "logout", "detect", "proxy", "config", "cp", "peers", "exec", "sessions",
                "attach", "receive", "control")
@@ -58,6 +58,8 @@ class SSHArgs:
     ssh_jwt_cache_ttl: str | None = None
     no_cache: bool = False
     delegate_to: tuple[str, ...] = ()  # --delegate-to: token delegation (client/broker.py)
+    delegate_max: int | None = None  # --delegate-max N: tokens per connection (None: the default)
+    delegate_confirm: bool = False  # --delegate-confirm: ask (askpass) before each token
     send_env: tuple[str, ...] = ()
     set_env: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()  # shown on stderr before connecting (like ssh's)
@@ -220,10 +222,16 @@ def parse_ssh_args(argv: list[str]) -> SSHArgs:
                     i += 1
                 if name == "--delegate-to":
                     kw.setdefault("delegate_to", []).append(value)
+                elif name == "--delegate-max":
+                    from .broker import parse_budget
+
+                    kw["delegate_max"] = parse_budget(value)
                 else:
                     kw["ssh_jwt_cache_ttl"] = value
             elif name == "--no-cache":
                 kw["no_cache"] = True
+            elif name == "--delegate-confirm":
+                kw["delegate_confirm"] = True
             else:
                 raise UsageError(f"unknown option {word}")
             continue

@@ -403,10 +403,12 @@ class Relay:
         if not delegate or self.target is None:
             return outer
         if self.broker is None:
-            from .broker import start_broker
+            from .broker import parse_budget, start_broker
 
+            env = self.io.environ
             self.broker = await start_broker(self.session, self.target.peer, [delegate], bool(outer),
-                                             upstream=outer)
+                                             upstream=outer, budget=parse_budget(env.get("MESHSSH_DELEGATE_MAX") or None),
+                                             confirm=env.get("MESHSSH_DELEGATE_CONFIRM", "") in ("1", "yes"))
         return self.broker.path if self.broker is not None else outer
 
     @staticmethod

@@ -13,8 +13,14 @@ it sees for each keyword:
 2. `Match host "<peers>" exec "meshssh detect %h %p"` → ProxyCommand `meshssh proxy`.
    The proxy's own host key is ephemeral, so host-key checking is off for that hop
    *only here*; the proxy checks the peer's real key against the list (no TOFU);
-3. `Host <peers>` → the managed known_hosts file and `StrictHostKeyChecking yes`, so a
-   direct `ssh` to a peer that needs no JWT is still checked, never trusted on first use.
+3. `Host <peers>` → the managed known_hosts file, `StrictHostKeyChecking yes` and no
+   user known_hosts file, so a direct `ssh` to a peer that needs no JWT is checked
+   against management's keys only: never trusted on first use, and never accepted for a
+   key some earlier connection left in `~/.ssh/known_hosts` (OpenSSH accepts a key found
+   in *any* of its known_hosts files, so a stale or planted entry there would win).
+
+As root, the drop-in runs meshssh for every user who runs `ssh` (root included), so
+`config install` refuses a meshssh that anyone but root could change.
 
 Peer names come from management and are treated as hostile: anything that is not a
 plain DNS name or IP address is left out, so no peer can inject ssh_config.
@@ -28,6 +34,7 @@ import ipaddress
 import os
 import re
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +183,7 @@ def render_dropin(entries: list[PeerNames], meshssh: str, known_hosts: Path,
         out += ["", "# Every peer: its host key comes from management, never trusted on first use.",
                 f"Host {' '.join(everyone)}",
                 f"    GlobalKnownHostsFile {kh}",
+                "    UserKnownHostsFile /dev/null",
                 "    StrictHostKeyChecking yes"]
     return "\n".join(out) + "\n"
 
@@ -257,10 +265,61 @@ def meshssh_path() -> str:
     return os.path.abspath(found)
 
 
+def _script_interpreter(path: str) -> str | None:
+    """The `#!` interpreter of a script (pip's console scripts are such), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].split()
+    return os.fsdecode(words[0]) if words else None
+
+
+def untrusted_by_root(path: str) -> str | None:
+    """Why root must not run `path` for everyone, or None: the file, its `#!` interpreter,
+    and every directory above them (as written and as resolved) must be root's and
+    writable by no one else (a sticky directory such as /tmp aside), or a user could swap
+    in code that root then runs."""
+    interpreter = _script_interpreter(path)
+    targets = [path] + ([interpreter] if interpreter else [])
+    checked: set[str] = set()
+    for target in targets:
+        for p in (Path(os.path.abspath(target)), Path(os.path.realpath(target))):
+            for node in (p, *p.parents):
+                if str(node) in checked:
+                    continue
+                checked.add(str(node))
+                try:
+                    st = os.stat(node)
+                except OSError as exc:
+                    return f"{node}: {exc.strerror}"
+                if st.st_uid != 0:
+                    return f"{node} belongs to uid {st.st_uid}, not root"
+                sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+                if st.st_mode & 0o022 and not sticky_dir:  # in root's /tmp, others cannot swap root's entries
+                    return f"{node} is writable by group or others (mode {st.st_mode & 0o7777:o})"
+    return None
+
+
+def trusted_meshssh(euid: int) -> str:
+    """meshssh's path for the drop-in; as root only one that only root can change."""
+    exe = meshssh_path()
+    why = untrusted_by_root(exe) if euid == 0 else None
+    if why:
+        raise ClientError(f"refusing to write a drop-in that makes root (and every user) run {exe}: "
+                          f"{why}; install meshssh where only root can change it (e.g. as root "
+                          "into /usr/local or /opt), or install the drop-in as a user")
+    return exe
+
+
 def install(path: str | None = None, refresh: bool = False) -> list[str]:
     from .auth import Session
     from .peers import PeerDirectory
 
+    exe = trusted_meshssh(os.geteuid())
     loc = locations(path, os.geteuid(), Path.home(), os.environ.get("MESHSSH_INSTALL_SCOPE", ""))
     if refresh and not loc.dropin.exists():
         return []  # nothing installed: a map change has nothing to refresh
@@ -268,7 +327,7 @@ def install(path: str | None = None, refresh: bool = False) -> list[str]:
     peers = PeerDirectory(session).peers(refresh=True)
     problems: list[str] = []
     entries = [e for p in sorted(peers, key=lambda p: p.name) if (e := peer_names(p, problems))]
-    text = render_dropin(entries, meshssh_path(), loc.known_hosts,
+    text = render_dropin(entries, exe, loc.known_hosts,
                          f"peers of {session.identity} at {session.login.management_url}")
     kh = render_known_hosts(entries)
     msgs = [f"warning: {p}" for p in problems]

@@ -54,8 +54,8 @@ from .mgmt_client import (
     Registration,
 )
 from .netmap import SSH_PORT, NetmapError, NetworkMap
-from .peerproof import private_key_from_b64
-from .state import PUBLIC_MODE, Credential, StateDir, UpConfig, is_meshsshd, read_json, write_json_async
+from .state import (PUBLIC_MODE, SECRET_MODE, Credential, StateDir, UpConfig, is_meshsshd, read_json,
+                    write_json_async)
 
 log = logging.getLogger("meshsshd.agent")
 
@@ -588,8 +588,16 @@ class Agent:
             doc["sessions"] = []
         if not force and doc == self._last_status:
             return
+        # Who is logged in is for root: the sessions go to their own 0600 file, and the
+        # world-readable status.json (the client reads its mesh IP there) only counts them.
+        public = {k: v for k, v in doc.items() if k != "sessions"}
+        updated = _now_iso()
         try:
-            await write_json_async(self.state.status_path, {**doc, "updated": _now_iso()}, PUBLIC_MODE)
+            await write_json_async(self.state.sessions_path, {"sessions": doc["sessions"], "updated": updated},
+                                   SECRET_MODE)
+            await write_json_async(self.state.status_path,
+                                   {**public, "session_count": len(doc["sessions"]), "updated": updated},
+                                   PUBLIC_MODE)
         except StateError as exc:  # status is for people; a full disk must not stop serving
             event(log, "status.write_failed", logging.WARNING, error=str(exc))
             return

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# Post-quantum hybrid first (OpenSSH 10 prefers it), then curve25519 early, NIST P-256 for
-# FIPS-minded clients. No group-exchange, no finite-field groups below 4096 bits.
+# Post-quantum hybrid first (OpenSSH 10 prefers it), then curve25519, then finite-field
+# groups of 4096 bits and more for clients without curve25519. No NIST-curve ECDH, no
+# group-exchange. README and docs/server.md list exactly these (tests/unit/test_docs_algorithms.py).
 KEX_ALGS: tuple[str, ...] = (
     "mlkem768x25519-sha256",
     "curve25519-sha256",

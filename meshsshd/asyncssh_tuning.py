@@ -26,12 +26,9 @@ from typing import Any
 import asyncssh
 from asyncssh import connection as _conn
 
-from .logs import event
+from .asyncssh_patch import apply_guarded, version_checked
 
 log = logging.getLogger(__name__)
-
-# The asyncssh versions whose send_packet was read for this patch (pyproject pins the same).
-CHECKED_VERSIONS = ((2, 24, 1), (2, 25))
 
 # Names send_packet uses for the insertion: `if self._send_encryption and pkttype >
 # MSG_KEX_LAST: self.send_packet(MSG_IGNORE, String(b''))`.
@@ -44,18 +41,9 @@ _MSG_KEX_LAST = _conn.MSG_KEX_LAST
 _applied = False
 
 
-def _version(text: str) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(part) for part in text.split(".")[:3])
-    except ValueError:
-        return None
-
-
 def refusal(version: str, send_packet: Callable[..., Any]) -> str | None:
     """Why this asyncssh must not be patched, or None if it may."""
-    parsed = _version(version)
-    low, high = CHECKED_VERSIONS
-    if parsed is None or not low <= parsed < high:
+    if not version_checked(version):
         return "version-not-checked"
     code = getattr(send_packet, "__code__", None)
     if code is None or not _SHAPE_NAMES <= set(code.co_names):
@@ -96,17 +84,15 @@ def _skipping(send_packet: Callable[..., None]) -> Callable[..., None]:
 def skip_ignore_packets() -> bool:
     """Patch asyncssh once per process (see the module docstring); True if applied."""
     global _applied
-    if _applied:
-        return True
-    cls = _conn.SSHConnection
-    why = refusal(asyncssh.__version__, cls.send_packet)
-    if why is not None:
-        event(log, "asyncssh-tuning.refused", logging.WARNING, reason=why, asyncssh=asyncssh.__version__,
-              effect="asyncssh sends an ignore packet before every encrypted packet (slower bulk transfers)")
-        return False
-    cls._meshsshd_skip_ignore = False  # type: ignore[attr-defined]
-    cls.send_packet = _skipping(cls.send_packet)  # type: ignore[method-assign]
-    _applied = True
-    event(log, "asyncssh-tuning.applied", change="no ignore packet before non-CBC packets",
-          asyncssh=asyncssh.__version__)
-    return True
+    if not _applied:
+        cls = _conn.SSHConnection
+
+        def patch() -> None:
+            cls._meshsshd_skip_ignore = False  # type: ignore[attr-defined]
+            cls.send_packet = _skipping(cls.send_packet)  # type: ignore[method-assign]
+
+        _applied = apply_guarded(log, "asyncssh-tuning", refusal(asyncssh.__version__, cls.send_packet), patch,
+                                 change="no ignore packet before non-CBC packets",
+                                 effect="asyncssh sends an ignore packet before every encrypted packet "
+                                        "(slower bulk transfers)")
+    return _applied

@@ -8,7 +8,9 @@ before its signature is checked:
     size (≤ 16 KiB, unread otherwise) → header → alg in the asymmetric allowlist →
     key by kid (one rate-limited JWKS refresh on a miss) → alg fits that key's type →
     signature → required claims → iss → aud → exp → nbf → iat (future, too old) →
-    identity claim → jti not seen before (recorded only when everything passed)
+    identity claim → issued after the replay cache began, unless the replay log of
+    earlier runs was read back → jti not seen before (recorded only when everything
+    passed, in memory and in the replay log, meshsshd/replay_log.py)
 
 `check_claims` is the pure core (claims, expectations, now → refusal or None); the
 validator adds the keys (`meshsshd/jwks.py`), the clock and the replay cache. The token
@@ -17,6 +19,7 @@ itself never appears in a message or a log line.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -34,6 +37,7 @@ from .config import JWTSettings
 from .errors import AuthRefused
 from .jwks import ALLOWED_ALGS, JWKSError, KeyStore, SigningKey, printable
 from .logs import event
+from .replay_log import ReplayLog
 
 log = logging.getLogger("meshsshd.auth")
 
@@ -193,6 +197,9 @@ class _ReplayCache:
                 break
             del self._seen[key]
 
+    def entries(self) -> list[tuple[str, str, float]]:
+        return [(iss, jti, until) for (iss, jti), until in self._seen.items()]
+
     def seen(self, key: tuple[str, str], now: float) -> bool:
         until = self._seen.get(key)
         return until is not None and until >= now
@@ -210,9 +217,16 @@ class JWTValidator:
     """Checks SSH tokens for one peer. One instance per server; `update()` swaps the
     settings (e.g. a new network map) and keeps the replay cache."""
 
-    def __init__(self, settings: JWTSettings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: JWTSettings, *, clock: Callable[[], float] = time.time,
+                 started: float | None = None, replay_log: ReplayLog | None = None) -> None:
         self._clock = clock
         self._replay = _ReplayCache()
+        self._replay_log = replay_log
+        # Until restore() has read the replay log back, the cache knows nothing of the
+        # tokens used before it existed (before a restart): a token issued earlier cannot
+        # be told from a replay. `started` defaults to now; whole seconds, as `iat` is: a
+        # token from the same second still works.
+        self._cache_since = float(int(clock() if started is None else started))
         self._settings = settings
         self._expect = ClaimExpectations.from_settings(settings)
         self._keys = self._store_for(settings)
@@ -243,6 +257,37 @@ class JWTValidator:
             self._keys = new_store
         self._settings = settings
         self._expect = ClaimExpectations.from_settings(settings)
+
+    async def restore(self) -> None:
+        """Read back the tokens accepted before a restart; from then on any token may be
+        judged by its jti. If the log cannot be read, older tokens stay refused."""
+        if self._replay_log is None:
+            return
+        log_ = self._replay_log
+        try:
+            entries = await asyncio.get_running_loop().run_in_executor(None, log_.load, self._clock())
+        except OSError as exc:
+            event(log, "replay-log.unreadable", logging.WARNING, path=str(log_.path), error=str(exc),
+                  effect="tokens issued before this start are refused")
+            return
+        now = self._clock()
+        for iss, jti, until in entries:
+            self._replay.add((iss, jti), until, now)
+        self._cache_since = float("-inf")
+        event(log, "replay-log.restored", entries=len(entries))
+
+    async def _remember(self, key: tuple[str, str], until: float) -> None:
+        """On disk before the login goes on; a failed write is logged, not fatal (a full
+        disk must not lock everyone out), and leaves only this token replayable after a
+        restart."""
+        if self._replay_log is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._replay_log.append, (key[0], key[1], until), self._replay.entries)
+        except OSError as exc:
+            event(log, "replay-log.write-failed", logging.WARNING, path=str(self._replay_log.path),
+                  error=str(exc))
 
     async def close(self) -> None:
         for store in (*self._old_stores, self._keys):
@@ -295,6 +340,12 @@ class JWTValidator:
         local_users = _local_users_claim(claims)
         via = claims.get("via")
         replay_key = (claims["iss"], claims["jti"])
+        if float(claims["iat"]) < self._cache_since:
+            raise AuthRefused(
+                "issued-before-start",
+                "token was issued before this peer's SSH server started, so it could be a "
+                "replay — run the command again (`meshssh` fetches a fresh token)",
+            )
         if self._replay.seen(replay_key, now):
             raise AuthRefused(
                 "replayed",
@@ -304,6 +355,7 @@ class JWTValidator:
         # After this moment no leeway-stretched check could accept the token again.
         until = min(float(claims["exp"]), float(claims["iat"]) + expect.max_token_age) + expect.leeway
         self._replay.add(replay_key, until, now)
+        await self._remember(replay_key, until)
         return Identity(
             value=claims[expect.user_claim],
             method="jwt",

@@ -158,7 +158,10 @@ def down(state_dir: Path, timeout: float) -> None:
             state.pid_path.unlink()
     doc = state.load_status() if state.status_path.exists() else None
     if doc and doc.get("state") not in ("stopped", "credential-deleted", "error"):
-        doc.update(state="stopped", pid=None, serving=False, sessions=[], reason="stopped by meshsshd down")
+        doc.update(state="stopped", pid=None, serving=False, session_count=0, reason="stopped by meshsshd down")
+        doc.pop("sessions", None)  # from before sessions had their own file
+        with contextlib.suppress(FileNotFoundError):
+            state.sessions_path.unlink()
         doc["ssh"] = {**doc.get("ssh", {}), "running": False}
         with contextlib.suppress(MeshsshdError):
             write_json(state.status_path, doc, PUBLIC_MODE)
@@ -214,8 +217,12 @@ def human_status(doc: dict[str, Any]) -> str:
         lines.append(f"  {p.get('name', ''):<20} {p.get('mesh_ip', ''):<16} handshake {hs_text}"
                      f"{'  ssh' if p.get('ssh_enabled') else ''}")
     names = {p.get("mesh_ip"): p.get("name") for p in peers}
-    sessions = doc.get("sessions", [])
-    lines.append(f"Sessions ({len(sessions)}):")
+    sessions = doc.get("sessions")
+    if not isinstance(sessions, list):  # sessions.json is root's: a user sees the count only
+        lines.append(f"Sessions ({doc.get('session_count', 0)}): who is logged in is shown to root only")
+        sessions = []
+    else:
+        lines.append(f"Sessions ({len(sessions)}):")
     for s in sessions:
         if not isinstance(s, dict):
             lines.append(f"  {s}")
@@ -245,6 +252,9 @@ def status(state_dir: Path, as_json: bool) -> None:
         else:
             click.echo(f"meshsshd has not run with state directory {state.root}")
         sys.exit(1)
+    sessions = state.load_sessions()
+    if sessions is not None:
+        doc["sessions"] = sessions
     doc["running"] = is_meshsshd(doc.get("pid")) and state.read_pid() == doc.get("pid")
     if not doc["running"] and doc.get("state") not in ("stopped", "credential-deleted", "error"):
         doc["state"] = "crashed"

@@ -167,6 +167,17 @@ KNOWN_KEYS = {
 JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
 
 
+def _check_jwks_source(jwt: JWTSettings) -> None:
+    """The key source decides who may log in: an https URL (http only to loopback) and
+    a file no other user may change."""
+    from .jwks import file_problem, url_problem
+
+    if jwt.jwks_url is not None and (problem := url_problem(str(jwt.jwks_url))):
+        raise ConfigError(f"jwt.jwks_url: {problem}")
+    if jwt.jwks_file is not None and (problem := file_problem(jwt.jwks_file)):
+        raise ConfigError(f"jwt.jwks_file: {problem}")
+
+
 def settings_from_toml(path: Path) -> ServerSettings:
     """Read and validate a standalone config file; every problem names its key."""
     try:
@@ -203,6 +214,7 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         leeway=float(jwt_raw.get("leeway", 30)),
         user_claim=str(jwt_raw.get("user_claim", "sub")),
     )
+    _check_jwks_source(jwt)
     access_raw = data.get("access", [])
     if not isinstance(access_raw, list):
         raise ConfigError("[[access]] must be an array of tables")

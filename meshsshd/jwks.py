@@ -18,9 +18,13 @@ stays in use. All timing comes from an injected clock.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import os
 import re
+import stat
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +60,45 @@ MAX_KEYS = 100
 
 class JWKSError(Exception):
     """The key set could not be loaded; the message is for the operator's log."""
+
+
+def url_problem(url: str) -> str | None:
+    """Why keys must not be fetched from `url`, or None. Whoever can answer for the URL
+    can mint logins for every account, so only TLS — or a loopback address, where
+    nothing sits on the path — will do."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return None
+    if parts.scheme == "http" and parts.hostname:
+        host = parts.hostname
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host.lower() == "localhost"
+        if loopback:
+            return None
+        return f"{url} is plain http to {host}: use https (http only to a loopback address)"
+    return f"{url} is not an https URL"
+
+
+def file_problem(path: Path, st: os.stat_result | None = None) -> str | None:
+    """Why the keys in `path` cannot be trusted, or None: a key file that another user
+    may write (or replace, through its directory) lets that user log in as anyone."""
+    try:
+        st = st or os.stat(path)
+        parent = os.stat(path.parent)
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    euid = os.geteuid()
+    if st.st_uid not in (0, euid):
+        return f"{path} belongs to uid {st.st_uid}, not to root"
+    if st.st_mode & 0o002:
+        return f"{path} is writable by others (mode {st.st_mode & 0o7777:o})"
+    if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
+        return f"{path.parent} is writable by others (mode {parent.st_mode & 0o7777:o})"
+    if parent.st_uid not in (0, euid):
+        return f"{path.parent} belongs to uid {parent.st_uid}, not to root"
+    return None
 
 
 @dataclass(frozen=True)
@@ -267,6 +310,10 @@ class KeyStore:
     async def _read_file(path: Path) -> Any:
         def read() -> bytes:
             with open(path, "rb") as f:
+                # Checked on the open file: what was checked is what is read.
+                problem = file_problem(path, os.fstat(f.fileno()))
+                if problem:
+                    raise JWKSError(problem)
                 return f.read(MAX_JWKS_BYTES + 1)
 
         try:

@@ -25,7 +25,8 @@ from typing import Any
 
 import asyncssh
 
-from . import __version__, account, acl, algorithms, asyncssh_tuning, forwarding, hostkeys
+from . import (__version__, account, acl, algorithms, asyncssh_keyopts, asyncssh_ping, asyncssh_tuning, forwarding,
+               hostkeys)
 from .audit import AuditSink, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -34,6 +35,8 @@ from .detached import DetachableSession, DetachedSessions
 from .errors import AuthRefused
 from .limits import AuthTries, Penalties, StartupGate
 from .logs import event
+from .replay_log import FILE_NAME as REPLAY_LOG_NAME
+from .replay_log import ReplayLog
 from .session import ChildSession, ConnectionInfo, SessionContext, pam_service, resolve_subsystem
 from .users import LocalUser, lookup_user_sync
 
@@ -161,6 +164,7 @@ class _Connection(asyncssh.SSHServer):
         return jwt_enabled(self.server.settings) and self.server.validator is not None
 
     async def validate_password(self, username: str, password: str) -> bool:
+        self._key_options = None  # each attempt on its own: no options of a key queried before
         validator = self.server.validator
         if validator is None:
             return False
@@ -175,10 +179,17 @@ class _Connection(asyncssh.SSHServer):
         return self.server.settings.authorized_keys
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Each attempt on its own: a key only offered (a query, no signature) or refused
+        # earlier must not lend its options to the method that finally succeeds.
+        self._key_options = None
         keys = self._authorized_keys
         options = keys.validate(key, self.info.client_ip, self.info.client_ip) if keys else None
         if options is None:
             self._refuse("unknown-key", "public key not accepted", method="publickey", quiet=True)
+            return False
+        if options and not asyncssh_keyopts.enforceable():
+            self._refuse("key-options-unsupported", "this key's authorized_keys options cannot be "
+                         "enforced by this server — ask the administrator", method="publickey")
             return False
         if self._check_access(key_identity(key.get_fingerprint("sha256"))):
             self._key_options = dict(options)
@@ -254,10 +265,10 @@ class _Connection(asyncssh.SSHServer):
         # The session applies a forced command itself (asyncssh would drop the original
         # command, which SSH_ORIGINAL_COMMAND must carry).
         forced = options.pop("command", None)
-        if self._key_options is not None:
+        if self._key_options:
             # asyncssh resets key options when our validate_public_key accepted the key;
             # restore them so from=, no-pty, permitopen... keep working.
-            self.conn._key_options = options  # noqa: SLF001
+            asyncssh_keyopts.restore(self.conn, options)
         # Forced-command and `restrict` keys exist to pin down what runs: no client
         # variables at all, so none can steer the command (LANG, LC_* included).
         restricted = forced is not None or bool(options.get("restrict"))
@@ -362,10 +373,12 @@ class MeshSSHServer:
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         asyncssh_tuning.skip_ignore_packets()
+        asyncssh_ping.answer_pings()
+        asyncssh_keyopts.enforceable()
         loop = asyncio.get_running_loop()
         self._host_keys = await loop.run_in_executor(
             None, hostkeys.load_or_create, self.settings.state_dir, self.settings.use_system_host_keys)
-        self._update_validator(self.settings)
+        await self._update_validator(self.settings)
         for address in self.settings.listen:
             await self._bind(address)
         self._prune_task = loop.create_task(self._prune_forever())
@@ -432,10 +445,12 @@ class MeshSSHServer:
             self.penalties.prune()
 
     # ---- settings -------------------------------------------------------------------
-    def _update_validator(self, settings: ServerSettings) -> None:
+    async def _update_validator(self, settings: ServerSettings) -> None:
         if jwt_enabled(settings):
             if self.validator is None:
-                self.validator = JWTValidator(settings.jwt)
+                self.validator = JWTValidator(
+                    settings.jwt, replay_log=ReplayLog(settings.state_dir / REPLAY_LOG_NAME))
+                await self.validator.restore()
             else:
                 self.validator.update(settings.jwt)
 
@@ -445,7 +460,7 @@ class MeshSSHServer:
         self.settings = settings
         self.gate.limits = settings.limits
         self.penalties.limits = settings.limits
-        self._update_validator(settings)
+        await self._update_validator(settings)
         if not jwt_enabled(settings) and self.validator is not None:
             validator, self.validator = self.validator, None
             await validator.close()

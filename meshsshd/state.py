@@ -11,7 +11,8 @@ status.json, every secret 0600):
                          keeps serving (0600)
     dataplane.json       what the data plane created (interface, table), so `down`
                          cleans up even after a crash (0644)
-    status.json          what `meshsshd status` and the client read (0644)
+    status.json          what `meshsshd status` and the client read (0644, no identities)
+    sessions.json        live sessions: who is logged in as whom, from where (0600)
     meshsshd.pid         pid of the running daemon (0644)
     events.jsonl         audit events not yet delivered when the daemon stopped (0600)
 
@@ -214,6 +215,7 @@ class StateDir:
     netmap_path = _StateFile("netmap.json")
     dataplane_path = _StateFile("dataplane.json")
     status_path = _StateFile("status.json")
+    sessions_path = _StateFile("sessions.json")  # who is logged in: 0600, not in status.json
     pid_path = _StateFile("meshsshd.pid")
     events_path = _StateFile("events.jsonl")
 
@@ -271,6 +273,15 @@ class StateDir:
     def load_status(self) -> dict[str, Any] | None:
         doc = read_json(self.status_path)
         return doc if isinstance(doc, dict) else None
+
+    def load_sessions(self) -> list[Any] | None:
+        """The live sessions with their identities; None where we may not read them."""
+        try:
+            doc = read_json(self.sessions_path)
+        except StateError:
+            return None
+        sessions = doc.get("sessions") if isinstance(doc, dict) else None
+        return sessions if isinstance(sessions, list) else None
 
     def read_pid(self) -> int | None:
         try:

@@ -3,6 +3,11 @@
 glibc's utmpx API through ctypes: `pututxline` for /var/run/utmp, `updwtmpx` for
 /var/log/wtmp. Both are small blocking file writes, so callers run them in an executor.
 Failures are logged and ignored: a missing utmp file must not break logins.
+
+The utmpx calls work on one process-wide file position (`utmpxname`/`setutxent`/
+`endutxent`), so writes from several executor threads are serialised by one lock. An
+executor may also run a short session's logout before its login; then the logout writes
+both, in order, and the late login is dropped — `who` must not keep a session that ended.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import ctypes.util
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -115,15 +121,32 @@ def _write(ut: Utmpx) -> None:
     lib.updwtmpx(WTMP_FILE.encode(), ctypes.byref(ut))
 
 
-def write_login(rec: LoginRecord) -> None:
+_lock = threading.Lock()
+_on_record: set[LoginRecord] = set()  # logins written, their logout still to come
+_overtaken: set[LoginRecord] = set()  # logouts that ran before their login
+
+
+def _record(rec: LoginRecord, ut_type: int) -> None:
     try:
-        _write(build_record(rec, USER_PROCESS))
+        _write(build_record(rec, ut_type))
     except OSError as exc:
         event(log, "utmp.failed", level=logging.WARNING, tty=rec.tty, error=str(exc))
+
+
+def write_login(rec: LoginRecord) -> None:
+    with _lock:
+        if rec in _overtaken:
+            _overtaken.discard(rec)  # its logout already wrote both
+            return
+        _record(rec, USER_PROCESS)
+        _on_record.add(rec)
 
 
 def write_logout(rec: LoginRecord) -> None:
-    try:
-        _write(build_record(rec, DEAD_PROCESS))
-    except OSError as exc:
-        event(log, "utmp.failed", level=logging.WARNING, tty=rec.tty, error=str(exc))
+    with _lock:
+        if rec in _on_record:
+            _on_record.discard(rec)
+        else:
+            _record(rec, USER_PROCESS)  # keep wtmp's order: a login, then its logout
+            _overtaken.add(rec)
+        _record(rec, DEAD_PROCESS)

@@ -126,3 +126,59 @@ def test_unsupported_option_skips_only_that_entry(tmp_path: Path,
         assert srv.ssh(user.pw_name, key, "true").returncode == 0
         skipped = events(srv, "authorized-keys.entries-skipped")
         assert skipped and skipped[0]["skipped"] == ["line 1: option permitlisten is not supported by meshsshd"]
+
+
+def test_a_key_only_offered_lends_no_options_to_a_jwt_login(tmp_path: Path, make_user: Callable[..., Any]) -> None:
+    """OpenSSH offers key A (a query: A's private half is not there, so no signature),
+    meshsshd says it would accept it, then the login succeeds with a JWT. A's
+    authorized_keys options (here a forced command) belong to A alone: they must neither
+    reach the JWT login nor stand in for a proof of A."""
+    import secrets
+    import subprocess
+    import time
+
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from tests.support import require_tool
+
+    user = make_user("mko")
+    key = client_key(tmp_path)
+    install_key(user, key, options='command="echo forced-by-key-A"')
+    signer = ed25519.Ed25519PrivateKey.generate()
+    jwk = {**__import__("json").loads(pyjwt.get_algorithm_by_name("EdDSA").to_jwk(signer.public_key())),
+           "kid": "k1", "alg": "EdDSA", "use": "sig"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    config = {
+        "authorized_keys": True,
+        "jwt": {"issuer": "https://iss.test", "audience": "peer-1", "jwks_file": str(tmp_path / "jwks.json"),
+                "user_claim": "email"},
+        "access": [{"sources": ["127.0.0.1/32"], "identities": [key.identity, "bob@example.com"],
+                    "local_users": [user.pw_name]}],
+    }
+    offered_only = tmp_path / "offered"
+    offered_only.mkdir()
+    (offered_only / "id_a.pub").write_text(key.public + "\n")  # the public half only
+    with ServerKit(tmp_path / "srv", config) as srv:
+        now = int(time.time())
+        token = pyjwt.encode({"iss": "https://iss.test", "aud": "peer-1", "sub": "b", "email": "bob@example.com",
+                              "iat": now, "nbf": now, "exp": now + 60, "jti": secrets.token_hex(8)},
+                             signer, algorithm="EdDSA", headers={"kid": "k1"})
+        (tmp_path / "token").write_text(token)
+        askpass = tmp_path / "askpass.sh"
+        askpass.write_text(f'#!/bin/sh\nexec cat {tmp_path / "token"}\n')
+        askpass.chmod(0o700)
+        argv = [require_tool("ssh"), "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes",
+                "-o", f"IdentityFile={offered_only / 'id_a.pub'}",
+                "-o", "PreferredAuthentications=publickey,password", "-o", "NumberOfPasswordPrompts=1",
+                "-o", "BatchMode=no", "-v", "-p", str(srv.port), f"{user.pw_name}@127.0.0.1", "id -un"]
+        env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0",
+               "SSH_AUTH_SOCK": ""}
+        r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        err = r.stderr.decode(errors="replace")
+        assert "Server accepts key" in err, err[-3000:]  # A was offered and would have been taken
+        assert r.returncode == 0, err[-3000:]
+        assert r.stdout.decode().strip() == user.pw_name, (r.stdout, err[-2000:])
+        accepted = events(srv, "auth.accepted")
+        assert accepted[-1]["method"] == "jwt" and accepted[-1]["identity"] == "bob@example.com"

@@ -205,6 +205,41 @@ def test_bare_agent_forwarding_delegates_no_tokens(world: World) -> None:
     assert "--delegate-to hop-c" in err
 
 
+def test_each_grant_is_announced_on_a_and_the_budget_ends_the_minting(world: World) -> None:
+    """Two second hops in one connection with --delegate-max 1: the first is granted and
+    announced on A, the second refused on both sides; nothing is minted silently."""
+    hops = f"{world.second_hop('hop-c', 'echo first')}; {world.second_hop('hop-c', 'echo second')}"
+    r = world.on_a("--delegate-to", "hop-c", "--delegate-max", "1", f"{world.user}@hop-b", "--", hops)
+    err = r.stderr.decode()
+    assert r.stdout.decode().split() == ["first"], _text(r)
+    assert err.count("meshssh: delegated a token for hop-c to the session on hop-b (1 of 1 for this "
+                     "connection)") == 1, err
+    assert ("delegation refused by your client on hop-a: this connection's budget of 1 delegated "
+            "tokens is spent (--delegate-max)") in err, err
+
+
+def test_delegate_confirm_asks_askpass_for_every_token(world: World, tmp_path: Path) -> None:
+    """--delegate-confirm: $SSH_ASKPASS (started with SSH_ASKPASS_PROMPT=confirm) decides."""
+    asked = tmp_path / "asked"
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f'#!/bin/sh\necho "$SSH_ASKPASS_PROMPT: $1" >> {asked}\n'
+                       f'[ "$(cat {tmp_path}/answer)" = yes ]\n')
+    askpass.chmod(0o755)
+    for answer, code in (("no", 255), ("yes", 0)):
+        (tmp_path / "answer").write_text(answer)
+        r = world.on_a("--delegate-to", "hop-c", "--delegate-confirm", f"{world.user}@hop-b", "--",
+                       world.second_hop("hop-c"), SSH_ASKPASS=str(askpass))
+        assert r.returncode == code, _text(r)
+    assert asked.read_text().splitlines() == [
+        f"confirm: Allow the session on hop-b a token for hop-c as {ALICE[0]}?"] * 2
+    assert "refused a token for hop-c asked through hop-b: not confirmed (--delegate-confirm)" in \
+        _text(world.on_a("--delegate-to", "hop-c", "--delegate-confirm", f"{world.user}@hop-b", "--",
+                         world.second_hop("hop-c"), SSH_ASKPASS="/bin/false"))
+    r = world.on_a("--delegate-to", "hop-c", "--delegate-confirm", f"{world.user}@hop-b", "true",
+                   SSH_ASKPASS="")
+    assert r.returncode == 255 and b"--delegate-confirm needs SSH_ASKPASS" in r.stderr, _text(r)
+
+
 def test_b_never_holds_a_login_or_token_cache(world: World) -> None:
     login = json.loads((world.cfg / "login.json").read_text())
     refresh = login["refresh_token"]

@@ -193,15 +193,20 @@ async def test_good_token_logs_in_once(server: ServerKit, session_user: Any, key
     assert refusals(server)[-1]["reason"] == "replayed"
 
 
-async def test_key_rotation_in_the_jwks_file(tmp_path: Path, session_user: Any, keys: Keys) -> None:
-    """A new kid appears in the file: the first token signed with it makes the server reload.
-    (Its own server, so the unknown-kid cooldown of the shared one does not interfere.)"""
+def own_server_config(tmp_path: Path, keys: Keys) -> tuple[Path, dict[str, Any]]:
+    """A JWKS file with the main key, and a config for a server of the test's own."""
     jwks_file = tmp_path / "jwks.json"
     jwks_file.write_text(json.dumps({"keys": [Keys.jwk(keys.main, "EdDSA", "main")]}))
-    config = {
+    return jwks_file, {
         "jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks_file), "user_claim": "email"},
         "access": [{"sources": ["127.0.0.1/32"], "identities": ["*"], "local_users": ["localpart", "*"]}],
     }
+
+
+async def test_key_rotation_in_the_jwks_file(tmp_path: Path, session_user: Any, keys: Keys) -> None:
+    """A new kid appears in the file: the first token signed with it makes the server reload.
+    (Its own server, so the unknown-kid cooldown of the shared one does not interfere.)"""
+    jwks_file, config = own_server_config(tmp_path, keys)
     with ServerKit(tmp_path, config) as srv:
         out, banner = await login(srv, session_user.pw_name, sign(keys.main, claims()))
         assert out == session_user.pw_name, banner
@@ -214,6 +219,80 @@ async def test_key_rotation_in_the_jwks_file(tmp_path: Path, session_user: Any, 
         assert [a["identity"] for a in accepted] == ["alice@example.com", "carol@example.com"]
         loaded = [json.loads(line) for line in srv.output().splitlines() if '"jwks.loaded"' in line]
         assert [d["kids"] for d in loaded] == [["main"], ["main", "rotated"]]
+
+
+async def test_a_token_used_before_a_restart_is_not_accepted_after_it(tmp_path: Path, session_user: Any,
+                                                                   keys: Keys) -> None:
+    """The replay cache survives a restart (meshsshd/replay_log.py): a token used before
+    is still refused after it, while one fetched before and not used yet still works
+    (a client may hold it through a management outage)."""
+    jwks_file, config = own_server_config(tmp_path, keys)
+    with ServerKit(tmp_path, config) as srv:
+        used, unused = sign(keys.main, claims()), sign(keys.main, claims())
+        out, banner = await login(srv, session_user.pw_name, used)
+        assert out == session_user.pw_name, banner
+        srv.stop()
+        log_file = srv.state_dir / "jti-replay.log"
+        assert log_file.stat().st_mode & 0o777 == 0o600
+        await asyncio.sleep(1.1)  # iat has whole seconds
+        srv.start()
+        out, banner = await login(srv, session_user.pw_name, used)
+        assert out is None and "already used" in banner, banner
+        assert refusals(srv)[-1]["reason"] == "replayed"
+        out, banner = await login(srv, session_user.pw_name, unused)
+        assert out == session_user.pw_name, banner
+        # Without a readable log the server cannot know: older tokens are refused.
+        srv.stop()
+        log_file.rename(log_file.with_suffix(".bak"))
+        log_file.mkdir()  # not a file: unreadable as a log
+        older = sign(keys.main, claims())
+        await asyncio.sleep(1.1)
+        srv.start()
+        out, banner = await login(srv, session_user.pw_name, older)
+        assert out is None and "issued before this peer's SSH server started" in banner, banner
+        out, banner = await login(srv, session_user.pw_name, sign(keys.main, claims()))
+        assert out == session_user.pw_name, banner
+
+
+async def test_a_jwks_file_others_may_write_is_not_read(tmp_path: Path, session_user: Any, keys: Keys) -> None:
+    """The same rotation, but the file became writable by others: whoever could write it
+    could add their own key, so the reload refuses it and the new kid stays unknown."""
+    jwks_file, config = own_server_config(tmp_path, keys)
+    with ServerKit(tmp_path, config) as srv:
+        jwks_file.write_text(json.dumps({"keys": [Keys.jwk(keys.main, "EdDSA", "main"),
+                                                  Keys.jwk(keys.attacker, "EdDSA", "planted")]}))
+        jwks_file.chmod(0o666)
+        token = sign(keys.attacker, claims(email="carol@example.com"), kid="planted")
+        out, banner = await login(srv, session_user.pw_name, token)
+        assert out is None, banner
+        failed = [json.loads(line) for line in srv.output().splitlines() if '"jwks.load-failed"' in line]
+        assert failed and "is writable by others (mode 666)" in failed[-1]["why"], srv.output()[-3000:]
+
+
+@pytest.mark.parametrize("jwt_table, message", [
+    pytest.param({"jwks_url": "http://keys.example.com/jwks.json"},
+                 "jwt.jwks_url: http://keys.example.com/jwks.json is plain http to keys.example.com: use https",
+                 id="plain-http"),
+    pytest.param({"jwks_url": "ftp://keys.example.com/jwks.json"}, "is not an https URL", id="other-scheme"),
+    pytest.param({"jwks_file": "jwks.json", "mode": 0o646}, "jwt.jwks_file: ", id="file-writable-by-others"),
+])
+def test_serve_refuses_an_untrustworthy_key_source(tmp_path: Path, jwt_table: dict[str, Any], message: str) -> None:
+    """`meshsshd serve` stops at start with the key named, instead of trusting the source."""
+    table = dict(jwt_table)
+    mode = table.pop("mode", None)
+    if mode is not None:
+        (tmp_path / "jwks.json").write_text('{"keys": []}')
+        (tmp_path / "jwks.json").chmod(mode)
+    from tests.integration.serverkit import to_toml
+    from tests.support import console_script
+
+    cfg = tmp_path / "meshsshd.toml"
+    cfg.write_text(to_toml({"listen": ["127.0.0.1:0"], "state_dir": str(tmp_path / "state"),
+                            "jwt": {"issuer": ISSUER, "audience": AUDIENCE, **table}}))
+    r = subprocess.run([console_script("meshsshd"), "serve", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0
+    assert message in r.stderr + r.stdout, r.stderr + r.stdout
 
 
 def _openssh_with_token(srv: ServerKit, user: str, token: str, tmp: Path) -> subprocess.CompletedProcess:

@@ -203,8 +203,15 @@ async def test_live_session_is_closed_when_the_policy_goes(mesh: Mesh) -> None:
     proc = await conn.create_process("echo started; sleep 60")
     assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == "started"
     # `meshsshd status` lists the live session.
-    st = await asyncio.to_thread(mesh.b.wait, lambda s: len(s["sessions"]) == 1, 10, "a live session")
-    assert st["sessions"][0]["identity"] == mesh.bot.email and st["sessions"][0]["local_user"] == mesh.user
+    await asyncio.to_thread(mesh.b.wait, lambda s: s.get("session_count") == 1, 10, "a live session")
+    # Who is logged in stays out of the world-readable status.json; sessions.json is root's.
+    public = (mesh.b.state_dir / "status.json")
+    assert public.stat().st_mode & 0o777 == 0o644
+    assert mesh.bot.email not in public.read_text() and "sessions" not in json.loads(public.read_text())
+    private = mesh.b.state_dir / "sessions.json"
+    assert private.stat().st_mode & 0o777 == 0o600
+    (live,) = json.loads(private.read_text())["sessions"]
+    assert live["identity"] == mesh.bot.email and live["local_user"] == mesh.user
     assert f"{mesh.user} ← {mesh.bot.email} from peer-a" in mesh.b.cli("status").stdout
     t0 = time.monotonic()
     mesh.mgmt.api("DELETE", f"/api/policies/{mesh.policy_id}")

@@ -7,6 +7,7 @@ start their own server with ServerKit.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -383,14 +384,22 @@ def test_local_forward_to_closed_port_fails_cleanly(world):
         _stop(proc)
 
 
-def test_agent_forwarding_socket_belongs_to_user(world, tmp_path):
-    srv, user, key, _ = world
+@contextlib.contextmanager
+def ssh_agent():
+    """A running ssh-agent for the test; the environment that reaches it."""
     require_tool("ssh-agent")
     out = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
     sock = re.search(r"SSH_AUTH_SOCK=([^;]+);", out).group(1)
     pid = int(re.search(r"SSH_AGENT_PID=(\d+);", out).group(1))
     try:
-        env = {**os.environ, "SSH_AUTH_SOCK": sock}
+        yield {**os.environ, "SSH_AUTH_SOCK": sock}
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+
+def test_agent_forwarding_socket_belongs_to_user(world, tmp_path):
+    srv, user, key, _ = world
+    with ssh_agent() as env:
         subprocess.run(["ssh-add", str(key.path)], env=env, check=True, capture_output=True)
         command = 'stat -c "%U %a" $SSH_AUTH_SOCK "$(dirname $SSH_AUTH_SOCK)"; ssh-add -l'
         r = subprocess.run(srv.ssh_argv(user.pw_name, key, command, opts=["-A"]),

@@ -1,15 +1,18 @@
 """What `meshsshd serve` runs on and puts on the wire: the event loop meshsshd.event_loop
 chose, no aiohttp in a daemon that does not need it, and a bulk download seen by the system
 OpenSSH client arriving whole with no SSH_MSG_IGNORE before the data packets
-(meshsshd.asyncssh_tuning)."""
+(meshsshd.asyncssh_tuning), and OpenSSH's transport ping answered (meshsshd.asyncssh_ping)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 
+import asyncssh
 import pytest
+from asyncssh import connection as conn_mod
 
 from tests.support import os_user, require_root, require_tool
 
@@ -115,3 +118,62 @@ def test_upload_to_a_slow_reader_is_whole_and_bounded(world):
     assert r.stdout.decode().split() == [str(len(data)), hashlib.sha256(data).hexdigest()]
     grown_mib = (_peak_rss_kib(srv.proc.pid) - before) / 1024
     assert grown_mib < 64, f"the daemon buffered the upload: peak RSS grew by {grown_mib:.0f} MiB"
+
+
+async def _ping_over_asyncssh(port: int, user: str, key_path: str, data: bytes) -> tuple[dict, bytes, str, bool]:
+    """An asyncssh client that records the server's EXT_INFO, sends a real SSH2_MSG_PING
+    after authentication and waits for the PONG; (extensions, pong data, `id -un` after
+    the ping, strict KEX negotiated)."""
+    from asyncssh.constants import MSG_EXT_INFO
+    from asyncssh.packet import SSHPacket, String
+
+    loop = asyncio.get_running_loop()
+    extensions: dict[bytes, bytes] = {}
+    pong: asyncio.Future[bytes] = loop.create_future()
+    table = conn_mod.SSHClientConnection._packet_handlers
+    original_ext_info = table[MSG_EXT_INFO]
+
+    def record_ext_info(self, pkttype, pktid, packet):
+        payload = packet.get_remaining_payload()
+        copy = SSHPacket(payload)
+        for _ in range(copy.get_uint32()):
+            name = copy.get_string()
+            extensions[name] = copy.get_string()
+        return original_ext_info(self, pkttype, pktid, SSHPacket(payload))
+
+    def record_pong(self, pkttype, pktid, packet):
+        if not pong.done():
+            pong.set_result(packet.get_string())
+
+    conn_mod.SSHClientConnection._packet_handlers = {**table, MSG_EXT_INFO: record_ext_info, 193: record_pong}
+    try:
+        async with asyncssh.connect("127.0.0.1", port, username=user, known_hosts=None,
+                                    client_keys=[key_path], agent_path=None) as conn:
+            conn.send_packet(192, String(data))
+            got = await asyncio.wait_for(pong, 10)
+            result = await conn.run("id -un", check=True)
+            return extensions, got, result.stdout.strip(), bool(conn._strict_kex)
+    finally:
+        conn_mod.SSHClientConnection._packet_handlers = table
+
+
+def test_ping_is_advertised_and_answered_with_strict_kex(world):
+    """OpenSSH >= 9.5 obfuscates keystroke timing only with a server that lists
+    ping@openssh.com in EXT_INFO and answers SSH2_MSG_PING (meshsshd.asyncssh_ping)."""
+    srv, user, key, _ = world
+    data = os.urandom(48)
+    extensions, got, who, strict = asyncio.run(_ping_over_asyncssh(srv.port, user.pw_name, str(key.path), data))
+    assert extensions.get(b"ping@openssh.com") == b"0", extensions
+    assert got == data
+    assert who == user.pw_name              # the connection goes on after the ping
+    assert strict                           # and kex-strict was in force throughout
+    assert "asyncssh-ping.applied" in _events(srv)
+
+
+def test_openssh_client_sees_ping_in_ext_info(world):
+    """The system `ssh -vvv` prints every EXT_INFO entry it receives (9.2 here does not
+    use ping itself; from 9.5 on it does)."""
+    srv, user, key, _ = world
+    r = srv.ssh(user.pw_name, key, "true", opts=("-o", "LogLevel=DEBUG3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ping@openssh.com" in r.stderr.decode(errors="replace"), r.stderr[-3000:]

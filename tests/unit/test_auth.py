@@ -46,6 +46,7 @@ from meshsshd.jwks import (
 ISSUER = "https://mgmt.example.test"
 AUDIENCE = "peer-db-1"
 NOW = 1_800_000_000.0
+STARTED = NOW - 60  # the validators' server started a minute before the tokens were issued
 
 
 class Clock:
@@ -147,7 +148,7 @@ async def validator(jwks_file: Path, clock: Clock) -> AsyncIterator[JWTValidator
     v = JWTValidator(
         JWTSettings(issuer=ISSUER, audience=(AUDIENCE, "db-1.mesh"), jwks_file=jwks_file,
                     user_claim="email"),
-        clock=clock,
+        clock=clock, started=STARTED,
     )
     yield v
     await v.close()
@@ -240,7 +241,7 @@ async def test_header_alg_that_does_not_fit_the_key_type(validator: JWTValidator
 
 async def test_jwk_alg_member_narrows_the_algorithms(tmp_path: Path, clock: Clock, rsa_signer: Signer) -> None:
     jwk = {**rsa_signer.jwk(), "alg": "RS256"}
-    v = JWTValidator(JWTSettings(issuer=ISSUER, audience=(AUDIENCE,), jwks={"keys": [jwk]}), clock=clock)
+    v = JWTValidator(JWTSettings(issuer=ISSUER, audience=(AUDIENCE,), jwks={"keys": [jwk]}), clock=clock, started=STARTED)
     assert (await v.validate(rsa_signer.sign(claims()))).method == "jwt"
     exc = await refused(v, rsa_signer.sign(claims(), alg="PS256"))
     assert exc.reason == "alg-not-allowed"
@@ -399,7 +400,7 @@ async def test_unknown_kid_refreshes_once_rate_limited(tmp_path: Path, clock: Cl
                                                        ec_signer: Signer) -> None:
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": [rsa_signer.jwk()]}))
-    v = JWTValidator(JWTSettings(issuer=ISSUER, audience=(AUDIENCE,), jwks_file=path), clock=clock)
+    v = JWTValidator(JWTSettings(issuer=ISSUER, audience=(AUDIENCE,), jwks_file=path), clock=clock, started=STARTED)
     await v.validate(rsa_signer.sign(claims()))
     assert v.key_store.fetches == 1
 
@@ -430,7 +431,7 @@ async def test_no_keys(tmp_path: Path, clock: Clock, ec_signer: Signer, doc: Any
     path = tmp_path / "jwks.json"
     if doc is not None:
         path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    v = JWTValidator(JWTSettings(issuer=ISSUER, audience=(AUDIENCE,), jwks_file=path), clock=clock)
+    v = JWTValidator(JWTSettings(issuer=ISSUER, audience=(AUDIENCE,), jwks_file=path), clock=clock, started=STARTED)
     exc = await refused(v, ec_signer.sign(claims()))
     assert exc.reason == "no-keys"
     assert "jwks" in exc.user_message.lower()
@@ -468,10 +469,19 @@ def test_cache_control(header: str | None, ttl: float) -> None:
     assert ttl_from_cache_control(header) == ttl
 
 
+async def test_tokens_issued_before_the_validator_started_are_refused(clock: Clock, ed_signer: Signer) -> None:
+    """Its replay cache is new (a restart): it cannot know whether an older token was used."""
+    v = JWTValidator(JWTSettings(issuer=ISSUER, audience=(AUDIENCE,), jwks={"keys": [ed_signer.jwk()]}),
+                     clock=clock)  # started now, at NOW
+    exc = await refused(v, ed_signer.sign(claims()))  # issued at NOW - 5
+    assert exc.reason == "issued-before-start" and "run the command again" in exc.user_message
+    assert (await v.validate(ed_signer.sign(claims(iat=int(NOW), nbf=int(NOW))))).method == "jwt"
+
+
 async def test_inline_jwks_and_update_keeps_the_replay_cache(clock: Clock, rsa_signer: Signer,
                                                              ed_signer: Signer) -> None:
     v = JWTValidator(JWTSettings(issuer=ISSUER, audience=(AUDIENCE,), jwks={"keys": [rsa_signer.jwk()]}),
-                     clock=clock)
+                     clock=clock, started=STARTED)
     token = rsa_signer.sign(claims())
     await v.validate(token)
     # Managed mode: unknown kid does not fetch anything, new keys come with a new map.
@@ -527,7 +537,7 @@ async def url_validator(jwks_server: tuple[JWKSServer, str],
     made: list[JWTValidator] = []
 
     def make() -> JWTValidator:
-        v = JWTValidator(JWTSettings(issuer=ISSUER, audience=(AUDIENCE,), jwks_url=url), clock=clock)
+        v = JWTValidator(JWTSettings(issuer=ISSUER, audience=(AUDIENCE,), jwks_url=url), clock=clock, started=STARTED)
         made.append(v)
         return v
 

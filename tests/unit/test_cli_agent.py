@@ -38,6 +38,14 @@ def test_human_status_names_everything_an_operator_asks_about() -> None:
     assert "alice ← alice@example.com from laptop (100.64.0.3): shell (pty)" in text
 
 
+def test_human_status_without_the_sessions_file_shows_only_the_count() -> None:
+    """A user running `meshsshd status` cannot read sessions.json (0600): no identities."""
+    doc = {k: v for k, v in DOC.items() if k != "sessions"}
+    text = human_status({**doc, "session_count": 2})
+    assert "Sessions (2): who is logged in is shown to root only" in text
+    assert "alice@example.com" not in text
+
+
 def test_status_and_down_without_a_daemon(tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(main, ["status", "--state-dir", str(tmp_path)])

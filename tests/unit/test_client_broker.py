@@ -12,12 +12,15 @@ from typing import Any
 import pytest
 
 from client import broker
-from client.broker import (
+from client import agent_wire
+from client.agent_wire import (
     AGENT_EXTENSION_FAILURE,
     AGENT_FAILURE,
     AGENT_IDENTITIES_ANSWER,
     AGENT_SUCCESS,
     AGENTC_REQUEST_IDENTITIES,
+)
+from client.broker import (
     EXT_PEERS,
     EXT_TOKEN,
     Broker,
@@ -97,24 +100,24 @@ def test_refusal_messages_name_the_fix() -> None:
 # ------------------------------------------------------------------ wire format
 
 def test_extension_round_trip() -> None:
-    payload = broker.extension_request(EXT_TOKEN, {"peer": "db-1"})
-    name, rest = broker.parse_extension(payload)
-    assert name == EXT_TOKEN and broker.parse_json_arg(rest) == {"peer": "db-1"}
-    assert broker.parse_extension(bytes([AGENTC_REQUEST_IDENTITIES])) is None
-    assert broker.parse_extension(bytes([27, 0, 0, 0, 9, 1])) is None  # truncated name
+    payload = agent_wire.extension_request(EXT_TOKEN, {"peer": "db-1"})
+    name, rest = agent_wire.parse_extension(payload)
+    assert name == EXT_TOKEN and agent_wire.parse_json_arg(rest) == {"peer": "db-1"}
+    assert agent_wire.parse_extension(bytes([AGENTC_REQUEST_IDENTITIES])) is None
+    assert agent_wire.parse_extension(bytes([27, 0, 0, 0, 9, 1])) is None  # truncated name
 
 
 @pytest.mark.parametrize("rest", [b"", b"\x00\x00\x00\x02[]", b"\x00\x00\x00\x02{}x", b"\x00\x00\x00\x05{}"])
 def test_malformed_arguments_raise(rest: bytes) -> None:
     with pytest.raises(ValueError):
-        broker.parse_json_arg(rest)
+        agent_wire.parse_json_arg(rest)
 
 
 def test_replies_and_query() -> None:
-    assert broker.parse_reply(broker.reply(True, {"token": "t"})) == (AGENT_SUCCESS, {"token": "t"})
-    assert broker.parse_reply(broker.reply(False, {"message": "no"})) == (AGENT_EXTENSION_FAILURE, {"message": "no"})
-    assert broker.parse_reply(bytes([AGENT_FAILURE])) == (AGENT_FAILURE, {})
-    assert broker.parse_query_reply(broker.query_reply(["a@x", EXT_TOKEN])) == ["a@x", EXT_TOKEN]
+    assert agent_wire.parse_reply(agent_wire.reply(True, {"token": "t"})) == (AGENT_SUCCESS, {"token": "t"})
+    assert agent_wire.parse_reply(agent_wire.reply(False, {"message": "no"})) == (AGENT_EXTENSION_FAILURE, {"message": "no"})
+    assert agent_wire.parse_reply(bytes([AGENT_FAILURE])) == (AGENT_FAILURE, {})
+    assert agent_wire.parse_query_reply(agent_wire.query_reply(["a@x", EXT_TOKEN])) == ["a@x", EXT_TOKEN]
 
 
 # ------------------------------------------------------------------ the broker over sockets
@@ -149,12 +152,12 @@ async def _fake_agent(path: Path) -> asyncio.AbstractServer:
                 msg = await r.readexactly(n)
                 if msg[0] == AGENTC_REQUEST_IDENTITIES:
                     out = bytes([AGENT_IDENTITIES_ANSWER]) + struct.pack(">I", 1) + \
-                        broker.put_string(b"blob") + broker.put_string(b"real-key")
-                elif broker.parse_extension(msg) == ("query", b""):
-                    out = broker.query_reply(["session-bind@openssh.com"])
+                        agent_wire.put_string(b"blob") + agent_wire.put_string(b"real-key")
+                elif agent_wire.parse_extension(msg) == ("query", b""):
+                    out = agent_wire.query_reply(["session-bind@openssh.com"])
                 else:
                     out = bytes([AGENT_FAILURE])
-                w.write(broker.frame(out))
+                w.write(agent_wire.frame(out))
                 await w.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             w.close()
@@ -309,3 +312,117 @@ def test_socket_directory_is_removed_when_a_signal_ends_the_process(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------ grants: notice, budget, confirmation
+
+class MintingBroker(Broker):
+    """The management seam for minting: a token per call, counted."""
+
+    minted = 0
+
+    def _mint(self, peer: PeerInfo) -> Any:
+        from client.auth import ExchangeResult
+
+        self.minted += 1
+        return ExchangeResult(token=f"tok-{self.minted}", exp=0)
+
+
+async def _ask_tokens(path: str, n: int) -> list[str]:
+    """n token requests from B, as many as possible at once; each token or refusal text."""
+    sess = BrokerSession(BrokerClient(path))
+
+    def one() -> str:
+        try:
+            return sess.ssh_token("p-db1", "db-1").token
+        except DelegationRefused as exc:
+            return str(exc)
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(n) as pool:  # not the default pool: the broker needs that one
+        return list(await asyncio.gather(*(loop.run_in_executor(pool, one) for _ in range(n))))
+
+
+async def test_every_grant_is_announced_and_the_budget_holds_under_concurrency() -> None:
+    said: list[str] = []
+    b = MintingBroker(session=FakeSession(), delegation=DelegationList.parse(["db-1"]), via=HOP,
+                      origin="hop-a", say=said.append, budget=3)
+    path = await b.start()
+    try:
+        got = await _ask_tokens(path, 6)
+    finally:
+        await b.close()
+    assert sorted(g for g in got if g.startswith("tok-")) == ["tok-1", "tok-2", "tok-3"]
+    refusals = [g for g in got if not g.startswith("tok-")]
+    assert len(refusals) == 3 and all("budget of 3 delegated tokens is spent" in r for r in refusals), refusals
+    assert b.minted == 3 and b.granted == 3 and b.refused == 3
+    grants = [s for s in said if s.startswith("delegated")]
+    assert grants == [f"delegated a token for db-1 to the session on hop-b ({i} of 3 for this connection)"
+                      for i in (1, 2, 3)]
+
+
+def _askpass(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "askpass"
+    script.write_text(f"#!/bin/sh\necho \"$SSH_ASKPASS_PROMPT:$1\" >> {tmp_path}/asked\n{body}\n")
+    script.chmod(0o700)
+    return str(script)
+
+
+@pytest.mark.parametrize(
+    ("body", "granted"),
+    [
+        pytest.param("exit 0", True, id="ok-empty"),
+        pytest.param("echo yes", True, id="yes"),
+        pytest.param("echo no", False, id="no"),
+        pytest.param("exit 1", False, id="cancel"),
+    ],
+)
+async def test_confirmation_asks_askpass_before_each_token(tmp_path: Path, body: str, granted: bool) -> None:
+    said: list[str] = []
+    b = MintingBroker(session=FakeSession(), delegation=DelegationList.parse(["db-1"]), via=HOP,
+                      origin="hop-a", say=said.append, confirm_with=_askpass(tmp_path, body))
+    path = await b.start()
+    try:
+        got = await _ask_tokens(path, 2)
+    finally:
+        await b.close()
+    asked = (tmp_path / "asked").read_text().splitlines()
+    assert asked == ["confirm:Allow the session on hop-b a token for db-1 as alice@example.com?"] * 2
+    if granted:
+        assert sorted(got) == ["tok-1", "tok-2"]
+    else:
+        assert b.minted == 0 and all("not confirmed (--delegate-confirm)" in g for g in got), got
+        assert b._reserved == 0  # a declined request does not use up the budget
+
+
+def test_confirmation_without_askpass_is_a_usage_error() -> None:
+    from client.askpass import askpass_program
+
+    with pytest.raises(UsageError, match="--delegate-confirm needs SSH_ASKPASS"):
+        askpass_program({})
+    with pytest.raises(UsageError, match="'/nonexistent/askpass' was not found"):
+        askpass_program({"SSH_ASKPASS": "/nonexistent/askpass"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "budget", "confirm"),
+    [
+        pytest.param(["--delegate-to", "db-1", "web-1"], None, False, id="defaults"),
+        pytest.param(["--delegate-max", "2", "--delegate-confirm", "web-1"], 2, True, id="both"),
+        pytest.param(["web-1", "--delegate-max=7"], 7, False, id="attached"),
+    ],
+)
+def test_delegate_max_and_confirm_options(argv: list[str], budget: int | None, confirm: bool) -> None:
+    from client.options import parse_ssh_args
+
+    args = parse_ssh_args(argv)
+    assert (args.destination, args.delegate_max, args.delegate_confirm) == ("web-1", budget, confirm)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", ""])
+def test_delegate_max_must_be_positive(value: str) -> None:
+    from client.options import parse_ssh_args
+
+    with pytest.raises(UsageError, match="--delegate-max: .* is not a positive number"):
+        parse_ssh_args(["--delegate-max", value, "web-1"])

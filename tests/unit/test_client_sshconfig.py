@@ -134,8 +134,33 @@ def test_openssh_direct_peer_gets_managed_known_hosts(tmp_path: Path) -> None:
     out = subprocess.run([ssh, "-G", "-F", str(cfg), "db-1"], capture_output=True, text=True, check=True).stdout
     conf = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
     assert conf["globalknownhostsfile"] == str(kh)
+    assert conf["userknownhostsfile"] == "/dev/null"  # management's keys only
     assert conf["stricthostkeychecking"] == "true"
     assert "proxycommand" not in conf
+
+
+def test_untrusted_by_root(tmp_path: Path) -> None:
+    import os
+
+    from client.sshconfig import untrusted_by_root
+
+    os.chmod(tmp_path, 0o755)
+    interp = tmp_path / "python"
+    interp.write_text("")
+    script = tmp_path / "meshssh"
+    script.write_text(f"#!{interp}\n")
+    for p in (interp, script):
+        p.chmod(0o755)
+    ok = untrusted_by_root(str(script))
+    require(ok is None, f"the test directory itself is not root's only: {ok}")
+    interp.chmod(0o777)
+    assert untrusted_by_root(str(script)) == f"{interp} is writable by group or others (mode 777)"
+    interp.chmod(0o755)
+    link = tmp_path / "sub"
+    link.mkdir(mode=0o755)
+    os.symlink(script, link / "meshssh")
+    os.chown(link, 65534, 65534)
+    assert untrusted_by_root(str(link / "meshssh")) == f"{link} belongs to uid 65534, not root"
 
 
 @pytest.mark.parametrize("text, included", [

@@ -90,7 +90,7 @@ async def test_ssh_token_passes_the_peer_validator(alg: str) -> None:
     ring = KeyRing([generate_key(T0, alg)], overlap=3600)
     token = tokens.sign(tokens.ssh_claims(ALICE, ISS, "peer-1", ("alice",), T0), ring.current())
     settings = JWTSettings(issuer=ISS, audience=("peer-1",), jwks=ring.jwks(T0), user_claim="email")
-    validator = JWTValidator(settings, clock=lambda: T0 + 5)
+    validator = JWTValidator(settings, clock=lambda: T0 + 5, started=T0 - 60)
     try:
         identity = await validator.validate(token)
     finally:

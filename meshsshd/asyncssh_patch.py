@@ -1,0 +1,41 @@
+"""What the guarded asyncssh patches share (asyncssh_tuning, asyncssh_ping,
+asyncssh_keyopts): which versions their reading of asyncssh's
+internals holds for, and the one-line report of applying or refusing a patch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import asyncssh
+
+from .logs import event
+
+# The asyncssh versions whose internals were read for the patches (pyproject pins the same).
+CHECKED_VERSIONS = ((2, 24, 1), (2, 25))
+
+
+def _version(text: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in text.split(".")[:3])
+    except ValueError:
+        return None
+
+
+def version_checked(version: str) -> bool:
+    """Whether `version` is one whose internals our patches were read against."""
+    parsed = _version(version)
+    low, high = CHECKED_VERSIONS
+    return parsed is not None and low <= parsed < high
+
+
+def apply_guarded(log: logging.Logger, name: str, why: str | None, patch: Callable[[], None], *,
+                  change: str, effect: str) -> bool:
+    """Run `patch` unless there is a reason not to; one event either way, `<name>.applied`
+    with what changed or `<name>.refused` (a warning) with the reason and its effect."""
+    if why is not None:
+        event(log, f"{name}.refused", logging.WARNING, reason=why, asyncssh=asyncssh.__version__, effect=effect)
+        return False
+    patch()
+    event(log, f"{name}.applied", change=change, asyncssh=asyncssh.__version__)
+    return True
