@@ -5,6 +5,15 @@ another replica) the hub loads one fresh snapshot, recomputes the map of every
 connected peer from it and sends it only where the content changed. A stream whose
 peer no longer exists gets `{"type": "error", "error": "peer-deleted"}` and is closed.
 Maps sent on one stream never go backwards in serial.
+
+Two races this guards against, both seen with many peers registering at once:
+- A stream attaching while the loop's load is in flight: the loop clears `dirty` when the
+  load starts, so `dirty` cannot tell whether the cached snapshot has the latest change.
+  A change counter can: the cache is used only if it includes every change seen.
+- A snapshot read before a peer registered has no map for it. Only a load that started
+  after the stream attached may tell the stream `peer-deleted`; an older one (the cache,
+  or the loop's load in flight) sends nothing, and the attach loads afresh. That also
+  covers a peer registered through another replica whose NOTIFY has not arrived yet.
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ class Stream:
     last_serial: int = -1
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
+    # Loads numbered up to this one started before the stream attached (see the module
+    # docstring): their snapshot may predate the peer.
+    attached_after: int = 0
 
 
 class SyncHub:
@@ -50,6 +62,10 @@ class SyncHub:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._state: MeshState | None = None
+        self._state_load = 0  # which load produced `_state`
+        self._loads = 0  # loads started
+        self._changes = 0  # store changes seen
+        self._state_changes = 0  # how many of them `_state` includes
         self._computed = metrics.counter("meshmgmt_maps_computed_total", "Network maps computed")
         self._sent = metrics.counter("meshmgmt_maps_sent_total", "Network maps sent on sync streams")
         self._duration = metrics.histogram(
@@ -91,6 +107,7 @@ class SyncHub:
 
     def changed(self, _serial: int = 0) -> None:
         """Store change listener: mark dirty; the loop coalesces bursts of changes."""
+        self._changes += 1
         self._dirty.set()
 
     @property
@@ -100,10 +117,14 @@ class SyncHub:
     # --- streams -------------------------------------------------------------------------
 
     async def attach(self, peer_id: str, ws: web.WebSocketResponse) -> Stream:
-        st = Stream(peer_id, ws)
+        st = Stream(peer_id, ws, attached_after=self._loads)
         self._streams.setdefault(peer_id, set()).add(st)
-        state = self._state if (self._state is not None and not self._dirty.is_set()) else await self._load()
-        await self._send_map(st, state)
+        if self._state is not None and self._state_changes == self._changes:
+            state, load = self._state, self._state_load
+        else:
+            state, load = await self._load()
+        if not await self._send_map(st, state, load):
+            await self._send_map(st, *await self._load())
         return st
 
     def detach(self, st: Stream) -> None:
@@ -114,38 +135,47 @@ class SyncHub:
             if not streams:
                 del self._streams[st.peer_id]
 
-    async def _load(self) -> MeshState:
+    async def _load(self) -> tuple[MeshState, int]:
+        """A fresh snapshot and its load number; it becomes the cache unless older."""
+        self._loads += 1
+        load, changes = self._loads, self._changes
         state = await self._load_state()
         if self._state is None or state.serial >= self._state.serial:
-            self._state = state
-        return state
+            self._state, self._state_load = state, load
+            self._state_changes = max(self._state_changes, changes)
+        return state, load
 
-    async def _send_map(self, st: Stream, state: MeshState) -> None:
+    async def _send_map(self, st: Stream, state: MeshState, load: int) -> bool:
+        """Send the stream its map from `state` (load number `load`) if it changed.
+
+        False when the snapshot has no such peer but was loaded before the stream
+        attached: it cannot tell a deleted peer from one registered after it was read."""
         t0 = time.perf_counter()
         netmap = compute_map(state, st.peer_id)
         self._duration.observe(time.perf_counter() - t0)
         self._computed.inc()
         async with st.lock:
-            if st.closed:
-                return
+            if st.closed or state.serial < st.last_serial:
+                return True  # closed, or an older snapshot raced a newer one that went out
             if netmap is None:
+                if load <= st.attached_after:
+                    return False
                 await self._close_deleted(st)
-                return
-            if state.serial < st.last_serial:
-                return  # an older snapshot raced a newer one; the newer already went out
+                return True
             fp, text = encode_map(netmap)
             if fp == st.last_fp:
-                return
+                return True
             try:
                 async with asyncio.timeout(SEND_TIMEOUT):
                     await st.ws.send_str(text)
             except (ConnectionError, RuntimeError, TimeoutError) as exc:
                 event(log, "sync.send_failed", level=logging.WARNING, peer=st.peer_id, error=type(exc).__name__)
                 await st.ws.close()
-                return
+                return True
             st.last_fp, st.last_serial = fp, state.serial
             self._sent.inc()
             event(log, "sync.map_sent", level=logging.DEBUG, peer=st.peer_id, serial=state.serial)
+        return True
 
     async def _close_deleted(self, st: Stream) -> None:
         with contextlib.suppress(Exception):
@@ -170,7 +200,7 @@ class SyncHub:
                 event(log, "sync.poll_failed", level=logging.WARNING, error=type(exc).__name__)
                 continue
             if self._streams and (self._state is None or serial > self._state.serial):
-                self._dirty.set()
+                self.changed(serial)
 
     async def _loop(self) -> None:
         while True:
@@ -178,11 +208,11 @@ class SyncHub:
             self._dirty.clear()
             t0 = time.perf_counter()
             try:
-                state = await self._load()
+                state, load = await self._load()
                 t_loaded = time.perf_counter()
                 streams = [st for group in list(self._streams.values()) for st in list(group)]
                 sent_before = self._sent.value()
-                await asyncio.gather(*(self._send_map(st, state) for st in streams))
+                await asyncio.gather(*(self._send_map(st, state, load) for st in streams))
                 elapsed = time.perf_counter() - t0
                 self._recompute_duration.observe(elapsed)
                 if streams:

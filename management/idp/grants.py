@@ -141,19 +141,17 @@ class Grants:
     async def start_device(self, client_id: str, scope: str) -> DeviceStart:
         now = self.clock()
         grant = device.new_grant(now, self.device_ttl, self.poll_interval)
-        async with self.store.session() as s:
+        async with self.store.write() as s:
             await s.execute(delete(DeviceCodeRow).where(DeviceCodeRow.expires_at < _dt(now)))
-            await s.commit()
         for _ in range(5):  # a user-code collision among live grants is rare; draw again
             device_code, user_code = device.new_device_code(), device.new_user_code()
             try:
-                async with self.store.session() as s:
+                async with self.store.write() as s:
                     s.add(DeviceCodeRow(
                         device_code_hash=device.hash_secret(device_code), user_code=user_code,
                         client_id=client_id, scope=scope, status=grant.status.value,
                         created=_dt(now), expires_at=_dt(grant.expires_at), interval=grant.interval,
                     ))
-                    await s.commit()
             except IntegrityError:
                 continue
             return DeviceStart(device_code, user_code, self.device_ttl, grant.interval)
@@ -178,7 +176,7 @@ class Grants:
 
     async def decide_device(self, user_code: str, user_id: str, approve: bool) -> device.DecisionRefused | None:
         now = self.clock()
-        async with self.store.session() as s:
+        async with self.store.write() as s:
             row = (await s.execute(select(DeviceCodeRow).where(DeviceCodeRow.user_code == user_code))).scalar_one_or_none()
             if row is None:
                 return device.DecisionRefused.EXPIRED
@@ -193,13 +191,15 @@ class Grants:
             if done.rowcount != 1:
                 await s.rollback()
                 return device.DecisionRefused.ALREADY_DECIDED
-            await s.commit()
         return None
 
     async def poll_device(self, device_code: str, client_id: str) -> tuple[str, str]:
-        """(user id, scope) once approved; otherwise IdpError with the RFC 8628 code."""
+        """(user id, scope) once approved; otherwise IdpError with the RFC 8628 code.
+
+        One write transaction (on SQLite BEGIN IMMEDIATE): the read and the update of the
+        row cannot be split by another poll or by the approval."""
         now = self.clock()
-        async with self.store.session() as s:
+        async with self.store.write() as s:
             row = (
                 await s.execute(
                     select(DeviceCodeRow)
@@ -223,14 +223,11 @@ class Grants:
                     await s.rollback()
                     outcome = device.PollOutcome.USED
                 else:
-                    user_id, scope = row.user_id, row.scope
-                    await s.commit()
-                    assert user_id is not None
-                    return user_id, scope
+                    assert row.user_id is not None
+                    return row.user_id, row.scope
             elif outcome is not device.PollOutcome.USED and outcome is not device.PollOutcome.EXPIRED:
                 row.interval = new.interval
                 row.last_polled_at = polled
-                await s.commit()
         raise IdpError(outcome.value, _POLL_MESSAGES[outcome], reason=outcome.value)
 
     # --- refresh tokens -------------------------------------------------------------
@@ -238,22 +235,20 @@ class Grants:
     async def issue_refresh(self, user_id: str, client_id: str, scope: str, family_id: str | None = None) -> str:
         now = self.clock()
         token = REFRESH_PREFIX + secrets.token_urlsafe(32)
-        async with self.store.session() as s:
+        async with self.store.write() as s:
             s.add(RefreshTokenRow(
                 token_hash=device.hash_secret(token), family_id=family_id or new_id(), user_id=user_id,
                 client_id=client_id, scope=scope, created=_dt(now), expires_at=_dt(now + self.refresh_ttl),
             ))
-            await s.commit()
         return token
 
     async def _revoke_family(self, family_id: str, now: float, why: str) -> None:
-        async with self.store.session() as s:
+        async with self.store.write() as s:
             result = await s.execute(
                 update(RefreshTokenRow)
                 .where(RefreshTokenRow.family_id == family_id, RefreshTokenRow.revoked_at.is_(None))
                 .values(revoked_at=_dt(now))
             )
-            await s.commit()
         event(log, "idp.refresh_family_revoked", level=logging.WARNING, family=family_id,
               reason=why, revoked=int(result.rowcount or 0))
 
@@ -271,14 +266,13 @@ class Grants:
         verdict = judge_refresh(client_matches=row.client_id == client_id, used=row.used_at is not None,
                                 revoked=row.revoked_at is not None, expires_at=expires, now=now)
         if verdict is RefreshVerdict.OK:
-            async with self.store.session() as s:
+            async with self.store.write() as s:
                 spent = await s.execute(
                     update(RefreshTokenRow)
                     .where(RefreshTokenRow.id == row.id, RefreshTokenRow.used_at.is_(None),
                            RefreshTokenRow.revoked_at.is_(None))
                     .values(used_at=_dt(now))
                 )
-                await s.commit()
             if spent.rowcount != 1:  # someone redeemed it between our read and write
                 verdict = RefreshVerdict.REUSED
         if verdict in (RefreshVerdict.REUSED, RefreshVerdict.REVOKED):
@@ -299,7 +293,6 @@ class Grants:
     async def housekeeping(self) -> None:
         """Drop expired device codes and refresh tokens that expired a day ago."""
         now = self.clock()
-        async with self.store.session() as s:
+        async with self.store.write() as s:
             await s.execute(delete(DeviceCodeRow).where(DeviceCodeRow.expires_at < _dt(now)))
             await s.execute(delete(RefreshTokenRow).where(RefreshTokenRow.expires_at < _dt(now) - timedelta(days=1)))
-            await s.commit()

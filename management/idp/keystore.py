@@ -70,7 +70,7 @@ class KeyStore:
             return ring
         except LookupError:
             pass
-        async with self.store.session() as s:
+        async with self.store.write() as s:
             s.add(self._to_row(generate_key(now, self.alg)))
             await s.commit()
         return await self.load()
@@ -80,7 +80,7 @@ class KeyStore:
         `drop_previous` (a key may have leaked) the old keys stop verifying at once."""
         new = generate_key(now, self.alg)
         retired = now - self.overlap if drop_previous else now
-        async with self.store.session() as s:
+        async with self.store.write() as s:
             await s.execute(
                 update(SigningKeyRow).where(SigningKeyRow.retired.is_(None)).values(retired=_dt(retired))
             )
@@ -91,7 +91,7 @@ class KeyStore:
     async def rotate_if_current(self, kid: str, now: float) -> bool:
         """Rotate only if `kid` still signs (auto-rotation from several replicas)."""
         new = generate_key(now, self.alg)
-        async with self.store.session() as s:
+        async with self.store.write() as s:
             result = await s.execute(
                 update(SigningKeyRow)
                 .where(SigningKeyRow.kid == kid, SigningKeyRow.retired.is_(None))
@@ -106,7 +106,7 @@ class KeyStore:
 
     async def prune(self, now: float) -> int:
         """Delete keys retired longer than the overlap ago; they verify nothing any more."""
-        async with self.store.session() as s:
+        async with self.store.write() as s:
             result = await s.execute(
                 delete(SigningKeyRow).where(
                     SigningKeyRow.retired.is_not(None), SigningKeyRow.retired <= _dt(now - self.overlap)

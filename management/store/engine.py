@@ -2,7 +2,8 @@
 
     store = Store.from_url(url) / Store.for_data_dir(dir)
     await store.migrate()                 # Alembic upgrade to head (run at init and serve)
-    async with store.session() as s: ...  # reads (and writes the caller commits itself)
+    async with store.session() as s: ...  # reads: one transaction
+    async with store.write() as s: ...    # a write that no network map depends on: commits
     async with store.change("why") as s:  # a write that affects network maps: commits,
         ...                               # bumps the serial, tells every replica
     state = await store.load_state()      # a MeshState snapshot for the pure netmap code
@@ -11,6 +12,18 @@ SQLite (default, a file in the data dir) runs in WAL mode with foreign keys on; 
 is announced in-process. PostgreSQL (`postgresql://` URLs, driver asyncpg) announces
 changes with NOTIFY inside the writing transaction, and every replica LISTENs, so a
 change through one replica reaches sync streams on the others.
+
+Transactions on SQLite are real: Python's sqlite3 would open one only before an
+INSERT/UPDATE/DELETE, leaving every SELECT in autocommit, so two reads of one "snapshot"
+could see two different commits. The driver's own handling is off (`isolation_level =
+None`) and `_sqlite_begin` emits the BEGIN: plain (deferred) for a session, so all its
+reads see one commit; `BEGIN IMMEDIATE` for `write()`/`change()`, which takes the write
+lock up front. A deferred transaction that reads and then writes cannot wait for the lock:
+if another connection committed after its first read, SQLite answers SQLITE_BUSY at once
+("database is locked"), whatever busy_timeout says. So code that writes goes through
+`write()`/`change()`, never `session()`. On PostgreSQL a session is READ COMMITTED (each
+statement sees the latest commit), and `load_state()` reads in one REPEATABLE READ, READ
+ONLY transaction.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event as sa_event
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import Connection, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from meshsshd.logs import event
@@ -33,6 +46,8 @@ from .models import Meta
 log = logging.getLogger("meshmgmt.store")
 
 CHANNEL = "meshmgmt_changes"
+# Execution option naming the statement that opens a SQLite transaction (_sqlite_begin).
+_SQLITE_BEGIN = "meshmgmt_sqlite_begin"
 SERIAL_KEY = "serial"
 
 ChangeListener = Callable[[int], Awaitable[None] | None]
@@ -62,9 +77,17 @@ class Store:
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        writer, snapshot = self.engine, self.engine
         if self.is_sqlite:
             sa_event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            sa_event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
+            writer = self.engine.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
+        if self.is_postgres:
+            snapshot = self.engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        self._writer = writer
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = async_sessionmaker(writer, expire_on_commit=False)
+        self._snapshot_sessions = async_sessionmaker(snapshot, expire_on_commit=False)
         self._listeners: list[ChangeListener] = []
         self._pg_conn: Any = None
         self._closing = False
@@ -81,6 +104,8 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
+        """For reads: on SQLite every read in it sees the same commit. Not for writes
+        (see the module docstring): use `write()` or `change()`."""
         async with self._sessions() as s:
             yield s
 
@@ -95,14 +120,14 @@ class Store:
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A write that does not affect network maps (audit events, last-seen): commits."""
-        async with self._locked(), self._sessions() as s:
+        async with self._locked(), self._write_sessions() as s:
             yield s
             await s.commit()
 
     @contextlib.asynccontextmanager
     async def change(self, reason: str = "") -> AsyncIterator[AsyncSession]:
         """A write that may change network maps: commit + serial bump + notify, or nothing."""
-        async with self._locked(), self._sessions() as s:
+        async with self._locked(), self._write_sessions() as s:
             yield s
             serial = await self._bump(s)
             if self.is_postgres:
@@ -214,11 +239,11 @@ class Store:
         """Upgrade the schema to the newest Alembic revision (safe with several replicas)."""
         from .migrate import upgrade
 
-        async with self.engine.begin() as conn:
+        async with self._writer.begin() as conn:
             if self.is_postgres:
                 await conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
             await conn.run_sync(upgrade)
-        async with self.session() as s:
+        async with self._locked(), self._write_sessions() as s:
             exists = (await s.execute(select(Meta.key).where(Meta.key == SERIAL_KEY))).scalar()
             if exists is None:
                 with contextlib.suppress(Exception):
@@ -228,10 +253,11 @@ class Store:
     # --- snapshot -------------------------------------------------------------------
 
     async def load_state(self, network: str = "", dns_domain: str = "") -> Any:
-        """A consistent `management.netmap.MeshState` snapshot (no issuer/JWKS filled in)."""
+        """A consistent `management.netmap.MeshState` snapshot (no issuer/JWKS filled in):
+        its serial and its rows come from one commit, on SQLite and on PostgreSQL."""
         from .snapshot import load_state
 
-        async with self.session() as s:
+        async with self._snapshot_sessions() as s:
             return await load_state(s, network=network, dns_domain=dns_domain)
 
 
@@ -242,3 +268,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+    dbapi_conn.isolation_level = None  # transactions are ours: _sqlite_begin
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    """Open every SQLite transaction explicitly, the way its engine asked for."""
+    conn.exec_driver_sql(conn.get_execution_options().get(_SQLITE_BEGIN, "BEGIN"))

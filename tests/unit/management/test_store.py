@@ -111,3 +111,40 @@ async def test_migration_0003_adds_challenges_and_rekey_approval_to_an_older_dat
                                  "ALTER TABLE peers DROP COLUMN rekey_approved_until")
     assert "peer_challenges" in schema.tables and "rekey_approved_until" in schema.columns["peers"]
     assert schema.version == HEAD
+
+
+async def test_a_cancelled_session_hands_its_connection_back_before_it_ends(store: Store) -> None:
+    """meshmgmt cancels tasks that are inside a session when it stops (the sync hub's
+    loop and serial poll, the issuer's maintenance, handlers aiohttp gives up on). If the
+    cancelled task ends while its session is still closing, shutdown disposes of the
+    engine and ends the loop under that close, and the pool logs "Exception during reset
+    or similar" at error (SQLAlchemy before 2.1.2 closed that way; hence its floor)."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    closing, release = asyncio.Event(), asyncio.Event()
+
+    async def request() -> None:
+        async with store.session() as s:
+            await s.execute(text("SELECT 1"))
+            real_close = s.sync_session.close
+
+            def slow_close() -> None:  # failure injection: the close waits for the test
+                closing.set()
+                from sqlalchemy.util import await_only
+
+                await_only(release.wait())
+                real_close()
+
+            s.sync_session.close = slow_close  # type: ignore[method-assign]
+
+    task = asyncio.create_task(request())
+    await asyncio.wait_for(closing.wait(), 5)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()  # still waiting for its close, with the connection out
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.engine.pool.checkedout() == 0
