@@ -4,6 +4,7 @@ reaches a sync stream held by the other within 1 s (LISTEN/NOTIFY)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ def replicas(pg: PgCluster, tmp_path: Path) -> Iterator[tuple[Mgmt, Mgmt]]:
     token = init_data_dir(one, database)
     two = tmp_path / "two"
     two.mkdir(mode=0o700)
+    shutil.copy2(one / "issuer.secret", two / "issuer.secret")  # every replica needs the same secret
     r1 = start_serve(one, token, database)
     try:
         r2 = start_serve(two, token, database)
