@@ -235,3 +235,51 @@ async def test_metrics_and_logs(server: Server, cli: aiohttp.ClientSession) -> N
     assert '"event":"idp.login"' in log
     assert PASSWORD not in log and server.data["svc"][1] not in log
     assert "eyJ" not in log  # no JWT (header or payload) in any log line
+
+
+async def test_admin_changes_to_a_user_end_their_logins(server: Server, cli: aiohttp.ClientSession,
+                                                        browser: aiohttp.ClientSession) -> None:
+    """A password change, a role change, a block and a delete each end the user's refresh
+    tokens; a rename or a role set to what it was does not; unblocking revives nothing."""
+    admin = {"Authorization": f"Bearer {server.admin_token}"}
+    async with cli.post("/api/users", json={"email": "dora@example.com", "password": PASSWORD}, headers=admin) as r:
+        assert r.status == 201
+        dora = (await r.json())["id"]
+
+    async def update(doc: dict[str, Any]) -> None:
+        async with cli.put(f"/api/users/{dora}", json=doc, headers=admin) as r:
+            assert r.status == 200, await r.text()
+
+    async def refresh(token: str) -> tuple[int, dict[str, Any]]:
+        return await _form_post(cli, "/oauth/token", {"grant_type": "refresh_token", "client_id": "meshssh",
+                                                      "refresh_token": token})
+
+    async def login() -> str:
+        return (await _login(cli, browser, "dora@example.com"))["refresh_token"]
+
+    token = await login()
+    for harmless in ({"name": "Dora"}, {"role": "user"}, {"blocked": False}):
+        await update(harmless)
+        status, body = await refresh(token)
+        assert status == 200, (harmless, body)
+        token = body["refresh_token"]
+
+    for change in ({"password": PASSWORD + "-new"}, {"role": "admin"}, {"blocked": True}):
+        other = await login()  # a second login (another family) ends too
+        await update(change)
+        for t in (token, other):
+            status, body = await refresh(t)
+            assert (status, body["error"]) == (400, "invalid_grant"), change
+            assert "revoked" in body["error_description"] or "blocked" in body["error_description"]
+        if change == {"password": PASSWORD + "-new"}:
+            await update({"password": PASSWORD})
+        if change == {"blocked": True}:
+            await update({"blocked": False})
+            status, body = await refresh(token)
+            assert status == 400, "unblocking must not revive a revoked login"
+        token = await login()
+
+    async with cli.delete(f"/api/users/{dora}", headers=admin) as r:
+        assert r.status == 204
+    status, body = await refresh(token)
+    assert (status, body["error"]) == (400, "invalid_grant")

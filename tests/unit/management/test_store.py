@@ -8,6 +8,7 @@ import pytest
 
 from management.store import Group, Peer, Policy, Store, User, hash_password, verify_password
 from management.store.engine import normalise_url
+from tests.support import alembic_head
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ async def test_serial_grows_survives_restart_and_notifies(store: Store, tmp_path
 async def test_wal_mode_foreign_keys_and_alembic_head(store: Store) -> None:
     async with store.session() as s:
         conn = await s.connection()
-        assert (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar() == alembic_head()
         tables = {r[0] for r in await conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"users", "groups", "peers", "setup_keys", "policies", "events", "admin_tokens", "meta",
                 "idp_signing_keys", "idp_device_codes", "idp_refresh_tokens", "subsystems"} <= tables
