@@ -155,14 +155,3 @@ def netns(prefix: str = "mst") -> Iterator[str]:
             while _netns_pids(name) and time.monotonic() < deadline:
                 time.sleep(0.05)
         subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def alembic_head() -> str:
-    """The newest migration revision, so tests need no edit when one is added."""
-    from alembic.script import ScriptDirectory
-
-    from management.store.migrate import alembic_config
-
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    assert head is not None
-    return head

@@ -8,7 +8,8 @@ import pytest
 
 from management.store import Group, Peer, Policy, Store, User, hash_password, verify_password
 from management.store.engine import normalise_url
-from tests.support import alembic_head
+
+from .migrations import HEAD, upgraded_from
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ async def test_serial_grows_survives_restart_and_notifies(store: Store, tmp_path
 async def test_wal_mode_foreign_keys_and_alembic_head(store: Store) -> None:
     async with store.session() as s:
         conn = await s.connection()
-        assert (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar() == alembic_head()
+        assert (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar() == HEAD
         tables = {r[0] for r in await conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"users", "groups", "peers", "setup_keys", "policies", "events", "admin_tokens", "meta",
                 "idp_signing_keys", "idp_device_codes", "idp_refresh_tokens", "subsystems"} <= tables
@@ -103,3 +104,10 @@ def test_passwords() -> None:
 )
 def test_normalise_url(url: str, expected: str) -> None:
     assert normalise_url(url) == expected
+
+
+async def test_migration_0003_adds_challenges_and_rekey_approval_to_an_older_database(tmp_path: Path) -> None:
+    schema = await upgraded_from(tmp_path, "0002", "DROP TABLE peer_challenges",
+                                 "ALTER TABLE peers DROP COLUMN rekey_approved_until")
+    assert "peer_challenges" in schema.tables and "rekey_approved_until" in schema.columns["peers"]
+    assert schema.version == HEAD

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from sqlalchemy import text
 
 from management.app import create_app
 from management.bootstrap import initialise
@@ -15,7 +14,8 @@ from management.netmap import compute_map, subsystems_for
 from management.settings import MgmtSettings
 from management.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, SubsystemRecord, UserRecord
 from management.store import Group, Peer, Store, sqlite_url
-from tests.support import alembic_head
+
+from .migrations import HEAD, upgraded_from
 
 ALICE = UserRecord(id="u-a", email="alice@example.com")
 LAPTOP = PeerRecord(id="lap", name="laptop", mesh_ip="100.64.0.2", ssh_host_key="ssh-ed25519 K1")
@@ -129,17 +129,5 @@ async def test_needs_admin(admin) -> None:
 
 
 async def test_migration_adds_the_table_to_an_older_database(tmp_path: Path) -> None:
-    store = Store(sqlite_url(tmp_path))
-    try:
-        await store.migrate()
-        async with store.session() as s:
-            await s.execute(text("DROP TABLE subsystems"))
-            await s.execute(text("UPDATE alembic_version SET version_num = '0001'"))
-            await s.commit()
-        await store.migrate()
-        async with store.session() as s:
-            names = {r[0] for r in await s.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))}
-            version = (await s.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-        assert "subsystems" in names and version == alembic_head()
-    finally:
-        await store.close()
+    schema = await upgraded_from(tmp_path, "0001", "DROP TABLE subsystems")
+    assert "subsystems" in schema.tables and schema.version == HEAD
