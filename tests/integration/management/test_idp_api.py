@@ -235,4 +235,3 @@ async def test_metrics_and_logs(server: Server, cli: aiohttp.ClientSession) -> N
     assert '"event":"idp.login"' in log
     assert PASSWORD not in log and server.data["svc"][1] not in log
     assert "eyJ" not in log  # no JWT (header or payload) in any log line
-
