@@ -18,7 +18,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from meshsshd.logs import event
 
-from .api import admin, enrol, peers, subsystems
+from .api import admin, enrol, peers, signing_keys, subsystems
 from .api.keys import (BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, REGISTER_LIMITER,
                        SETTINGS, STORE)
 from .boxkey import load_or_create_box_key
@@ -98,12 +98,13 @@ async def openapi(request: web.Request) -> web.Response:
 
 def _setup_issuer(app: web.Application, store: Store, settings: MgmtSettings):  # noqa: ANN202
     try:
-        from .idp import IssuerSettings, setup_idp
+        from .idp import SECRET_FILE, IssuerSettings, setup_idp
     except ImportError as exc:  # only while the issuer package is incomplete
         event(log, "idp.unavailable", level=logging.WARNING, error=str(exc))
         return None
-    idp_settings = IssuerSettings(**settings.idp_options) if settings.idp_options else None
-    return setup_idp(app, store, settings.public_url, idp_settings)
+    options = {"key_secret_file": settings.data_dir / SECRET_FILE,
+               "refresh_family_ttl": settings.refresh_token_lifetime, **(settings.idp_options or {})}
+    return setup_idp(app, store, settings.public_url, IssuerSettings(**options))
 
 
 def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Application:
@@ -166,4 +167,5 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app.router.add_routes(peers.routes)  # before admin: /api/peers/sync must win over /api/peers/{id}
     app.router.add_routes(admin.routes)
     app.router.add_routes(subsystems.routes)
+    app.router.add_routes(signing_keys.routes)
     return app

@@ -5,19 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from meshsshd.logs import setup_logging
 
 from .boxkey import BOX_KEY_FILE, load_or_create_box_key
 from .errors import BadRequest, ManagementError
-from .store import AdminToken, Store, User, hash_password_async, hash_secret
+from .store import AdminToken, Store, User, hash_password_async, hash_secret, utcnow
 
 TOKEN_FILE = "admin.token"
+ADMIN_TOKEN_LIFETIME = 90 * 86400  # seconds; `--admin-token-lifetime` changes it
 
 
 class AlreadyInitialised(ManagementError):
@@ -26,12 +28,20 @@ class AlreadyInitialised(ManagementError):
 
 
 def _write_secret(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
 
 
-async def initialise(data_dir: Path, admin_email: str, password: str | None, database: str | None) -> dict[str, Any]:
+def _new_admin_token(lifetime: int) -> tuple[str, AdminToken]:
+    """A fresh admin token and its row (digest and expiry only)."""
+    token = "mt_" + secrets.token_urlsafe(32)
+    return token, AdminToken(token_hash=hash_secret(token), name="init",
+                             expires_at=utcnow() + timedelta(seconds=lifetime))
+
+
+async def initialise(data_dir: Path, admin_email: str, password: str | None, database: str | None,
+                     token_lifetime: int = ADMIN_TOKEN_LIFETIME) -> dict[str, Any]:
     from .api._validate import email as valid_email
 
     email = valid_email(admin_email, "admin-email")
@@ -45,14 +55,10 @@ async def initialise(data_dir: Path, admin_email: str, password: str | None, dat
         async with store.session() as s:
             if (await s.execute(select(func.count()).select_from(AdminToken))).scalar():
                 raise AlreadyInitialised("the store is already initialised (it has an admin token); nothing changed")
-        kid = ""
-        try:
-            from .idp import ensure_signing_key
+        from .idp import SECRET_FILE, ensure_signing_key, load_or_create_key_secret
 
-            kid = await ensure_signing_key(store)
-        except ImportError:
-            kid = "(created at first start)"
-        token = "mt_" + secrets.token_urlsafe(32)
+        kid = await ensure_signing_key(store, secret=load_or_create_key_secret(data_dir / SECRET_FILE))
+        token, token_row = _new_admin_token(token_lifetime)
         pw_hash = await hash_password_async(password) if password else None
         async with store.change("init") as s:
             user = (await s.execute(select(User).where(User.email == email))).scalar_one_or_none()
@@ -62,13 +68,36 @@ async def initialise(data_dir: Path, admin_email: str, password: str | None, dat
                 user.role = "admin"
                 if pw_hash:
                     user.password_hash = pw_hash
-            s.add(AdminToken(token_hash=hash_secret(token), name="init"))
+            s.add(token_row)
         _write_secret(token_file, token)
         load_or_create_box_key(data_dir)  # now, so it can be copied to replicas before they start
     finally:
         await store.close()
-    return {"email": email, "token_file": str(token_file), "kid": kid,
-            "box_key_file": str(data_dir / BOX_KEY_FILE)}
+    return {"email": email, "token_file": str(token_file), "kid": kid, "expires_at": token_row.expires_at,
+            "secret_file": str(data_dir / SECRET_FILE), "box_key_file": str(data_dir / BOX_KEY_FILE)}
+
+
+async def rotate_admin_token(data_dir: Path, database: str | None,
+                             lifetime: int = ADMIN_TOKEN_LIFETIME) -> dict[str, Any]:
+    """Replace every admin token by a new one in DIR/admin.token; the old ones stop
+    working at once. Offline (the store and the data dir, no API), so it also works
+    when the token has expired or leaked."""
+    store = Store.for_data_dir(data_dir, database)
+    token_file = data_dir / TOKEN_FILE
+    staging = data_dir / (TOKEN_FILE + ".new")
+    try:
+        await _check_initialised(store)
+        token, row = _new_admin_token(lifetime)
+        staging.unlink(missing_ok=True)  # left by an interrupted rotation: it was never valid
+        _write_secret(staging, token)
+        async with store.write() as s:
+            revoked = (await s.execute(delete(AdminToken))).rowcount
+            s.add(row)
+        os.replace(staging, token_file)
+    finally:
+        staging.unlink(missing_ok=True)
+        await store.close()
+    return {"token_file": str(token_file), "expires_at": row.expires_at, "revoked": int(revoked or 0)}
 
 
 async def _check_initialised(store: Store) -> None:
@@ -91,7 +120,8 @@ class _ClientGarbageIsNotAnError(logging.Filter):
 
 def run_server(data_dir: Path, host: str, port: int, *, database: str | None, public_url: str, network: str,
                dns_domain: str, log_level: str = "info", register_rate: float = 2.0,
-               register_burst: int = 20, trusted_proxies: tuple[str, ...] = ()) -> None:
+               register_burst: int = 20, trusted_proxies: tuple[str, ...] = (),
+               refresh_token_lifetime: int = 30 * 86400) -> None:
     from aiohttp import web
 
     from .app import create_app
@@ -101,7 +131,8 @@ def run_server(data_dir: Path, host: str, port: int, *, database: str | None, pu
     logging.getLogger("aiohttp.server").addFilter(_ClientGarbageIsNotAnError())
     settings = MgmtSettings(data_dir=data_dir, database=database, public_url=public_url, network=network,
                             dns_domain=dns_domain, register_rate=register_rate,
-                            register_burst=register_burst, trusted_proxies=trusted_proxies)
+                            register_burst=register_burst, trusted_proxies=trusted_proxies,
+                            refresh_token_lifetime=refresh_token_lifetime)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     async def make_app() -> web.Application:
@@ -112,7 +143,12 @@ def run_server(data_dir: Path, host: str, port: int, *, database: str | None, pu
             await store.close()
         return create_app(settings)
 
-    web.run_app(make_app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
+    from .idp import KeySecretError
+
+    try:
+        web.run_app(make_app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
+    except KeySecretError as exc:  # raised by the issuer's startup: a setup problem, not a crash
+        raise BadRequest(str(exc), code="issuer_secret") from None
 
 
-__all__ = ["AlreadyInitialised", "initialise", "run_server"]
+__all__ = ["AlreadyInitialised", "initialise", "rotate_admin_token", "run_server"]

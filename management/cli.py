@@ -3,7 +3,8 @@
     meshmgmt init  --data-dir DIR --admin-email EMAIL [--admin-password-stdin] [--database URL]
     meshmgmt serve --data-dir DIR --listen HOST:PORT [--database URL] [--public-url URL] [--network CIDR]
                    [--trusted-proxy CIDR]...
-    meshmgmt [--url URL] [--token-file F] [--json] <users|groups|setup-keys|policies|peers|events> <verb> ...
+    meshmgmt admin-token rotate --data-dir DIR [--database URL] [--lifetime 90d]
+    meshmgmt [--url URL] [--token-file F] [--json] <users|groups|setup-keys|policies|peers|events|keys> <verb> ...
 
 Admin commands read the URL and token from the flags, or from MESHMGMT_URL /
 MESHMGMT_TOKEN_FILE; they print tables for people and JSON with --json.
@@ -39,6 +40,23 @@ def _listen(spec: str) -> tuple[str, int]:
     return host or "127.0.0.1", port
 
 
+class Duration(click.ParamType):
+    """Seconds, or a number with s, m, h or d: `30d`, `12h`, `900`."""
+
+    name = "duration"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        unit = self._UNITS.get(text[-1:], 0)
+        number = text[:-1] if unit else text
+        if not number.isdigit() or int(number) == 0:
+            self.fail(f"{value!r} is not a duration such as 30d, 12h, 15m or 900 (seconds)", param, ctx)
+        return int(number) * (unit or 1)
+
+
 # --- the command group ---------------------------------------------------------------------
 
 
@@ -59,8 +77,12 @@ def main(ctx: click.Context, url: str, token_file: str | None, as_json: bool) ->
 @click.option("--admin-email", required=True)
 @click.option("--admin-password-stdin", is_flag=True, help="read the admin's password from stdin")
 @click.option("--database", envvar="MESHMGMT_DATABASE", help="postgresql://... (default: SQLite in DATA_DIR)")
-def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database: str | None) -> None:
-    """Create the store, the issuer's signing key, the first admin and DIR/admin.token."""
+@click.option("--admin-token-lifetime", type=Duration(), default="90d", show_default=True,
+              help="how long DIR/admin.token works (renew with `meshmgmt admin-token rotate`)")
+def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database: str | None,
+         admin_token_lifetime: int) -> None:
+    """Create the store, DIR/issuer.secret, the issuer's signing key, the first admin and
+    DIR/admin.token."""
     os.umask(0o077)  # the database and the token file are secrets
     from .bootstrap import AlreadyInitialised, initialise
 
@@ -70,16 +92,40 @@ def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database:
         if len(password) < 8:
             raise click.ClickException("the admin password must have at least 8 characters")
     try:
-        result = asyncio.run(initialise(data_dir, admin_email, password, database))
+        result = asyncio.run(initialise(data_dir, admin_email, password, database, admin_token_lifetime))
     except AlreadyInitialised as exc:
         raise click.ClickException(str(exc)) from None
     except ManagementError as exc:
         raise click.ClickException(exc.message) from None
     click.echo(f"initialised {data_dir}")
     click.echo(f"  admin user:   {result['email']} ({'with' if password else 'without'} a password)")
-    click.echo(f"  admin token:  {result['token_file']} (mode 0600)")
+    click.echo(f"  admin token:  {result['token_file']} (mode 0600, expires {result['expires_at']:%Y-%m-%d %H:%M} UTC)")
+    click.echo(f"  key secret:   {result['secret_file']} (mode 0600; every replica needs a copy, keep it out of "
+               "database backups)")
     click.echo(f"  signing key:  {result['kid']}")
     click.echo(f"  peer box key: {result['box_key_file']} (mode 0600; copy it to every replica's data dir)")
+
+
+@main.group("admin-token")
+def admin_token() -> None:
+    """The admin token in DIR/admin.token (run on the management server)."""
+
+
+@admin_token.command("rotate")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--database", envvar="MESHMGMT_DATABASE", help="postgresql://... (default: SQLite in DATA_DIR)")
+@click.option("--lifetime", type=Duration(), default="90d", show_default=True, help="how long the new token works")
+def admin_token_rotate(data_dir: Path, database: str | None, lifetime: int) -> None:
+    """Write a new admin token to DIR/admin.token; the old one stops working at once."""
+    os.umask(0o077)
+    from .bootstrap import rotate_admin_token
+
+    try:
+        result = asyncio.run(rotate_admin_token(data_dir, database, lifetime))
+    except ManagementError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"new admin token in {result['token_file']} (mode 0600), expires "
+               f"{result['expires_at']:%Y-%m-%d %H:%M} UTC; {result['revoked']} old token(s) revoked")
 
 
 @main.command()
@@ -93,11 +139,13 @@ def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database:
 @click.option("--register-rate", type=float, default=2.0, show_default=True,
               help="peer registrations per second per client address (after the burst)")
 @click.option("--register-burst", type=int, default=20, show_default=True)
+@click.option("--refresh-token-lifetime", type=Duration(), default="30d", show_default=True,
+              help="a login's refresh tokens end this long after it, however often they are used")
 @click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="CIDR",
               help="a reverse proxy (address or network, repeatable) whose X-Forwarded-For names the client")
 def serve(data_dir: Path, listen: str, database: str | None, public_url: str | None, network: str,
           dns_domain: str, log_level: str, register_rate: float, register_burst: int,
-          trusted_proxies: tuple[str, ...]) -> None:
+          refresh_token_lifetime: int, trusted_proxies: tuple[str, ...]) -> None:
     """Run the management server (REST API, issuer, sync streams)."""
     os.umask(0o077)
     from .bootstrap import run_server
@@ -110,7 +158,8 @@ def serve(data_dir: Path, listen: str, database: str | None, public_url: str | N
         run_server(data_dir, host, port, database=database,
                    public_url=public_url or f"http://{url_host}:{port}", network=network,
                    dns_domain=dns_domain, log_level=log_level, register_rate=register_rate,
-                   register_burst=register_burst, trusted_proxies=trusted_proxies)
+                   register_burst=register_burst, trusted_proxies=trusted_proxies,
+                   refresh_token_lifetime=refresh_token_lifetime)
     except ManagementError as exc:
         click.echo(f"meshmgmt: {exc.message}", err=True)
         sys.exit(EXIT_USAGE)

@@ -353,6 +353,23 @@ def register(main: click.Group) -> None:
 
     register_subsystems(peers, groups)
 
+    # --- issuer signing keys -----------------------------------------------------------------------
+    @main.group()
+    def keys() -> None:
+        """The issuer's signing keys (private parts never leave the server)."""
+
+    key_columns = ("kid", "alg", "signing", "published", "created", "retired", "withdrawn_at")
+    _add_list(keys, "signing-keys", key_columns)
+
+    @keys.command("rotate")
+    @click.option("--drop-previous", is_flag=True,
+                  help="withdraw the old keys at once (a key leaked): every token they signed stops working")
+    @click.pass_context
+    def keys_rotate(ctx: click.Context, drop_previous: bool) -> None:
+        """Make a new signing key; peers get it with their next network map."""
+        doc = _run(ctx, "POST", "/api/signing-keys/rotate", {"drop_previous": drop_previous})
+        _emit(ctx, doc, doc["signing_keys"], key_columns)
+
     # --- events ----------------------------------------------------------------------------------
     @main.group()
     def events() -> None:

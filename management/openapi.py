@@ -148,6 +148,9 @@ def _schemas() -> dict[str, Any]:
                            "peer_name": {"type": "string", "nullable": True},
                            "group": {"type": "string", "nullable": True},
                            "group_name": {"type": "string", "nullable": True}}),
+        "SigningKey": _obj({"kid": _STR, "alg": _STR, "created": _TIME, "retired": _TIME, "signing": _BOOL,
+                            "published": _BOOL, "withdrawn_at": {**_TIME, "description": "when it stops verifying"}}),
+        "SigningKeyRotate": _obj({"drop_previous": {**_BOOL, "description": "withdraw the old keys at once"}}),
         "SubsystemSet": _obj({"command": {"type": "string", "minLength": 1, "maxLength": 1024,
                                           "description": "one command line, run through the user's shell"}},
                              ("command",)),
@@ -252,6 +255,11 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "delete": _op("delete a peer (its sync stream gets peer-deleted)", _NO_CONTENT, params=[_ID],
                           errors=(401, 403, 404)),
         },
+        "/api/signing-keys": {"get": _op("the issuer's signing keys (public facts only), signer first",
+                                         _list("signing_keys", "SigningKey"), errors=(400, 401, 403))},
+        "/api/signing-keys/rotate": {"post": _op("make a new signing key; the old ones verify for the overlap",
+                                                 _list("signing_keys", "SigningKey"), body=_ref("SigningKeyRotate"),
+                                                 errors=(400, 401, 403))},
         "/api/events": {"get": _op("the audit log, oldest first after `since`", {"200": {
             "description": "events", **_json(_ref("EventList"))}}, errors=(400, 401, 403), params=[
             {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},

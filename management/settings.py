@@ -22,6 +22,7 @@ class MgmtSettings:
     dns_domain: str = DEFAULT_DNS_DOMAIN
     register_rate: float = 2.0  # registrations per second per client address ...
     register_burst: int = 20  # ... after a burst of this many
+    refresh_token_lifetime: int = 30 * 86400  # seconds from a login to the end of its refresh tokens
     idp_options: dict | None = None  # passed to setup_idp as keyword arguments
     trusted_proxies: tuple[str, ...] = ()  # reverse proxies whose X-Forwarded-For is believed
 
@@ -34,6 +35,9 @@ class MgmtSettings:
         if net.num_addresses < 8:
             raise BadRequest("--network must have room for at least a few peers (/29 or larger)",
                              field="network")
+        if not 300 <= self.refresh_token_lifetime <= 366 * 86400:
+            raise BadRequest("--refresh-token-lifetime must be between 5 minutes and a year",
+                             field="refresh_token_lifetime")
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
         proxies = parse_trusted_proxies(self.trusted_proxies)
         object.__setattr__(self, "trusted_proxies", tuple(str(n) for n in proxies))

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from meshsshd.logs import event
 
 from ..errors import Forbidden, Unauthorized
-from ..store import AdminToken, Peer, User, hash_secret
+from ..store import AdminToken, Peer, User, aware, hash_secret, utcnow
 from .keys import ISSUER, STORE
 
 log = logging.getLogger("meshmgmt.auth")
@@ -44,8 +44,15 @@ async def _caller(request: web.Request) -> Caller:
     token = _bearer(request)
     store = request.app[STORE]
     async with store.session() as s:
-        row = (await s.execute(select(AdminToken.id).where(AdminToken.token_hash == hash_secret(token)))).scalar()
-    if row is not None:
+        expires = (await s.execute(select(AdminToken.expires_at)
+                                   .where(AdminToken.token_hash == hash_secret(token)))).first()
+    if expires is not None:
+        until = aware(expires[0])
+        if until is None or until <= utcnow():
+            event(log, "auth.token_refused", reason="admin-token-expired")
+            raise Unauthorized(f"the admin token expired{f' on {until:%Y-%m-%d %H:%M} UTC' if until else ''}; "
+                               "run `meshmgmt admin-token rotate --data-dir DIR` on the management server",
+                               code="admin_token_expired")
         return Caller("admin-token", role="admin")
     issuer = request.app[ISSUER]
     if issuer is None or token.count(".") != 2:

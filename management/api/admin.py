@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from meshsshd.logs import event
 
 from ..errors import BadRequest, Conflict, NotFound
+from ..idp.grants import revoke_user_families
 from ..netmap import RULE_PROTOCOLS, USER_PREFIX
 from ..store import Group, Peer, Policy, SetupKey, User, aware, hash_password_async, hash_secret, new_secret, utcnow
 from . import _validate as v
@@ -190,10 +191,15 @@ async def update_user(request: web.Request) -> web.Response:
             user.password_hash = pw_hash
         if name is not None:
             user.name = name
+        stale = [why for why, changed in (("password-changed", pw_hash is not None),
+                                          ("role-changed", role is not None and role != user.role),
+                                          ("blocked", bool(blocked))) if changed]
         if role is not None:
             user.role = role
         if blocked is not None:
             user.blocked = blocked
+        if stale:  # the logins made under the old password, role or access end with it
+            await revoke_user_families(s, user.id, ",".join(stale))
         out = user_dict(user)
     return web.json_response(out)
 

@@ -74,8 +74,9 @@ def setup_idp(app: web.Application, store, issuer_url: str, settings: IssuerSett
     return issuer
 
 
-async def ensure_signing_key(store, *, secret: bytes | None = None, algorithm: str = "EdDSA") -> str:
-    """Create the issuer's first signing key if there is none (for `meshmgmt init`); its kid."""
+async def ensure_signing_key(store, *, secret: bytes, algorithm: str = "EdDSA") -> str:
+    """Create the issuer's first signing key, sealed with `secret`, if there is none (for
+    `meshmgmt init`); its kid."""
     import time
 
     keystore = KeyStore(store, secret=secret, overlap=IssuerSettings().key_overlap, alg=algorithm)

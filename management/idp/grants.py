@@ -8,6 +8,9 @@ refresh token.
 Refresh tokens rotate on every use. Presenting a token that was already used or revoked
 means two parties hold it (the OAuth 2.0 Security BCP's reuse detection): the whole
 family (every token descended from the same login) is revoked and the user logs in again.
+A family also ends at a fixed time after its login (`refresh_family_ttl`), however often
+it is used, and all of a user's families end when an admin changes the user's password
+or role or blocks the user (`revoke_user_families`; deleting the user deletes its rows).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -56,12 +60,13 @@ class RefreshVerdict(str, enum.Enum):
     UNKNOWN = "unknown-refresh-token"
     WRONG_CLIENT = "wrong-client"
     EXPIRED = "refresh-expired"
+    FAMILY_EXPIRED = "refresh-family-expired"
     REUSED = "refresh-reused"
     REVOKED = "refresh-revoked"
 
 
 def judge_refresh(*, client_matches: bool, used: bool, revoked: bool, expires_at: float,
-                  now: float) -> RefreshVerdict:
+                  family_expires_at: float, now: float) -> RefreshVerdict:
     """What presenting a known refresh token means. Reuse wins over every other answer."""
     if revoked:
         return RefreshVerdict.REVOKED
@@ -69,9 +74,25 @@ def judge_refresh(*, client_matches: bool, used: bool, revoked: bool, expires_at
         return RefreshVerdict.REUSED
     if not client_matches:
         return RefreshVerdict.WRONG_CLIENT
+    if now >= family_expires_at:
+        return RefreshVerdict.FAMILY_EXPIRED
     if now >= expires_at:
         return RefreshVerdict.EXPIRED
     return RefreshVerdict.OK
+
+
+async def revoke_user_families(session: Any, user_id: str, why: str) -> int:
+    """Revoke every live refresh token of a user, inside the caller's transaction (the
+    admin change that made them stale commits with it); how many were live."""
+    result = await session.execute(
+        update(RefreshTokenRow)
+        .where(RefreshTokenRow.user_id == user_id, RefreshTokenRow.revoked_at.is_(None),
+               RefreshTokenRow.used_at.is_(None))
+        .values(revoked_at=datetime.now(timezone.utc))
+    )
+    revoked = int(result.rowcount or 0)
+    event(log, "idp.user_refresh_revoked", user=user_id, reason=why, revoked=revoked)
+    return revoked
 
 
 @dataclass(frozen=True)
@@ -93,12 +114,13 @@ _POLL_MESSAGES = {
 
 class Grants:
     def __init__(self, store, *, clock: Callable[[], float], device_ttl: int, poll_interval: int,
-                 refresh_ttl: int) -> None:
+                 refresh_ttl: int, refresh_family_ttl: int) -> None:
         self.store = store
         self.clock = clock
         self.device_ttl = device_ttl
         self.poll_interval = poll_interval
         self.refresh_ttl = refresh_ttl
+        self.refresh_family_ttl = refresh_family_ttl
 
     # --- users and clients ----------------------------------------------------------
 
@@ -232,13 +254,17 @@ class Grants:
 
     # --- refresh tokens -------------------------------------------------------------
 
-    async def issue_refresh(self, user_id: str, client_id: str, scope: str, family_id: str | None = None) -> str:
+    async def issue_refresh(self, user_id: str, client_id: str, scope: str,
+                            family: tuple[str, float] | None = None) -> str:
+        """A refresh token of a new login, or the successor in `family` (id, end time)."""
         now = self.clock()
         token = REFRESH_PREFIX + secrets.token_urlsafe(32)
+        family_id, family_end = family or (new_id(), now + self.refresh_family_ttl)
         async with self.store.write() as s:
             s.add(RefreshTokenRow(
-                token_hash=device.hash_secret(token), family_id=family_id or new_id(), user_id=user_id,
-                client_id=client_id, scope=scope, created=_dt(now), expires_at=_dt(now + self.refresh_ttl),
+                token_hash=device.hash_secret(token), family_id=family_id, user_id=user_id,
+                client_id=client_id, scope=scope, created=_dt(now),
+                expires_at=_dt(min(now + self.refresh_ttl, family_end)), family_expires_at=_dt(family_end),
             ))
         return token
 
@@ -261,10 +287,11 @@ class Grants:
             ).scalar_one_or_none()
         if row is None:
             raise IdpError("invalid_grant", "unknown refresh token; run `meshssh login`", reason=RefreshVerdict.UNKNOWN.value)
-        expires = _ts(row.expires_at)
-        assert expires is not None
+        expires, family_end = _ts(row.expires_at), _ts(row.family_expires_at)
+        assert expires is not None and family_end is not None
         verdict = judge_refresh(client_matches=row.client_id == client_id, used=row.used_at is not None,
-                                revoked=row.revoked_at is not None, expires_at=expires, now=now)
+                                revoked=row.revoked_at is not None, expires_at=expires,
+                                family_expires_at=family_end, now=now)
         if verdict is RefreshVerdict.OK:
             async with self.store.write() as s:
                 spent = await s.execute(
@@ -277,17 +304,24 @@ class Grants:
                 verdict = RefreshVerdict.REUSED
         if verdict in (RefreshVerdict.REUSED, RefreshVerdict.REVOKED):
             await self._revoke_family(row.family_id, now, verdict.value)
-            raise IdpError("invalid_grant", "this refresh token was already used, so every token of this "
-                           "login is revoked; run `meshssh login`", reason=verdict.value)
+            why = ("this refresh token was already used, so every token of this login is revoked"
+                   if verdict is RefreshVerdict.REUSED else
+                   "this login was revoked (password or role changed, user blocked, or a token reused)")
+            raise IdpError("invalid_grant", f"{why}; run `meshssh login`", reason=verdict.value)
         if verdict is RefreshVerdict.WRONG_CLIENT:
             raise IdpError("invalid_grant", "the refresh token was issued to another client", reason=verdict.value)
+        if verdict is RefreshVerdict.FAMILY_EXPIRED:
+            ttl = self.refresh_family_ttl
+            age = f"{ttl // 86400} days" if ttl >= 86400 else f"{ttl} s"
+            raise IdpError("invalid_grant", f"this login has reached its maximum age ({age}); "
+                           "run `meshssh login`", reason=verdict.value)
         if verdict is RefreshVerdict.EXPIRED:
             raise IdpError("invalid_grant", "the refresh token has expired; run `meshssh login`", reason=verdict.value)
         ident = await self.identity(row.user_id)
         if ident is None:
             await self._revoke_family(row.family_id, now, "user-blocked")
             raise IdpError("invalid_grant", "the user is blocked or deleted", reason="user-blocked")
-        successor = await self.issue_refresh(row.user_id, client_id, row.scope, row.family_id)
+        successor = await self.issue_refresh(row.user_id, client_id, row.scope, (row.family_id, family_end))
         return ident, row.scope, successor
 
     async def housekeeping(self) -> None:

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from management.ratelimit import RateLimiter
@@ -28,6 +29,7 @@ from .grants import Grants
 from .keys import ALGORITHMS, KeyRing
 from .keystore import KeyStore
 from .metrics import IdpMetrics
+from .secret import SECRET_BYTES, KeySecretError, create_key_secret, read_key_secret
 
 log = logging.getLogger("meshmgmt.idp")
 
@@ -40,13 +42,15 @@ BAD_PASSWORD = "bad-password"  # the refusal reason of a failed sign-in (what si
 class IssuerSettings:
     access_ttl: int = tokens.ACCESS_TTL
     ssh_ttl: int = tokens.SSH_TTL
-    refresh_ttl: int = 30 * 24 * 3600
+    refresh_ttl: int = 30 * 24 * 3600  # idle: a refresh token unused this long is dead
+    refresh_family_ttl: int = 30 * 24 * 3600  # absolute: a login ends this long after it began
     device_ttl: int = 600
     poll_interval: int = 5
     key_overlap: float = 3600.0  # ≥ access_ttl: tokens of the previous key stay valid
     key_rotation_interval: float = 30 * 24 * 3600.0  # 0 = only on request
     algorithm: str = "EdDSA"
-    key_secret: bytes | None = None  # encrypts private keys at rest when set
+    key_secret: bytes | None = field(default=None, repr=False)  # seals private keys at rest ...
+    key_secret_file: Path | None = None  # ... or read from here at start (created when no key needs it)
     public_clients: tuple[str, ...] = PUBLIC_CLIENTS
     housekeeping_interval: float = 60.0
     # Token buckets per client IP: (rate per second, burst).
@@ -66,6 +70,10 @@ class IssuerSettings:
             raise ValueError(f"issuer algorithm must be one of {ALGORITHMS}")
         if self.key_overlap < self.access_ttl:
             raise ValueError("key_overlap must be at least access_ttl, or tokens die with their key")
+        if self.key_secret is not None and len(self.key_secret) != SECRET_BYTES:
+            raise ValueError(f"key_secret must be {SECRET_BYTES} bytes")
+        if self.refresh_family_ttl <= 0 or self.refresh_ttl <= 0:
+            raise ValueError("refresh token lifetimes must be positive")
 
 
 KeysChanged = Callable[[], Awaitable[None] | None]
@@ -81,7 +89,8 @@ class Issuer:
         self.keystore = KeyStore(store, secret=self.settings.key_secret, overlap=self.settings.key_overlap,
                                  alg=self.settings.algorithm)
         self.grants = Grants(store, clock=self.clock, device_ttl=self.settings.device_ttl,
-                             poll_interval=self.settings.poll_interval, refresh_ttl=self.settings.refresh_ttl)
+                             poll_interval=self.settings.poll_interval, refresh_ttl=self.settings.refresh_ttl,
+                             refresh_family_ttl=self.settings.refresh_family_ttl)
         self._ring = KeyRing([], self.settings.key_overlap)
         self._published: tuple[str, ...] = ()
         self._fingerprint: tuple[tuple[str, float | None], ...] = ()
@@ -95,12 +104,44 @@ class Issuer:
     # --- keys -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load (or create) the signing keys; call once before serving."""
+        """Resolve the key secret, seal keys an older version stored in the clear, load (or
+        create) the signing keys; call once before serving. KeySecretError when the
+        secret is missing for sealed keys, unsafe, or not the one that sealed them."""
+        if self.keystore.secret is None:
+            self.keystore.secret = await self._resolve_secret()
+        for kid in await self.keystore.seal_plaintext():
+            # Its clear copy may survive in backups or free pages: a new key takes over and
+            # this one is withdrawn after the overlap, like any rotation.
+            rotated = await self.keystore.rotate_if_current(kid, self.clock())
+            event(log, "idp.key_sealed", level=logging.WARNING, kid=kid, rotated=rotated)
         self._ring = await self.keystore.ensure(self.clock())
         self._fingerprint = await self.keystore.kids()
         self._published = self._published_kids()
         event(log, "idp.started", issuer=self.issuer_url, kid=self._ring.current().kid,
               keys=len(self._published))
+
+    async def _resolve_secret(self) -> bytes:
+        path = self.settings.key_secret_file
+        if path is None:
+            raise KeySecretError("the issuer needs a key-encryption secret (key_secret or key_secret_file)")
+        loop = asyncio.get_running_loop()
+        secret = await loop.run_in_executor(None, read_key_secret, path)
+        if secret is not None:
+            return secret
+        if await self.keystore.has_sealed():
+            raise KeySecretError(
+                f"the signing keys in the store are sealed, but {path} is missing: copy issuer.secret from "
+                "the server where `meshmgmt init` ran (every replica needs the same file)")
+        # A store from before the secret existed (or with no keys yet): nothing is lost by
+        # making one now. O_EXCL, so two processes cannot both write one.
+        try:
+            secret = await loop.run_in_executor(None, create_key_secret, path)
+        except FileExistsError:
+            secret = await loop.run_in_executor(None, read_key_secret, path)
+            assert secret is not None
+        event(log, "idp.secret_created", level=logging.WARNING, path=str(path),
+              hint="copy it to every replica's data dir and into backups kept apart from the database")
+        return secret
 
     def _published_kids(self) -> tuple[str, ...]:
         return tuple(k.kid for k in self._ring.published(self.clock()))
@@ -148,6 +189,16 @@ class Issuer:
         if drop_previous:
             await self.keystore.prune(now)
         await self.reload_keys()
+
+    def key_list(self) -> list[dict[str, Any]]:
+        """Every stored key as an operator sees it (`meshmgmt keys list`); no private part."""
+        now = self.clock()
+        signer = self._ring.current().kid
+        overlap = self.settings.key_overlap
+        return [{"kid": k.kid, "alg": k.alg, "created": k.created_at, "retired": k.retired_at,
+                 "signing": k.kid == signer, "published": k.is_published(now, overlap),
+                 "withdrawn_at": None if k.retired_at is None else k.retired_at + overlap}
+                for k in reversed(self._ring.keys)]
 
     async def maintain(self) -> None:
         """Periodic work: auto-rotation, pruning retired keys, expiring grants, reload."""

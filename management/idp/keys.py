@@ -7,8 +7,8 @@ A key that was replaced stays published and accepted for `overlap` seconds, so t
 signed, and peers still holding the old JWKS in their network map, keep working while
 the new map spreads.
 
-Private keys leave this module only as PKCS#8 PEM, encrypted when the operator gives a
-key-encryption secret; they are stored server-side and never put in a JWKS or a log.
+Private keys leave this module only as PKCS#8 DER for `sealing.seal` (the store keeps
+them sealed with the issuer secret); never in a JWKS or a log.
 """
 
 from __future__ import annotations
@@ -71,19 +71,30 @@ def generate_key(now: float, alg: str = "EdDSA") -> SigningKey:
         private = ec.generate_private_key(ec.SECP256R1())
     else:
         raise ValueError(f"signing algorithm {alg!r} is not one of {ALGORITHMS}")
-    return SigningKey(kid=thumbprint(_public_jwk_fields(private)), alg=alg, private_key=private, created_at=now)
+    return SigningKey(kid=kid_of(private), alg=alg, private_key=private, created_at=now)
 
 
-def private_key_to_pem(key: PrivateKey, secret: bytes | None) -> bytes:
-    """PKCS#8 PEM; encrypted with `secret` (scrypt/AES via cryptography) when given."""
-    enc: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(secret) if secret else serialization.NoEncryption()
-    )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+def kid_of(key: PrivateKey) -> str:
+    """The `kid` a private key must have (its public key's thumbprint)."""
+    return thumbprint(_public_jwk_fields(key))
 
 
-def private_key_from_pem(pem: bytes, secret: bytes | None) -> PrivateKey:
-    key = serialization.load_pem_private_key(pem, password=secret or None)
+def private_key_to_der(key: PrivateKey) -> bytes:
+    """PKCS#8 DER, unencrypted: only ever handed to `sealing.seal`."""
+    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def private_key_from_der(der: bytes) -> PrivateKey:
+    return _checked(serialization.load_der_private_key(der, password=None))
+
+
+def private_key_from_pem(pem: bytes) -> PrivateKey:
+    """A key stored in the clear by an older meshmgmt (read once, to seal it)."""
+    return _checked(serialization.load_pem_private_key(pem, password=None))
+
+
+def _checked(key: object) -> PrivateKey:
     if not isinstance(key, (ed25519.Ed25519PrivateKey, ec.EllipticCurvePrivateKey)):
         raise ValueError("stored signing key is not Ed25519 or EC")
     return key

@@ -1,20 +1,25 @@
-"""Signing keys in the store: load the ring, create the first key, rotate, prune.
+"""Signing keys in the store: load the ring, create the first key, rotate, prune, seal.
 
 All replicas share the keys through the database. Rotation is a compare-and-set on the
 current key's row (retire it only if still unretired), so two replicas rotating at once
-make one new signer, not two.
+make one new signer, not two. Private keys are sealed with the issuer secret
+(`sealing.py`) before they reach a row; a row written in the clear by an older meshmgmt
+is sealed in place by `seal_plaintext` when the issuer starts.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from management.store.models import aware
 
-from .keys import KeyRing, SigningKey, generate_key, private_key_from_pem, private_key_to_pem
+from . import sealing
+from .keys import (KeyRing, SigningKey, generate_key, kid_of, private_key_from_der, private_key_from_pem,
+                   private_key_to_der)
 from .models import SigningKeyRow
+from .secret import KeySecretError
 
 
 def _ts(dt: datetime | None) -> float | None:
@@ -29,16 +34,25 @@ def _dt(ts: float) -> datetime:
 class KeyStore:
     def __init__(self, store, *, secret: bytes | None, overlap: float, alg: str = "EdDSA") -> None:
         self.store = store
-        self.secret = secret
+        self.secret = secret  # None until the issuer resolved it (Issuer.start)
         self.overlap = overlap
         self.alg = alg
 
+    def _secret(self) -> bytes:
+        if self.secret is None:
+            raise KeySecretError("the issuer has no key-encryption secret (issuer.secret)")
+        return self.secret
+
     def _from_row(self, row: SigningKeyRow) -> SigningKey:
-        if row.encrypted and not self.secret:
-            raise RuntimeError(
-                f"signing key {row.kid} is encrypted but no key-encryption secret was given"
-            )
-        key = private_key_from_pem(row.private_key_pem.encode(), self.secret if row.encrypted else None)
+        if not row.encrypted:
+            raise KeySecretError(f"signing key {row.kid} is stored in the clear; restart meshmgmt to seal it")
+        try:
+            der = sealing.unseal(self._secret(), row.private_key_pem, kid=row.kid, alg=row.alg)
+        except sealing.UnsealError as exc:
+            raise KeySecretError(str(exc)) from None
+        key = private_key_from_der(der)
+        if kid_of(key) != row.kid:
+            raise KeySecretError(f"signing key {row.kid} does not match its key id")
         created = _ts(row.created)
         assert created is not None
         return SigningKey(kid=row.kid, alg=row.alg, private_key=key, created_at=created,
@@ -46,8 +60,9 @@ class KeyStore:
 
     def _to_row(self, key: SigningKey) -> SigningKeyRow:
         return SigningKeyRow(
-            kid=key.kid, alg=key.alg, encrypted=bool(self.secret),
-            private_key_pem=private_key_to_pem(key.private_key, self.secret).decode(),
+            kid=key.kid, alg=key.alg, encrypted=True,
+            private_key_pem=sealing.seal(self._secret(), private_key_to_der(key.private_key), kid=key.kid,
+                                         alg=key.alg),
             created=_dt(key.created_at), retired=_dt(key.retired_at) if key.retired_at else None,
         )
 
@@ -61,6 +76,33 @@ class KeyStore:
         async with self.store.session() as s:
             rows = (await s.execute(select(SigningKeyRow.kid, SigningKeyRow.retired))).all()
         return tuple(sorted((kid, _ts(retired)) for kid, retired in rows))
+
+    async def has_sealed(self) -> bool:
+        """Whether any stored key needs the secret (so a missing secret is fatal)."""
+        async with self.store.session() as s:
+            count = (await s.execute(select(func.count()).select_from(SigningKeyRow)
+                                     .where(SigningKeyRow.encrypted.is_(True)))).scalar()
+        return bool(count)
+
+    async def seal_plaintext(self) -> list[str]:
+        """Seal every key an older meshmgmt stored in the clear; the kids of those that
+        still sign (the caller rotates them: the clear copy may live on in backups)."""
+        async with self.store.session() as s:
+            rows = (await s.execute(select(SigningKeyRow).where(SigningKeyRow.encrypted.is_(False)))).scalars().all()
+        signing = []
+        for row in rows:
+            key = private_key_from_pem(row.private_key_pem.encode())
+            sealed = sealing.seal(self._secret(), private_key_to_der(key), kid=row.kid, alg=row.alg)
+            async with self.store.write() as s:
+                done = await s.execute(
+                    update(SigningKeyRow)
+                    .where(SigningKeyRow.kid == row.kid, SigningKeyRow.encrypted.is_(False))
+                    .values(private_key_pem=sealed, encrypted=True)
+                )
+                await s.commit()
+            if done.rowcount == 1 and row.retired is None:
+                signing.append(row.kid)
+        return signing
 
     async def ensure(self, now: float) -> KeyRing:
         """The ring, after creating a first signing key if there is none."""
@@ -77,13 +119,16 @@ class KeyStore:
 
     async def rotate(self, now: float, *, drop_previous: bool = False) -> KeyRing:
         """Retire every active key and add a new one, in one transaction. With
-        `drop_previous` (a key may have leaked) the old keys stop verifying at once."""
+        `drop_previous` (a key may have leaked) every older key stops verifying at once,
+        including keys an earlier rotation left in their overlap."""
         new = generate_key(now, self.alg)
-        retired = now - self.overlap if drop_previous else now
+        if drop_previous:
+            cutoff = _dt(now - self.overlap)
+            stale = SigningKeyRow.retired.is_(None) | (SigningKeyRow.retired > cutoff)
+        else:
+            cutoff, stale = _dt(now), SigningKeyRow.retired.is_(None)
         async with self.store.write() as s:
-            await s.execute(
-                update(SigningKeyRow).where(SigningKeyRow.retired.is_(None)).values(retired=_dt(retired))
-            )
+            await s.execute(update(SigningKeyRow).where(stale).values(retired=cutoff))
             s.add(self._to_row(new))
             await s.commit()
         return await self.load()

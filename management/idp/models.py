@@ -1,7 +1,8 @@
 """Tables of the embedded issuer, on the store's one declarative Base.
 
-- idp_signing_keys: the issuer's private keys (PKCS#8 PEM, encrypted when the operator
-  gave a key-encryption secret). Server-side only; the JWKS is derived from them.
+- idp_signing_keys: the issuer's private keys, sealed with AES-256-GCM under a key
+  derived from DATA_DIR/issuer.secret (`sealing.py`; the column keeps its historical
+  name `private_key_pem`). Server-side only; the JWKS is derived from them.
   `retired` is when a newer key took over signing; a retired key stays published for
   the overlap period and is deleted afterwards.
 - idp_device_codes: RFC 8628 grants. The device code is stored as a SHA-256 digest (it is
@@ -9,7 +10,9 @@
   only useful together with a password.
 - idp_refresh_tokens: digests of refresh tokens. Each use marks the row `used` and adds a
   successor in the same `family`; presenting a used (or revoked) token again revokes
-  the whole family (reuse detection, OAuth 2.0 Security BCP §4.14).
+  the whole family (reuse detection, OAuth 2.0 Security BCP §4.14). Every token of a
+  family carries the family's end (`family_expires_at`, the login time plus the absolute
+  lifetime), and its own `expires_at` never passes it.
 """
 
 from __future__ import annotations
@@ -62,5 +65,6 @@ class RefreshTokenRow(Base):
     scope: Mapped[str] = mapped_column(String(255), default="")
     created: Mapped[Created]
     expires_at: Mapped[datetime]
+    family_expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]

@@ -223,7 +223,8 @@ class Event(Base):
 
 
 class AdminToken(Base):
-    """The admin API token(s) written by `meshmgmt init`; only the digest is kept."""
+    """The admin API token written by `meshmgmt init` (replaced by `meshmgmt admin-token
+    rotate`); only the digest is kept. Refused from `expires_at` on."""
 
     __tablename__ = "admin_tokens"
 
@@ -231,6 +232,7 @@ class AdminToken(Base):
     token_hash: Mapped[str] = mapped_column(String(128), unique=True, index=True)
     name: Mapped[str] = mapped_column(String(100), default="admin")
     created: Mapped[Created]
+    expires_at: Mapped[datetime]
 
 
 class Meta(Base):

@@ -30,6 +30,7 @@ EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 AT = "urn:ietf:params:oauth:token-type:access_token"
 SSH = "urn:meshsshd:token-type:ssh"
 PASSWORD = "correct horse battery staple"
+SECRET = bytes(range(32))  # the issuer's key-encryption secret in these tests
 
 
 class Clock:
@@ -154,7 +155,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     app = web.Application()
-    issuer = setup_idp(app, store, url, IssuerSettings(clock=clock, login_limit=(1.0, 30)))
+    issuer = setup_idp(app, store, url, IssuerSettings(key_secret=SECRET, clock=clock, login_limit=(1.0, 30)))
     server = TestServer(app, host="127.0.0.1", port=port)
     client = TestClient(server)
     await client.start_server()
@@ -185,25 +186,28 @@ async def test_discovery_and_jwks(mesh: Mesh) -> None:
     assert key["kty"] == "OKP" and key["alg"] == "EdDSA" and "d" not in key
 
 
-async def test_private_keys_are_encrypted_at_rest_when_a_secret_is_given(tmp_path: Path) -> None:
+async def test_private_keys_are_sealed_at_rest(tmp_path: Path) -> None:
     from sqlalchemy import select
 
+    from management.idp import KeySecretError
     from management.idp.issuer import Issuer
     from management.idp.models import SigningKeyRow
 
     store = Store(sqlite_url(tmp_path))
     await store.migrate()
     try:
-        issuer = Issuer(store, "http://x", IssuerSettings(key_secret=b"from-a-file"))
+        issuer = Issuer(store, "http://x", IssuerSettings(key_secret=SECRET))
         await issuer.start()
         async with store.session() as s:
             row = (await s.execute(select(SigningKeyRow))).scalar_one()
-        assert row.encrypted and "ENCRYPTED PRIVATE KEY" in row.private_key_pem
+        assert row.encrypted and row.private_key_pem.startswith("mgk1:") and "PRIVATE" not in row.private_key_pem
         # Another replica with the same secret signs and verifies with the same key.
-        twin = Issuer(store, "http://x", IssuerSettings(key_secret=b"from-a-file"))
+        twin = Issuer(store, "http://x", IssuerSettings(key_secret=SECRET))
         await twin.start()
         assert twin.jwks() == issuer.jwks()
-        with pytest.raises(RuntimeError):
+        with pytest.raises(KeySecretError, match="does not open signing key"):
+            await Issuer(store, "http://x", IssuerSettings(key_secret=bytes(32))).start()
+        with pytest.raises(KeySecretError, match="needs a key-encryption secret"):
             await Issuer(store, "http://x", IssuerSettings()).start()
     finally:
         await store.close()
@@ -345,7 +349,7 @@ async def test_verification_page_rate_limits_sign_in(tmp_path: Path) -> None:
     store = Store(sqlite_url(tmp_path))
     await store.migrate()
     app = web.Application()
-    setup_idp(app, store, "http://127.0.0.1", IssuerSettings(login_limit=(0.001, 3)))
+    setup_idp(app, store, "http://127.0.0.1", IssuerSettings(key_secret=SECRET, login_limit=(0.001, 3)))
     client = TestClient(TestServer(app))
     await client.start_server()
     try:
@@ -396,10 +400,10 @@ async def test_refresh_rotates_and_reuse_revokes_the_family(mesh: Mesh) -> None:
 
 async def test_refresh_expiry_and_blocked_user(mesh: Mesh) -> None:
     tokens = await mesh.login()
-    mesh.clock.now += 30 * 24 * 3600 + 1
+    mesh.clock.now += 30 * 24 * 3600 + 1  # idle and absolute lifetime are both 30 days by default
     status, body = await mesh.form("/oauth/token", {"grant_type": "refresh_token",
                                                      "refresh_token": tokens["refresh_token"], "client_id": "meshssh"})
-    assert (status, body["error"]) == (400, "invalid_grant") and "expired" in body["error_description"]
+    assert (status, body["error"]) == (400, "invalid_grant") and "maximum age" in body["error_description"]
 
     tokens = await mesh.login()
     async with mesh.store.session() as s:
@@ -641,8 +645,8 @@ async def test_two_replicas_share_keys_and_follow_a_rotation(tmp_path: Path) -> 
     await store.migrate()
     clock = Clock()
     try:
-        a = Issuer(store, "http://mgmt", IssuerSettings(clock=clock))
-        b = Issuer(store, "http://mgmt", IssuerSettings(clock=clock))
+        a = Issuer(store, "http://mgmt", IssuerSettings(key_secret=SECRET, clock=clock))
+        b = Issuer(store, "http://mgmt", IssuerSettings(key_secret=SECRET, clock=clock))
         await a.start()
         await b.start()
         assert a.jwks() == b.jwks()
@@ -666,7 +670,7 @@ async def test_automatic_rotation_and_pruning(tmp_path: Path) -> None:
     await store.migrate()
     clock = Clock()
     try:
-        issuer = Issuer(store, "http://mgmt", IssuerSettings(clock=clock, key_rotation_interval=86400))
+        issuer = Issuer(store, "http://mgmt", IssuerSettings(key_secret=SECRET, clock=clock, key_rotation_interval=86400))
         await issuer.start()
         first = issuer.jwks()["keys"][0]["kid"]
         await issuer.maintain()
@@ -697,3 +701,41 @@ async def test_rotation_dropping_a_leaked_key(mesh: Mesh) -> None:
                                                       "refresh_token": tokens["refresh_token"]})
     assert status == 200
     assert (await mesh.exchange(fresh["access_token"], "web-1"))[0] == 200
+
+
+async def test_a_refresh_family_ends_at_its_absolute_lifetime_however_often_used(tmp_path: Path) -> None:
+    """Idle 7 days, absolute 30: refreshing every 6 days keeps a login alive until day 30,
+    not forever."""
+    store = Store(sqlite_url(tmp_path))
+    await store.migrate()
+    clock = Clock()
+    app = web.Application()
+    issuer = setup_idp(app, store, "http://127.0.0.1", IssuerSettings(
+        key_secret=SECRET, clock=clock, refresh_ttl=7 * 86400, refresh_family_ttl=30 * 86400))
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    m = Mesh(client=client, issuer=issuer, clock=clock, store=store, url="http://127.0.0.1")
+    try:
+        await populate(store, m.service_secret)
+        refresh = (await m.login())["refresh_token"]
+        for _ in range(4):  # days 6, 12, 18, 24
+            clock.now += 6 * 86400
+            status, body = await m.form("/oauth/token", {"grant_type": "refresh_token", "client_id": "meshssh",
+                                                         "refresh_token": refresh})
+            assert status == 200, body
+            refresh = body["refresh_token"]
+        clock.now += 6 * 86400  # day 30: used six days ago, but the login is 30 days old
+        status, body = await m.form("/oauth/token", {"grant_type": "refresh_token", "client_id": "meshssh",
+                                                     "refresh_token": refresh})
+        assert (status, body["error"]) == (400, "invalid_grant")
+        assert body["error_description"] == "this login has reached its maximum age (30 days); run `meshssh login`"
+        assert issuer.metrics.render().count('reason="refresh-family-expired"') == 1
+        # Idle expiry still applies on its own: a new login left unused for 7 days.
+        idle = (await m.login())["refresh_token"]
+        clock.now += 7 * 86400
+        status, body = await m.form("/oauth/token", {"grant_type": "refresh_token", "client_id": "meshssh",
+                                                     "refresh_token": idle})
+        assert status == 400 and body["error_description"] == "the refresh token has expired; run `meshssh login`"
+    finally:
+        await client.close()
+        await store.close()

@@ -14,8 +14,6 @@ from management.idp.errors import IdpError
 from management.idp.keys import (
     KeyRing,
     generate_key,
-    private_key_from_pem,
-    private_key_to_pem,
     thumbprint,
 )
 from meshsshd.auth import JWTValidator
@@ -50,16 +48,6 @@ def test_generated_key_publishes_only_public_parts(alg: str) -> None:
 def test_refuses_symmetric_or_unknown_algorithms() -> None:
     with pytest.raises(ValueError):
         generate_key(T0, "HS256")
-
-
-def test_private_key_pem_roundtrip_encrypted() -> None:
-    key = generate_key(T0)
-    pem = private_key_to_pem(key.private_key, b"sekret")
-    assert b"ENCRYPTED" in pem
-    again = private_key_from_pem(pem, b"sekret")
-    assert again.public_key().public_bytes_raw() == key.private_key.public_key().public_bytes_raw()
-    with pytest.raises((TypeError, ValueError)):
-        private_key_from_pem(pem, b"wrong")
 
 
 def test_rotation_keeps_previous_key_during_overlap_only() -> None:
@@ -246,19 +234,3 @@ def test_device_flow_denied_and_expired() -> None:
     approved = device.decide(g, True, "u1", T0 + 5)
     assert isinstance(approved, device.DeviceGrant)
     assert device.poll(approved, T0 + 601)[0] is device.PollOutcome.EXPIRED  # approved too late to redeem
-
-
-def test_key_secret_file(tmp_path) -> None:  # noqa: ANN001
-    import os
-
-    from management.idp.secret import KeySecretError, load_or_create_key_secret
-
-    path = tmp_path / "issuer.secret"
-    first = load_or_create_key_secret(path)
-    assert os.stat(path).st_mode & 0o777 == 0o600
-    assert load_or_create_key_secret(path) == first and len(first) >= 32
-    os.chmod(path, 0o644)
-    with pytest.raises(KeySecretError, match="readable by others"):
-        load_or_create_key_secret(path)
-    with pytest.raises(KeySecretError, match="cannot read"):
-        load_or_create_key_secret(tmp_path / "missing", create=False)

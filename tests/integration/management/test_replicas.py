@@ -29,6 +29,7 @@ def replicas(pg: PgCluster, tmp_path: Path) -> Iterator[tuple[Mgmt, Mgmt]]:
     two = tmp_path / "two"
     two.mkdir(mode=0o700)
     shutil.copy2(one / "peer-box.key", two / "peer-box.key")  # as docs/management.md says
+    shutil.copy2(one / "issuer.secret", two / "issuer.secret")  # every replica needs the same secret
     r1 = start_serve(one, token, database)
     try:
         r2 = start_serve(two, token, database)
