@@ -91,8 +91,11 @@ def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database:
 @click.option("--register-rate", type=float, default=2.0, show_default=True,
               help="peer registrations per second per client address (after the burst)")
 @click.option("--register-burst", type=int, default=20, show_default=True)
+@click.option("--ssh-permit-open", "ssh_permit_open", multiple=True, metavar="HOST:PORT",
+              help="where peers let `ssh -L`/`-D` connect (OpenSSH PermitOpen syntax; repeat; default any)")
 def serve(data_dir: Path, listen: str, database: str | None, public_url: str | None, network: str,
-          dns_domain: str, log_level: str, register_rate: float, register_burst: int) -> None:
+          dns_domain: str, log_level: str, register_rate: float, register_burst: int,
+          ssh_permit_open: tuple[str, ...]) -> None:
     """Run the management server (REST API, issuer, sync streams)."""
     os.umask(0o077)
     from .bootstrap import run_server
@@ -105,7 +108,7 @@ def serve(data_dir: Path, listen: str, database: str | None, public_url: str | N
         run_server(data_dir, host, port, database=database,
                    public_url=public_url or f"http://{url_host}:{port}", network=network,
                    dns_domain=dns_domain, log_level=log_level, register_rate=register_rate,
-                   register_burst=register_burst)
+                   register_burst=register_burst, ssh_permit_open=ssh_permit_open)
     except ManagementError as exc:
         click.echo(f"meshmgmt: {exc.message}", err=True)
         sys.exit(EXIT_USAGE)

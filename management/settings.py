@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshsshd.permit_open import PermitOpenError, validate_entries
+
 from .errors import BadRequest
 
 DEFAULT_NETWORK = "100.64.0.0/10"
@@ -22,6 +24,7 @@ class MgmtSettings:
     register_rate: float = 2.0  # registrations per second per client address ...
     register_burst: int = 20  # ... after a burst of this many
     idp_options: dict | None = None  # passed to setup_idp as keyword arguments
+    ssh_permit_open: tuple[str, ...] = ()  # every peer's SSH permit_open (-L/-D destinations); () = any
 
     def __post_init__(self) -> None:
         try:
@@ -33,3 +36,7 @@ class MgmtSettings:
             raise BadRequest("--network must have room for at least a few peers (/29 or larger)",
                              field="network")
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+        try:
+            validate_entries(self.ssh_permit_open, "--ssh-permit-open")
+        except PermitOpenError as exc:
+            raise BadRequest(str(exc), field="ssh_permit_open") from exc

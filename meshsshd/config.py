@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .netmap import SSH_PORT, AccessRule, NetmapError, NetworkMap
+from .permit_open import PermitOpenError, validate_entries
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshsshd")
 SFTP_SERVER_CANDIDATES = (
@@ -86,6 +87,10 @@ class ServerSettings:
     # Addresses a -R forward may bind besides loopback (the peer's own mesh IP).
     own_addresses: tuple[str, ...] = ()
     metrics_listen: tuple[str, int] | None = None
+    # Where `ssh -L`/`-D` may connect (OpenSSH PermitOpen entries; () = any), and what is
+    # refused unless listed there besides link-local (the management server's address).
+    permit_open: tuple[str, ...] = ()
+    forward_protected: tuple[str, ...] = ()
 
     def with_(self, **changes: Any) -> ServerSettings:
         return replace(self, **changes)
@@ -140,6 +145,7 @@ KNOWN_KEYS = {
     "listen", "state_dir", "use_system_host_keys", "sftp", "local_port_forwarding",
     "remote_port_forwarding", "root_login", "disable_auth", "authorized_keys", "jwt",
     "access", "subsystems", "sftp_server", "limits", "own_addresses", "metrics_listen",
+    "permit_open",
 }
 JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
 
@@ -202,6 +208,15 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
     except TypeError as exc:
         raise ConfigError(f"[limits]: {exc}") from exc
     metrics = data.get("metrics_listen")
+    permit_open = data.get("permit_open", [])
+    if isinstance(permit_open, str):
+        permit_open = [permit_open]
+    if not isinstance(permit_open, list) or not all(isinstance(e, str) for e in permit_open):
+        raise ConfigError("permit_open must be a list of host:port entries (OpenSSH PermitOpen syntax)")
+    try:
+        permit_open = validate_entries(permit_open, "permit_open")
+    except PermitOpenError as exc:
+        raise ConfigError(str(exc)) from exc
     settings = ServerSettings(
         listen=tuple(parse_listen(s) for s in listen_raw),
         state_dir=Path(data.get("state_dir", DEFAULT_STATE_DIR)),
@@ -219,6 +234,7 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         limits=limits,
         own_addresses=tuple(data.get("own_addresses", [])),
         metrics_listen=parse_listen(metrics) if metrics else None,
+        permit_open=permit_open,
     )
     if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
         raise ConfigError(
@@ -243,4 +259,5 @@ def settings_from_netmap(base: ServerSettings, netmap: NetworkMap) -> ServerSett
         access=ssh.access,
         subsystems={**base.subsystems, **ssh.subsystems},
         own_addresses=(netmap.peer.mesh_ip,),
+        permit_open=ssh.permit_open,
     )

@@ -7,6 +7,8 @@ dataclass with `to_dict`/`from_dict` so that the JSON shape is defined in one pl
 
 Schema history (bump SCHEMA_VERSION and add a line when the shape changes):
   1 — first version: self, peers, firewall rules, SSH section with inline JWKS.
+      Optional SSH `permit_open` (OpenSSH PermitOpen entries for -L/-D), added without a
+      bump: absent means any, and peers that predate it ignore it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .permit_open import PermitOpenError, validate_entries
 
 SCHEMA_VERSION = 1
 
@@ -170,6 +174,13 @@ class PeerInfo:
         )
 
 
+def _permit_open(data: dict[str, Any]) -> tuple[str, ...]:
+    try:
+        return validate_entries(_str_list(data, "permit_open"), "field 'permit_open'")
+    except PermitOpenError as exc:
+        raise NetmapError(str(exc)) from exc
+
+
 @dataclass(frozen=True)
 class SSHSection:
     """What the peer's SSH server needs from management: who may log in as whom.
@@ -185,9 +196,10 @@ class SSHSection:
     user_claim: str = "sub"
     access: tuple[AccessRule, ...] = ()
     subsystems: dict[str, str] = field(default_factory=dict)
+    permit_open: tuple[str, ...] = ()   # where -L/-D may connect; () = any (permit_open.py)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "enabled": self.enabled,
             "issuer": self.issuer,
             "audience": list(self.audience),
@@ -196,6 +208,9 @@ class SSHSection:
             "access": [r.to_dict() for r in self.access],
             "subsystems": dict(self.subsystems),
         }
+        if self.permit_open:   # absent when unset: existing maps keep their wire form
+            doc["permit_open"] = list(self.permit_open)
+        return doc
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SSHSection:
@@ -216,6 +231,7 @@ class SSHSection:
             user_claim=data.get("user_claim", "sub") or "sub",
             access=tuple(AccessRule.from_dict(r) for r in access),
             subsystems={str(k): str(v) for k, v in subsystems.items()},
+            permit_open=_permit_open(data),
         )
 
 

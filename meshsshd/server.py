@@ -53,6 +53,10 @@ def jwt_enabled(settings: ServerSettings) -> bool:
     return not settings.disable_auth and settings.jwt.configured
 
 
+def open_policy(settings: ServerSettings) -> forwarding.OpenPolicy:
+    return forwarding.OpenPolicy(settings.permit_open, settings.forward_protected)
+
+
 async def _load_authorized_keys(user: LocalUser) -> asyncssh.SSHAuthorizedKeys | None:
     """S2's StrictModes-checking loader (imported late: it is optional for JWT-only peers)."""
     from .authorized_keys import load_authorized_keys
@@ -80,6 +84,8 @@ class _Connection(asyncssh.SSHServer):
         self._key_options: dict[str, Any] | None = None
         self._admitted = False
         self._closing = False
+        self.local_forwards = forwarding.LocalForwards()
+        self.remote_listeners = forwarding.RemoteListeners()
         # Set by revoke(): the message new channels are refused with until the
         # connection's delayed disconnect lands.
         self.revoked: str | None = None
@@ -258,7 +264,14 @@ class _Connection(asyncssh.SSHServer):
                                             "local port forwarding is disabled on this peer")
         assert self.conn is not None
         self.server.audit.emit(ForwardOpened(**self.ctx.base_event(""), forward=f"local {dest_host}:{dest_port}"))
-        return forwarding.dial(self.conn, dest_host, dest_port, settings.limits.dial_timeout)
+
+        def refused(reason: str) -> None:
+            event(log, "forward.refused", kind="local", reason=reason, host=dest_host, port=dest_port,
+                  source=self.info.client_ip)
+        return forwarding.open_local(self.conn, self.ctx.user, dest_host, dest_port,
+                                     policy=lambda: open_policy(self.server.settings),
+                                     timeout=settings.limits.dial_timeout, registry=self.local_forwards,
+                                     on_refused=refused)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         settings = self.server.settings
@@ -275,7 +288,18 @@ class _Connection(asyncssh.SSHServer):
                   port=listen_port, source=self.info.client_ip)
             return False
         self.server.audit.emit(ForwardOpened(**self.ctx.base_event(""), forward=f"remote {listen_host}:{listen_port}"))
-        return True
+        assert self.conn is not None
+        return self.remote_listeners.listen(self.conn, listen_host, listen_port)
+
+    def recheck_forwards(self, settings: ServerSettings) -> None:
+        """Close the forwards the new settings would not open (flags, permit_open, -R binds)."""
+        if self.ctx is None:
+            return
+        closed = self.local_forwards.recheck(settings.local_port_forwarding, open_policy(settings))
+        closed += self.remote_listeners.recheck(settings.remote_port_forwarding, self.ctx.user.uid,
+                                                settings.own_addresses)
+        for what in closed:
+            event(log, "forward.closed", forward=what, identity=self.ctx.identity, source=self.info.client_ip)
 
     def unix_connection_requested(self, dest_path: str) -> bool:
         return False
@@ -429,6 +453,8 @@ class MeshSSHServer:
             reason, message = self._still_allowed(settings, c)
             if reason:
                 c.revoke(reason, message)
+            else:
+                c.recheck_forwards(settings)
 
     @staticmethod
     def _still_allowed(settings: ServerSettings, c: _Connection) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from meshsshd.dataplane._none import NoDataplane
 from meshsshd.errors import ConfigError, DataplaneError
 from meshsshd.mgmt_client import ManagementUnavailable, PeerDeleted, Registration
 from meshsshd.netmap import FirewallRule, NetworkMap, PeerInfo, SSHSection
-from meshsshd.state import Credential, StateDir, UpConfig, read_json, write_json
+from meshsshd.state import Credential, PeerFlags, StateDir, UpConfig, read_json, write_json
 
 
 def netmap(serial: int, ip: str = "127.77.0.2", rules: tuple[FirewallRule, ...] = ()) -> NetworkMap:
@@ -281,3 +281,39 @@ async def test_audit_batch_management_refuses_is_split_and_the_rest_delivered() 
     assert await sink.flush_once() == 3
     assert [d["session_id"] for d in delivered] == ["s1", "s2"]
     assert sink.rejected == 1 and not sink.queue
+
+
+class RecordingServer:
+    """Stands in for MeshSSHServer: keeps the settings it was given."""
+
+    served: list[Any] = []
+
+    def __init__(self, settings: Any, audit: Any = None) -> None:
+        self.settings = settings
+        self.served.append(settings)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def apply(self, settings: Any) -> None:
+        self.settings = settings
+
+
+async def test_served_settings_fence_forwards_off_management(tmp_path: Path) -> None:
+    """The management server's address is refused to -L/-D unless the map's permit_open
+    names it; the map's permit_open reaches the server."""
+    fenced = NetworkMap(serial=4, peer=PeerInfo(id="p1", name="a", fqdn="a.mesh", mesh_ip="127.77.0.2"),
+                        network="127.77.0.0/16", ssh=SSHSection(enabled=True, permit_open=("*:5432",)))
+    sd = registered_state(tmp_path, fenced)
+    up = UpConfig(management_url="http://127.0.0.1:9", dataplane="none", flags=PeerFlags(allow_server_ssh=True))
+    agent = Agent(sd, up, mgmt=Outage(), dataplane=NoDataplane(), server_factory=RecordingServer)
+    RecordingServer.served.clear()
+    assert await run_until(agent, lambda: bool(RecordingServer.served)) == 0
+    settings = RecordingServer.served[0]
+    assert settings.forward_protected == ("127.0.0.1:9",)
+    assert settings.permit_open == ("*:5432",)
+
+
