@@ -198,6 +198,10 @@ class DetachedSessions:
                 gone += 1
         return gone
 
+    async def running(self) -> list[dict[str, Any]]:
+        """Every session recorded as running, whoever owns it (for policy re-checks)."""
+        return [m for m in await asyncio.to_thread(self._load_all) if m.get("state") == "running"]
+
     # -- blocking file helpers (executor) --
     def _load_all(self) -> list[dict[str, Any]]:
         d = self.dir
@@ -321,7 +325,8 @@ class DetachedSessions:
         term = str(req.get("term") or "xterm") if pty else None
         client_env = req.get("env") if isinstance(req.get("env"), dict) else {}
         meta = dict(id=sid, identity=ctx.identity, local_user=ctx.user.name, uid=ctx.user.uid,
-                    source=ctx.conn.client_ip, via=ctx.via, command=command, pty=pty, started=time.time(),
+                    source=ctx.conn.client_ip, via=ctx.via, method=ctx.method,
+                    token_local_users=ctx.token_local_users, command=command, pty=pty, started=time.time(),
                     state="starting", exit_status=None, exit_signal=None, finished=None,
                     spool_limit=settings.limits.detached_spool_bytes, cols=cols, rows=rows)
         reply = await asyncio.to_thread(self._launch_blocking, ctx, meta, pty, term, cols, rows,
@@ -385,17 +390,21 @@ class DetachedSessions:
             if term_pty is not None:
                 term_pty.close()
 
+    async def stop_holder(self, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Ask a running session's holder to end it (HUP, then TERM, KILL after a grace):
+        ("killed", meta), or ("forgotten", meta marked lost) when the holder is gone."""
+        try:
+            reader, writer = await self.open_holder(meta["id"], {"op": "kill", "signal": "HUP"})
+            await asyncio.wait_for(reader.readline(), 5.0)
+            writer.close()
+            return "killed", meta
+        except (OSError, asyncio.TimeoutError):
+            return "forgotten", await asyncio.to_thread(self._mark_lost, meta["id"]) or meta
+
     async def kill(self, ctx: SessionContext, sid: Any) -> dict[str, Any]:
         meta = await self.find(ctx, sid)
         if meta.get("state") == "running":
-            try:
-                reader, writer = await self.open_holder(meta["id"], {"op": "kill", "signal": "HUP"})
-                await asyncio.wait_for(reader.readline(), 5.0)
-                writer.close()
-                reason = "killed"
-            except (OSError, asyncio.TimeoutError):
-                meta = await asyncio.to_thread(self._mark_lost, meta["id"]) or meta
-                reason = "forgotten"
+            reason, meta = await self.stop_holder(meta)
         else:
             reason = "forgotten"
         if reason == "forgotten":

@@ -29,6 +29,7 @@ from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
 from .config import ServerSettings
 from .detached import DetachableSession, DetachedSessions
+from .detached_revoke import revoke_detached
 from .errors import AuthRefused
 from .limits import AuthTries, Penalties, StartupGate
 from .logs import event
@@ -51,6 +52,19 @@ def server_version(settings: ServerSettings) -> str:
 
 def jwt_enabled(settings: ServerSettings) -> bool:
     return not settings.disable_auth and settings.jwt.configured
+
+
+def still_allowed(settings: ServerSettings, identity: Identity, login: str, source_ip: str) -> tuple[str, str]:
+    """("", "") when a login may go on under new settings, else (reason, message for the
+    user). The one re-check for live connections and detached sessions alike."""
+    method_on = {"jwt": jwt_enabled(settings), "publickey": settings.authorized_keys,
+                 "none": settings.disable_auth}.get(identity.method, False)
+    if not method_on:
+        return "method", f"{identity.method} logins were turned off on this peer"
+    result = acl.evaluate(settings.access, source_ip, identity, login, root_login=settings.root_login)
+    if not result.allowed:
+        return result.reason, f"access revoked: {result.message}"
+    return "", ""
 
 
 def open_policy(settings: ServerSettings) -> forwarding.OpenPolicy:
@@ -231,7 +245,8 @@ class _Connection(asyncssh.SSHServer):
         self.ctx = SessionContext(
             user=self.user, conn=self.info, identity=self.identity.value, via=self.identity.via,
             audit=srv.audit, resolve_subsystem=lambda name: resolve_subsystem(srv.settings, name),
-            registry=srv.session_registry,
+            registry=srv.session_registry, method=self.identity.method,
+            token_local_users=self.identity.local_users,
         )
         event(log, "auth.accepted", method=self.identity.method, identity=self.identity.value,
               user=self.user.name, source=self.info.client_ip)
@@ -443,33 +458,20 @@ class MeshSSHServer:
             if address not in self._acceptors:
                 await self._bind(address)
         self._revoke_disallowed(settings)
+        await revoke_detached(self.detached, lambda *login: still_allowed(settings, *login))
         event(log, "server.applied", listen=[f"{h}:{p}" for h, p in self.bound_addresses],
               rules=len(settings.access), jwt=jwt_enabled(settings))
 
     def _revoke_disallowed(self, settings: ServerSettings) -> None:
         for c in list(self.connections):
-            if c.ctx is None or c.identity is None:
+            if c.ctx is None or c.identity is None or c.user is None:
                 continue
-            reason, message = self._still_allowed(settings, c)
+            login = "root" if c.user.is_root else c.login
+            reason, message = still_allowed(settings, c.identity, login, c.info.client_ip)
             if reason:
                 c.revoke(reason, message)
             else:
                 c.recheck_forwards(settings)
-
-    @staticmethod
-    def _still_allowed(settings: ServerSettings, c: _Connection) -> tuple[str, str]:
-        """("", "") when the connection may stay, else (reason, message for the user)."""
-        identity = c.identity
-        assert identity is not None and c.user is not None
-        method_on = {"jwt": jwt_enabled(settings), "publickey": settings.authorized_keys,
-                     "none": settings.disable_auth}.get(identity.method, False)
-        if not method_on:
-            return "method", f"{identity.method} logins were turned off on this peer"
-        login = "root" if c.user.is_root else c.login
-        result = acl.evaluate(settings.access, c.info.client_ip, identity, login, root_login=settings.root_login)
-        if not result.allowed:
-            return result.reason, f"access revoked: {result.message}"
-        return "", ""
 
     # ---- introspection --------------------------------------------------------------
     def sessions(self) -> list[dict]:

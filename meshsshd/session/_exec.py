@@ -46,6 +46,10 @@ class SessionContext:
     audit: audit.AuditSink
     resolve_subsystem: Callable[[str], str | None]   # name → command line, None = refused
     registry: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # How the identity was proven, and its token's own local_users fence: what a policy
+    # change re-checks for sessions that outlive the connection (detached_revoke.py).
+    method: str = ""
+    token_local_users: tuple[str, ...] | None = None
 
     def base_event(self, session_id: str) -> dict[str, Any]:
         return dict(session_id=session_id, identity=self.identity, source_ip=self.conn.client_ip,

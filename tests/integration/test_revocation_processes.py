@@ -1,0 +1,93 @@
+"""Revocation and session end reach every process of a login: detached sessions, and
+children that left the process group (`setsid`), on a real `meshsshd serve` with OpenSSH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.detachkit import SUBSYSTEM, audit_events, kill_holders, wait_for
+from tests.integration.serverkit import ClientKey, ServerKit, client_key, install_key
+
+pytestmark = [pytest.mark.root, pytest.mark.openssh]
+
+
+class World:
+    def __init__(self, tmp: Path, user: Any, keep: ClientKey, lose: ClientKey) -> None:
+        self.tmp, self.user, self.keep, self.lose = tmp, user, keep, lose
+
+    def rule(self, *keys: ClientKey) -> list[dict[str, Any]]:
+        return [{"sources": ["127.0.0.1/32"], "identities": [k.identity for k in keys],
+                 "local_users": [self.user.pw_name]}]
+
+    def server(self) -> ServerKit:
+        return ServerKit(self.tmp / "srv", {"authorized_keys": True, "access": self.rule(self.keep, self.lose),
+                                            "limits": {"penalty_failures": 10_000}})
+
+    def start_detached(self, srv: ServerKit, key: ClientKey, command: str) -> dict[str, Any]:
+        doc = {"op": "start", "command": command, "pty": False}
+        r = srv.ssh(self.user.pw_name, key, SUBSYSTEM, opts=["-s"], input=json.dumps(doc).encode() + b"\n")
+        answer = json.loads(r.stdout.partition(b"\n")[0])
+        assert answer["ok"], answer
+        return json.loads((srv.state_dir / "sessions" / f"{answer['id']}.json").read_text())
+
+    def meta(self, srv: ServerKit, sid: str) -> dict[str, Any]:
+        return json.loads((srv.state_dir / "sessions" / f"{sid}.json").read_text())
+
+
+@pytest.fixture
+def world(tmp_path: Path, make_user: Callable[..., Any]) -> Iterator[World]:
+    user = make_user("mrv")
+    keep, lose = client_key(tmp_path, "id_keep"), client_key(tmp_path, "id_lose")
+    install_key(user, keep, lose)
+    try:
+        yield World(tmp_path, user, keep, lose)
+    finally:
+        kill_holders(tmp_path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _pids_of(uid: int, marker: str) -> list[int]:
+    """Live processes of uid whose command line contains marker."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and _alive(int(entry)):
+            out.append(int(entry))
+    return out
+
+
+def test_policy_change_ends_detached_sessions_it_no_longer_allows(world: World) -> None:
+    with world.server() as srv:
+        lost = world.start_detached(srv, world.lose, "sleep 301")
+        kept = world.start_detached(srv, world.keep, "sleep 302")
+        assert _alive(lost["pid"]) and _alive(kept["pid"])
+        srv.reload(access=world.rule(world.keep))
+        wait_for(lambda: world.meta(srv, lost["id"])["state"] == "exited", what="the revoked session to end")
+        assert not _alive(lost["pid"])
+        assert world.meta(srv, kept["id"])["state"] == "running" and _alive(kept["pid"])
+        revoked = wait_for(lambda: audit_events(srv.output(), "detached.revoked"), what="the audit event")
+        assert [(e["session_id"], e["reason"], e["identity"]) for e in revoked] == [
+            (lost["id"], "identity", world.lose.identity)]
