@@ -49,6 +49,8 @@ from .audit import AuditEvent, AuditSink
 from .config import ServerSettings
 from .logs import event
 from .session import ChildSession, SessionContext, build_child_argv, build_child_env
+from .session._cgroup import BASE as CGROUP_BASE
+from .session._cgroup import LoginCgroup, cgroup2_root
 from .session._pty import PTY
 from .session._spawn import build_pam_argv, pam_service
 
@@ -245,6 +247,9 @@ class DetachedSessions:
         for suffix in (".json", ".spool", ".sock", ".json.tmp", ".spool.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.dir / f"{sid}{suffix}")
+        root = cgroup2_root()
+        if root is not None and _ID.match(sid):
+            LoginCgroup(root / CGROUP_BASE / f"d-{sid}").remove()
 
     def _read_spool(self, sid: str) -> bytes:
         try:
@@ -372,7 +377,12 @@ class DetachedSessions:
                         executable=executable, argv=argv, env=env, uid=user.uid, gid=user.gid,
                         groups=list(user.groups), home=user.home, as_root=as_root,
                         child_fds=child_fds, parent_fds=parent_fds, meta=meta)
-            proc = subprocess.Popen([*systemd_scope(meta["id"]), sys.executable, "-I", "-S", HOLDER],
+            holder = [sys.executable, "-I", "-S", HOLDER]
+            cgroup = LoginCgroup.create(f"d-{meta['id']}") if os.geteuid() == 0 else None
+            if cgroup is not None:   # the holder and all it starts; it kills the rest when done
+                spec["cgroup"] = str(cgroup.path)
+                holder = cgroup.join_argv(holder)
+            proc = subprocess.Popen([*systemd_scope(meta["id"]), *holder],
                                     stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/",
                                     pass_fds=sorted(set(child_fds + parent_fds)), start_new_session=True,

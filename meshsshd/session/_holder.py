@@ -558,6 +558,19 @@ class Holder:
             self.update_pause()
 
 
+def end_login(cgroup: str | None) -> None:
+    """Last act: SIGKILL what is left in the session's cgroup (what escaped the child's
+    process group with setsid or nohup), this holder included. The daemon made the
+    cgroup and removes it when it forgets the session (session/_cgroup.py)."""
+    if not cgroup:
+        return
+    try:
+        with open(os.path.join(cgroup, "cgroup.kill"), "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
 def _daemonize() -> None:
     """Second fork: the first child exits at once, so the holder belongs to init."""
     if os.fork() > 0:
@@ -585,6 +598,7 @@ def main() -> int:
     if not reply["ok"]:
         return 1
     holder.run()
+    end_login(spec.get("cgroup"))
     return 0
 
 

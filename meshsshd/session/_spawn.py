@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from ..logs import event
 from ..users import LocalUser
+from ._cgroup import SH, LoginCgroup
 
 log = logging.getLogger("meshsshd.session")
 
@@ -248,23 +249,32 @@ def spawn(
     stderr: int,
     new_session: bool,
     as_root: bool = False,
+    cgroup: LoginCgroup | None = None,
 ) -> subprocess.Popen:
     """Blocking fork/exec as the user (or as root for the PAM helper, which drops
     privileges itself); run it in an executor. Raises OSError.
 
     As root the drop goes through setpriv (vfork); where it cannot, and in a daemon not
     running as root, through Popen(user=). Both chdir (as root, as before), set the umask
-    and the session, restore signal dispositions and close other fds the same way."""
+    and the session, restore signal dispositions and close other fds the same way.
+
+    With `cgroup`, the child joins it before exec as root (`LoginCgroup.join_argv`); on
+    the Popen(user=) path that is impossible: the caller moves it in after the start
+    (`LoginCgroup.add`, a no-op for a child that joined)."""
     kwargs: dict = dict(
         stdin=stdin, stdout=stdout, stderr=stderr, env=env,
         close_fds=True, restore_signals=True, umask=0o022,
         start_new_session=new_session,
     )
     if as_root:
+        if cgroup is not None:
+            executable, argv = SH, cgroup.join_argv([executable, *argv[1:]])
         return subprocess.Popen(argv, executable=executable, cwd="/", **kwargs)
     dropped = _setpriv_argv(user, executable, argv, env.get("PATH", "")) if os.geteuid() == 0 else None
     if dropped is not None:
         executable, argv = dropped[0], dropped
+        if cgroup is not None:
+            executable, argv = SH, cgroup.join_argv(argv)
     elif os.geteuid() == 0 or user.uid != os.geteuid():
         kwargs.update(user=user.uid, group=user.gid, extra_groups=list(user.groups))
     kwargs["executable"] = executable

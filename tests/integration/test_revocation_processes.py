@@ -91,3 +91,49 @@ def test_policy_change_ends_detached_sessions_it_no_longer_allows(world: World) 
         revoked = wait_for(lambda: audit_events(srv.output(), "detached.revoked"), what="the audit event")
         assert [(e["session_id"], e["reason"], e["identity"]) for e in revoked] == [
             (lost["id"], "identity", world.lose.identity)]
+
+
+def _escape(marker: str) -> str:
+    """Shell that starts a child outside the session's process group and session."""
+    return f"setsid -f sleep {marker} </dev/null >/dev/null 2>&1"
+
+
+def _marker() -> str:
+    return f"{4000 + int.from_bytes(os.urandom(2), 'big') % 5000}.{os.getpid()}"
+
+
+def test_session_end_kills_what_escaped_with_setsid(world: World) -> None:
+    marker = _marker()
+    with world.server() as srv:
+        r = srv.ssh(world.user.pw_name, world.keep, f"{_escape(marker)}; echo started")
+        assert r.stdout == b"started\n", r.stderr
+        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
+                 what="the setsid child to die with its session")
+
+
+def test_revocation_kills_what_escaped_with_setsid(world: World) -> None:
+    marker, main = _marker(), _marker()
+    with world.server() as srv:
+        proc = subprocess.Popen(srv.ssh_argv(world.user.pw_name, world.lose, f"{_escape(marker)}; exec sleep {main}"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: _pids_of(world.user.pw_uid, f"sleep {marker}") and
+                     _pids_of(world.user.pw_uid, f"sleep {main}"), what="the session and its escaped child")
+            srv.reload(access=world.rule(world.keep))
+            wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {main}"), what="the revoked session to end")
+            wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
+                     what="the escaped child to die with the revoked login")
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_detached_revocation_kills_what_escaped_with_setsid(world: World) -> None:
+    marker, main = _marker(), _marker()
+    with world.server() as srv:
+        world.start_detached(srv, world.lose, f"{_escape(marker)}; sleep {main}")
+        wait_for(lambda: _pids_of(world.user.pw_uid, f"sleep {marker}"), what="the escaped child")
+        srv.reload(access=world.rule(world.keep))
+        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {main}"), what="the revoked session to end")
+        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
+                 what="the escaped child to die with the revoked detached session")
