@@ -277,16 +277,20 @@ class _Connection(asyncssh.SSHServer):
         if self.ctx is None or not settings.local_port_forwarding:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "local port forwarding is disabled on this peer")
-        assert self.conn is not None
-        self.server.audit.emit(ForwardOpened(**self.ctx.base_event(""), forward=f"local {dest_host}:{dest_port}"))
+        conn, ctx = self.conn, self.ctx
+        assert conn is not None
 
         def refused(reason: str) -> None:
             event(log, "forward.refused", kind="local", reason=reason, host=dest_host, port=dest_port,
                   source=self.info.client_ip)
-        return forwarding.open_local(self.conn, self.ctx.user, dest_host, dest_port,
-                                     policy=lambda: open_policy(self.server.settings),
-                                     timeout=settings.limits.dial_timeout, registry=self.local_forwards,
-                                     on_refused=refused)
+
+        async def open_() -> Any:
+            forwarder = await forwarding.open_local(
+                conn, ctx.user, dest_host, dest_port, policy=lambda: open_policy(self.server.settings),
+                timeout=settings.limits.dial_timeout, registry=self.local_forwards, on_refused=refused)
+            self.server.audit.emit(ForwardOpened(**ctx.base_event(""), forward=f"local {dest_host}:{dest_port}"))
+            return forwarder
+        return open_()
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         settings = self.server.settings
@@ -369,6 +373,8 @@ class MeshSSHServer:
             await self._bind(address)
         self._prune_task = loop.create_task(self._prune_forever())
         await self.detached.start()
+        # Sessions that outlived a previous daemon answer to the rules it starts with.
+        await revoke_detached(self.detached, lambda *login: still_allowed(self.settings, *login))
         event(log, "server.started", listen=[f"{h}:{p}" for h, p in self.bound_addresses],
               jwt=jwt_enabled(self.settings), disable_auth=self.settings.disable_auth,
               authorized_keys=self.settings.authorized_keys, sftp=self.settings.sftp)

@@ -16,6 +16,7 @@ import pytest
 
 from tests.integration.detachkit import SUBSYSTEM, audit_events, kill_holders, wait_for
 from tests.integration.serverkit import ClientKey, ServerKit, client_key, install_key
+from tests.support import process_alive as _alive
 
 pytestmark = [pytest.mark.root, pytest.mark.openssh]
 
@@ -52,14 +53,6 @@ def world(tmp_path: Path, make_user: Callable[..., Any]) -> Iterator[World]:
         yield World(tmp_path, user, keep, lose)
     finally:
         kill_holders(tmp_path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _pids_of(uid: int, marker: str) -> list[int]:
@@ -137,3 +130,16 @@ def test_detached_revocation_kills_what_escaped_with_setsid(world: World) -> Non
         wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {main}"), what="the revoked session to end")
         wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
                  what="the escaped child to die with the revoked detached session")
+
+
+def test_restart_with_narrower_rules_ends_detached_sessions(world: World) -> None:
+    """A holder outlives the daemon; the daemon that comes back applies its own rules."""
+    srv = world.server()
+    with srv:
+        lost = world.start_detached(srv, world.lose, "sleep 303")
+    assert _alive(lost["pid"])   # survived the daemon
+    srv.config["access"] = world.rule(world.keep)
+    with srv:
+        wait_for(lambda: world.meta(srv, lost["id"])["state"] == "exited", what="the session to end")
+        assert not _alive(lost["pid"])
+        assert [e["session_id"] for e in audit_events(srv.output(), "detached.revoked")] == [lost["id"]]

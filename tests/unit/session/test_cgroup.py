@@ -11,6 +11,7 @@ import pytest
 from meshsshd.session import _cgroup
 from meshsshd.session._cgroup import LoginCgroup, kill_login, kill_session
 from tests.support import os_user, require, require_root
+from tests.support import process_alive as _alive
 
 
 def _wait_gone(pids: list[int], timeout: float = 5.0) -> bool:
@@ -20,14 +21,6 @@ def _wait_gone(pids: list[int], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _start(user, script: str) -> tuple[subprocess.Popen, list[int]]:
