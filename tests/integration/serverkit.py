@@ -131,11 +131,13 @@ class ServerKit:
 
     def __init__(self, tmp: Path, config: Mapping[str, Any] | None = None, *, host: str = "127.0.0.1",
                  log_level: str = "info", copy_host_keys: bool = True, env: Mapping[str, str] | None = None,
-                 netns: str | None = None) -> None:
-        """netns: run the daemon, and the ssh commands built here, in that network namespace."""
+                 netns: str | None = None, daemon_prefix: Sequence[str] = ()) -> None:
+        """netns: run the daemon, and the ssh commands built here, in that network namespace.
+        daemon_prefix: a command the daemon is started through (e.g. `unshare ...`)."""
         self.dir = Path(tmp)
         self.netns = netns
         self.prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.daemon_prefix = list(daemon_prefix)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = free_port(host)
@@ -159,7 +161,7 @@ class ServerKit:
             self.state_dir.mkdir(mode=0o700, parents=True)
             for f in _cached_host_keys().iterdir():
                 shutil.copy2(f, self.state_dir / f.name)
-        self.proc = Proc([*self.prefix, console_script("meshsshd"), "serve", "--config", str(self.config_path),
+        self.proc = Proc([*self.prefix, *self.daemon_prefix, console_script("meshsshd"), "serve", "--config", str(self.config_path),
                           "--log-level", self.log_level], self.dir / "meshsshd.log", env=self.env)
         try:
             if self.netns:

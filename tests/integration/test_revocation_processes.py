@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ class World:
         return [{"sources": ["127.0.0.1/32"], "identities": [k.identity for k in keys],
                  "local_users": [self.user.pw_name]}]
 
-    def server(self) -> ServerKit:
+    def server(self, daemon_prefix: Sequence[str] = ()) -> ServerKit:
         return ServerKit(self.tmp / "srv", {"authorized_keys": True, "access": self.rule(self.keep, self.lose),
-                                            "limits": {"penalty_failures": 10_000}})
+                                            "limits": {"penalty_failures": 10_000}}, daemon_prefix=daemon_prefix)
 
     def start_detached(self, srv: ServerKit, key: ClientKey, command: str) -> dict[str, Any]:
         doc = {"op": "start", "command": command, "pty": False}
@@ -143,3 +143,21 @@ def test_restart_with_narrower_rules_ends_detached_sessions(world: World) -> Non
         wait_for(lambda: world.meta(srv, lost["id"])["state"] == "exited", what="the session to end")
         assert not _alive(lost["pid"])
         assert [e["session_id"] for e in audit_events(srv.output(), "detached.revoked")] == [lost["id"]]
+
+
+# The daemon in a mount namespace where cgroup v2 is read-only: the /proc session scan.
+_NO_CGROUP = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+              'for m in $(awk \'$3 == "cgroup2" {print $2}\' /proc/mounts); do '
+              'mount --bind "$m" "$m" && mount -o remount,bind,ro "$m" || exit 1; done; exec "$@"', "sh"]
+
+
+@pytest.mark.parametrize("prefix", [pytest.param([], id="cgroup"), pytest.param(_NO_CGROUP, id="session-scan")])
+def test_session_end_kills_jobs_that_left_the_process_group(world: World, prefix: list[str]) -> None:
+    """Job control gives `cmd &` a process group of its own: killpg misses it."""
+    marker = _marker()
+    with world.server(daemon_prefix=prefix) as srv:
+        r = srv.ssh(world.user.pw_name, world.keep,
+                    f"set -m; sleep {marker} </dev/null >/dev/null 2>&1 & echo started")
+        assert r.stdout == b"started\n", r.stderr
+        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
+                 what="the background job to die with its session")
