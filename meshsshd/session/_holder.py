@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import importlib.util
 import json
 import os
 import selectors
@@ -558,17 +559,21 @@ class Holder:
             self.update_pause()
 
 
-def end_login(cgroup: str | None) -> None:
-    """Last act: SIGKILL what is left in the session's cgroup (what escaped the child's
-    process group with setsid or nohup), this holder included. The daemon made the
-    cgroup and removes it when it forgets the session (session/_cgroup.py)."""
-    if not cgroup:
+def end_login(spec: dict, child_pid: int | None) -> None:
+    """Last act: SIGKILL what is left of the session (what escaped the child's process
+    group: setsid, nohup, job-control jobs), as the daemon does for its own sessions:
+    the session's cgroup, this holder included, or without one the user's processes
+    still in the child's session. `session/_cgroup.py` needs the standard library only
+    and is loaded by path. The daemon removes the cgroup when it forgets the session."""
+    if child_pid is None:
         return
-    try:
-        with open(os.path.join(cgroup, "cgroup.kill"), "w") as f:
-            f.write("1")
-    except OSError:
-        pass
+    where = importlib.util.spec_from_file_location(
+        "meshsshd_holder_cgroup", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cgroup.py"))
+    assert where is not None and where.loader is not None
+    cgroups = importlib.util.module_from_spec(where)
+    where.loader.exec_module(cgroups)
+    cgroup = cgroups.LoginCgroup(cgroups.Path(spec["cgroup"])) if spec.get("cgroup") else None
+    cgroups.kill_login(cgroup, child_pid, int(spec["uid"]))
 
 
 def _daemonize() -> None:
@@ -597,8 +602,9 @@ def main() -> int:
     os.close(devnull)
     if not reply["ok"]:
         return 1
+    child_pid = holder.proc.pid if holder.proc else None
     holder.run()
-    end_login(spec.get("cgroup"))
+    end_login(spec, child_pid)
     return 0
 
 

@@ -161,3 +161,15 @@ def test_session_end_kills_jobs_that_left_the_process_group(world: World, prefix
         assert r.stdout == b"started\n", r.stderr
         wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
                  what="the background job to die with its session")
+
+
+@pytest.mark.parametrize("prefix", [pytest.param([], id="cgroup"), pytest.param(_NO_CGROUP, id="session-scan")])
+def test_detached_revocation_kills_jobs_that_left_the_process_group(world: World, prefix: list[str]) -> None:
+    marker, main = _marker(), _marker()
+    with world.server(daemon_prefix=prefix) as srv:
+        world.start_detached(srv, world.lose, f"set -m; sleep {marker} </dev/null >/dev/null 2>&1 & sleep {main}")
+        wait_for(lambda: _pids_of(world.user.pw_uid, f"sleep {marker}"), what="the background job")
+        srv.reload(access=world.rule(world.keep))
+        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {main}"), what="the revoked session to end")
+        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
+                 what="the background job to die with the revoked detached session")
