@@ -86,52 +86,6 @@ def test_policy_change_ends_detached_sessions_it_no_longer_allows(world: World) 
             (lost["id"], "identity", world.lose.identity)]
 
 
-def _escape(marker: str) -> str:
-    """Shell that starts a child outside the session's process group and session."""
-    return f"setsid -f sleep {marker} </dev/null >/dev/null 2>&1"
-
-
-def _marker() -> str:
-    return f"{4000 + int.from_bytes(os.urandom(2), 'big') % 5000}.{os.getpid()}"
-
-
-def test_session_end_kills_what_escaped_with_setsid(world: World) -> None:
-    marker = _marker()
-    with world.server() as srv:
-        r = srv.ssh(world.user.pw_name, world.keep, f"{_escape(marker)}; echo started")
-        assert r.stdout == b"started\n", r.stderr
-        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
-                 what="the setsid child to die with its session")
-
-
-def test_revocation_kills_what_escaped_with_setsid(world: World) -> None:
-    marker, main = _marker(), _marker()
-    with world.server() as srv:
-        proc = subprocess.Popen(srv.ssh_argv(world.user.pw_name, world.lose, f"{_escape(marker)}; exec sleep {main}"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: _pids_of(world.user.pw_uid, f"sleep {marker}") and
-                     _pids_of(world.user.pw_uid, f"sleep {main}"), what="the session and its escaped child")
-            srv.reload(access=world.rule(world.keep))
-            wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {main}"), what="the revoked session to end")
-            wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
-                     what="the escaped child to die with the revoked login")
-        finally:
-            proc.kill()
-            proc.wait(10)
-
-
-def test_detached_revocation_kills_what_escaped_with_setsid(world: World) -> None:
-    marker, main = _marker(), _marker()
-    with world.server() as srv:
-        world.start_detached(srv, world.lose, f"{_escape(marker)}; sleep {main}")
-        wait_for(lambda: _pids_of(world.user.pw_uid, f"sleep {marker}"), what="the escaped child")
-        srv.reload(access=world.rule(world.keep))
-        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {main}"), what="the revoked session to end")
-        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
-                 what="the escaped child to die with the revoked detached session")
-
-
 def test_restart_with_narrower_rules_ends_detached_sessions(world: World) -> None:
     """A holder outlives the daemon; the daemon that comes back applies its own rules."""
     srv = world.server()
@@ -150,26 +104,57 @@ _NO_CGROUP = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
               'for m in $(awk \'$3 == "cgroup2" {print $2}\' /proc/mounts); do '
               'mount --bind "$m" "$m" && mount -o remount,bind,ro "$m" || exit 1; done; exec "$@"', "sh"]
 
+# How a child leaves the session's process group: `setsid` leaves its session too (only
+# the cgroup holds it); job control gives `cmd &` a group of its own, in the same session.
+ESCAPES = [
+    pytest.param("setsid -f sleep {marker} </dev/null >/dev/null 2>&1;", [], id="setsid-cgroup"),
+    pytest.param("set -m; sleep {marker} </dev/null >/dev/null 2>&1 &", [], id="job-cgroup"),
+    pytest.param("set -m; sleep {marker} </dev/null >/dev/null 2>&1 &", _NO_CGROUP, id="job-session-scan"),
+]
 
-@pytest.mark.parametrize("prefix", [pytest.param([], id="cgroup"), pytest.param(_NO_CGROUP, id="session-scan")])
-def test_session_end_kills_jobs_that_left_the_process_group(world: World, prefix: list[str]) -> None:
-    """Job control gives `cmd &` a process group of its own: killpg misses it."""
+
+def _marker() -> str:
+    return f"{4000 + int.from_bytes(os.urandom(2), 'big') % 5000}.{os.getpid()}"
+
+
+def _gone(world: World, marker: str, what: str) -> None:
+    wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10, what=what)
+
+
+@pytest.mark.parametrize("escape, prefix", ESCAPES)
+def test_session_end_kills_what_left_the_process_group(world: World, escape: str, prefix: list[str]) -> None:
     marker = _marker()
     with world.server(daemon_prefix=prefix) as srv:
-        r = srv.ssh(world.user.pw_name, world.keep,
-                    f"set -m; sleep {marker} </dev/null >/dev/null 2>&1 & echo started")
+        r = srv.ssh(world.user.pw_name, world.keep, f"{escape.format(marker=marker)} echo started")
         assert r.stdout == b"started\n", r.stderr
-        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
-                 what="the background job to die with its session")
+        _gone(world, marker, "the escaped child to die with its session")
 
 
-@pytest.mark.parametrize("prefix", [pytest.param([], id="cgroup"), pytest.param(_NO_CGROUP, id="session-scan")])
-def test_detached_revocation_kills_jobs_that_left_the_process_group(world: World, prefix: list[str]) -> None:
+@pytest.mark.parametrize("escape, prefix", ESCAPES)
+def test_revocation_kills_what_left_the_process_group(world: World, escape: str, prefix: list[str]) -> None:
     marker, main = _marker(), _marker()
     with world.server(daemon_prefix=prefix) as srv:
-        world.start_detached(srv, world.lose, f"set -m; sleep {marker} </dev/null >/dev/null 2>&1 & sleep {main}")
-        wait_for(lambda: _pids_of(world.user.pw_uid, f"sleep {marker}"), what="the background job")
+        proc = subprocess.Popen(srv.ssh_argv(world.user.pw_name, world.lose,
+                                             f"{escape.format(marker=marker)} sleep {main}"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: _pids_of(world.user.pw_uid, f"sleep {marker}") and
+                     _pids_of(world.user.pw_uid, f"sleep {main}"), what="the session and its escaped child")
+            srv.reload(access=world.rule(world.keep))
+            _gone(world, main, "the revoked session to end")
+            _gone(world, marker, "the escaped child to die with the revoked login")
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("escape, prefix", ESCAPES)
+def test_detached_revocation_kills_what_left_the_process_group(world: World, escape: str,
+                                                               prefix: list[str]) -> None:
+    marker, main = _marker(), _marker()
+    with world.server(daemon_prefix=prefix) as srv:
+        world.start_detached(srv, world.lose, f"{escape.format(marker=marker)} sleep {main}")
+        wait_for(lambda: _pids_of(world.user.pw_uid, f"sleep {marker}"), what="the escaped child")
         srv.reload(access=world.rule(world.keep))
-        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {main}"), what="the revoked session to end")
-        wait_for(lambda: not _pids_of(world.user.pw_uid, f"sleep {marker}"), timeout=10,
-                 what="the background job to die with the revoked detached session")
+        _gone(world, main, "the revoked session to end")
+        _gone(world, marker, "the escaped child to die with the revoked detached session")
