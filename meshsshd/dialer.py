@@ -71,7 +71,14 @@ async def dial_as_user(user: LocalUser, address: str, port: int, timeout: float)
         except asyncio.TimeoutError:
             raise DialError(f"connecting to {address} port {port} timed out") from None
         if msg[:1] == b"K" and len(fds) == 1:
-            sock = socket.socket(fileno=fds[0])
+            try:
+                sock = socket.socket(fileno=fds[0])
+            except OSError:   # not a socket: the user tampered with their own helper
+                os.close(fds[0])
+                raise DialError(f"connecting to {address} port {port}: dial helper failed") from None
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                sock.close()
+                raise DialError(f"connecting to {address} port {port}: dial helper failed")
             sock.setblocking(False)
             return sock
         for fd in fds:
