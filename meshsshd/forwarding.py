@@ -74,7 +74,8 @@ class RemoteListeners:
         self.open[listener] = (host, port)
         return listener
 
-    def recheck(self, enabled: bool, uid: int, own_addresses: Sequence[str]) -> list[str]:
+    def recheck(self, enabled: bool, uid: int, own_addresses: Sequence[str]) -> list[tuple[str, str]]:
+        """Close what the new settings refuse: (forward, reason) for each."""
         closed = []
         for listener, (host, port) in list(self.open.items()):
             reason = ("remote port forwarding is disabled" if not enabled
@@ -82,7 +83,7 @@ class RemoteListeners:
             if reason:
                 self.open.pop(listener, None)
                 listener.close()
-                closed.append(f"{host}:{port}: {reason}")
+                closed.append((f"remote {host}:{port}", reason))
         return closed
 
 
@@ -117,15 +118,15 @@ class LocalForwards:
     def __init__(self) -> None:
         self.open: dict[_TrackedForwarder, tuple[str, str, int]] = {}
 
-    def recheck(self, enabled: bool, policy: OpenPolicy) -> list[str]:
-        """Close what the new settings refuse; the reasons, one per closed forward."""
+    def recheck(self, enabled: bool, policy: OpenPolicy) -> list[tuple[str, str]]:
+        """Close what the new settings refuse: (forward, reason) for each."""
         closed = []
         for forwarder, (name, address, port) in list(self.open.items()):
             reason = "local port forwarding is disabled" if not enabled else policy.decide(name, address, port).reason
             if reason:
                 self.open.pop(forwarder, None)
                 forwarder.close()
-                closed.append(f"{name}:{port}: {reason}")
+                closed.append((f"local {name}:{port}", reason))
         return closed
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import asyncssh
 
 from . import __version__, acl, algorithms, asyncssh_tuning, forwarding, hostkeys
-from .audit import AuditSink, ForwardOpened, LoggingAuditSink, SessionRevoked
+from .audit import AuditSink, ForwardClosed, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
 from .config import ServerSettings
@@ -317,8 +317,10 @@ class _Connection(asyncssh.SSHServer):
         closed = self.local_forwards.recheck(settings.local_port_forwarding, open_policy(settings))
         closed += self.remote_listeners.recheck(settings.remote_port_forwarding, self.ctx.user.uid,
                                                 settings.own_addresses)
-        for what in closed:
-            event(log, "forward.closed", forward=what, identity=self.ctx.identity, source=self.info.client_ip)
+        for forward, reason in closed:
+            self.server.audit.emit(ForwardClosed(**self.ctx.base_event(""), forward=forward, reason=reason))
+            event(log, "forward.closed", forward=forward, reason=reason, identity=self.ctx.identity,
+                  source=self.info.client_ip)
 
     def unix_connection_requested(self, dest_path: str) -> bool:
         return False

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support import free_port, netns, os_user, require_root, require_tool, wait_for_port
 
+from .detachkit import audit_events
 from .serverkit import ServerKit, client_key, install_key
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root, pytest.mark.netns]
@@ -149,7 +150,9 @@ def test_apply_closes_forwards_the_new_settings_refuse(tmp_path):
                     assert time.monotonic() < deadline, "the -R listener survived remote forwarding turned off"
                     time.sleep(0.2)
                 assert remote.poll() is None   # the connection stays; only its forwards went
-                assert "forward.closed" in srv.output()
+                closed = {e["forward"]: e["reason"] for e in audit_events(srv.output(), "forward.closed")}
+                assert closed == {f"local 127.0.0.1:{hport}": "local port forwarding is disabled",
+                                  f"remote localhost:{rport}": "remote port forwarding is disabled"}
                 held.close()
             finally:
                 for proc in (local, remote):
