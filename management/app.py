@@ -126,6 +126,8 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
         issuer = app[ISSUER]
         if issuer is not None:
             state = dataclasses.replace(state, issuer=issuer.issuer_url, jwks=issuer.jwks())
+        if settings.ssh_permit_open:
+            state = dataclasses.replace(state, permit_open=settings.ssh_permit_open)
         return state
 
     app[LOAD_STATE] = load_state

@@ -35,6 +35,7 @@ PEER_EVENT_TYPES = (
     "detached.attached",
     "detached.detached",
     "detached.killed",
+    "detached.revoked",
 )
 _STR_FIELDS = ("session_id", "identity", "source_peer", "source_ip", "local_user", "command",
                "subsystem", "forward", "reason", "via", "signal")

@@ -101,7 +101,7 @@ def _schemas() -> dict[str, Any]:
         "AuditEvent": _obj({"type": {"type": "string", "enum": [
             "session.started", "session.ended", "exec", "subsystem", "forward.opened", "forward.closed",
             "auth.refused", "session.revoked", "detached.started", "detached.attached",
-            "detached.detached", "detached.killed"]}, "time": {"type": "string", "format": "date-time"},
+            "detached.detached", "detached.killed", "detached.revoked"]}, "time": {"type": "string", "format": "date-time"},
             **{k: _STR for k in ("session_id", "identity", "source_peer", "source_ip", "local_user", "command",
                                  "subsystem", "forward", "reason", "via", "signal")},
             **{k: _INT for k in ("bytes_in", "bytes_out", "exit_status")}}, ("type",), extra=True),

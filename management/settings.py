@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .clientaddr import parse_trusted_proxies
+from meshsshd.permit_open import PermitOpenError, validate_entries
+
 from .errors import BadRequest
 
 DEFAULT_NETWORK = "100.64.0.0/10"
@@ -25,6 +27,7 @@ class MgmtSettings:
     refresh_token_lifetime: int = 30 * 86400  # seconds from a login to the end of its refresh tokens
     idp_options: dict | None = None  # passed to setup_idp as keyword arguments
     trusted_proxies: tuple[str, ...] = ()  # reverse proxies whose X-Forwarded-For is believed
+    ssh_permit_open: tuple[str, ...] = ()  # every peer's SSH permit_open (-L/-D destinations); () = any
 
     def __post_init__(self) -> None:
         try:
@@ -41,3 +44,7 @@ class MgmtSettings:
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
         proxies = parse_trusted_proxies(self.trusted_proxies)
         object.__setattr__(self, "trusted_proxies", tuple(str(n) for n in proxies))
+        try:
+            validate_entries(self.ssh_permit_open, "--ssh-permit-open")
+        except PermitOpenError as exc:
+            raise BadRequest(str(exc), field="ssh_permit_open") from exc

@@ -106,6 +106,7 @@ class MeshState:
     subsystems: tuple[SubsystemRecord, ...] = ()
     issuer: str = ""
     jwks: dict[str, Any] = field(default_factory=dict)
+    permit_open: tuple[str, ...] = ()  # from the app's settings (--ssh-permit-open), like issuer
 
     @cached_property
     def peers_by_id(self) -> dict[str, PeerRecord]:

@@ -52,6 +52,7 @@ from .mgmt_client import (
     ManagementUnavailable,
     PeerDeleted,
     Registration,
+    management_destinations,
 )
 from .netmap import SSH_PORT, NetmapError, NetworkMap
 from .state import (PUBLIC_MODE, SECRET_MODE, Credential, StateDir, UpConfig, is_meshsshd, read_json,
@@ -68,8 +69,10 @@ def backoff_delay(attempt: int, base: float = 0.5, cap: float = 10.0) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-def base_settings(state: StateDir, config: UpConfig, netmap: NetworkMap) -> ServerSettings:
-    """The local half of the server settings: where to listen and what the flags allow."""
+def base_settings(state: StateDir, config: UpConfig, netmap: NetworkMap,
+                  forward_protected: tuple[str, ...] = ()) -> ServerSettings:
+    """The local half of the server settings: where to listen and what the flags allow;
+    `forward_protected` is the management server's address (`management_destinations`)."""
     f = config.flags
     return ServerSettings(
         listen=((netmap.peer.mesh_ip, SSH_PORT),),
@@ -81,6 +84,7 @@ def base_settings(state: StateDir, config: UpConfig, netmap: NetworkMap) -> Serv
         disable_auth=f.disable_ssh_auth,
         sftp_server=find_sftp_server(),
         agent_forwarding=not f.disable_ssh_agent_forwarding,
+        forward_protected=forward_protected,
     )
 
 
@@ -151,6 +155,7 @@ class Agent:
         self._last_status: dict[str, Any] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._retry_doc: Any = None
+        self._mgmt_destinations: tuple[str, ...] = ()
 
     # lifecycle ---------------------------------------------------------------------
     async def run(self) -> int:
@@ -362,7 +367,11 @@ class Agent:
         except NetmapError as exc:
             raise ConfigError(f"network map rejected: {exc}") from exc
         serve = self.should_serve(netmap)
-        settings = settings_from_netmap(base_settings(self.state, self.config, netmap), netmap) if serve else None
+        # Re-resolved per map (the address may move); a failed lookup keeps the last one.
+        self._mgmt_destinations = (await asyncio.to_thread(management_destinations, self.config.management_url)
+                                   or self._mgmt_destinations)
+        base = base_settings(self.state, self.config, netmap, self._mgmt_destinations)
+        settings = settings_from_netmap(base, netmap) if serve else None
         async with self._lock:
             if self.netmap == netmap and self.serving == serve and self._dp_up:
                 return False

@@ -69,6 +69,14 @@ class ForwardOpened(AuditEvent):
 
 
 @dataclass(frozen=True)
+class ForwardClosed(AuditEvent):
+    """A forward a settings change no longer allows was closed (forwarding.py recheck)."""
+    type: ClassVar[str] = "forward.closed"
+    forward: str = ""       # as in ForwardOpened
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class AuthRefused(AuditEvent):
     type: ClassVar[str] = "auth.refused"
     reason: str = ""

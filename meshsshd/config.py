@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .netmap import SSH_PORT, AccessRule, NetmapError, NetworkMap, check_accept_env
+from .permit_open import PermitOpenError, validate_entries
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshsshd")
 SFTP_SERVER_CANDIDATES = (
@@ -98,6 +99,10 @@ class ServerSettings:
     nologin_files: tuple[Path, ...] = DEFAULT_NOLOGIN_FILES
     # `ssh -A` (OpenSSH's AllowAgentForwarding, on by default there too).
     agent_forwarding: bool = True
+    # Where `ssh -L`/`-D` may connect (OpenSSH PermitOpen entries; () = any), and what is
+    # refused unless listed there besides link-local (the management server's address).
+    permit_open: tuple[str, ...] = ()
+    forward_protected: tuple[str, ...] = ()
 
     def with_(self, **changes: Any) -> ServerSettings:
         return replace(self, **changes)
@@ -163,6 +168,7 @@ KNOWN_KEYS = {
     "access", "subsystems", "sftp_server", "limits", "own_addresses", "metrics_listen",
     "accept_env", "nologin_files",
     "agent_forwarding",
+    "permit_open",
 }
 JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
 
@@ -244,6 +250,15 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
     nologin_files = tuple(Path(p) for p in _strings(data, "nologin_files", DEFAULT_NOLOGIN_FILES))
     if not all(p.is_absolute() for p in nologin_files):
         raise ConfigError("nologin_files must be absolute paths")
+    permit_open = data.get("permit_open", [])
+    if isinstance(permit_open, str):
+        permit_open = [permit_open]
+    if not isinstance(permit_open, list) or not all(isinstance(e, str) for e in permit_open):
+        raise ConfigError("permit_open must be a list of host:port entries (OpenSSH PermitOpen syntax)")
+    try:
+        permit_open = validate_entries(permit_open, "permit_open")
+    except PermitOpenError as exc:
+        raise ConfigError(str(exc)) from exc
     settings = ServerSettings(
         listen=tuple(parse_listen(s) for s in listen_raw),
         state_dir=Path(data.get("state_dir", DEFAULT_STATE_DIR)),
@@ -264,6 +279,7 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         accept_env=accept_env,
         nologin_files=nologin_files,
         agent_forwarding=_bool(data, "agent_forwarding", True),
+        permit_open=permit_open,
     )
     if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
         raise ConfigError(
@@ -289,4 +305,5 @@ def settings_from_netmap(base: ServerSettings, netmap: NetworkMap) -> ServerSett
         subsystems={**base.subsystems, **ssh.subsystems},
         own_addresses=(netmap.peer.mesh_ip,),
         agent_forwarding=base.agent_forwarding and ssh.agent_forwarding,
+        permit_open=ssh.permit_open,
     )

@@ -49,6 +49,8 @@ from .audit import AuditEvent, AuditSink
 from .config import ServerSettings
 from .logs import event
 from .session import ChildSession, SessionContext, build_child_argv, build_child_env
+from .session._cgroup import BASE as CGROUP_BASE
+from .session._cgroup import LoginCgroup, cgroup2_root
 from .session._pty import PTY
 from .session._spawn import build_home_argv, build_pam_argv, pam_service
 
@@ -198,6 +200,10 @@ class DetachedSessions:
                 gone += 1
         return gone
 
+    async def running(self) -> list[dict[str, Any]]:
+        """Every session recorded as running, whoever owns it (for policy re-checks)."""
+        return [m for m in await asyncio.to_thread(self._load_all) if m.get("state") == "running"]
+
     # -- blocking file helpers (executor) --
     def _load_all(self) -> list[dict[str, Any]]:
         d = self.dir
@@ -241,6 +247,9 @@ class DetachedSessions:
         for suffix in (".json", ".spool", ".sock", ".json.tmp", ".spool.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.dir / f"{sid}{suffix}")
+        root = cgroup2_root()
+        if root is not None and _ID.match(sid):
+            LoginCgroup(root / CGROUP_BASE / f"d-{sid}").remove()
 
     def _read_spool(self, sid: str) -> bytes:
         try:
@@ -321,7 +330,8 @@ class DetachedSessions:
         term = str(req.get("term") or "xterm") if pty else None
         client_env = req.get("env") if isinstance(req.get("env"), dict) else {}
         meta = dict(id=sid, identity=ctx.identity, local_user=ctx.user.name, uid=ctx.user.uid,
-                    source=ctx.conn.client_ip, via=ctx.via, command=command, pty=pty, started=time.time(),
+                    source=ctx.conn.client_ip, via=ctx.via, method=ctx.method,
+                    token_local_users=ctx.token_local_users, command=command, pty=pty, started=time.time(),
                     state="starting", exit_status=None, exit_signal=None, finished=None,
                     spool_limit=settings.limits.detached_spool_bytes, cols=cols, rows=rows)
         reply = await asyncio.to_thread(self._launch_blocking, ctx, meta, pty, term, cols, rows,
@@ -369,7 +379,12 @@ class DetachedSessions:
                         executable=executable, argv=argv, env=env, uid=user.uid, gid=user.gid,
                         groups=list(user.groups), as_root=as_root,
                         child_fds=child_fds, parent_fds=parent_fds, meta=meta)
-            proc = subprocess.Popen([*systemd_scope(meta["id"]), sys.executable, "-I", "-S", HOLDER],
+            holder = [sys.executable, "-I", "-S", HOLDER]
+            cgroup = LoginCgroup.create(f"d-{meta['id']}") if os.geteuid() == 0 else None
+            if cgroup is not None:   # the holder and all it starts; it kills the rest when done
+                spec["cgroup"] = str(cgroup.path)
+                holder = cgroup.join_argv(holder)
+            proc = subprocess.Popen([*systemd_scope(meta["id"]), *holder],
                                     stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/",
                                     pass_fds=sorted(set(child_fds + parent_fds)), start_new_session=True,
@@ -387,17 +402,21 @@ class DetachedSessions:
             if term_pty is not None:
                 term_pty.close()
 
+    async def stop_holder(self, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Ask a running session's holder to end it (HUP, then TERM, KILL after a grace):
+        ("killed", meta), or ("forgotten", meta marked lost) when the holder is gone."""
+        try:
+            reader, writer = await self.open_holder(meta["id"], {"op": "kill", "signal": "HUP"})
+            await asyncio.wait_for(reader.readline(), 5.0)
+            writer.close()
+            return "killed", meta
+        except (OSError, asyncio.TimeoutError):
+            return "forgotten", await asyncio.to_thread(self._mark_lost, meta["id"]) or meta
+
     async def kill(self, ctx: SessionContext, sid: Any) -> dict[str, Any]:
         meta = await self.find(ctx, sid)
         if meta.get("state") == "running":
-            try:
-                reader, writer = await self.open_holder(meta["id"], {"op": "kill", "signal": "HUP"})
-                await asyncio.wait_for(reader.readline(), 5.0)
-                writer.close()
-                reason = "killed"
-            except (OSError, asyncio.TimeoutError):
-                meta = await asyncio.to_thread(self._mark_lost, meta["id"]) or meta
-                reason = "forgotten"
+            reason, meta = await self.stop_holder(meta)
         else:
             reason = "forgotten"
         if reason == "forgotten":

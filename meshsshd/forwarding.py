@@ -1,8 +1,13 @@
 """Port forwarding policy and the local-forward dialer.
 
-- direct-tcpip (`ssh -L`, `-D`): only when local forwarding is on; the daemon dials with a
-  timeout (30 s by default) and the channel opens only once the connection stands, so a
+- direct-tcpip (`ssh -L`, `-D`): only when local forwarding is on, and only to what
+  `permit_open` allows (`meshsshd/permit_open.py`: OpenSSH's PermitOpen, checked on every
+  address the requested name resolves to; link-local and the management server refused
+  unless listed). The connection is made as the user (`meshsshd/dialer.py`), to the checked
+  address, with a timeout (30 s by default); the channel opens only once it stands, so a
   dead target gives the client a clean "connect failed".
+- Every `apply()` re-checks what is open (`LocalForwards.recheck`, `RemoteListeners`): a
+  forward the new settings would refuse is closed.
 - tcpip-forward (`ssh -R`): only when remote forwarding is on, only on loopback or the
   peer's own addresses (asyncssh would otherwise bind every interface for `''`/`0.0.0.0`,
   i.e. GatewayPorts yes), and never on a privileged port unless the user is root.
@@ -14,10 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncssh
+from asyncssh.forward import SSHForwarder
+
+from .dialer import DialError, dial_as_user
+from .permit_open import OpenDecision, may_open
+from .users import LocalUser
 
 PRIVILEGED_PORTS_BELOW = 1024
 
@@ -51,10 +62,116 @@ def may_listen(host: str, port: int, *, uid: int, own_addresses: Sequence[str]) 
     return ForwardDecision(True)
 
 
-async def dial(conn: asyncssh.SSHServerConnection, host: str, port: int, timeout: float) -> asyncssh.SSHTCPSession:
-    """Connect to host:port for a direct-tcpip channel, or refuse the channel cleanly."""
+class RemoteListeners:
+    """The `ssh -R` listeners of one connection, kept so `apply()` can close them."""
+
+    def __init__(self) -> None:
+        self.open: dict[asyncssh.SSHListener, tuple[str, int]] = {}
+
+    async def listen(self, conn: asyncssh.SSHServerConnection, host: str, port: int) -> asyncssh.SSHListener:
+        """What asyncssh does for `server_requested() -> True`, keeping the listener."""
+        listener = await conn.forward_local_port(host, port, host, port)
+        self.open[listener] = (host, port)
+        return listener
+
+    def recheck(self, enabled: bool, uid: int, own_addresses: Sequence[str]) -> list[tuple[str, str]]:
+        """Close what the new settings refuse: (forward, reason) for each."""
+        closed = []
+        for listener, (host, port) in list(self.open.items()):
+            reason = ("remote port forwarding is disabled" if not enabled
+                      else may_listen(host, port, uid=uid, own_addresses=own_addresses).reason)
+            if reason:
+                self.open.pop(listener, None)
+                listener.close()
+                closed.append((f"remote {host}:{port}", reason))
+        return closed
+
+
+@dataclass(frozen=True)
+class OpenPolicy:
+    """What `may_open` needs from the settings of the moment."""
+
+    permit_open: tuple[str, ...]
+    protected: tuple[str, ...]
+
+    def decide(self, name: str, address: str, port: int) -> OpenDecision:
+        return may_open(self.permit_open, name, address, port, protected=self.protected)
+
+
+class _TrackedForwarder(SSHForwarder):
+    """The channel side of one local forward; leaves its registry when it closes."""
+
+    def __init__(self, peer: SSHForwarder, registry: LocalForwards, target: tuple[str, str, int]) -> None:
+        super().__init__(peer)
+        self.target = target
+        self._registry = registry
+        registry.open[self] = target
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._registry.open.pop(self, None)
+        super().connection_lost(exc)
+
+
+class LocalForwards:
+    """The open direct-tcpip forwards of one connection: (name, address, port) each."""
+
+    def __init__(self) -> None:
+        self.open: dict[_TrackedForwarder, tuple[str, str, int]] = {}
+
+    def recheck(self, enabled: bool, policy: OpenPolicy) -> list[tuple[str, str]]:
+        """Close what the new settings refuse: (forward, reason) for each."""
+        closed = []
+        for forwarder, (name, address, port) in list(self.open.items()):
+            reason = "local port forwarding is disabled" if not enabled else policy.decide(name, address, port).reason
+            if reason:
+                self.open.pop(forwarder, None)
+                forwarder.close()
+                closed.append((f"local {name}:{port}", reason))
+        return closed
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    """The addresses `host` stands for, in the resolver's order (no duplicates)."""
     try:
-        return await asyncio.wait_for(conn.forward_connection(host, port), timeout)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"cannot resolve {host}: {exc}") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def open_local(conn: asyncssh.SSHServerConnection, user: LocalUser, host: str, port: int, *,
+                     policy: Callable[[], OpenPolicy], timeout: float, registry: LocalForwards,
+                     on_refused: Callable[[str], None]) -> SSHForwarder:
+    """Resolve, check each address against the policy, dial the first allowed one that
+    answers as the user, and give asyncssh the connected socket; or refuse the channel."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        addresses = await asyncio.wait_for(_resolve(host, port), timeout)
     except asyncio.TimeoutError:
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
-                                        f"connecting to {host} port {port} timed out") from None
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"resolving {host} timed out") from None
+    current = policy()
+    allowed, refusal = [], ""
+    for address in addresses:
+        decision = current.decide(host, address, port)
+        if decision.allowed:
+            allowed.append(address)
+        else:
+            refusal = refusal or decision.reason
+    if not allowed:
+        on_refused(refusal)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, refusal)
+    error = ""
+    for address in allowed:
+        try:
+            sock = await dial_as_user(user, address, port, max(0.5, deadline - loop.time()))
+        except (DialError, OSError) as exc:
+            error = str(exc)
+            continue
+        if not policy().decide(host, address, port).allowed:   # an apply() landed meanwhile
+            sock.close()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            f"{host} port {port} is no longer allowed")
+        _, peer = await loop.create_connection(SSHForwarder, sock=sock)
+        return _TrackedForwarder(peer, registry, (host, address, port))
+    raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, error or f"cannot connect to {host} port {port}")

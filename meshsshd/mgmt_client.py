@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +28,22 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from .errors import MeshsshdError
 from .peerproof import ProofError, prove
 from .state import Credential
+
+
+def management_destinations(url: str) -> tuple[str, ...]:
+    """The management server as PermitOpen entries (`address:port`), one per address its
+    host resolves to (blocking: run in a thread). Local forwards may not reach it unless
+    permit_open names it (`meshsshd/permit_open.py`). () when the host does not resolve."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return ()
+    port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return ()
+    addresses = dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos)
+    return tuple(f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses)
 
 
 class ManagementUnavailable(MeshsshdError):

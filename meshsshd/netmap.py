@@ -10,6 +10,8 @@ Schema history (bump SCHEMA_VERSION and add a line when the shape changes):
       Additive since: an access rule may carry `accept_env` (older peers ignore it).
       Additive since: the SSH section may carry `agent_forwarding: false` (absent = true;
       older peers ignore it).
+      Optional SSH `permit_open` (OpenSSH PermitOpen entries for -L/-D), added without a
+      bump: absent means any, and peers that predate it ignore it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import ipaddress
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .permit_open import PermitOpenError, validate_entries
 
 SCHEMA_VERSION = 1
 
@@ -196,6 +200,13 @@ class PeerInfo:
         )
 
 
+def _permit_open(data: dict[str, Any]) -> tuple[str, ...]:
+    try:
+        return validate_entries(_str_list(data, "permit_open"), "field 'permit_open'")
+    except PermitOpenError as exc:
+        raise NetmapError(str(exc)) from exc
+
+
 @dataclass(frozen=True)
 class SSHSection:
     """What the peer's SSH server needs from management: who may log in as whom.
@@ -214,9 +225,10 @@ class SSHSection:
     access: tuple[AccessRule, ...] = ()
     subsystems: dict[str, str] = field(default_factory=dict)
     agent_forwarding: bool = True
+    permit_open: tuple[str, ...] = ()   # where -L/-D may connect; () = any (permit_open.py)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "enabled": self.enabled,
             "issuer": self.issuer,
             "audience": list(self.audience),
@@ -224,7 +236,12 @@ class SSHSection:
             "user_claim": self.user_claim,
             "access": [r.to_dict() for r in self.access],
             "subsystems": dict(self.subsystems),
-        } | ({} if self.agent_forwarding else {"agent_forwarding": False})   # as before when on
+        }
+        if not self.agent_forwarding:   # absent when on: existing maps keep their wire form
+            doc["agent_forwarding"] = False
+        if self.permit_open:   # absent when unset, likewise
+            doc["permit_open"] = list(self.permit_open)
+        return doc
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SSHSection:
@@ -249,6 +266,7 @@ class SSHSection:
             access=tuple(AccessRule.from_dict(r) for r in access),
             subsystems={str(k): str(v) for k, v in subsystems.items()},
             agent_forwarding=agent_forwarding,
+            permit_open=_permit_open(data),
         )
 
 

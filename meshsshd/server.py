@@ -27,11 +27,12 @@ import asyncssh
 
 from . import (__version__, account, acl, algorithms, asyncssh_keyopts, asyncssh_ping, asyncssh_tuning, forwarding,
                hostkeys)
-from .audit import AuditSink, ForwardOpened, LoggingAuditSink, SessionRevoked
+from .audit import AuditSink, ForwardClosed, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
 from .config import ServerSettings
 from .detached import DetachableSession, DetachedSessions
+from .detached_revoke import revoke_detached
 from .errors import AuthRefused
 from .limits import AuthTries, Penalties, StartupGate
 from .logs import event
@@ -57,6 +58,23 @@ def server_version(settings: ServerSettings) -> str:
 
 def jwt_enabled(settings: ServerSettings) -> bool:
     return not settings.disable_auth and settings.jwt.configured
+
+
+def still_allowed(settings: ServerSettings, identity: Identity, login: str, source_ip: str) -> tuple[str, str]:
+    """("", "") when a login may go on under new settings, else (reason, message for the
+    user). The one re-check for live connections and detached sessions alike."""
+    method_on = {"jwt": jwt_enabled(settings), "publickey": settings.authorized_keys,
+                 "none": settings.disable_auth}.get(identity.method, False)
+    if not method_on:
+        return "method", f"{identity.method} logins were turned off on this peer"
+    result = acl.evaluate(settings.access, source_ip, identity, login, root_login=settings.root_login)
+    if not result.allowed:
+        return result.reason, f"access revoked: {result.message}"
+    return "", ""
+
+
+def open_policy(settings: ServerSettings) -> forwarding.OpenPolicy:
+    return forwarding.OpenPolicy(settings.permit_open, settings.forward_protected)
 
 
 async def _load_authorized_keys(user: LocalUser) -> asyncssh.SSHAuthorizedKeys | None:
@@ -94,6 +112,8 @@ class _Connection(asyncssh.SSHServer):
         self._account: account.AccountState | None = None
         self._admitted = False
         self._closing = False
+        self.local_forwards = forwarding.LocalForwards()
+        self.remote_listeners = forwarding.RemoteListeners()
         # Set by revoke(): the message new channels are refused with until the
         # connection's delayed disconnect lands.
         self.revoked: str | None = None
@@ -277,6 +297,8 @@ class _Connection(asyncssh.SSHServer):
             audit=srv.audit, resolve_subsystem=lambda name: resolve_subsystem(srv.settings, name),
             accept_env=() if restricted else self._accept_env,
             registry=srv.session_registry, forced_command=None if forced is None else str(forced),
+            method=self.identity.method,
+            token_local_users=self.identity.local_users,
         )
         event(log, "auth.accepted", method=self.identity.method, identity=self.identity.value,
               user=self.user.name, source=self.info.client_ip)
@@ -307,9 +329,20 @@ class _Connection(asyncssh.SSHServer):
         if self.ctx is None or not settings.local_port_forwarding:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "local port forwarding is disabled on this peer")
-        assert self.conn is not None
-        self.server.audit.emit(ForwardOpened(**self.ctx.base_event(""), forward=f"local {dest_host}:{dest_port}"))
-        return forwarding.dial(self.conn, dest_host, dest_port, settings.limits.dial_timeout)
+        conn, ctx = self.conn, self.ctx
+        assert conn is not None
+
+        def refused(reason: str) -> None:
+            event(log, "forward.refused", kind="local", reason=reason, host=dest_host, port=dest_port,
+                  source=self.info.client_ip)
+
+        async def open_() -> Any:
+            forwarder = await forwarding.open_local(
+                conn, ctx.user, dest_host, dest_port, policy=lambda: open_policy(self.server.settings),
+                timeout=settings.limits.dial_timeout, registry=self.local_forwards, on_refused=refused)
+            self.server.audit.emit(ForwardOpened(**ctx.base_event(""), forward=f"local {dest_host}:{dest_port}"))
+            return forwarder
+        return open_()
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         settings = self.server.settings
@@ -326,7 +359,20 @@ class _Connection(asyncssh.SSHServer):
                   port=listen_port, source=self.info.client_ip)
             return False
         self.server.audit.emit(ForwardOpened(**self.ctx.base_event(""), forward=f"remote {listen_host}:{listen_port}"))
-        return True
+        assert self.conn is not None
+        return self.remote_listeners.listen(self.conn, listen_host, listen_port)
+
+    def recheck_forwards(self, settings: ServerSettings) -> None:
+        """Close the forwards the new settings would not open (flags, permit_open, -R binds)."""
+        if self.ctx is None:
+            return
+        closed = self.local_forwards.recheck(settings.local_port_forwarding, open_policy(settings))
+        closed += self.remote_listeners.recheck(settings.remote_port_forwarding, self.ctx.user.uid,
+                                                settings.own_addresses)
+        for forward, reason in closed:
+            self.server.audit.emit(ForwardClosed(**self.ctx.base_event(""), forward=forward, reason=reason))
+            event(log, "forward.closed", forward=forward, reason=reason, identity=self.ctx.identity,
+                  source=self.info.client_ip)
 
     def unix_connection_requested(self, dest_path: str) -> bool:
         return False
@@ -388,6 +434,8 @@ class MeshSSHServer:
                   effect="no PAM account or session modules (limits, loginuid, systemd session); "
                          "meshsshd itself still refuses expired accounts and honours nologin",
                   fix=f"install deploy/pam.d/meshsshd as {PAM_FILE}")
+        # Sessions that outlived a previous daemon answer to the rules it starts with.
+        await revoke_detached(self.detached, lambda *login: still_allowed(self.settings, *login))
         event(log, "server.started", listen=[f"{h}:{p}" for h, p in self.bound_addresses],
               jwt=jwt_enabled(self.settings), disable_auth=self.settings.disable_auth,
               authorized_keys=self.settings.authorized_keys, sftp=self.settings.sftp)
@@ -479,31 +527,20 @@ class MeshSSHServer:
             if address not in self._acceptors:
                 await self._bind(address)
         self._revoke_disallowed(settings)
+        await revoke_detached(self.detached, lambda *login: still_allowed(settings, *login))
         event(log, "server.applied", listen=[f"{h}:{p}" for h, p in self.bound_addresses],
               rules=len(settings.access), jwt=jwt_enabled(settings))
 
     def _revoke_disallowed(self, settings: ServerSettings) -> None:
         for c in list(self.connections):
-            if c.ctx is None or c.identity is None:
+            if c.ctx is None or c.identity is None or c.user is None:
                 continue
-            reason, message = self._still_allowed(settings, c)
+            login = "root" if c.user.is_root else c.login
+            reason, message = still_allowed(settings, c.identity, login, c.info.client_ip)
             if reason:
                 c.revoke(reason, message)
-
-    @staticmethod
-    def _still_allowed(settings: ServerSettings, c: _Connection) -> tuple[str, str]:
-        """("", "") when the connection may stay, else (reason, message for the user)."""
-        identity = c.identity
-        assert identity is not None and c.user is not None
-        method_on = {"jwt": jwt_enabled(settings), "publickey": settings.authorized_keys,
-                     "none": settings.disable_auth}.get(identity.method, False)
-        if not method_on:
-            return "method", f"{identity.method} logins were turned off on this peer"
-        login = "root" if c.user.is_root else c.login
-        result = acl.evaluate(settings.access, c.info.client_ip, identity, login, root_login=settings.root_login)
-        if not result.allowed:
-            return result.reason, f"access revoked: {result.message}"
-        return "", ""
+            else:
+                c.recheck_forwards(settings)
 
     # ---- introspection --------------------------------------------------------------
     def sessions(self) -> list[dict]:

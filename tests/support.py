@@ -125,6 +125,15 @@ def os_user(prefix: str = "mst") -> Iterator[pwd.struct_passwd]:
         subprocess.run(["userdel", "-r", "-f", name], check=False, capture_output=True)
 
 
+def process_alive(pid: int) -> bool:
+    """pid exists and is not a zombie (a killed child of someone who has not reaped it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _netns_pids(name: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False)
     return [int(p) for p in out.stdout.split()]

@@ -27,6 +27,7 @@ from ..logs import event
 from ..users import LocalUser
 from . import _utmp
 from ._agent import AgentForwarding
+from ._cgroup import LoginCgroup, kill_login
 from ._io import FdReader, FdWriter, make_pipe
 from ._pty import PTY
 from ._spawn import (ConnectionInfo, build_child_argv, build_child_env, build_pam_argv, pam_service,
@@ -53,6 +54,10 @@ class SessionContext:
     # do_exec); meshsshd applies it, not asyncssh, to set SSH_ORIGINAL_COMMAND.
     forced_command: str | None = None
     agent: AgentForwarding = field(default_factory=AgentForwarding)   # closed with the connection
+    # How the identity was proven, and its token's own local_users fence: what a policy
+    # change re-checks for sessions that outlive the connection (detached_revoke.py).
+    method: str = ""
+    token_local_users: tuple[str, ...] | None = None
 
     def base_event(self, session_id: str) -> dict[str, Any]:
         return dict(session_id=session_id, identity=self.identity, source_ip=self.conn.client_ip,
@@ -102,6 +107,8 @@ class ChildSession(asyncssh.SSHServerSession):
         self._started = time.time()
         self._utmp: _utmp.LoginRecord | None = None
         self._pam = False   # our child is the PAM helper (root); the user's process is its child
+        self._cgroup: LoginCgroup | None = None
+        self._login_ended = False
 
     @property
     def closed(self) -> bool:
@@ -221,15 +228,22 @@ class ChildSession(asyncssh.SSHServerSession):
 
     def _spawn(self, user: LocalUser, executable: str, argv: list[str], env: dict[str, str], tty: str | None,
                stdin: int, stdout: int, stderr: int, pty: bool) -> subprocess.Popen:
-        """Blocking (executor): through the PAM helper when PAM is configured."""
+        """Blocking (executor): through the PAM helper when PAM is configured; in a cgroup of
+        its own where cgroup v2 is writable (`_cgroup`)."""
+        self._cgroup = LoginCgroup.create(f"s-{self.id}") if os.geteuid() == 0 else None
         service = pam_service()
         if service is not None and os.geteuid() == 0:
             executable, argv = build_pam_argv(user, executable, argv, service=service, tty=tty,
                                               rhost=self.ctx.conn.client_ip, python=sys.executable)
             self._pam = True
-            return spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr,
-                         new_session=not pty, as_root=True)
-        return spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr, new_session=not pty)
+            proc = spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr,
+                         new_session=not pty, as_root=True, cgroup=self._cgroup)
+        else:
+            proc = spawn(user, executable, argv, env, stdin=stdin, stdout=stdout, stderr=stderr,
+                         new_session=not pty, cgroup=self._cgroup)
+        if self._cgroup is not None:
+            self._cgroup.add(proc.pid)
+        return proc
 
     async def _prepare_agent(self, chan: asyncssh.SSHServerChannel) -> str | None:
         """SSH_AUTH_SOCK when the client forwards its agent (asyncssh accepted the request
@@ -381,7 +395,16 @@ class ChildSession(asyncssh.SSHServerSession):
                 chan.exit(rc)
         self._end(rc if sig_name is None else None, sig_name)
 
+    def _end_login(self) -> None:
+        """The session is over: end what escaped its process group too (`setsid`,
+        `nohup`), in its cgroup or, without one, in its session (`_cgroup.kill_login`)."""
+        if self._login_ended or self._popen is None:
+            return
+        self._login_ended = True
+        self._loop.run_in_executor(None, kill_login, self._cgroup, self._popen.pid, self.ctx.user.uid)
+
     def _end(self, exit_status: int | None, exit_signal: str | None) -> None:
+        self._end_login()
         if self.ctx.registry.pop(self.id, None) is not None:
             self.ctx.audit.emit(audit.SessionEnded(
                 **self.ctx.base_event(self.id), exit_status=exit_status, exit_signal=exit_signal,
@@ -420,6 +443,7 @@ class ChildSession(asyncssh.SSHServerSession):
                     os.killpg(popen.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            self._end_login()
         self._loop.call_later(KILL_GRACE, hard_kill)
 
     def close(self, message: str | None = None) -> None:

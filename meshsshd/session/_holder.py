@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import importlib.util
 import json
 import os
 import selectors
@@ -552,6 +553,23 @@ class Holder:
             self.update_pause()
 
 
+def end_login(spec: dict, child_pid: int | None) -> None:
+    """Last act: SIGKILL what is left of the session (what escaped the child's process
+    group: setsid, nohup, job-control jobs), as the daemon does for its own sessions:
+    the session's cgroup, this holder included, or without one the user's processes
+    still in the child's session. `session/_cgroup.py` needs the standard library only
+    and is loaded by path. The daemon removes the cgroup when it forgets the session."""
+    if child_pid is None:
+        return
+    where = importlib.util.spec_from_file_location(
+        "meshsshd_holder_cgroup", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cgroup.py"))
+    assert where is not None and where.loader is not None
+    cgroups = importlib.util.module_from_spec(where)
+    where.loader.exec_module(cgroups)
+    cgroup = cgroups.LoginCgroup(cgroups.Path(spec["cgroup"])) if spec.get("cgroup") else None
+    cgroups.kill_login(cgroup, child_pid, int(spec["uid"]))
+
+
 def _daemonize() -> None:
     """Second fork: the first child exits at once, so the holder belongs to init."""
     if os.fork() > 0:
@@ -578,7 +596,9 @@ def main() -> int:
     os.close(devnull)
     if not reply["ok"]:
         return 1
+    child_pid = holder.proc.pid if holder.proc else None
     holder.run()
+    end_login(spec, child_pid)
     return 0
 
 

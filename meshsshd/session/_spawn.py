@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from ..logs import event
 from ..users import LocalUser
+from ._cgroup import SH, LoginCgroup
 
 log = logging.getLogger("meshsshd.session")
 
@@ -56,7 +57,6 @@ SETPRIV = shutil.which("setpriv")   # util-linux; None: every session fork()s th
 PAM_DIR = "/etc/pam.d"
 PAM_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pam_helper.py")
 ENTER_HOME_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_enter_home.py")
-SH = "/bin/sh"
 KILL = shutil.which("kill") or "/bin/kill"
 # `sh -c ENTER_HOME meshsshd HOME PROGRAM ARGS...`, run as the user. The reasons mirror
 # chdir(2)'s common errors (a POSIX shell cannot print strerror); PWD and OLDPWD, which
@@ -291,6 +291,7 @@ def spawn(
     new_session: bool,
     as_root: bool = False,
     enter_home: bool = True,
+    cgroup: LoginCgroup | None = None,
 ) -> subprocess.Popen:
     """Blocking fork/exec as the user (or as root for the PAM helper, which drops
     privileges itself); run it in an executor. Raises OSError.
@@ -299,13 +300,19 @@ def spawn(
     running as root, through Popen(user=). Both start in `/`, set the umask and the
     session, restore signal dispositions and close other fds the same way; the home
     directory is entered after the drop (`build_home_argv`; the PAM helper does it
-    itself), unless `enter_home` is false (the daemon's own helpers)."""
+    itself), unless `enter_home` is false (the daemon's own helpers).
+
+    With `cgroup`, the child joins it before exec as root (`LoginCgroup.join_argv`); on
+    the Popen(user=) path that is impossible: the caller moves it in after the start
+    (`LoginCgroup.add`, a no-op for a child that joined)."""
     kwargs: dict = dict(
         stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd="/",
         close_fds=True, restore_signals=True, umask=0o022,
         start_new_session=new_session,
     )
     if as_root:
+        if cgroup is not None:
+            executable, argv = SH, cgroup.join_argv([executable, *argv[1:]])
         return subprocess.Popen(argv, executable=executable, **kwargs)
     path = env.get("PATH", "")
     if enter_home:
@@ -313,6 +320,8 @@ def spawn(
     dropped = _setpriv_argv(user, executable, argv, path) if os.geteuid() == 0 else None
     if dropped is not None:
         executable, argv = dropped[0], dropped
+        if cgroup is not None:
+            executable, argv = SH, cgroup.join_argv(argv)
     elif os.geteuid() == 0 or user.uid != os.geteuid():
         kwargs.update(user=user.uid, group=user.gid, extra_groups=list(user.groups))
     return subprocess.Popen(argv, executable=executable, **kwargs)

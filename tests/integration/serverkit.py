@@ -20,6 +20,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -129,8 +130,14 @@ class ServerKit:
     """A `meshsshd serve` subprocess with its own config and state directory."""
 
     def __init__(self, tmp: Path, config: Mapping[str, Any] | None = None, *, host: str = "127.0.0.1",
-                 log_level: str = "info", copy_host_keys: bool = True, env: Mapping[str, str] | None = None) -> None:
+                 log_level: str = "info", copy_host_keys: bool = True, env: Mapping[str, str] | None = None,
+                 netns: str | None = None, daemon_prefix: Sequence[str] = ()) -> None:
+        """netns: run the daemon, and the ssh commands built here, in that network namespace.
+        daemon_prefix: a command the daemon is started through (e.g. `unshare ...`)."""
         self.dir = Path(tmp)
+        self.netns = netns
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.daemon_prefix = list(daemon_prefix)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = free_port(host)
@@ -154,15 +161,27 @@ class ServerKit:
             self.state_dir.mkdir(mode=0o700, parents=True)
             for f in _cached_host_keys().iterdir():
                 shutil.copy2(f, self.state_dir / f.name)
-        self.proc = Proc([console_script("meshsshd"), "serve", "--config", str(self.config_path),
+        self.proc = Proc([*self.prefix, *self.daemon_prefix, console_script("meshsshd"), "serve", "--config", str(self.config_path),
                           "--log-level", self.log_level], self.dir / "meshsshd.log", env=self.env)
         try:
-            wait_for_port(self.host, self.port, proc=self.proc.popen)
+            if self.netns:
+                self._wait_in_netns()
+            else:
+                wait_for_port(self.host, self.port, proc=self.proc.popen)
         except Exception:
             print(self.output())
             self.stop()
             raise
         return self
+
+    def _wait_in_netns(self, timeout: float = 15.0) -> None:
+        probe = f"import socket; socket.create_connection(({self.host!r}, {self.port}), 0.5).close()"
+        deadline = time.monotonic() + timeout
+        assert self.proc is not None
+        while subprocess.run([*self.prefix, sys.executable, "-c", probe], capture_output=True).returncode != 0:
+            if self.proc.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"meshsshd did not listen on {self.host}:{self.port} in {self.netns}")
+            time.sleep(0.1)
 
     def reload(self, **changes: Any) -> None:
         """Rewrite the config and SIGHUP the daemon (MeshSSHServer.apply)."""
@@ -192,7 +211,7 @@ class ServerKit:
     # ---- OpenSSH --------------------------------------------------------------------
     def ssh_argv(self, user: str, key: ClientKey | None = None, *args: str, opts: Sequence[str] = ()) -> list[str]:
         # OpenSSH keeps the first value of an option: the caller's opts go first.
-        argv = [require_tool("ssh"), *opts, *SSH_BASE_OPTS, "-p", str(self.port)]
+        argv = [*self.prefix, require_tool("ssh"), *opts, *SSH_BASE_OPTS, "-p", str(self.port)]
         if key is not None:
             argv += ["-i", str(key.path), "-o", "IdentitiesOnly=yes"]
         return [*argv, f"{user}@{self.host}", *args]

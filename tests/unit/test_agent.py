@@ -24,7 +24,7 @@ from meshsshd.dataplane._none import NoDataplane
 from meshsshd.errors import ConfigError, DataplaneError
 from meshsshd.mgmt_client import ManagementUnavailable, PeerDeleted, Registration
 from meshsshd.netmap import FirewallRule, NetworkMap, PeerInfo, SSHSection
-from meshsshd.state import Credential, StateDir, UpConfig, read_json, write_json
+from meshsshd.state import Credential, PeerFlags, StateDir, UpConfig, read_json, write_json
 
 
 def netmap(serial: int, ip: str = "127.77.0.2", rules: tuple[FirewallRule, ...] = ()) -> NetworkMap:
@@ -365,3 +365,39 @@ def test_agent_forwarding_in_the_map_must_be_a_bool() -> None:
     doc["ssh"]["agent_forwarding"] = "no"
     with pytest.raises(ValueError, match="agent_forwarding"):
         NetworkMap.from_dict(doc)
+
+
+class RecordingServer:
+    """Stands in for MeshSSHServer: keeps the settings it was given."""
+
+    served: list[Any] = []
+
+    def __init__(self, settings: Any, audit: Any = None) -> None:
+        self.settings = settings
+        self.served.append(settings)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def apply(self, settings: Any) -> None:
+        self.settings = settings
+
+
+async def test_served_settings_fence_forwards_off_management(tmp_path: Path) -> None:
+    """The management server's address is refused to -L/-D unless the map's permit_open
+    names it; the map's permit_open reaches the server."""
+    fenced = NetworkMap(serial=4, peer=PeerInfo(id="p1", name="a", fqdn="a.mesh", mesh_ip="127.77.0.2"),
+                        network="127.77.0.0/16", ssh=SSHSection(enabled=True, permit_open=("*:5432",)))
+    sd = registered_state(tmp_path, fenced)
+    up = UpConfig(management_url="http://127.0.0.1:9", dataplane="none", flags=PeerFlags(allow_server_ssh=True))
+    agent = Agent(sd, up, mgmt=Outage(), dataplane=NoDataplane(), server_factory=RecordingServer)
+    RecordingServer.served.clear()
+    assert await run_until(agent, lambda: bool(RecordingServer.served)) == 0
+    settings = RecordingServer.served[0]
+    assert settings.forward_protected == ("127.0.0.1:9",)
+    assert settings.permit_open == ("*:5432",)
+
+

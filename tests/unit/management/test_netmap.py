@@ -281,3 +281,19 @@ def test_fingerprint_changes_with_content() -> None:
     st = state((LAPTOP, DB), BASE_GROUPS, (RuleRecord(("admins",), ("servers",), "tcp", ("80",)),))
     st2 = state((LAPTOP, DB), BASE_GROUPS, (RuleRecord(("admins",), ("servers",), "tcp", ("81",)),))
     assert map_fingerprint(m(st, "db")) != map_fingerprint(m(st2, "db"))
+
+
+def test_permit_open_reaches_ssh_peers_only():
+    st = replace(state([LAPTOP, DB], BASE_GROUPS, [RuleRecord(("admins",), ("servers",), "ssh", ())]),
+                 permit_open=("db.internal:5432",))
+    assert m(st, "db").ssh.permit_open == ("db.internal:5432",)
+    assert m(st, "laptop").ssh.permit_open == ()   # no SSH server there: nothing to fence
+
+
+def test_mgmt_settings_validate_permit_open(tmp_path):
+    from management.errors import BadRequest
+    from management.settings import MgmtSettings
+
+    assert MgmtSettings(data_dir=tmp_path, ssh_permit_open=("*:443",)).ssh_permit_open == ("*:443",)
+    with pytest.raises(BadRequest, match="--ssh-permit-open"):
+        MgmtSettings(data_dir=tmp_path, ssh_permit_open=("db",))
