@@ -30,7 +30,6 @@ import random
 import resource
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error

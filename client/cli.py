@@ -10,7 +10,6 @@ Imports are lazy: `detect` and `proxy` run once per `ssh` invocation.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click

@@ -55,6 +55,7 @@ from .mgmt_client import (
     management_destinations,
 )
 from .netmap import SSH_PORT, NetmapError, NetworkMap
+from .peerproof import private_key_from_b64
 from .state import (PUBLIC_MODE, SECRET_MODE, Credential, StateDir, UpConfig, is_meshsshd, read_json,
                     write_json_async)
 

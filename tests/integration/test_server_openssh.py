@@ -408,8 +408,6 @@ def test_agent_forwarding_socket_belongs_to_user(world, tmp_path):
         assert r.returncode == 0, r.stderr
         assert lines[:2] == [f"{user.pw_name} 600", f"{user.pw_name} 700"]   # made by the user, private
         assert key.fingerprint in lines[2]
-    finally:
-        os.kill(pid, signal.SIGTERM)
 
 
 # ---- refusals ---------------------------------------------------------------------------
