@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
-import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .errors import ManagementError
+from .private_file import load_or_create_private
 
 BOX_KEY_FILE = "peer-box.key"
 
@@ -30,28 +29,13 @@ class BoxKeyError(ManagementError):
     code = "box_key_unusable"
 
 
-def _create(path: Path) -> None:
-    text = base64.b64encode(X25519PrivateKey.generate().private_bytes_raw()).decode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        return  # another process made it first; read that one
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
+def _new_key_text() -> str:
+    return base64.b64encode(X25519PrivateKey.generate().private_bytes_raw()).decode()
 
 
 def load_or_create_box_key(data_dir: Path) -> X25519PrivateKey:
     path = Path(data_dir) / BOX_KEY_FILE
-    try:
-        if not path.exists():
-            _create(path)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd) as f:
-            if stat.S_IMODE(os.fstat(f.fileno()).st_mode) & 0o077:
-                raise BoxKeyError(f"{path} is readable by others; chmod 600 it")
-            text = f.read().strip()
-    except OSError as exc:
-        raise BoxKeyError(f"cannot read the peer box key {path}: {exc.strerror}") from exc
+    text = load_or_create_private(path, _new_key_text, "peer box key", BoxKeyError)
     try:
         return X25519PrivateKey.from_private_bytes(base64.b64decode(text, validate=True))
     except (binascii.Error, ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from management.app import create_app
 from management.bootstrap import initialise
 from management.boxkey import BOX_KEY_FILE, BoxKeyError, load_or_create_box_key
+from management.idp import SECRET_FILE
 from management.settings import MgmtSettings
 from management.store import sqlite_url
 from meshsshd.peerproof import prove, public_key_b64
@@ -20,6 +22,7 @@ async def test_a_replica_with_another_box_key_says_so(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     await initialise(one, "admin@example.com", None, None)
     two.mkdir()
+    shutil.copy2(one / SECRET_FILE, two / SECRET_FILE)   # shared, as replicas must: only the box key differs
     database = sqlite_url(one)
     wg = X25519PrivateKey.generate()
     body = {"setup_key": "mk_x", "wg_public_key": public_key_b64(wg), "hostname": "h"}
