@@ -55,6 +55,7 @@ from .agent_wire import (AGENT_FAILURE, AGENT_IDENTITIES_ANSWER, AGENT_SUCCESS, 
                          MAX_MESSAGE, extension_request, frame, parse_extension, parse_json_arg, parse_query_reply,
                          parse_reply, query_reply, reply)
 from .errors import AccessDenied, ClientError, UsageError
+from .options import DEFAULT_BUDGET
 
 if TYPE_CHECKING:
     from .auth import ExchangeResult, Session
@@ -65,7 +66,6 @@ EXT_PEERS = "peers@meshsshd"
 EXTENSIONS = (EXT_TOKEN, EXT_PEERS)
 
 MAX_CONCURRENT = 4  # token requests answered at once; more wait their turn
-DEFAULT_BUDGET = 10  # tokens one connection's broker mints before refusing (--delegate-max)
 PEERS_MAX_AGE = 30.0  # the broker's copy of the peer list
 PEERS_REFRESH_MIN = 5.0  # an unknown name refetches the list at most this often
 
@@ -423,20 +423,6 @@ def _stderr(text: str) -> None:
         end = "\r\n" if sys.stderr.isatty() else "\n"
         sys.stderr.write(f"meshssh: {text}{end}")
         sys.stderr.flush()
-
-
-def parse_budget(text: str | None) -> int:
-    """--delegate-max N (or MESHSSH_DELEGATE_MAX): a positive count; there is no
-    "unlimited", so that a forgotten session cannot mint without end."""
-    if text is None:
-        return DEFAULT_BUDGET
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise UsageError(f"--delegate-max: {text!r} is not a positive number of tokens")
-    return value
 
 
 async def start_broker(session: Any, via: PeerInfo, delegate_to: Sequence[str], agent: bool | None,

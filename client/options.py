@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
+DEFAULT_BUDGET = 10  # tokens one connection's broker mints before refusing (--delegate-max)
+
 # Letters OpenSSH knows; those we do not implement are refused by name, not ignored.
 NOARG = set("46AaCfGgKkMNnqsTtVvXxYy")
 WITHARG = set("BbcDEeFIiJLlmOoPpQRSWw")
@@ -223,7 +225,6 @@ def parse_ssh_args(argv: list[str]) -> SSHArgs:
                 if name == "--delegate-to":
                     kw.setdefault("delegate_to", []).append(value)
                 elif name == "--delegate-max":
-                    from .broker import parse_budget
 
                     kw["delegate_max"] = parse_budget(value)
                 else:
@@ -405,3 +406,17 @@ def is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def parse_budget(text: str | None) -> int:
+    """--delegate-max N (or MESHSSH_DELEGATE_MAX): a positive count; there is no
+    "unlimited", so that a forgotten session cannot mint without end."""
+    if text is None:
+        return DEFAULT_BUDGET
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"--delegate-max: {text!r} is not a positive number of tokens")
+    return value

@@ -403,7 +403,8 @@ class Relay:
         if not delegate or self.target is None:
             return outer
         if self.broker is None:
-            from .broker import parse_budget, start_broker
+            from .broker import start_broker
+            from .options import parse_budget
 
             env = self.io.environ
             self.broker = await start_broker(self.session, self.target.peer, [delegate], bool(outer),
