@@ -66,6 +66,16 @@ def init_data_dir(data_dir: Path, database: str | None = None, email: str = "adm
     return (data_dir / "admin.token").read_text().strip()
 
 
+def replica_data_dir(first: Path, data_dir: Path) -> Path:
+    """A second replica's data dir: the files every replica must share, copied from the
+    first, as docs/management.md says (issuer.secret seals the signing keys, peer-box.key
+    checks registration proofs)."""
+    data_dir.mkdir(mode=0o700)
+    for name in ("issuer.secret", "peer-box.key"):
+        shutil.copy2(first / name, data_dir / name)
+    return data_dir
+
+
 def start_serve(data_dir: Path, token: str, database: str | None = None, network: str = "127.77.0.0/16",
                 extra: tuple[str, ...] = ("--register-burst", "10000")) -> Mgmt:
     port = free_port()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from meshsshd.peerproof import prove, public_key_b64
 
-from .mgmtkit import Mgmt, PgCluster, assert_no_server_errors, call, init_data_dir, peer_auth, register_peer, start_serve
+from .mgmtkit import Mgmt, PgCluster, assert_no_server_errors, call, init_data_dir, peer_auth, register_peer, replica_data_dir, start_serve
 
 pytestmark = pytest.mark.postgres
 
@@ -26,10 +25,7 @@ def replicas(pg: PgCluster, tmp_path: Path) -> Iterator[tuple[Mgmt, Mgmt]]:
     database = pg.create_database(f"replicas_{secrets.token_hex(4)}")  # one per test
     one = tmp_path / "one"
     token = init_data_dir(one, database)
-    two = tmp_path / "two"
-    two.mkdir(mode=0o700)
-    shutil.copy2(one / "peer-box.key", two / "peer-box.key")  # as docs/management.md says
-    shutil.copy2(one / "issuer.secret", two / "issuer.secret")  # every replica needs the same secret
+    two = replica_data_dir(one, tmp_path / "two")
     r1 = start_serve(one, token, database)
     try:
         r2 = start_serve(two, token, database)

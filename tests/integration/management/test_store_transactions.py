@@ -86,7 +86,8 @@ async def test_a_device_poll_is_not_split_by_another_writer(tmp_path: Path) -> N
     store = Store(sqlite_url(tmp_path))
     await store.migrate()
     try:
-        grants = Grants(store, clock=lambda: 1000.0, device_ttl=600, poll_interval=5, refresh_ttl=3600)
+        grants = Grants(store, clock=lambda: 1000.0, device_ttl=600, poll_interval=5, refresh_ttl=3600,
+                        refresh_family_ttl=86400)
         start = await grants.start_device("meshssh", "openid")
         other: list[str] = []
 

@@ -21,7 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .mgmtkit import Mgmt, PgCluster, assert_no_server_errors, call, init_data_dir, peer_auth, register_peer, start_serve
+from .mgmtkit import (Mgmt, PgCluster, assert_no_server_errors, call, init_data_dir, peer_auth, register_peer,
+                      replica_data_dir, start_serve)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -42,7 +43,7 @@ def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[Mgm
     try:
         started.append(start_serve(tmp_path / "one", token, database))
         if database:
-            (tmp_path / "two").mkdir(mode=0o700)
+            replica_data_dir(tmp_path / "one", tmp_path / "two")
             started.append(start_serve(tmp_path / "two", token, database))
         yield started
     finally:
