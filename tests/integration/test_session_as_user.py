@@ -228,9 +228,13 @@ async def test_signal_request_does_not_reach_a_process_that_became_root(tmp_path
     try:
         async with asyncssh.connect("127.0.0.1", server.bound_addresses[0][1], username=user.pw_name,
                                     known_hosts=None, client_keys=None, agent_path=None) as conn:
+            # The shell traps TERM and lives on; the root process would die of it. (Ending
+            # the session kills its whole cgroup as root, by design, so the check must
+            # happen while the session still runs.)
             proc = await conn.create_process(
+                f"trap 'echo got-term' TERM; "
                 f"{suid_dir}/to-root --reuid=0 --regid=0 --clear-groups -- {marker} </dev/null >/dev/null 2>&1 & "
-                "echo started; wait")
+                "echo started; while :; do wait; done")
             assert await proc.stdout.readline() == "started\n"
             for _ in range(50):
                 if _pids(0, marker):
@@ -238,11 +242,13 @@ async def test_signal_request_does_not_reach_a_process_that_became_root(tmp_path
                 await asyncio.sleep(0.1)
             root_pids = _pids(0, marker)
             assert root_pids, "the setuid stand-in did not start"
+            proc.send_signal("TERM")
+            assert await asyncio.wait_for(proc.stdout.readline(), 10) == "got-term\n"   # it reached the group
+            await asyncio.sleep(0.3)
+            assert _pids(0, marker) == root_pids   # root's process is out of the user's reach
             proc.send_signal("KILL")
             result = await asyncio.wait_for(proc.wait(), 10)
             assert result.exit_signal is not None and result.exit_signal[0] == "KILL"   # the user's shell
-        await asyncio.sleep(0.3)
-        assert _pids(0, marker) == root_pids   # root's process is out of the user's reach
     finally:
         subprocess.run(["pkill", "-KILL", "-f", marker], check=False)
         await server.stop()
