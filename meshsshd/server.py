@@ -413,7 +413,7 @@ class MeshSSHServer:
         self._host_keys: hostkeys.HostKeys | None = None
         self._acceptors: dict[tuple[str, int], asyncssh.SSHAcceptor] = {}
         self._prune_task: asyncio.Task | None = None
-        bad = algorithms.weak_names(algorithms.KEX_ALGS + algorithms.ENCRYPTION_ALGS + algorithms.MAC_ALGS)
+        bad = algorithms.weak_names(algorithms.KEX_ALGS + algorithms.ENCRYPTION_ALGS + algorithms.mac_algs(False))
         assert not bad, f"weak algorithms in the allowlist: {bad}"
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -458,7 +458,7 @@ class MeshSSHServer:
             # No GSSAPI logins. Left at its default, asyncssh resolves the host's FQDN
             # (socket.getfqdn: NSS, DNS) for every connection to name a GSS service.
             gss_host=None,
-            **algorithms.listen_options(),
+            **algorithms.listen_options(settings.strict_algorithms),
         )
 
     async def _bind(self, address: tuple[str, int]) -> None:
