@@ -22,6 +22,7 @@ warning and dropbear's client cannot connect. Upstream fix wanted in asyncssh.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -49,7 +50,7 @@ def refusal(version: str, server_cls: type = _conn.SSHServerConnection) -> str |
         return "version-not-checked"
     handlers = getattr(server_cls, "_packet_handlers", None)
     handler = handlers.get(MSG_KEXINIT) if isinstance(handlers, dict) else None
-    code = getattr(handler, "__code__", None)
+    code = getattr(inspect.unwrap(handler) if handler else None, "__code__", None)  # our own wrap is no change
     if code is None or not _SHAPE_NAMES <= set(code.co_names):
         return "kexinit-changed"
     return None

@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncssh
 
-from . import (__version__, account, acl, algorithms, asyncssh_kexguess, asyncssh_keyopts, asyncssh_ping, asyncssh_tuning, forwarding,
+from . import (__version__, account, acl, algorithms, asyncssh_kexguess, asyncssh_keyopts, asyncssh_ping, asyncssh_sigalgs, asyncssh_tuning, forwarding,
                hostkeys)
 from .audit import AuditSink, ForwardClosed, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
@@ -421,6 +421,7 @@ class MeshSSHServer:
         asyncssh_tuning.skip_ignore_packets()
         asyncssh_ping.answer_pings()
         asyncssh_kexguess.judge_guesses()
+        asyncssh_sigalgs.refuse_weak_signatures()
         asyncssh_keyopts.enforceable()
         loop = asyncio.get_running_loop()
         self._host_keys = await loop.run_in_executor(

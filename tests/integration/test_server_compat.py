@@ -4,14 +4,18 @@ first key-exchange packet), Debian 12's curl/libssh2 (no -etm MACs) with and wit
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
+from pathlib import Path
 
+import asyncssh
 import pytest
 
 from tests.support import require_root, require_tool
 
-from .serverkit import ServerKit, client_key, install_key
+from .serverkit import ClientKey, ServerKit, client_key, install_key
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root]
 
@@ -65,3 +69,47 @@ def test_libssh2_curl_fetches_over_sftp_unless_strict_algorithms(tmp_path, keyed
             if r.returncode != 0:
                 break
         assert r.returncode != 0 and r.stdout == b"", r.stdout
+
+
+def _key_of(path: Path) -> ClientKey:
+    public = Path(f"{path}.pub").read_text().strip()
+    return ClientKey(path, public, asyncssh.import_public_key(public).get_fingerprint("sha256"))
+
+
+def _asyncssh_login(port: int, user: str, key_path: Path, sig_alg: str) -> str:
+    """Log in with asyncssh signing with `sig_alg`; the command's output, or the failure."""
+    async def main() -> str:
+        try:
+            async with asyncssh.connect("127.0.0.1", port, username=user, client_keys=[str(key_path)],
+                                        known_hosts=None, signature_algs=[sig_alg], agent_path=None,
+                                        login_timeout=20) as conn:
+                return (await conn.run("echo in", check=False)).stdout
+        except asyncssh.PermissionDenied:
+            return "denied"
+    return asyncio.run(main())
+
+
+def test_sha1_user_auth_signatures_are_refused_and_sha2_ones_work(tmp_path, keyed):
+    """An RSA key logs in with rsa-sha2-512/256, never with ssh-rsa (SHA-1); a DSA key never."""
+    user, ed_key, rule = keyed
+    rsa_path = tmp_path / "id_rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "3072", "-N", "", "-f", str(rsa_path)], check=True)
+    dsa_path = tmp_path / "id_dsa"
+    dsa = asyncssh.generate_private_key("ssh-dss")
+    dsa.write_private_key(str(dsa_path))
+    dsa.write_public_key(f"{dsa_path}.pub")
+    keys = [_key_of(rsa_path), _key_of(dsa_path)]
+    install_key(user, *keys)
+    rule = {**rule, "identities": [k.identity for k in keys]}
+    with ServerKit(tmp_path / "srv", {"authorized_keys": True, "access": [rule]}) as srv:
+        rsa = keys[0]
+        sha1 = srv.ssh(user.pw_name, rsa, "echo in", opts=["-o", "PubkeyAcceptedAlgorithms=ssh-rsa"])
+        sha2 = srv.ssh(user.pw_name, rsa, "echo in", opts=["-o", "PubkeyAcceptedAlgorithms=rsa-sha2-256"])
+        assert (sha2.returncode, sha2.stdout) == (0, b"in\n"), sha2.stderr
+        assert sha1.returncode == 255 and sha1.stdout == b"", sha1.stderr
+        assert _asyncssh_login(srv.port, user.pw_name, rsa_path, "rsa-sha2-512") == "in\n"
+        assert _asyncssh_login(srv.port, user.pw_name, rsa_path, "ssh-rsa") == "denied"
+        assert _asyncssh_login(srv.port, user.pw_name, dsa_path, "ssh-dss") == "denied"
+        refused = [json.loads(line) for line in srv.output().splitlines() if "auth.signature-refused" in line]
+    # OpenSSH 9.2 does not even send ssh-rsa (it is not in server-sig-algs); asyncssh does.
+    assert sorted(e["algorithm"] for e in refused) == ["ssh-dss", "ssh-rsa"], refused
