@@ -13,7 +13,10 @@ connection with "Key exchange not in progress".
 
 `judge_guesses()` wraps the server's KEXINIT handler: once asyncssh has processed the
 client's KEXINIT (and the packets after it wait until it has), the ignore flag is set
-from both KEXINITs by the RFC's rule. The server's own list order stays as it is, so
+from both KEXINITs by the RFC's rule. The wrap also keeps the client's KEXINIT on the
+connection as it arrives, before asyncssh's handler task runs, so that `kexinits()` can
+show `handshake.py` both offers even when the client hangs up first (under uvloop a
+client's KEXINIT and its FIN are delivered together and the task never runs). The server's own list order stays as it is, so
 clients that prefer ML-KEM still get it. Guarded like the other asyncssh patches: only
 checked versions, only if the handler still has the shape read here; otherwise one
 warning and dropbear's client cannot connect. Upstream fix wanted in asyncssh.
@@ -56,31 +59,49 @@ def refusal(version: str, server_cls: type = _conn.SSHServerConnection) -> str |
     return None
 
 
-def _preferences(kexinit: bytes) -> tuple[bytes, bytes, bool]:
-    """First key exchange, first host-key algorithm and `first_kex_packet_follows`."""
+# The name-lists of a KEXINIT, in wire order (RFC 4253 §7.1).
+FIELDS = ("kex", "host_key", "cipher_cs", "cipher_sc", "mac_cs", "mac_sc",
+          "compression_cs", "compression_sc", "language_cs", "language_sc")
+
+
+def parse_kexinit(kexinit: bytes) -> tuple[dict[str, list[bytes]], bool]:
+    """The name-lists by field, and `first_kex_packet_follows`."""
     packet = SSHPacket(kexinit)
     packet.get_byte()
     packet.get_bytes(16)  # cookie
-    kex, host_keys = packet.get_namelist(), packet.get_namelist()
-    for _ in range(8):  # ciphers, MACs, compression (both ways), languages
-        packet.get_namelist()
-    follows = packet.get_boolean()
-    return (kex[0] if kex else b""), (host_keys[0] if host_keys else b""), follows
+    lists = {field: packet.get_namelist() for field in FIELDS}
+    return lists, packet.get_boolean()
+
+
+def _preferences(kexinit: bytes) -> tuple[tuple[bytes, bytes], bool]:
+    lists, follows = parse_kexinit(kexinit)
+    return tuple(lists[f][0] if lists[f] else b"" for f in ("kex", "host_key")), follows  # type: ignore[return-value]
 
 
 def guess_is_wrong(client_kexinit: bytes, server_kexinit: bytes) -> bool:
     """RFC 4253 §7: a guessed packet follows and the preferred algorithms differ."""
-    client_kex, client_host_key, follows = _preferences(client_kexinit)
-    server_kex, server_host_key, _ = _preferences(server_kexinit)
-    return follows and (client_kex, client_host_key) != (server_kex, server_host_key)
+    client, follows = _preferences(client_kexinit)
+    server, _ = _preferences(server_kexinit)
+    return follows and client != server
+
+
+def kexinits(conn: Any) -> tuple[bytes, bytes] | None:
+    """The client's and the server's KEXINIT of `conn`'s first key exchange, once both exist."""
+    client, server = getattr(conn, "_meshsshd_client_kexinit", None), getattr(conn, "_server_kexinit", None)
+    return (client, server) if isinstance(client, bytes) and isinstance(server, bytes) else None
 
 
 def _judging(process: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    @functools.wraps(process)  # keeps __wrapped__: the tests unpatch with it
-    async def process_kexinit(self: Any, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+    async def judged(self: Any, pkttype: int, pktid: int, packet: SSHPacket) -> None:
         await process(self, pkttype, pktid, packet)
         # Both payloads exist now: asyncssh has parsed the client's and sent its own.
         self._ignore_first_kex = guess_is_wrong(self._client_kexinit, self._server_kexinit)
+
+    @functools.wraps(process)  # keeps __wrapped__: the tests unpatch with it
+    def process_kexinit(self: Any, pkttype: int, pktid: int, packet: SSHPacket) -> Awaitable[None]:
+        if getattr(self, "_meshsshd_client_kexinit", None) is None:
+            self._meshsshd_client_kexinit = packet.get_full_payload()
+        return judged(self, pkttype, pktid, packet)
 
     return process_kexinit
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import asyncssh
 
-from . import (__version__, account, acl, algorithms, asyncssh_kexguess, asyncssh_keyopts, asyncssh_ping, asyncssh_sigalgs, asyncssh_tuning, forwarding,
-               hostkeys)
+from . import (__version__, account, acl, algorithms, asyncssh_kexguess, asyncssh_keyopts, asyncssh_ping,
+               asyncssh_sigalgs, asyncssh_tuning, forwarding, handshake, hostkeys)
 from .audit import AuditSink, ForwardClosed, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -153,6 +153,8 @@ class _Connection(asyncssh.SSHServer):
             asyncio.get_running_loop().call_soon(conn.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted and self.conn is not None:   # flood drops have their own event
+            handshake.log_failure(self.conn, exc, self.info.client_ip)
         self.server.gate.done(self)
         self.server.connections.discard(self)
         if self.ctx is not None:

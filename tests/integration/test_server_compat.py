@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import asyncssh
@@ -69,6 +71,42 @@ def test_libssh2_curl_fetches_over_sftp_unless_strict_algorithms(tmp_path, keyed
             if r.returncode != 0:
                 break
         assert r.returncode != 0 and r.stdout == b"", r.stdout
+        failed = _events(srv, "handshake.failed")
+    assert failed and "libssh2" in failed[-1]["client_version"], failed
+    assert set(failed[-1]["unmatched"]) == {"mac_cs", "mac_sc"}, failed
+    assert "hmac-sha2-256" in failed[-1]["unmatched"]["mac_cs"], failed
+
+
+def _events(srv: ServerKit, name: str) -> list[dict]:
+    return [e for e in map(json.loads, srv.output().splitlines()) if e.get("event") == name]
+
+
+def test_failed_handshakes_are_logged_with_version_and_reason(tmp_path, keyed):
+    """No common key exchange (info) and a hang-up during key exchange (debug) each leave
+    one line naming the client and why; a finished handshake leaves none."""
+    user, key, rule = keyed
+    with ServerKit(tmp_path / "srv", {"authorized_keys": True, "access": [rule]}, log_level="debug") as srv:
+        r = srv.ssh(user.pw_name, key, "true", opts=["-o", "KexAlgorithms=diffie-hellman-group14-sha256"])
+        assert r.returncode == 255
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"SSH-2.0-HangsUp_1.0\r\n")
+            s.recv(4096)   # the server's version and KEXINIT
+        assert srv.ssh(user.pw_name, key, "true").returncode == 0
+        for _ in range(50):   # the hang-up is noticed asynchronously
+            failed = _events(srv, "handshake.failed")
+            if len(failed) >= 2:
+                break
+            time.sleep(0.1)
+    # The ServerKit's readiness probe sends no version at all: logged, without one.
+    by_client = {e["client_version"].split("-", 2)[2].split("_")[0]: e for e in failed if e["client_version"]}
+    assert sorted(by_client) == ["HangsUp", "OpenSSH"], failed
+    openssh, hangs_up = by_client["OpenSSH"], by_client["HangsUp"]
+    assert openssh["level"] == "info", openssh
+    # Only the key exchange had nothing in common, and the client's offer is named.
+    assert list(openssh["unmatched"]) == ["kex"], openssh
+    assert openssh["unmatched"]["kex"].startswith("diffie-hellman-group14-sha256,"), openssh
+    assert hangs_up["level"] == "debug" and hangs_up["source"] == "127.0.0.1", hangs_up
+    assert hangs_up["unmatched"] is None, hangs_up
 
 
 def _key_of(path: Path) -> ClientKey:
