@@ -15,22 +15,12 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from tests.support import require_root, require_tool
+from tests.support import require_tool
 
-from .serverkit import ClientKey, ServerKit, client_key, install_key
+from .serverkit import ClientKey, ServerKit, install_key
+from .test_server_limits import keyed  # noqa: F401  (a pytest fixture: a user, its key, a rule)
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root]
-
-
-@pytest.fixture
-def keyed(tmp_path, make_user):
-    """A user with an installed client key and a rule letting that key in."""
-    require_root()
-    key = client_key(tmp_path)
-    user = make_user("mcp")
-    install_key(user, key)
-    rule = {"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}
-    return user, key, rule
 
 
 def test_dropbear_client_logs_in_and_runs_a_command(tmp_path, keyed):

@@ -1,5 +1,6 @@
 """meshsshd.asyncssh_kexguess: the RFC 4253 §7 verdict on a guessed first KEX packet, and
-when the patch refuses. dropbear's client over the wire: tests/integration/test_server_compat.py."""
+when it and asyncssh_sigalgs refuse to patch. dropbear's client over the wire:
+tests/integration/test_server_compat.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from asyncssh import connection as conn_mod
 from asyncssh.packet import Boolean, Byte, NameList, UInt32
 
-from meshsshd import asyncssh_kexguess
+from meshsshd import asyncssh_kexguess, asyncssh_sigalgs
 
 
 def _kexinit(kex: list[bytes], host_keys: list[bytes], follows: bool) -> bytes:
@@ -33,10 +34,19 @@ class _OtherKexinit(conn_mod.SSHServerConnection):
     _packet_handlers = {**conn_mod.SSHConnection._packet_handlers, conn_mod.MSG_KEXINIT: lambda *a: None}
 
 
-@pytest.mark.parametrize("version, cls, reason", [
-    pytest.param("2.24.1", None, None, id="checked-version"),
-    pytest.param("2.25.0", None, "version-not-checked", id="next-minor"),
-    pytest.param("2.24.1", _OtherKexinit, "kexinit-changed", id="handler-rewritten"),
+class _OtherValidate(conn_mod.SSHServerConnection):
+    async def validate_public_key(self, username, key_data, msg, signature):  # checks elsewhere
+        return False
+
+
+@pytest.mark.parametrize("module, version, cls, reason", [
+    pytest.param(asyncssh_kexguess, "2.24.1", None, None, id="kexguess-checked-version"),
+    pytest.param(asyncssh_kexguess, "2.25.0", None, "version-not-checked", id="kexguess-next-minor"),
+    pytest.param(asyncssh_kexguess, "2.24.1", _OtherKexinit, "kexinit-changed", id="kexguess-handler-rewritten"),
+    pytest.param(asyncssh_sigalgs, "2.24.1", None, None, id="sigalgs-checked-version"),
+    pytest.param(asyncssh_sigalgs, "2.25.0", None, "version-not-checked", id="sigalgs-next-minor"),
+    pytest.param(asyncssh_sigalgs, "2.24.1", _OtherValidate, "validate-public-key-changed", id="sigalgs-rewritten"),
 ])
-def test_refusal(version, cls, reason):
-    assert asyncssh_kexguess.refusal(version, cls or conn_mod.SSHServerConnection) == reason
+def test_refusal(module, version, cls, reason):
+    """Both patches (this module's and asyncssh_sigalgs) refuse what they were not read against."""
+    assert module.refusal(version, cls or conn_mod.SSHServerConnection) == reason

@@ -1,10 +1,10 @@
-"""meshsshd.asyncssh_sigalgs: which signature names are refused, and when the patch
-refuses to apply. Logins over the wire: tests/integration/test_server_compat.py."""
+"""meshsshd.asyncssh_sigalgs: which signature names are refused (when the patch refuses
+to apply: test_asyncssh_kexguess.py::test_refusal). Logins over the wire:
+tests/integration/test_server_compat.py."""
 
 from __future__ import annotations
 
 import pytest
-from asyncssh import connection as conn_mod
 from asyncssh.packet import String
 
 from meshsshd import asyncssh_sigalgs
@@ -22,17 +22,3 @@ def test_signature_algorithm(blob, name):
 def test_allowlist_has_no_sha1_signature():
     assert {b"ssh-rsa", b"ssh-dss"}.isdisjoint(asyncssh_sigalgs.ALLOWED)
     assert {b"rsa-sha2-256", b"rsa-sha2-512", b"ssh-ed25519"} <= asyncssh_sigalgs.ALLOWED
-
-
-class _Rewritten(conn_mod.SSHServerConnection):
-    async def validate_public_key(self, username, key_data, msg, signature):  # checks elsewhere
-        return False
-
-
-@pytest.mark.parametrize("version, cls, reason", [
-    pytest.param("2.24.1", None, None, id="checked-version"),
-    pytest.param("2.25.0", None, "version-not-checked", id="next-minor"),
-    pytest.param("2.24.1", _Rewritten, "validate-public-key-changed", id="method-rewritten"),
-])
-def test_refusal(version, cls, reason):
-    assert asyncssh_sigalgs.refusal(version, cls or conn_mod.SSHServerConnection) == reason
