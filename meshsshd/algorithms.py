@@ -39,6 +39,14 @@ MAC_ALGS: tuple[str, ...] = (
     "umac-128-etm@openssh.com",
 )
 
+# Encrypt-and-MAC SHA-2, after the EtM ones as in OpenSSH's default server list: libssh2
+# before 1.11 (Debian 12's curl) knows no -etm MAC and found nothing in common.
+# `strict_algorithms = true` drops them (ssh-audit notes encrypt-and-MAC, as for sshd).
+COMPAT_MAC_ALGS: tuple[str, ...] = (
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+)
+
 COMPRESSION_ALGS: tuple[str, ...] = ("none",)
 
 # Signatures accepted from clients (public-key auth) and used with the host keys: RSA only
@@ -57,12 +65,17 @@ SIGNATURE_ALGS: tuple[str, ...] = (
 FORBIDDEN_MARKERS: tuple[str, ...] = ("sha1", "md5", "cbc", "arcfour", "3des", "ssh-rsa", "ssh-dss", "group1-", "group14", "umac-64", "-96")
 
 
-def listen_options() -> dict[str, Any]:
+def mac_algs(strict: bool) -> tuple[str, ...]:
+    """The MACs offered: EtM only when `strict`, else also the encrypt-and-MAC SHA-2 pair."""
+    return MAC_ALGS if strict else MAC_ALGS + COMPAT_MAC_ALGS
+
+
+def listen_options(strict: bool) -> dict[str, Any]:
     """Keyword arguments for `asyncssh.listen` that pin every negotiated algorithm."""
     return {
         "kex_algs": list(KEX_ALGS),
         "encryption_algs": list(ENCRYPTION_ALGS),
-        "mac_algs": list(MAC_ALGS),
+        "mac_algs": list(mac_algs(strict)),
         "compression_algs": list(COMPRESSION_ALGS),
         "signature_algs": list(SIGNATURE_ALGS),
     }

@@ -103,6 +103,8 @@ class ServerSettings:
     # refused unless listed there besides link-local (the management server's address).
     permit_open: tuple[str, ...] = ()
     forward_protected: tuple[str, ...] = ()
+    # Only encrypt-then-MAC MACs (no hmac-sha2-256/512 for libssh2 < 1.11 clients).
+    strict_algorithms: bool = False
 
     def with_(self, **changes: Any) -> ServerSettings:
         return replace(self, **changes)
@@ -169,6 +171,7 @@ KNOWN_KEYS = {
     "accept_env", "nologin_files",
     "agent_forwarding",
     "permit_open",
+    "strict_algorithms",
 }
 JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
 
@@ -280,6 +283,7 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         nologin_files=nologin_files,
         agent_forwarding=_bool(data, "agent_forwarding", True),
         permit_open=permit_open,
+        strict_algorithms=_bool(data, "strict_algorithms"),
     )
     if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
         raise ConfigError(

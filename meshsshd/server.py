@@ -25,8 +25,8 @@ from typing import Any
 
 import asyncssh
 
-from . import (__version__, account, acl, algorithms, asyncssh_keyopts, asyncssh_ping, asyncssh_tuning, forwarding,
-               hostkeys)
+from . import (__version__, account, acl, algorithms, asyncssh_kexguess, asyncssh_keyopts, asyncssh_ping,
+               asyncssh_sigalgs, asyncssh_tuning, forwarding, handshake, hostkeys)
 from .audit import AuditSink, ForwardClosed, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -153,6 +153,8 @@ class _Connection(asyncssh.SSHServer):
             asyncio.get_running_loop().call_soon(conn.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted and self.conn is not None:   # flood drops have their own event
+            handshake.log_failure(self.conn, exc, self.info.client_ip)
         self.server.gate.done(self)
         self.server.connections.discard(self)
         if self.ctx is not None:
@@ -413,13 +415,15 @@ class MeshSSHServer:
         self._host_keys: hostkeys.HostKeys | None = None
         self._acceptors: dict[tuple[str, int], asyncssh.SSHAcceptor] = {}
         self._prune_task: asyncio.Task | None = None
-        bad = algorithms.weak_names(algorithms.KEX_ALGS + algorithms.ENCRYPTION_ALGS + algorithms.MAC_ALGS)
+        bad = algorithms.weak_names(algorithms.KEX_ALGS + algorithms.ENCRYPTION_ALGS + algorithms.mac_algs(False))
         assert not bad, f"weak algorithms in the allowlist: {bad}"
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         asyncssh_tuning.skip_ignore_packets()
         asyncssh_ping.answer_pings()
+        asyncssh_kexguess.judge_guesses()
+        asyncssh_sigalgs.refuse_weak_signatures()
         asyncssh_keyopts.enforceable()
         loop = asyncio.get_running_loop()
         self._host_keys = await loop.run_in_executor(
@@ -457,7 +461,7 @@ class MeshSSHServer:
             # No GSSAPI logins. Left at its default, asyncssh resolves the host's FQDN
             # (socket.getfqdn: NSS, DNS) for every connection to name a GSS service.
             gss_host=None,
-            **algorithms.listen_options(),
+            **algorithms.listen_options(settings.strict_algorithms),
         )
 
     async def _bind(self, address: tuple[str, int]) -> None:

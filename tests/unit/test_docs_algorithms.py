@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshsshd.algorithms import KEX_ALGS
+from meshsshd.algorithms import KEX_ALGS, mac_algs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,3 +25,9 @@ def _kex_names(text: str, start: str) -> list[str]:
 ])
 def test_documented_kex_list_is_the_offered_one(doc: str, start: str) -> None:
     assert _kex_names((ROOT / doc).read_text(), start) == list(KEX_ALGS)
+
+
+def test_documented_mac_list_is_the_offered_one() -> None:
+    text = (ROOT / "docs/server.md").read_text()
+    i = text.index("- MACs: ")
+    assert re.findall(r"`([^`]+)`", text[i:text.index(";", i)]) == list(mac_algs(False))
