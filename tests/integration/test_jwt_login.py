@@ -84,6 +84,17 @@ def sign(key: Any, c: dict[str, Any], alg: str = "EdDSA", kid: str = "main") -> 
     return jwt.encode(c, key, algorithm=alg, headers={"kid": kid})
 
 
+def sign_text(key: Any, payload: str) -> str:
+    """A correctly signed token whose payload is exactly `payload` (JSON as an attacker
+    writes it: `1e309`, `NaN`, which json.dumps would not spell that way)."""
+    return jwt.PyJWS().encode(payload.encode(), key, algorithm="EdDSA", headers={"kid": "main"})
+
+
+def claims_text(name: str, literal: str) -> str:
+    text = json.dumps(claims(**{name: 0}))
+    return text.replace(f'"{name}": 0', f'"{name}": {literal}')
+
+
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -158,6 +169,13 @@ BAD_TOKENS = [
     pytest.param(lambda k: sign(k.main, claims(pad="x" * 20_000)), "too-large", "larger than 16384",
                  id="too-large"),
     pytest.param(lambda k: "hunter2", "malformed", "not a token", id="plain-password"),
+    # Time claims that are not whole finite seconds: NaN never expired, 1e309 crashed.
+    *(pytest.param(lambda k, n=name, v=literal: sign_text(k.main, claims_text(n, v)), "malformed",
+                   f"token claim `{name}` must be", id=f"{name}-{literal}")
+      for name in ("exp", "iat", "nbf") for literal in ("NaN", "Infinity", "1e309", "1.5e9", "true")),
+    pytest.param(lambda k: jwt.encode(claims(), k.main, algorithm="EdDSA",
+                                      headers={"kid": "main", "crit": ["urn:x"], "urn:x": 1}),
+                 "unsupported-crit", "does not implement", id="crit"),
     pytest.param(lambda k: sign(k.main, claims(email="bob@example.com")), "identity", "may not log in",
                  id="identity-not-in-rules"),
     pytest.param(lambda k: sign(k.main, claims(local_users=["someone-else"])), "token-users",

@@ -255,13 +255,27 @@ async def test_jwk_alg_member_narrows_the_algorithms(tmp_path: Path, clock: Cloc
     pytest.param({"aud": "peer-other"}, "wrong-audience", "token is for another peer", id="wrong-audience"),
     pytest.param({"aud": ["a", "b"]}, "wrong-audience", "token is for another peer", id="wrong-audience-list"),
     pytest.param({"exp": int(NOW) - 42 - 30, "iat": int(NOW) - 120, "nbf": int(NOW) - 120}, "expired",
-                 "token expired 72 s ago — run `meshssh login`", id="expired"),
+                 "token expired 72 s ago, issued 120 s ago", id="expired"),
+    pytest.param({"exp": int(NOW) - 60, "iat": int(NOW) - 120, "nbf": int(NOW) - 120}, "expired",
+                 "this peer's clock is about 120 s ahead: check the clocks", id="expired-names-a-clock-ahead"),
     pytest.param({"nbf": int(NOW) + 120}, "not-yet-valid", "clock skew: token issued in the future", id="nbf-future"),
     pytest.param({"iat": int(NOW) + 120, "nbf": int(NOW)}, "issued-in-future",
                  "clock skew: token issued in the future", id="iat-future"),
     pytest.param({"iat": int(NOW) - 700, "nbf": int(NOW) - 700, "exp": int(NOW) + 60}, "too-old",
                  "issued 700 s ago", id="iat-too-old"),
     pytest.param({"exp": "soon"}, "malformed", "`exp`", id="exp-not-a-number"),
+    # Non-finite, fractional, boolean or huge time claims: NaN compares false with
+    # everything (such a token never expired), inf/1e309 and 10**400 broke the arithmetic.
+    *(pytest.param({name: value}, "malformed", f"token claim `{name}` {words}", id=f"{name}-{vid}")
+      for name in ("exp", "iat", "nbf")
+      for vid, value, words in (("nan", float("nan"), "must be a finite number"),
+                                ("inf", float("inf"), "must be a finite number"),
+                                ("minus-inf", float("-inf"), "must be a finite number"),
+                                ("1e309", 1e309, "must be a finite number"),
+                                ("fraction", NOW + 0.5, "must be a whole number"),
+                                ("bool", True, "must be a whole number"),
+                                ("huge", 10**400, "is too large"),
+                                ("negative", -1, "must not be negative"))),
     pytest.param({"local_users": "alice"}, "malformed", "local_users", id="local-users-not-a-list"),
 ])
 async def test_claim_refusals(validator: JWTValidator, ec_signer: Signer, over: dict[str, Any],
@@ -269,6 +283,12 @@ async def test_claim_refusals(validator: JWTValidator, ec_signer: Signer, over: 
     exc = await refused(validator, ec_signer.sign(claims(**over)))
     assert exc.reason == reason
     assert words in exc.user_message
+
+
+async def test_unsupported_crit_header_names_the_cause(validator: JWTValidator, ec_signer: Signer) -> None:
+    exc = await refused(validator, ec_signer.sign(claims(), headers={"crit": ["urn:x"], "urn:x": 1}))
+    assert exc.reason == "unsupported-crit"
+    assert "urn:x" in exc.user_message and "signature" not in exc.user_message
 
 
 async def test_leeway_admits_small_skew(validator: JWTValidator, ec_signer: Signer) -> None:
