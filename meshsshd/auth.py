@@ -122,9 +122,14 @@ def check_claims(claims: Mapping[str, Any], expect: ClaimExpectations, now: floa
         )
     leeway = expect.leeway
     exp, nbf, iat = float(claims["exp"]), float(claims["nbf"]), float(claims["iat"])
+    # The clock skew tolerated is the same both ways: a fresh token is accepted by a peer
+    # whose clock is up to its usable life + leeway ahead (exp edge) or behind (iat edge).
+    # Tolerating a clock behind costs nothing: the token stops at exp + leeway by the
+    # peer's clock either way, and nobody can hold a token before it is issued.
+    skew = max(0.0, min(exp - iat, expect.max_token_age)) + leeway
     if now > exp + leeway:
-        # A token meshssh fetched a moment ago looks just like an old one to a peer whose
-        # clock is ahead: say both, with the offset that would explain it.
+        # A token fetched a moment ago looks just like an old one to a peer whose clock
+        # is ahead: say both, with the offset that would explain it.
         raise AuthRefused(
             "expired",
             f"token expired {int(now - exp)} s ago, issued {int(now - iat)} s ago by this "
@@ -132,17 +137,18 @@ def check_claims(claims: Mapping[str, Any], expect: ClaimExpectations, now: floa
             f"{int(now - iat)} s ahead: check the clocks of this peer and your computer (NTP); "
             f"otherwise {LOGIN_HINT} for a fresh one",
         )
-    if nbf > now + leeway:
-        raise AuthRefused(
-            "not-yet-valid",
-            f"clock skew: token issued in the future (not valid for {int(nbf - now)} s) — "
-            "check the clocks of this peer and your computer",
-        )
-    if iat > now + leeway:
+    if iat > now + skew:
         raise AuthRefused(
             "issued-in-future",
-            f"clock skew: token issued in the future ({int(iat - now)} s ahead) — "
-            "check the clocks of this peer and your computer",
+            f"clock skew: token issued in the future ({int(iat - now)} s ahead, at most "
+            f"{int(skew)} s tolerated) — this peer's clock is behind the issuer's: check the "
+            "clocks of this peer and your computer (NTP)",
+        )
+    if nbf > max(now, iat) + leeway:
+        raise AuthRefused(
+            "not-yet-valid",
+            f"token is not valid for another {int(nbf - max(now, iat))} s (the issuer dated "
+            "its `nbf` after its `iat`) — use it later, or ask the issuer not to post-date tokens",
         )
     if now - iat > expect.max_token_age + leeway:
         raise AuthRefused(

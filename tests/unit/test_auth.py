@@ -258,9 +258,10 @@ async def test_jwk_alg_member_narrows_the_algorithms(tmp_path: Path, clock: Cloc
                  "token expired 72 s ago, issued 120 s ago", id="expired"),
     pytest.param({"exp": int(NOW) - 60, "iat": int(NOW) - 120, "nbf": int(NOW) - 120}, "expired",
                  "this peer's clock is about 120 s ahead: check the clocks", id="expired-names-a-clock-ahead"),
-    pytest.param({"nbf": int(NOW) + 120}, "not-yet-valid", "clock skew: token issued in the future", id="nbf-future"),
-    pytest.param({"iat": int(NOW) + 120, "nbf": int(NOW)}, "issued-in-future",
-                 "clock skew: token issued in the future", id="iat-future"),
+    pytest.param({"nbf": int(NOW) + 120}, "not-yet-valid", "the issuer dated its `nbf` after its `iat`",
+                 id="nbf-future"),
+    pytest.param({"iat": int(NOW) + 120, "nbf": int(NOW) + 120, "exp": int(NOW) + 180}, "issued-in-future",
+                 "this peer's clock is behind the issuer's", id="iat-future"),
     pytest.param({"iat": int(NOW) - 700, "nbf": int(NOW) - 700, "exp": int(NOW) + 60}, "too-old",
                  "issued 700 s ago", id="iat-too-old"),
     pytest.param({"exp": "soon"}, "malformed", "`exp`", id="exp-not-a-number"),
@@ -289,6 +290,20 @@ async def test_unsupported_crit_header_names_the_cause(validator: JWTValidator, 
     exc = await refused(validator, ec_signer.sign(claims(), headers={"crit": ["urn:x"], "urn:x": 1}))
     assert exc.reason == "unsupported-crit"
     assert "urn:x" in exc.user_message and "signature" not in exc.user_message
+
+
+@pytest.mark.parametrize("offset", [-85, 85])
+def test_clock_skew_tolerance_is_symmetric(offset: int) -> None:
+    """A fresh 60 s token: a peer clock 85 s behind or ahead accepts it, 95 s refuses it,
+    each time naming the clock (it was 30 s behind, 90 s ahead, and ahead said `meshssh login`)."""
+    expect = ClaimExpectations(ISSUER, (AUDIENCE,), max_token_age=600, leeway=30, user_claim="email")
+    fresh = claims(iat=int(NOW), nbf=int(NOW), exp=int(NOW) + 60)
+    check_claims(fresh, expect, NOW + offset)
+    far = NOW + offset + (10 if offset > 0 else -10)
+    with pytest.raises(AuthRefused) as exc:
+        check_claims(fresh, expect, far)
+    assert exc.value.reason == ("expired" if offset > 0 else "issued-in-future")
+    assert ("clock is about 95 s ahead" if offset > 0 else "clock is behind") in exc.value.user_message
 
 
 async def test_leeway_admits_small_skew(validator: JWTValidator, ec_signer: Signer) -> None:
