@@ -252,9 +252,7 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
     )
     _check_jwks_source(jwt)
     access_raw = data.get("access", [])
-    if not isinstance(access_raw, list):
-        raise ConfigError("[[access]] must be an array of tables")
-    if not all(isinstance(r, dict) for r in access_raw):
+    if not isinstance(access_raw, list) or not all(isinstance(r, dict) for r in access_raw):
         raise ConfigError("[[access]] must be an array of tables")
     try:
         access = tuple(AccessRule.from_dict(r) for r in access_raw)
