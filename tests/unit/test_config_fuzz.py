@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -184,3 +186,33 @@ def test_network_map_of_any_shape_parses_or_raises_netmap_error(doc: Any) -> Non
         NetworkMap.from_dict(doc)
     except NetmapError:
         pass
+
+
+# The cases the fuzzing above found, spelled out: each error names the key.
+@pytest.mark.parametrize("table, key, value, words", [
+    pytest.param("jwt", "leeway", float("nan"), "jwt.leeway must be a finite number, not nan", id="leeway-nan"),
+    pytest.param("jwt", "max_token_age", float("inf"), "jwt.max_token_age must be a finite number", id="age-inf"),
+    pytest.param("jwt", "leeway", -30, "jwt.leeway must not be negative", id="leeway-negative"),
+    pytest.param("jwt", "leeway", "30", "jwt.leeway must be a number", id="leeway-string"),
+    pytest.param("limits", "login_grace", float("nan"), "limits.login_grace must be a finite number", id="grace-nan"),
+    pytest.param("limits", "max_auth_tries", 2.5, "limits.max_auth_tries must be a whole number", id="tries-fraction"),
+    pytest.param("limits", "max_sessions", True, "limits.max_sessions must be a whole number", id="sessions-bool"),
+    pytest.param("limits", "max_startups", [10, -1, 100], "limits.max_startups entry -1 must not be negative",
+                 id="startups-negative"),
+    pytest.param("limits", "dial_timeout", 10**400, "limits.dial_timeout is too large", id="timeout-huge"),
+])
+def test_bad_numbers_in_config_are_refused_by_name(table: str, key: str, value: Any, words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        settings_from_dict({**BASE_CONFIG, table: {key: value}})
+
+
+@pytest.mark.parametrize("serial, words", [
+    pytest.param(float("nan"), "must be a finite number", id="nan"),
+    pytest.param(float("inf"), "must be a finite number", id="inf"),
+    pytest.param(-1, "must not be negative", id="negative"),
+    pytest.param(True, "must be a whole number", id="bool"),
+    pytest.param(7.5, "must be a whole number", id="fraction"),
+])
+def test_bad_numbers_in_the_network_map_are_refused(serial: Any, words: str) -> None:
+    with pytest.raises(NetmapError, match=f"field 'serial' {re.escape(words)}"):
+        NetworkMap.from_dict({**_copy(BASE_MAP), "serial": serial})
