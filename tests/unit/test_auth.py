@@ -306,6 +306,23 @@ def test_clock_skew_tolerance_is_symmetric(offset: int) -> None:
     assert ("clock is about 95 s ahead" if offset > 0 else "clock is behind") in exc.value.user_message
 
 
+async def test_a_check_that_breaks_is_a_logged_refusal(validator: JWTValidator, ec_signer: Signer,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Failure injection: whatever a future check trips over (1e309 once raised
+    OverflowError here), the login gets a refusal and the log a line, not a dropped link."""
+    import meshsshd.auth as auth_module
+
+    def broken(*_: Any) -> None:
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(auth_module, "check_claims", broken)
+    caplog.set_level(logging.ERROR)
+    exc = await refused(validator, ec_signer.sign(claims()))
+    assert exc.reason == "internal-error"
+    assert any(r.getMessage() == "auth.check-failed" for r in caplog.records)
+
+
 async def test_leeway_admits_small_skew(validator: JWTValidator, ec_signer: Signer) -> None:
     token = ec_signer.sign(claims(exp=int(NOW) - 20, nbf=int(NOW) + 20, iat=int(NOW) + 20))
     assert (await validator.validate(token)).value == "alice@example.com"
