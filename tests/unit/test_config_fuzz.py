@@ -159,11 +159,13 @@ def test_network_map_parses_or_raises_netmap_error(changes: list[tuple[tuple[tup
     doc = _copy(BASE_MAP)
     for (path, key), value in changes:
         target: Any = doc
-        for step in path:
-            target = target[step] if isinstance(target, dict) or (
-                isinstance(target, list) and isinstance(step, int) and step < len(target)) else None
-            if not isinstance(target, (dict, list)):
-                break
+        for step in path:   # an earlier change may have replaced a container: skip then
+            if isinstance(target, dict):
+                target = target.get(step)
+            elif isinstance(target, list) and isinstance(step, int) and step < len(target):
+                target = target[step]
+            else:
+                target = None
         if isinstance(target, dict):
             target[key] = value
     try:
