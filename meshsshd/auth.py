@@ -34,6 +34,7 @@ from typing import Any
 import jwt
 
 from .config import JWTSettings
+from .config_values import number_problem
 from .errors import AuthRefused
 from .jwks import ALLOWED_ALGS, JWKSError, KeyStore, SigningKey, printable
 from .logs import event
@@ -86,10 +87,6 @@ class ClaimExpectations:
                    settings.leeway, settings.user_claim)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_claims(claims: Mapping[str, Any], expect: ClaimExpectations, now: float) -> None:
     """Raise AuthRefused if verified claims do not admit a login at `now`. Pure."""
     for name in (*REQUIRED_CLAIMS, expect.user_claim):
@@ -99,8 +96,12 @@ def check_claims(claims: Mapping[str, Any], expect: ClaimExpectations, now: floa
                 f"token lacks the `{printable(name)}` claim — the issuer must include it",
             )
     for name in ("exp", "nbf", "iat"):
-        if not _is_number(claims[name]):
-            raise AuthRefused("malformed", f"token claim `{name}` is not a number — {LOGIN_HINT}")
+        if problem := number_problem(claims[name], integer=True):
+            raise AuthRefused(
+                "malformed",
+                f"token claim `{name}` {problem} — "
+                "the issuer must send whole seconds since 1970 (RFC 7519 NumericDate)",
+            )
     if not isinstance(claims["jti"], str) or not isinstance(claims["iss"], str):
         raise AuthRefused("malformed", f"token claims `iss`/`jti` must be strings — {LOGIN_HINT}")
     if not isinstance(claims[expect.user_claim], str):
@@ -121,19 +122,33 @@ def check_claims(claims: Mapping[str, Any], expect: ClaimExpectations, now: floa
         )
     leeway = expect.leeway
     exp, nbf, iat = float(claims["exp"]), float(claims["nbf"]), float(claims["iat"])
+    # The clock skew tolerated is the same both ways: a fresh token is accepted by a peer
+    # whose clock is up to its usable life + leeway ahead (exp edge) or behind (iat edge).
+    # Tolerating a clock behind costs nothing: the token stops at exp + leeway by the
+    # peer's clock either way, and nobody can hold a token before it is issued.
+    skew = max(0.0, min(exp - iat, expect.max_token_age)) + leeway
     if now > exp + leeway:
-        raise AuthRefused("expired", f"token expired {int(now - exp)} s ago — {LOGIN_HINT}")
-    if nbf > now + leeway:
+        # A token fetched a moment ago looks just like an old one to a peer whose clock
+        # is ahead: say both, with the offset that would explain it.
         raise AuthRefused(
-            "not-yet-valid",
-            f"clock skew: token issued in the future (not valid for {int(nbf - now)} s) — "
-            "check the clocks of this peer and your computer",
+            "expired",
+            f"token expired {int(now - exp)} s ago, issued {int(now - iat)} s ago by this "
+            f"peer's clock — if it was fetched just now, this peer's clock is about "
+            f"{int(now - iat)} s ahead: check the clocks of this peer and your computer (NTP); "
+            f"otherwise {LOGIN_HINT} for a fresh one",
         )
-    if iat > now + leeway:
+    if iat > now + skew:
         raise AuthRefused(
             "issued-in-future",
-            f"clock skew: token issued in the future ({int(iat - now)} s ahead) — "
-            "check the clocks of this peer and your computer",
+            f"clock skew: token issued in the future ({int(iat - now)} s ahead, at most "
+            f"{int(skew)} s tolerated) — this peer's clock is behind the issuer's: check the "
+            "clocks of this peer and your computer (NTP)",
+        )
+    if nbf > max(now, iat) + leeway:
+        raise AuthRefused(
+            "not-yet-valid",
+            f"token is not valid for another {int(nbf - max(now, iat))} s (the issuer dated "
+            "its `nbf` after its `iat`) — use it later, or ask the issuer not to post-date tokens",
         )
     if now - iat > expect.max_token_age + leeway:
         raise AuthRefused(
@@ -295,7 +310,21 @@ class JWTValidator:
         self._old_stores.clear()
 
     async def validate(self, token: str) -> Identity:
-        """The identity a token proves, or AuthRefused. Never logs or echoes the token."""
+        """The identity a token proves, or AuthRefused. Never logs or echoes the token.
+
+        Whatever a token holds, the answer is a refusal with a reason: an exception no
+        check foresaw (a claim value that breaks arithmetic) is logged and refused here
+        rather than dropping the connection with no log line and no audit event."""
+        try:
+            return await self._validate(token)
+        except AuthRefused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the login must get an answer, see above
+            event(log, "auth.check-failed", level=logging.ERROR, error=type(exc).__name__)
+            raise AuthRefused("internal-error", "this peer could not check the token — "
+                              "ask the administrator to look at the peer's log") from None
+
+    async def _validate(self, token: str) -> Identity:
         if not isinstance(token, str):
             raise AuthRefused("malformed", f"the password is not a token (JWT) — {LOGIN_HINT}")
         if len(token) > MAX_TOKEN_BYTES or len(token.encode("utf-8", "replace")) > MAX_TOKEN_BYTES:
@@ -307,6 +336,12 @@ class JWTValidator:
         if not token.isascii():
             raise AuthRefused("malformed", f"the password is not a token (JWT) — {LOGIN_HINT}")
         header = read_header(token)
+        if "crit" in header:
+            raise AuthRefused(
+                "unsupported-crit",
+                f"token header marks extensions {printable(header['crit'])} as critical, which "
+                "this peer does not implement (RFC 7515 crit) — the issuer must not set `crit`",
+            )
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
             raise AuthRefused(

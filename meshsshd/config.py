@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .config_values import number_problem, typed_problem
 from .errors import ConfigError
 from .netmap import SSH_PORT, AccessRule, NetmapError, NetworkMap, check_accept_env
 from .permit_open import PermitOpenError, validate_entries
@@ -112,6 +113,8 @@ class ServerSettings:
 
 def parse_listen(spec: str) -> tuple[str, int]:
     """"127.0.0.1:22022", "[::1]:22022", "0.0.0.0" → (host, port); port defaults to 22022."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"listen address {spec!r} must be a string \"host:port\"")
     spec = spec.strip()
     if spec.startswith("["):
         host, _, rest = spec[1:].partition("]")
@@ -124,10 +127,9 @@ def parse_listen(spec: str) -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError as exc:
         raise ConfigError(f"listen address {spec!r}: {host!r} is not an IP address") from exc
-    try:
-        port = int(port_s) if port_s else SSH_PORT
-    except ValueError as exc:
-        raise ConfigError(f"listen address {spec!r}: port is not a number") from exc
+    if port_s and not (port_s.isascii() and port_s.isdigit()):
+        raise ConfigError(f"listen address {spec!r}: port is not a number")
+    port = int(port_s) if port_s else SSH_PORT
     if not 0 <= port <= 65535:
         raise ConfigError(f"listen address {spec!r}: port out of range")
     return host, port
@@ -154,6 +156,34 @@ def _strings(table: dict[str, Any], key: str, default: tuple[Any, ...]) -> tuple
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key} must be a list of strings")
     return tuple(value)
+
+
+def _number(table: dict[str, Any], key: str, default: float, where: str) -> float:
+    """A finite, non-negative number: NaN or inf here would make a comparison never refuse."""
+    value = table.get(key, default)
+    if problem := number_problem(value):
+        raise ConfigError(f"{where}{key} {problem}")
+    return float(value)
+
+
+def _string(table: dict[str, Any], key: str, default: str | None, where: str = "") -> Any:
+    value = table.get(key, default)
+    if value is not None and (not isinstance(value, str) or "\0" in value):
+        raise ConfigError(f"{where}{key} must be a string")
+    return value
+
+
+def _limits(raw: dict[str, Any]) -> Limits:
+    """[limits] checked field by field against the defaults' types (a field added to
+    `Limits` later is validated the same way, with no code here)."""
+    defaults = {f.name: f.default for f in fields(Limits)}
+    unknown = set(raw) - set(defaults)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [limits]: {', '.join(sorted(map(str, unknown)))}")
+    for key, value in raw.items():
+        if problem := typed_problem(value, defaults[key]):
+            raise ConfigError(f"limits.{key} {problem}")
+    return Limits(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
 
 
 def _audience(value: Any) -> tuple[str, ...]:
@@ -213,19 +243,19 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
     unknown = set(jwt_raw) - JWT_KEYS
     if unknown:
         raise ConfigError(f"unknown key(s) in [jwt]: {', '.join(sorted(unknown))}")
-    jwks_file = jwt_raw.get("jwks_file")
+    jwks_file = _string(jwt_raw, "jwks_file", None, "jwt.")
     jwt = JWTSettings(
-        issuer=str(jwt_raw.get("issuer", "")),
+        issuer=_string(jwt_raw, "issuer", "", "jwt."),
         audience=_audience(jwt_raw["audience"]) if "audience" in jwt_raw else (),
         jwks_file=(base_dir / jwks_file) if jwks_file else None,
-        jwks_url=jwt_raw.get("jwks_url"),
-        max_token_age=float(jwt_raw.get("max_token_age", 600)),
-        leeway=float(jwt_raw.get("leeway", 30)),
-        user_claim=str(jwt_raw.get("user_claim", "sub")),
+        jwks_url=_string(jwt_raw, "jwks_url", None, "jwt."),
+        max_token_age=_number(jwt_raw, "max_token_age", 600, "jwt."),
+        leeway=_number(jwt_raw, "leeway", 30, "jwt."),
+        user_claim=_string(jwt_raw, "user_claim", "sub", "jwt."),
     )
     _check_jwks_source(jwt)
     access_raw = data.get("access", [])
-    if not isinstance(access_raw, list):
+    if not isinstance(access_raw, list) or not all(isinstance(r, dict) for r in access_raw):
         raise ConfigError("[[access]] must be an array of tables")
     try:
         access = tuple(AccessRule.from_dict(r) for r in access_raw)
@@ -239,13 +269,8 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
     limits_raw = data.get("limits", {})
     if not isinstance(limits_raw, dict):
         raise ConfigError("[limits] must be a table")
-    try:
-        limits = Limits(**{
-            k: (tuple(v) if isinstance(v, list) else v) for k, v in limits_raw.items()
-        })
-    except TypeError as exc:
-        raise ConfigError(f"[limits]: {exc}") from exc
-    metrics = data.get("metrics_listen")
+    limits = _limits(limits_raw)
+    metrics = _string(data, "metrics_listen", None)
     try:
         accept_env = check_accept_env(_strings(data, "accept_env", DEFAULT_ACCEPT_ENV))
     except NetmapError as exc:
@@ -264,7 +289,7 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         raise ConfigError(str(exc)) from exc
     settings = ServerSettings(
         listen=tuple(parse_listen(s) for s in listen_raw),
-        state_dir=Path(data.get("state_dir", DEFAULT_STATE_DIR)),
+        state_dir=Path(_string(data, "state_dir", str(DEFAULT_STATE_DIR))),
         use_system_host_keys=_bool(data, "use_system_host_keys"),
         sftp=_bool(data, "sftp"),
         local_port_forwarding=_bool(data, "local_port_forwarding"),
@@ -275,9 +300,9 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         jwt=jwt,
         access=access,
         subsystems=dict(subsystems),
-        sftp_server=data.get("sftp_server") or find_sftp_server(),
+        sftp_server=_string(data, "sftp_server", None) or find_sftp_server(),
         limits=limits,
-        own_addresses=tuple(data.get("own_addresses", [])),
+        own_addresses=_strings(data, "own_addresses", ()),
         metrics_listen=parse_listen(metrics) if metrics else None,
         accept_env=accept_env,
         nologin_files=nologin_files,

@@ -66,7 +66,10 @@ def url_problem(url: str) -> str | None:
     """Why keys must not be fetched from `url`, or None. Whoever can answer for the URL
     can mint logins for every account, so only TLS — or a loopback address, where
     nothing sits on the path — will do."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return f"{url!r} is not a valid URL"
     if parts.scheme == "https" and parts.hostname:
         return None
     if parts.scheme == "http" and parts.hostname:

@@ -21,6 +21,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .config_values import number_problem
 from .permit_open import PermitOpenError, validate_entries
 
 SCHEMA_VERSION = 1
@@ -46,6 +47,28 @@ def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
     value = data[key]
     if not isinstance(value, kind):
         raise NetmapError(f"field {key!r} has the wrong type")
+    return value
+
+
+def _whole_number(data: dict[str, Any], key: str) -> int:
+    """A map's numbers are whole and finite (JSON's NaN, Infinity and 1e309 are not)."""
+    value = _require(data, key, (int, float))
+    if problem := number_problem(value, integer=True):
+        raise NetmapError(f"field {key!r} {problem}")
+    return int(value)
+
+
+def _str(data: dict[str, Any], key: str, default: str) -> str:
+    value = data.get(key, default) or default
+    if not isinstance(value, str):
+        raise NetmapError(f"field {key!r} must be a string")
+    return value
+
+
+def _tables(data: dict[str, Any], key: str, required: bool = False) -> list[dict[str, Any]]:
+    value = _require(data, key, list) if required else data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise NetmapError(f"field {key!r} must be a list of objects")
     return value
 
 
@@ -142,9 +165,9 @@ class FirewallRule:
     def from_dict(cls, data: dict[str, Any]) -> FirewallRule:
         return cls(
             sources=_str_list(data, "sources"),
-            protocol=data.get("protocol", "tcp"),
+            protocol=_str(data, "protocol", "tcp"),
             ports=_str_list(data, "ports"),
-            action=data.get("action", "accept"),
+            action=_str(data, "action", "accept"),
         )
 
 
@@ -189,9 +212,9 @@ class PeerInfo:
         return cls(
             id=_require(data, "id", str),
             name=_require(data, "name", str),
-            fqdn=data.get("fqdn", "") or "",
+            fqdn=_str(data, "fqdn", ""),
             mesh_ip=_require(data, "mesh_ip", str),
-            wg_public_key=data.get("wg_public_key", "") or "",
+            wg_public_key=_str(data, "wg_public_key", ""),
             endpoints=_str_list(data, "endpoints"),
             ssh_host_keys=_str_list(data, "ssh_host_keys"),
             ssh_enabled=bool(data.get("ssh_enabled", False)),
@@ -245,12 +268,10 @@ class SSHSection:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SSHSection:
-        access = data.get("access", [])
-        if not isinstance(access, list):
-            raise NetmapError("field 'access' must be a list")
+        access = _tables(data, "access")
         subsystems = data.get("subsystems", {})
-        if not isinstance(subsystems, dict):
-            raise NetmapError("field 'subsystems' must be a table")
+        if not isinstance(subsystems, dict) or not all(isinstance(v, str) for v in subsystems.values()):
+            raise NetmapError("field 'subsystems' must map names to command lines")
         jwks = data.get("jwks", {})
         if not isinstance(jwks, dict):
             raise NetmapError("field 'jwks' must be an object")
@@ -259,10 +280,10 @@ class SSHSection:
             raise NetmapError("field 'agent_forwarding' must be true or false")
         return cls(
             enabled=bool(data.get("enabled", False)),
-            issuer=data.get("issuer", "") or "",
+            issuer=_str(data, "issuer", ""),
             audience=_str_list(data, "audience"),
             jwks=jwks,
-            user_claim=data.get("user_claim", "sub") or "sub",
+            user_claim=_str(data, "user_claim", "sub"),
             access=tuple(AccessRule.from_dict(r) for r in access),
             subsystems={str(k): str(v) for k, v in subsystems.items()},
             agent_forwarding=agent_forwarding,
@@ -298,18 +319,19 @@ class NetworkMap:
         if not isinstance(data, dict):
             raise NetmapError("a network map is a JSON object")
         version = data.get("version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
+        if isinstance(version, bool) or version != SCHEMA_VERSION:
             raise NetmapError(f"network map schema {version} is not supported (want {SCHEMA_VERSION})")
-        peers = _require(data, "peers", list)
-        rules = data.get("firewall_rules", [])
-        if not isinstance(rules, list):
-            raise NetmapError("field 'firewall_rules' must be a list")
+        peers = _tables(data, "peers", required=True)
+        rules = _tables(data, "firewall_rules")
+        ssh = data.get("ssh", {}) or {}
+        if not isinstance(ssh, dict):
+            raise NetmapError("field 'ssh' must be an object")
         return cls(
-            serial=_require(data, "serial", int),
+            serial=_whole_number(data, "serial"),
             peer=PeerInfo.from_dict(_require(data, "peer", dict)),
             network=_require(data, "network", str),
             peers=tuple(PeerInfo.from_dict(p) for p in peers),
             firewall_rules=tuple(FirewallRule.from_dict(r) for r in rules),
-            ssh=SSHSection.from_dict(data.get("ssh", {}) or {}),
+            ssh=SSHSection.from_dict(ssh),
             version=version,
         )

@@ -84,6 +84,17 @@ def sign(key: Any, c: dict[str, Any], alg: str = "EdDSA", kid: str = "main") -> 
     return jwt.encode(c, key, algorithm=alg, headers={"kid": kid})
 
 
+def sign_text(key: Any, payload: str) -> str:
+    """A correctly signed token whose payload is exactly `payload` (JSON as an attacker
+    writes it: `1e309`, `NaN`, which json.dumps would not spell that way)."""
+    return jwt.PyJWS().encode(payload.encode(), key, algorithm="EdDSA", headers={"kid": "main"})
+
+
+def claims_text(name: str, literal: str) -> str:
+    text = json.dumps(claims(**{name: 0}))
+    return text.replace(f'"{name}": 0', f'"{name}": {literal}')
+
+
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -148,7 +159,13 @@ BAD_TOKENS = [
                                                nbf=int(time.time()) - 200)),
                  "expired", "token expired", id="expired"),
     pytest.param(lambda k: sign(k.main, claims(nbf=int(time.time()) + 300)), "not-yet-valid",
-                 "clock skew: token issued in the future", id="nbf-future"),
+                 "is not valid for another", id="nbf-future"),
+    pytest.param(lambda k: sign(k.main, claims(iat=int(time.time()) + 300, nbf=int(time.time()) + 300,
+                                               exp=int(time.time()) + 360)),
+                 "issued-in-future", "this peer's clock is behind the issuer's", id="peer-clock-behind"),
+    pytest.param(lambda k: sign(k.main, claims(iat=int(time.time()) - 300, nbf=int(time.time()) - 300,
+                                               exp=int(time.time()) - 240)),
+                 "expired", "this peer's clock is about 300 s ahead", id="peer-clock-ahead"),
     pytest.param(lambda k: sign(k.main, claims(iat=int(time.time()) - 1000, nbf=int(time.time()) - 1000)),
                  "too-old", "was issued", id="too-old"),
     pytest.param(lambda k: sign(k.main, claims(), kid="nobody-knows"), "unknown-kid", "unknown key id nobody-knows",
@@ -158,6 +175,13 @@ BAD_TOKENS = [
     pytest.param(lambda k: sign(k.main, claims(pad="x" * 20_000)), "too-large", "larger than 16384",
                  id="too-large"),
     pytest.param(lambda k: "hunter2", "malformed", "not a token", id="plain-password"),
+    # Time claims that are not whole finite seconds: NaN never expired, 1e309 crashed.
+    *(pytest.param(lambda k, n=name, v=literal: sign_text(k.main, claims_text(n, v)), "malformed",
+                   f"token claim `{name}` must be", id=f"{name}-{literal}")
+      for name in ("exp", "iat", "nbf") for literal in ("NaN", "Infinity", "1e309", "1.5e9", "true")),
+    pytest.param(lambda k: jwt.encode(claims(), k.main, algorithm="EdDSA",
+                                      headers={"kid": "main", "crit": ["urn:x"], "urn:x": 1}),
+                 "unsupported-crit", "does not implement", id="crit"),
     pytest.param(lambda k: sign(k.main, claims(email="bob@example.com")), "identity", "may not log in",
                  id="identity-not-in-rules"),
     pytest.param(lambda k: sign(k.main, claims(local_users=["someone-else"])), "token-users",
@@ -275,6 +299,11 @@ async def test_a_jwks_file_others_may_write_is_not_read(tmp_path: Path, session_
                  id="plain-http"),
     pytest.param({"jwks_url": "ftp://keys.example.com/jwks.json"}, "is not an https URL", id="other-scheme"),
     pytest.param({"jwks_file": "jwks.json", "mode": 0o646}, "jwt.jwks_file: ", id="file-writable-by-others"),
+    # `leeway = nan` is valid TOML and made every expiry check pass.
+    pytest.param({"jwks_url": "https://keys.example.com/jwks.json", "leeway": float("nan")},
+                 "jwt.leeway must be a finite number, not nan", id="leeway-nan"),
+    pytest.param({"jwks_url": "https://keys.example.com/jwks.json", "max_token_age": -1},
+                 "jwt.max_token_age must not be negative", id="max-token-age-negative"),
 ])
 def test_serve_refuses_an_untrustworthy_key_source(tmp_path: Path, jwt_table: dict[str, Any], message: str) -> None:
     """`meshsshd serve` stops at start with the key named, instead of trusting the source."""
@@ -293,6 +322,26 @@ def test_serve_refuses_an_untrustworthy_key_source(tmp_path: Path, jwt_table: di
                        text=True, timeout=60)
     assert r.returncode != 0
     assert message in r.stderr + r.stdout, r.stderr + r.stdout
+
+
+async def test_a_reload_with_a_non_finite_leeway_keeps_the_old_settings(tmp_path: Path, session_user: Any,
+                                                                       keys: Keys) -> None:
+    """SIGHUP with `leeway = nan` is refused with the key named, and the running server
+    keeps its leeway: a token that expired a year ago still does not log in."""
+    _, config = own_server_config(tmp_path, keys)
+    with ServerKit(tmp_path, config) as srv:
+        srv.reload(jwt={**config["jwt"], "leeway": float("nan")})
+        deadline = time.monotonic() + 15
+        while "reload failed" not in srv.output() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert "reload failed, keeping the old settings: jwt.leeway must be a finite number" in srv.output()
+        year = 365 * 86400
+        now = int(time.time())
+        old = sign(keys.main, claims(iat=now - year, nbf=now - year, exp=now - year + 60))
+        out, banner = await login(srv, session_user.pw_name, old)
+        assert out is None and "token expired" in banner, banner
+        out, banner = await login(srv, session_user.pw_name, sign(keys.main, claims()))
+        assert out == session_user.pw_name, banner
 
 
 def _openssh_with_token(srv: ServerKit, user: str, token: str, tmp: Path) -> subprocess.CompletedProcess:

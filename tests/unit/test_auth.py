@@ -255,13 +255,28 @@ async def test_jwk_alg_member_narrows_the_algorithms(tmp_path: Path, clock: Cloc
     pytest.param({"aud": "peer-other"}, "wrong-audience", "token is for another peer", id="wrong-audience"),
     pytest.param({"aud": ["a", "b"]}, "wrong-audience", "token is for another peer", id="wrong-audience-list"),
     pytest.param({"exp": int(NOW) - 42 - 30, "iat": int(NOW) - 120, "nbf": int(NOW) - 120}, "expired",
-                 "token expired 72 s ago — run `meshssh login`", id="expired"),
-    pytest.param({"nbf": int(NOW) + 120}, "not-yet-valid", "clock skew: token issued in the future", id="nbf-future"),
-    pytest.param({"iat": int(NOW) + 120, "nbf": int(NOW)}, "issued-in-future",
-                 "clock skew: token issued in the future", id="iat-future"),
+                 "token expired 72 s ago, issued 120 s ago", id="expired"),
+    pytest.param({"exp": int(NOW) - 60, "iat": int(NOW) - 120, "nbf": int(NOW) - 120}, "expired",
+                 "this peer's clock is about 120 s ahead: check the clocks", id="expired-names-a-clock-ahead"),
+    pytest.param({"nbf": int(NOW) + 120}, "not-yet-valid", "the issuer dated its `nbf` after its `iat`",
+                 id="nbf-future"),
+    pytest.param({"iat": int(NOW) + 120, "nbf": int(NOW) + 120, "exp": int(NOW) + 180}, "issued-in-future",
+                 "this peer's clock is behind the issuer's", id="iat-future"),
     pytest.param({"iat": int(NOW) - 700, "nbf": int(NOW) - 700, "exp": int(NOW) + 60}, "too-old",
                  "issued 700 s ago", id="iat-too-old"),
     pytest.param({"exp": "soon"}, "malformed", "`exp`", id="exp-not-a-number"),
+    # Non-finite, fractional, boolean or huge time claims: NaN compares false with
+    # everything (such a token never expired), inf/1e309 and 10**400 broke the arithmetic.
+    *(pytest.param({name: value}, "malformed", f"token claim `{name}` {words}", id=f"{name}-{vid}")
+      for name in ("exp", "iat", "nbf")
+      for vid, value, words in (("nan", float("nan"), "must be a finite number"),
+                                ("inf", float("inf"), "must be a finite number"),
+                                ("minus-inf", float("-inf"), "must be a finite number"),
+                                ("1e309", 1e309, "must be a finite number"),
+                                ("fraction", NOW + 0.5, "must be a whole number"),
+                                ("bool", True, "must be a whole number"),
+                                ("huge", 10**400, "is too large"),
+                                ("negative", -1, "must not be negative"))),
     pytest.param({"local_users": "alice"}, "malformed", "local_users", id="local-users-not-a-list"),
 ])
 async def test_claim_refusals(validator: JWTValidator, ec_signer: Signer, over: dict[str, Any],
@@ -269,6 +284,43 @@ async def test_claim_refusals(validator: JWTValidator, ec_signer: Signer, over: 
     exc = await refused(validator, ec_signer.sign(claims(**over)))
     assert exc.reason == reason
     assert words in exc.user_message
+
+
+async def test_unsupported_crit_header_names_the_cause(validator: JWTValidator, ec_signer: Signer) -> None:
+    exc = await refused(validator, ec_signer.sign(claims(), headers={"crit": ["urn:x"], "urn:x": 1}))
+    assert exc.reason == "unsupported-crit"
+    assert "urn:x" in exc.user_message and "signature" not in exc.user_message
+
+
+@pytest.mark.parametrize("offset", [-85, 85])
+def test_clock_skew_tolerance_is_symmetric(offset: int) -> None:
+    """A fresh 60 s token: a peer clock 85 s behind or ahead accepts it, 95 s refuses it,
+    each time naming the clock (it was 30 s behind, 90 s ahead, and ahead said `meshssh login`)."""
+    expect = ClaimExpectations(ISSUER, (AUDIENCE,), max_token_age=600, leeway=30, user_claim="email")
+    fresh = claims(iat=int(NOW), nbf=int(NOW), exp=int(NOW) + 60)
+    check_claims(fresh, expect, NOW + offset)
+    far = NOW + offset + (10 if offset > 0 else -10)
+    with pytest.raises(AuthRefused) as exc:
+        check_claims(fresh, expect, far)
+    assert exc.value.reason == ("expired" if offset > 0 else "issued-in-future")
+    assert ("clock is about 95 s ahead" if offset > 0 else "clock is behind") in exc.value.user_message
+
+
+async def test_a_check_that_breaks_is_a_logged_refusal(validator: JWTValidator, ec_signer: Signer,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Failure injection: whatever a future check trips over (1e309 once raised
+    OverflowError here), the login gets a refusal and the log a line, not a dropped link."""
+    import meshsshd.auth as auth_module
+
+    def broken(*_: Any) -> None:
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(auth_module, "check_claims", broken)
+    caplog.set_level(logging.ERROR)
+    exc = await refused(validator, ec_signer.sign(claims()))
+    assert exc.reason == "internal-error"
+    assert any(r.getMessage() == "auth.check-failed" for r in caplog.records)
 
 
 async def test_leeway_admits_small_skew(validator: JWTValidator, ec_signer: Signer) -> None:

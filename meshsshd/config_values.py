@@ -1,0 +1,60 @@
+"""Checks for single config values, shared by the TOML loader (`config.py`) and the
+network-map parser (`netmap.py`), so start-up, SIGHUP reload and a new map refuse exactly
+the same numbers.
+
+TOML and JSON both accept `nan`, `inf` and (JSON) `1e309` → inf. A NaN compares false
+with everything, so `now > exp + leeway` with `leeway = nan` never refuses: every
+number that reaches a comparison must be finite, and none of ours may be negative.
+Each check returns a problem (a phrase to follow the key's name) or None, so each caller
+raises its own error type with its own wording of where the key lives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# Larger than any timeout, count or byte size we mean, small enough to stay exact as a float.
+MAX_NUMBER = 2**53
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "..."
+
+
+def number_problem(value: Any, *, integer: bool = False) -> str | None:
+    """Why `value` is not a finite, non-negative number (an integer if `integer`), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "must be a whole number" if integer else "must be a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, not {_short(value)}"
+    if integer and not isinstance(value, int):
+        return f"must be a whole number, not {_short(value)}"
+    if value < 0:
+        return f"must not be negative (got {_short(value)})"
+    if value > MAX_NUMBER:
+        return f"is too large (at most {MAX_NUMBER})"
+    return None
+
+
+def typed_problem(value: Any, default: Any) -> str | None:
+    """Why `value` cannot replace `default` (same kind: bool, whole number, number, string,
+    or a tuple of whole numbers of the same length), or None. Lets a settings dataclass
+    validate every field from its defaults, so a field added later is checked too."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        return number_problem(value, integer=True)
+    if isinstance(default, float):
+        return number_problem(value)
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "must be a string"
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or len(value) != len(default):
+            return f"must be a list of {len(default)} values"
+        for item, item_default in zip(value, default):
+            if problem := typed_problem(item, item_default):
+                return f"entry {repr(item)[:40]} {problem}"
+        return None
+    return f"cannot be set here (a {type(default).__name__})"
