@@ -11,7 +11,8 @@
 - tcpip-forward (`ssh -R`): only when remote forwarding is on, only on loopback or the
   peer's own addresses (asyncssh would otherwise bind every interface for `''`/`0.0.0.0`,
   i.e. GatewayPorts yes), and never on a privileged port unless the user is root.
-  asyncssh closes the listener on cancel-tcpip-forward and when the connection ends.
+  asyncssh closes the listener on cancel-tcpip-forward and when the connection ends; a
+  bind that completes after the connection ended is closed by `RemoteListeners.listen`.
 - Unix-socket forwarding is refused: the daemon would create or connect sockets as root.
 """
 
@@ -68,10 +69,21 @@ class RemoteListeners:
     def __init__(self) -> None:
         self.open: dict[asyncssh.SSHListener, tuple[str, int]] = {}
 
-    async def listen(self, conn: asyncssh.SSHServerConnection, host: str, port: int) -> asyncssh.SSHListener:
-        """What asyncssh does for `server_requested() -> True`, keeping the listener."""
+    async def listen(self, conn: asyncssh.SSHServerConnection, host: str, port: int,
+                     on_opened: Callable[[], None]) -> asyncssh.SSHListener | bool:
+        """What asyncssh does for `server_requested() -> True`, keeping the listener; False
+        when the client left meanwhile. `on_opened` runs only once the port is bound.
+
+        asyncssh binds in a task and closes a connection's listeners when it ends, so a
+        bind that completes after the client dropped would belong to nobody and keep the
+        port until a restart: such a listener is closed at once. A failed bind raises
+        OSError, which asyncssh answers with a failure reply."""
         listener = await conn.forward_local_port(host, port, host, port)
+        if conn.is_closed():
+            listener.close()
+            return False
         self.open[listener] = (host, port)
+        on_opened()
         return listener
 
     def recheck(self, enabled: bool, uid: int, own_addresses: Sequence[str]) -> list[tuple[str, str]]:
