@@ -154,6 +154,14 @@ class _TrackedForwarder(SSHForwarder):
         else:
             self._early_eof = True
 
+    def eof_received(self) -> bool:
+        """The client's EOF. When the target's came first, nothing else would end the
+        forward (asyncssh closes only when the target's EOF comes last): close it here."""
+        keep_open = super().eof_received()
+        if not keep_open:
+            self.close()
+        return keep_open
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The channel is open (asyncssh sent the confirmation): deliver what waited."""
         super().connection_made(transport)

@@ -188,3 +188,16 @@ def test_forward_opened_only_after_a_successful_bind(world):
     opened = [doc["forward"] for doc in audit_events(srv.output(), "forward.opened")]
     assert f"remote 127.0.0.1:{free}" in opened
     assert f"remote 127.0.0.1:{port}" not in opened, "forward.opened for a port that was never bound"
+
+
+def test_ssh_W_ends_when_the_target_closed_first(world):
+    """The target greets and sends FIN before the client's EOF: `ssh -W` gets the greeting
+    and exits, as with sshd (the forward used to stay half-open for ever)."""
+    srv, user, key = world
+    talker = _Talker(GREETING)
+    try:
+        r = subprocess.run(srv.ssh_argv(user, key, "-W", f"127.0.0.1:{talker.port}"), input=b"",
+                           capture_output=True, timeout=8)
+    finally:
+        talker.close()
+    assert (r.returncode, r.stdout) == (0, GREETING), r
