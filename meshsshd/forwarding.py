@@ -11,7 +11,8 @@
 - tcpip-forward (`ssh -R`): only when remote forwarding is on, only on loopback or the
   peer's own addresses (asyncssh would otherwise bind every interface for `''`/`0.0.0.0`,
   i.e. GatewayPorts yes), and never on a privileged port unless the user is root.
-  asyncssh closes the listener on cancel-tcpip-forward and when the connection ends.
+  asyncssh closes the listener on cancel-tcpip-forward and when the connection ends; a
+  bind that completes after the connection ended is closed by `RemoteListeners.listen`.
 - Unix-socket forwarding is refused: the daemon would create or connect sockets as root.
 """
 
@@ -68,10 +69,21 @@ class RemoteListeners:
     def __init__(self) -> None:
         self.open: dict[asyncssh.SSHListener, tuple[str, int]] = {}
 
-    async def listen(self, conn: asyncssh.SSHServerConnection, host: str, port: int) -> asyncssh.SSHListener:
-        """What asyncssh does for `server_requested() -> True`, keeping the listener."""
+    async def listen(self, conn: asyncssh.SSHServerConnection, host: str, port: int,
+                     on_opened: Callable[[], None]) -> asyncssh.SSHListener | bool:
+        """What asyncssh does for `server_requested() -> True`, keeping the listener; False
+        when the client left meanwhile. `on_opened` runs only once the port is bound.
+
+        asyncssh binds in a task and closes a connection's listeners when it ends, so a
+        bind that completes after the client dropped would belong to nobody and keep the
+        port until a restart: such a listener is closed at once. A failed bind raises
+        OSError, which asyncssh answers with a failure reply."""
         listener = await conn.forward_local_port(host, port, host, port)
+        if conn.is_closed():
+            listener.close()
+            return False
         self.open[listener] = (host, port)
+        on_opened()
         return listener
 
     def recheck(self, enabled: bool, uid: int, own_addresses: Sequence[str]) -> list[tuple[str, str]]:
@@ -99,13 +111,68 @@ class OpenPolicy:
 
 
 class _TrackedForwarder(SSHForwarder):
-    """The channel side of one local forward; leaves its registry when it closes."""
+    """The channel side of one local forward; leaves its registry when it closes.
 
-    def __init__(self, peer: SSHForwarder, registry: LocalForwards, target: tuple[str, str, int]) -> None:
-        super().__init__(peer)
+    The target socket is read from the moment it is wired up, before the channel is
+    open: a target that talks first (a greeting, an SSH banner, a file and FIN) sends
+    then. asyncssh's `forward_connection` pairs the two sides only after the socket is
+    being read (what comes in between stays in a buffer nobody flushes) and its channel
+    side drops writes while it has no channel. This side exists before the socket is
+    wired (`wire`), keeps what arrives and the EOF until the channel opens, and stops
+    reading the target after the first chunk so that the rest waits in the kernel's
+    socket buffer. (Pausing in the target's `connection_made` would be simpler, but uvloop
+    ignores a pause there.)"""
+
+    def __init__(self, registry: LocalForwards, target: tuple[str, str, int]) -> None:
+        super().__init__()
         self.target = target
         self._registry = registry
-        registry.open[self] = target
+        self._early: list[bytes] = []
+        self._early_eof = False
+        self._held = False
+
+    @classmethod
+    async def wire(cls, sock: socket.socket, registry: LocalForwards, target: tuple[str, str, int]) -> _TrackedForwarder:
+        """The channel side for a connected socket, paired before the socket is read."""
+        forwarder = cls(registry, target)
+        await asyncio.get_running_loop().create_connection(lambda: SSHForwarder(forwarder), sock=sock)
+        registry.open[forwarder] = target
+        return forwarder
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None:
+            super().write(data)
+            return
+        self._early.append(data)
+        if not self._held and self._peer is not None:
+            self._held = True
+            self._peer.pause_reading()
+
+    def write_eof(self) -> None:
+        if self._transport is not None:
+            super().write_eof()
+        else:
+            self._early_eof = True
+
+    def eof_received(self) -> bool:
+        """The client's EOF. When the target's came first, nothing else would end the
+        forward (asyncssh closes only when the target's EOF comes last): close it here."""
+        keep_open = super().eof_received()
+        if not keep_open:
+            self.close()
+        return keep_open
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The channel is open (asyncssh sent the confirmation): deliver what waited."""
+        super().connection_made(transport)
+        early, self._early = self._early, []
+        for data in early:
+            super().write(data)
+        if self._early_eof:
+            super().write_eof()
+        if self._held and self._peer is not None:
+            self._held = False
+            self._peer.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._registry.open.pop(self, None)
@@ -172,6 +239,5 @@ async def open_local(conn: asyncssh.SSHServerConnection, user: LocalUser, host: 
             sock.close()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             f"{host} port {port} is no longer allowed")
-        _, peer = await loop.create_connection(SSHForwarder, sock=sock)
-        return _TrackedForwarder(peer, registry, (host, address, port))
+        return await _TrackedForwarder.wire(sock, registry, (host, address, port))
     raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, error or f"cannot connect to {host} port {port}")

@@ -346,7 +346,7 @@ class _Connection(asyncssh.SSHServer):
             return forwarder
         return open_()
 
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
         settings = self.server.settings
         if self.revoked is not None:
             event(log, "forward.refused", kind="remote", reason="revoked", source=self.info.client_ip)
@@ -360,9 +360,11 @@ class _Connection(asyncssh.SSHServer):
             event(log, "forward.refused", kind="remote", reason=decision.reason, host=listen_host,
                   port=listen_port, source=self.info.client_ip)
             return False
-        self.server.audit.emit(ForwardOpened(**self.ctx.base_event(""), forward=f"remote {listen_host}:{listen_port}"))
+        ctx = self.ctx
         assert self.conn is not None
-        return self.remote_listeners.listen(self.conn, listen_host, listen_port)
+        return self.remote_listeners.listen(   # forward.opened once the port is bound
+            self.conn, listen_host, listen_port,
+            lambda: self.server.audit.emit(ForwardOpened(**ctx.base_event(""), forward=f"remote {listen_host}:{listen_port}")))
 
     def recheck_forwards(self, settings: ServerSettings) -> None:
         """Close the forwards the new settings would not open (flags, permit_open, -R binds)."""
