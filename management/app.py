@@ -19,12 +19,13 @@ from sqlalchemy.exc import DataError, IntegrityError
 from meshsshd.logs import event
 
 from .api import admin, enrol, peers, signing_keys, subsystems
-from .api.keys import (BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, REGISTER_LIMITER,
-                       SETTINGS, STORE)
+from .api.keys import (BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, METRICS_TOKEN,
+                       REGISTER_LIMITER, SETTINGS, STORE)
 from .boxkey import load_or_create_box_key
 from .clientaddr import forwarded_middleware, parse_trusted_proxies
 from .errors import ManagementError, TooManyRequests
 from .events import EventFeed
+from .http_headers import check_metrics_token, harden_headers, read_metrics_token
 from .metrics import Registry
 from .openapi import openapi_document
 from .ratelimit import RateLimiter
@@ -88,6 +89,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    check_metrics_token(request, request.app[METRICS_TOKEN])
     return web.Response(text=request.app[METRICS].render(), content_type="text/plain",
                         headers={"X-Content-Type": "text/plain; version=0.0.4"})
 
@@ -120,6 +122,8 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app[REGISTER_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
     app[CHALLENGE_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
     app[BOX_KEY] = load_or_create_box_key(settings.data_dir)
+    app[METRICS_TOKEN] = read_metrics_token(settings.metrics_token_file)
+    app.on_response_prepare.append(harden_headers)
 
     async def load_state() -> MeshState:
         state = await store.load_state(network=settings.network, dns_domain=settings.dns_domain)

@@ -121,7 +121,9 @@ class _ClientGarbageIsNotAnError(logging.Filter):
 def run_server(data_dir: Path, host: str, port: int, *, database: str | None, public_url: str, network: str,
                dns_domain: str, log_level: str = "info", register_rate: float = 2.0,
                register_burst: int = 20, trusted_proxies: tuple[str, ...] = (),
-               refresh_token_lifetime: int = 30 * 86400, ssh_permit_open: tuple[str, ...] = ()) -> None:
+               refresh_token_lifetime: int = 30 * 86400, ssh_permit_open: tuple[str, ...] = (),
+               **more: Any) -> None:
+    """`more`: further `MgmtSettings` fields, named as there (metrics_token_file, ...)."""
     from aiohttp import web
 
     from .app import create_app
@@ -132,7 +134,8 @@ def run_server(data_dir: Path, host: str, port: int, *, database: str | None, pu
     settings = MgmtSettings(data_dir=data_dir, database=database, public_url=public_url, network=network,
                             dns_domain=dns_domain, register_rate=register_rate,
                             register_burst=register_burst, trusted_proxies=trusted_proxies,
-                            refresh_token_lifetime=refresh_token_lifetime, ssh_permit_open=ssh_permit_open)
+                            refresh_token_lifetime=refresh_token_lifetime, ssh_permit_open=ssh_permit_open,
+                            **more)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     async def make_app() -> web.Application:

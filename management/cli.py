@@ -145,9 +145,12 @@ def admin_token_rotate(data_dir: Path, database: str | None, lifetime: int) -> N
               help="a reverse proxy (address or network, repeatable) whose X-Forwarded-For names the client")
 @click.option("--ssh-permit-open", "ssh_permit_open", multiple=True, metavar="HOST:PORT",
               help="where peers let `ssh -L`/`-D` connect (OpenSSH PermitOpen syntax; repeat; default any)")
+@click.option("--metrics-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="GET /metrics then needs 'Authorization: Bearer <this file's token>'")
 def serve(data_dir: Path, listen: str, database: str | None, public_url: str | None, network: str,
           dns_domain: str, log_level: str, register_rate: float, register_burst: int,
-          refresh_token_lifetime: int, trusted_proxies: tuple[str, ...], ssh_permit_open: tuple[str, ...]) -> None:
+          refresh_token_lifetime: int, trusted_proxies: tuple[str, ...], ssh_permit_open: tuple[str, ...],
+          metrics_token_file: Path | None) -> None:
     """Run the management server (REST API, issuer, sync streams)."""
     os.umask(0o077)
     from .bootstrap import run_server
@@ -161,7 +164,8 @@ def serve(data_dir: Path, listen: str, database: str | None, public_url: str | N
                    public_url=public_url or f"http://{url_host}:{port}", network=network,
                    dns_domain=dns_domain, log_level=log_level, register_rate=register_rate,
                    register_burst=register_burst, trusted_proxies=trusted_proxies,
-                   refresh_token_lifetime=refresh_token_lifetime, ssh_permit_open=ssh_permit_open)
+                   refresh_token_lifetime=refresh_token_lifetime, ssh_permit_open=ssh_permit_open,
+                   metrics_token_file=metrics_token_file)
     except ManagementError as exc:
         click.echo(f"meshmgmt: {exc.message}", err=True)
         sys.exit(EXIT_USAGE)

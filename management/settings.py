@@ -28,6 +28,7 @@ class MgmtSettings:
     idp_options: dict | None = None  # passed to setup_idp as keyword arguments
     trusted_proxies: tuple[str, ...] = ()  # reverse proxies whose X-Forwarded-For is believed
     ssh_permit_open: tuple[str, ...] = ()  # every peer's SSH permit_open (-L/-D destinations); () = any
+    metrics_token_file: Path | None = None  # GET /metrics needs this file's token as a bearer token
 
     def __post_init__(self) -> None:
         try:
