@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from meshsshd.logs import event
 
@@ -32,6 +32,7 @@ from .ratelimit import RateLimiter
 from .settings import MgmtSettings
 from .state import MeshState
 from .store import Store
+from .store.failures import store_failure
 from .sync import SyncHub
 
 log = logging.getLogger("meshmgmt.app")
@@ -72,6 +73,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except DataError as exc:
         log.warning("store refused a value in %s %s: %s", request.method, request.path, type(exc.orig).__name__)
         return _json_error(400, "invalid_request", "a value was refused by the store (too long or malformed)")
+    except DBAPIError as exc:
+        failure = store_failure(exc)
+        if failure is None:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return _json_error(500, "internal", "internal error; see the server log")
+        # The store logged the cause once (Store._watched); the transaction rolled back.
+        return _json_error(503, "store_full" if failure.disk_full else "store_unavailable",
+                           f"the store cannot take writes ({failure.reason}); nothing was changed",
+                           headers={"Retry-After": "30"})
     except ConnectionResetError:
         raise
     except Exception:
@@ -83,6 +93,15 @@ async def healthz(request: web.Request) -> web.Response:
     store = request.app[STORE]
     try:
         serial = await store.serial()
+        full = await store.disk_full()
+        if full is not None:
+            return _json_error(503, "store_unhealthy", f"the store does not take writes: {full}")
+        if store.write_failure is not None:
+            await store.probe_write()  # clears write_failure when the store takes writes again
+    except DBAPIError as exc:
+        failure = store_failure(exc)
+        reason = failure.reason if failure else type(exc).__name__
+        return _json_error(503, "store_unhealthy", f"the store does not take writes: {reason}")
     except Exception as exc:
         return _json_error(503, "store_unavailable", f"the store does not answer: {type(exc).__name__}")
     return web.json_response({"status": "ok", "serial": serial})
