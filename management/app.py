@@ -19,12 +19,12 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from meshsshd.logs import event
 
 from .api import admin, enrol, peers, signing_keys, subsystems
-from .api.keys import (BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, METRICS_TOKEN,
+from .api.keys import (AUDIT_LIMITER, BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, METRICS_TOKEN,
                        REGISTER_LIMITER, SETTINGS, STORE)
 from .boxkey import load_or_create_box_key
 from .clientaddr import forwarded_middleware, parse_trusted_proxies
 from .errors import ManagementError, TooManyRequests
-from .events import EventFeed
+from .events import EventFeed, prune_events
 from .http_headers import check_metrics_token, harden_headers, read_metrics_token
 from .metrics import Registry
 from .openapi import openapi_document
@@ -140,6 +140,7 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app[EVENTS] = EventFeed(store)
     app[REGISTER_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
     app[CHALLENGE_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
+    app[AUDIT_LIMITER] = RateLimiter(settings.audit_rate, settings.audit_burst)
     app[BOX_KEY] = load_or_create_box_key(settings.data_dir)
     app[METRICS_TOKEN] = read_metrics_token(settings.metrics_token_file)
     app.on_response_prepare.append(harden_headers)
@@ -179,6 +180,8 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app.cleanup_ctx.append(store_ctx)
     app[ISSUER] = _setup_issuer(app, store, settings)  # its own startup hook runs after store_ctx
     app.cleanup_ctx.append(hub_ctx)
+    if settings.audit_retention:
+        app.cleanup_ctx.append(lambda _app: prune_events(app[EVENTS], settings.audit_retention, registry))
 
     async def on_shutdown(_app: web.Application) -> None:
         await hub.going_away()
