@@ -34,6 +34,8 @@ class MgmtSettings:
     audit_rate: float = 50.0  # audit events per second per peer (each started KiB of body counts as one) ...
     audit_burst: int = 5000  # ... after a burst of this many
     audit_retention: int | None = None  # seconds audit events are kept; None: forever
+    max_connections_per_client: int = 64  # open connections per client address (trusted proxies exempt)
+    header_timeout: float = 15.0  # seconds a connection may take to send a request head (and idle between)
 
     def __post_init__(self) -> None:
         try:
@@ -50,6 +52,9 @@ class MgmtSettings:
         if not (self.audit_rate > 0 and math.isfinite(self.audit_rate)) or self.audit_burst < MIN_AUDIT_BURST:
             raise BadRequest(f"--audit-rate must be a positive number and --audit-burst at least {MIN_AUDIT_BURST} "
                              "(one full upload)", field="audit_rate")
+        if self.max_connections_per_client < 1 or not 1 <= self.header_timeout <= 3600:
+            raise BadRequest("--max-connections-per-client must be at least 1 and --header-timeout between 1 s "
+                             "and an hour", field="max_connections_per_client")
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
         proxies = parse_trusted_proxies(self.trusted_proxies)
         object.__setattr__(self, "trusted_proxies", tuple(str(n) for n in proxies))

@@ -6,6 +6,7 @@ with the helpers below; nothing here trusts the type of anything in the body.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import json
@@ -14,9 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import BadRequest
+from ..errors import BadRequest, RequestTimeout
 
 MAX_BODY = 1 << 20
+BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 _LOGIN = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.I)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -34,7 +36,11 @@ _SSH_KEY_TYPES = (
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):  # a body dribbled in byte by byte holds a connection
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {BODY_TIMEOUT:g} s") from None
     if len(raw) > MAX_BODY:
         raise BadRequest("body too large", field="body")
     if not raw.strip():
