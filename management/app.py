@@ -52,6 +52,16 @@ _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 40
                405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
 
 
+def _allow(request: web.Request) -> dict[str, str] | None:
+    """`Allow` for a fixed path: aiohttp merges in the methods of a `{id}` route the path
+    also matches (`/api/peers/challenge` would offer `/api/peers/{id}`'s DELETE), which
+    is wrong: a fixed path wins over a pattern (the routes are ordered for that)."""
+    for resource in request.app.router.resources():
+        if resource.canonical == request.path and "{" not in resource.canonical:
+            return {"Allow": ",".join(sorted({route.method for route in resource}))}
+    return None
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -65,6 +75,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400 or exc.content_type == "application/json":
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        if exc.status == 405:
+            headers.update(_allow(request) or {})
         return _json_error(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason, headers=headers)
     except IntegrityError:
         # Handlers turn the unique constraints they expect into 409 themselves; this is the
