@@ -153,6 +153,7 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app[REGISTER_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
     app[CHALLENGE_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
     app[AUDIT_LIMITER] = RateLimiter(settings.audit_rate, settings.audit_burst)
+    registry.counter(peers.DROPPED, peers.DROPPED_HELP)  # listed from the start, before any drop
     app[BOX_KEY] = load_or_create_box_key(settings.data_dir)
     app[METRICS_TOKEN] = read_metrics_token(settings.metrics_token_file)
     app.on_response_prepare.append(harden_headers)

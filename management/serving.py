@@ -148,8 +148,10 @@ async def serve(make_app: Awaitable[web.Application], host: str, port: int, cap:
     """Run until SIGTERM or SIGINT, then shut down gracefully (what `web.run_app` does,
     with the connection cap in front of aiohttp's protocol)."""
     app = await make_app
+    # No handler_cancellation: a handler cancelled between a commit and its change
+    # notification would leave every sync stream on a stale map.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=header_timeout,
-                           handler_cancellation=True, shutdown_timeout=shutdown_timeout)
+                           shutdown_timeout=shutdown_timeout)
     await runner.setup()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
