@@ -14,23 +14,25 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from meshsshd.logs import event
 
 from .api import admin, enrol, peers, signing_keys, subsystems
-from .api.keys import (BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, REGISTER_LIMITER,
-                       SETTINGS, STORE)
+from .api.keys import (AUDIT_LIMITER, BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, METRICS_TOKEN,
+                       REGISTER_LIMITER, SETTINGS, STORE)
 from .boxkey import load_or_create_box_key
 from .clientaddr import forwarded_middleware, parse_trusted_proxies
 from .errors import ManagementError, TooManyRequests
-from .events import EventFeed
+from .events import EventFeed, prune_events
+from .http_headers import check_metrics_token, harden_headers, read_metrics_token
 from .metrics import Registry
 from .openapi import openapi_document
 from .ratelimit import RateLimiter
 from .settings import MgmtSettings
 from .state import MeshState
 from .store import Store
+from .store.failures import store_failure
 from .sync import SyncHub
 
 log = logging.getLogger("meshmgmt.app")
@@ -50,6 +52,16 @@ _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 40
                405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
 
 
+def _allow(request: web.Request) -> dict[str, str] | None:
+    """`Allow` for a fixed path: aiohttp merges in the methods of a `{id}` route the path
+    also matches (`/api/peers/challenge` would offer `/api/peers/{id}`'s DELETE), which
+    is wrong: a fixed path wins over a pattern (the routes are ordered for that)."""
+    for resource in request.app.router.resources():
+        if resource.canonical == request.path and "{" not in resource.canonical:
+            return {"Allow": ",".join(sorted({route.method for route in resource}))}
+    return None
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -63,6 +75,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400 or exc.content_type == "application/json":
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        if exc.status == 405:
+            headers.update(_allow(request) or {})
         return _json_error(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason, headers=headers)
     except IntegrityError:
         # Handlers turn the unique constraints they expect into 409 themselves; this is the
@@ -71,6 +85,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except DataError as exc:
         log.warning("store refused a value in %s %s: %s", request.method, request.path, type(exc.orig).__name__)
         return _json_error(400, "invalid_request", "a value was refused by the store (too long or malformed)")
+    except DBAPIError as exc:
+        failure = store_failure(exc)
+        if failure is None:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return _json_error(500, "internal", "internal error; see the server log")
+        # The store logged the cause once (Store._watched); the transaction rolled back.
+        return _json_error(503, "store_full" if failure.disk_full else "store_unavailable",
+                           f"the store cannot take writes ({failure.reason}); nothing was changed",
+                           headers={"Retry-After": "30"})
     except ConnectionResetError:
         raise
     except Exception:
@@ -82,12 +105,22 @@ async def healthz(request: web.Request) -> web.Response:
     store = request.app[STORE]
     try:
         serial = await store.serial()
+        full = await store.disk_full()
+        if full is not None:
+            return _json_error(503, "store_unhealthy", f"the store does not take writes: {full}")
+        if store.write_failure is not None:
+            await store.probe_write()  # clears write_failure when the store takes writes again
+    except DBAPIError as exc:
+        failure = store_failure(exc)
+        reason = failure.reason if failure else type(exc).__name__
+        return _json_error(503, "store_unhealthy", f"the store does not take writes: {reason}")
     except Exception as exc:
         return _json_error(503, "store_unavailable", f"the store does not answer: {type(exc).__name__}")
     return web.json_response({"status": "ok", "serial": serial})
 
 
 async def metrics(request: web.Request) -> web.Response:
+    check_metrics_token(request, request.app[METRICS_TOKEN])
     return web.Response(text=request.app[METRICS].render(), content_type="text/plain",
                         headers={"X-Content-Type": "text/plain; version=0.0.4"})
 
@@ -119,7 +152,11 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app[EVENTS] = EventFeed(store)
     app[REGISTER_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
     app[CHALLENGE_LIMITER] = RateLimiter(settings.register_rate, settings.register_burst)
+    app[AUDIT_LIMITER] = RateLimiter(settings.audit_rate, settings.audit_burst)
+    registry.counter(peers.DROPPED, peers.DROPPED_HELP)  # listed from the start, before any drop
     app[BOX_KEY] = load_or_create_box_key(settings.data_dir)
+    app[METRICS_TOKEN] = read_metrics_token(settings.metrics_token_file)
+    app.on_response_prepare.append(harden_headers)
 
     async def load_state() -> MeshState:
         state = await store.load_state(network=settings.network, dns_domain=settings.dns_domain)
@@ -156,6 +193,8 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app.cleanup_ctx.append(store_ctx)
     app[ISSUER] = _setup_issuer(app, store, settings)  # its own startup hook runs after store_ctx
     app.cleanup_ctx.append(hub_ctx)
+    if settings.audit_retention:
+        app.cleanup_ctx.append(lambda _app: prune_events(app[EVENTS], settings.audit_retention, registry))
 
     async def on_shutdown(_app: web.Application) -> None:
         await hub.going_away()

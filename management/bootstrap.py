@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -121,18 +122,24 @@ class _ClientGarbageIsNotAnError(logging.Filter):
 def run_server(data_dir: Path, host: str, port: int, *, database: str | None, public_url: str, network: str,
                dns_domain: str, log_level: str = "info", register_rate: float = 2.0,
                register_burst: int = 20, trusted_proxies: tuple[str, ...] = (),
-               refresh_token_lifetime: int = 30 * 86400, ssh_permit_open: tuple[str, ...] = ()) -> None:
+               refresh_token_lifetime: int = 30 * 86400, ssh_permit_open: tuple[str, ...] = (),
+               **more: Any) -> None:
+    """`more`: further `MgmtSettings` fields, named as there (metrics_token_file, ...)."""
     from aiohttp import web
 
     from .app import create_app
     from .settings import MgmtSettings
 
+    from .serving import ConnectionCap, install_flood_filter, serve
+
     setup_logging(log_level)
     logging.getLogger("aiohttp.server").addFilter(_ClientGarbageIsNotAnError())
+    install_flood_filter()
     settings = MgmtSettings(data_dir=data_dir, database=database, public_url=public_url, network=network,
                             dns_domain=dns_domain, register_rate=register_rate,
                             register_burst=register_burst, trusted_proxies=trusted_proxies,
-                            refresh_token_lifetime=refresh_token_lifetime, ssh_permit_open=ssh_permit_open)
+                            refresh_token_lifetime=refresh_token_lifetime, ssh_permit_open=ssh_permit_open,
+                            **more)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     async def make_app() -> web.Application:
@@ -146,7 +153,8 @@ def run_server(data_dir: Path, host: str, port: int, *, database: str | None, pu
     from .idp import KeySecretError
 
     try:
-        web.run_app(make_app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
+        cap = ConnectionCap(settings.max_connections_per_client, settings.trusted_proxies)
+        asyncio.run(serve(make_app(), host, port, cap, header_timeout=settings.header_timeout))
     except KeySecretError as exc:  # raised by the issuer's startup: a setup problem, not a crash
         raise BadRequest(str(exc), code="issuer_secret") from None
 

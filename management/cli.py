@@ -145,9 +145,22 @@ def admin_token_rotate(data_dir: Path, database: str | None, lifetime: int) -> N
               help="a reverse proxy (address or network, repeatable) whose X-Forwarded-For names the client")
 @click.option("--ssh-permit-open", "ssh_permit_open", multiple=True, metavar="HOST:PORT",
               help="where peers let `ssh -L`/`-D` connect (OpenSSH PermitOpen syntax; repeat; default any)")
+@click.option("--metrics-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="GET /metrics then needs 'Authorization: Bearer <this file's token>'")
+@click.option("--audit-rate", type=float, default=50.0, show_default=True,
+              help="audit events per second per peer (each started KiB counts as one), after the burst")
+@click.option("--audit-burst", type=int, default=5000, show_default=True)
+@click.option("--audit-retention", type=Duration(), default=None,
+              help="delete audit events older than this (e.g. 90d); default: keep them")
+@click.option("--max-connections-per-client", type=int, default=64, show_default=True,
+              help="open connections one client address may hold (trusted proxies are exempt)")
+@click.option("--header-timeout", type=Duration(), default="15s", show_default=True,
+              help="time a connection has to send a complete request head (and may idle between requests)")
 def serve(data_dir: Path, listen: str, database: str | None, public_url: str | None, network: str,
           dns_domain: str, log_level: str, register_rate: float, register_burst: int,
-          refresh_token_lifetime: int, trusted_proxies: tuple[str, ...], ssh_permit_open: tuple[str, ...]) -> None:
+          refresh_token_lifetime: int, trusted_proxies: tuple[str, ...], ssh_permit_open: tuple[str, ...],
+          metrics_token_file: Path | None, audit_rate: float, audit_burst: int,
+          audit_retention: int | None, max_connections_per_client: int, header_timeout: int) -> None:
     """Run the management server (REST API, issuer, sync streams)."""
     os.umask(0o077)
     from .bootstrap import run_server
@@ -161,7 +174,10 @@ def serve(data_dir: Path, listen: str, database: str | None, public_url: str | N
                    public_url=public_url or f"http://{url_host}:{port}", network=network,
                    dns_domain=dns_domain, log_level=log_level, register_rate=register_rate,
                    register_burst=register_burst, trusted_proxies=trusted_proxies,
-                   refresh_token_lifetime=refresh_token_lifetime, ssh_permit_open=ssh_permit_open)
+                   refresh_token_lifetime=refresh_token_lifetime, ssh_permit_open=ssh_permit_open,
+                   metrics_token_file=metrics_token_file, audit_rate=audit_rate, audit_burst=audit_burst,
+                   audit_retention=audit_retention, max_connections_per_client=max_connections_per_client,
+                   header_timeout=float(header_timeout))
     except ManagementError as exc:
         click.echo(f"meshmgmt: {exc.message}", err=True)
         sys.exit(EXIT_USAGE)

@@ -5,6 +5,7 @@
     ├── Unauthorized      401    no or wrong credentials
     ├── Forbidden         403    authenticated, but not allowed
     ├── NotFound          404
+    ├── RequestTimeout    408    the body did not arrive in time (a slow client)
     ├── Conflict          409    unique name taken, object in use
     └── TooManyRequests   429    rate limited; `retry_after` seconds
 
@@ -51,6 +52,11 @@ class Forbidden(ManagementError):
 class NotFound(ManagementError):
     status = 404
     code = "not_found"
+
+
+class RequestTimeout(ManagementError):
+    status = 408
+    code = "request_timeout"
 
 
 class Conflict(ManagementError):

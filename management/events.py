@@ -11,13 +11,19 @@ polls the database about once a second for those written through other replicas.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
-from datetime import datetime, timezone
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
+
+from meshsshd.logs import event
 
 from .errors import BadRequest
+from .metrics import Registry
 from .escaping import escape_strings
 from .store import Event, Store, aware, utcnow
 
@@ -40,7 +46,10 @@ PEER_EVENT_TYPES = (
 _STR_FIELDS = ("session_id", "identity", "source_peer", "source_ip", "local_user", "command",
                "subsystem", "forward", "reason", "via", "signal")
 _INT_FIELDS = ("bytes_in", "bytes_out", "exit_status")
+log = logging.getLogger("meshmgmt.events")
+
 MAX_EVENTS_PER_POST = 1000
+PRUNE_BATCH = 5000  # rows per delete transaction, so pruning never holds the write lock for long
 _TYPE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 
 
@@ -118,6 +127,18 @@ class EventFeed:
         await self._wake()
         return len(events)
 
+    async def prune(self, retention: float) -> int:
+        """Delete events received more than `retention` seconds ago, in batches; how many."""
+        cutoff = utcnow() - timedelta(seconds=retention)
+        total = 0
+        while True:
+            old = select(Event.id).where(Event.received_at < cutoff).order_by(Event.id).limit(PRUNE_BATCH)
+            async with self.store.write() as s:
+                n = (await s.execute(delete(Event).where(Event.id.in_(old)))).rowcount or 0
+            total += n
+            if n < PRUNE_BATCH:
+                return total
+
     async def _wake(self) -> None:
         async with self._cond:
             self._cond.notify_all()
@@ -146,3 +167,28 @@ class EventFeed:
                 await asyncio.wait_for(self._cond.wait(), timeout or self.poll_interval)
             except TimeoutError:
                 pass
+
+
+async def prune_events(feed: EventFeed, retention: int, registry: Registry) -> AsyncIterator[None]:
+    """An aiohttp cleanup context: while the app runs, delete events older than `retention` seconds at start and then
+    every `retention / 4` (at most hourly). A failed prune (disk full, database away) is
+    logged and retried next time; it never stops the server."""
+    pruned = registry.counter("meshmgmt_audit_events_pruned_total", "Audit events deleted by --audit-retention")
+
+    async def loop() -> None:
+        while True:
+            try:
+                n = await feed.prune(retention)
+            except Exception as exc:  # noqa: BLE001  the store logs its own failures
+                event(log, "audit.prune_failed", level=logging.WARNING, error=type(exc).__name__)
+            else:
+                if n:
+                    pruned.inc(n)
+                    event(log, "audit.pruned", events=n, retention_s=retention)
+            await asyncio.sleep(min(3600.0, max(1.0, retention / 4)))
+
+    task = asyncio.get_running_loop().create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

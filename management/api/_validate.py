@@ -6,6 +6,7 @@ with the helpers below; nothing here trusts the type of anything in the body.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import json
@@ -14,9 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import BadRequest
+from ..errors import BadRequest, RequestTimeout
 
 MAX_BODY = 1 << 20
+BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 _LOGIN = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.I)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -34,7 +36,11 @@ _SSH_KEY_TYPES = (
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):  # a body dribbled in byte by byte holds a connection
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {BODY_TIMEOUT:g} s") from None
     if len(raw) > MAX_BODY:
         raise BadRequest("body too large", field="body")
     if not raw.strip():
@@ -52,12 +58,19 @@ def _missing(name: str) -> BadRequest:
     return BadRequest(f"field {name!r} is required", field=name)
 
 
+def _null(name: str) -> BadRequest:
+    # The OpenAPI document types these fields without `nullable`: null is not "absent".
+    return BadRequest(f"field {name!r} must not be null (leave it out for the default)", field=name)
+
+
 def string(doc: dict[str, Any], name: str, *, required: bool = False, default: str | None = None,
            max_len: int = 255, min_len: int = 0) -> str | None:
-    if name not in doc or doc[name] is None:
+    if name not in doc:
         if required:
             raise _missing(name)
         return default
+    if doc[name] is None:
+        raise _null(name)
     value = doc[name]
     if not isinstance(value, str):
         raise BadRequest(f"field {name!r} must be a string", field=name)
@@ -69,8 +82,10 @@ def string(doc: dict[str, Any], name: str, *, required: bool = False, default: s
 
 
 def boolean(doc: dict[str, Any], name: str, default: bool | None = None, *, field: str | None = None) -> bool | None:
-    if name not in doc or doc[name] is None:
+    if name not in doc:
         return default
+    if doc[name] is None:
+        raise _null(field or name)
     value = doc[name]
     if not isinstance(value, bool):
         raise BadRequest(f"field {field or name!r} must be true or false", field=field or name)
@@ -79,8 +94,10 @@ def boolean(doc: dict[str, Any], name: str, default: bool | None = None, *, fiel
 
 def integer(doc: dict[str, Any], name: str, default: int | None = None, *, lo: int = 0,
             hi: int = 2**31 - 1) -> int | None:
-    if name not in doc or doc[name] is None:
+    if name not in doc:
         return default
+    if doc[name] is None:
+        raise _null(name)
     value = doc[name]
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"field {name!r} must be an integer", field=name)
@@ -92,8 +109,10 @@ def integer(doc: dict[str, Any], name: str, default: int | None = None, *, lo: i
 def str_list(doc: dict[str, Any], name: str, *, default: list[str] | None = None, max_items: int = 1000,
              max_len: int = 255, field: str | None = None) -> list[str] | None:
     field = field or name
-    if name not in doc or doc[name] is None:
+    if name not in doc:
         return default
+    if doc[name] is None:
+        raise _null(field)
     value = doc[name]
     if not isinstance(value, list) or len(value) > max_items:
         raise BadRequest(f"field {field!r} must be a list of at most {max_items} strings", field=field)

@@ -45,6 +45,7 @@ async def challenge(request: web.Request) -> web.Response:
         raise TooManyRequests("too many registration challenges from this address; slow down",
                               decision.retry_after)
     doc = await v.json_object(request)
+    v.only_known(doc, {"wg_public_key"})
     wg = v.wg_key(v.string(doc, "wg_public_key", required=True, max_len=64) or "")
     nonce = base64.b64encode(os.urandom(CHALLENGE_BYTES)).decode()
     box_key = public_key_b64(request.app[BOX_KEY])

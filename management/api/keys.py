@@ -19,8 +19,10 @@ SETTINGS = web.AppKey("settings", MgmtSettings)
 HUB = web.AppKey("hub", SyncHub)
 EVENTS = web.AppKey("events", EventFeed)
 METRICS = web.AppKey("metrics", Registry)
+METRICS_TOKEN = web.AppKey("metrics_token", Any)  # str from --metrics-token-file, or None: /metrics is open
 REGISTER_LIMITER = web.AppKey("register_limiter", RateLimiter)
 CHALLENGE_LIMITER = web.AppKey("challenge_limiter", RateLimiter)
+AUDIT_LIMITER = web.AppKey("audit_limiter", RateLimiter)  # audit events per peer id
 BOX_KEY = web.AppKey("box_key", X25519PrivateKey)  # management/boxkey.py
 ISSUER = web.AppKey("issuer", Any)  # management.idp.Issuer, or None before the issuer exists
 

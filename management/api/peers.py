@@ -27,7 +27,7 @@ from . import _validate as v
 from ._auth import require_peer, require_user
 from ._lookup import reserve_id_shape
 from .enrol import authorise_rekey, consume_proof
-from .keys import EVENTS, HUB, LOAD_STATE, REGISTER_LIMITER, SETTINGS, STORE
+from .keys import AUDIT_LIMITER, EVENTS, HUB, LOAD_STATE, METRICS, REGISTER_LIMITER, SETTINGS, STORE
 
 log = logging.getLogger("meshmgmt.api.peers")
 routes = web.RouteTableDef()
@@ -36,6 +36,8 @@ routes = web.RouteTableDef()
 # definition, so a new flag cannot be sent by peers and silently dropped here.
 PEER_FLAGS = tuple(f.name for f in fields(PeerFlags))
 MAX_ENDPOINTS = 16
+DROPPED = "meshmgmt_audit_events_dropped_total"
+DROPPED_HELP = "Audit events refused at ingest, by reason (rate_limited: the peer keeps them and retries)"
 
 
 def parse_flags(value: Any) -> dict[str, bool]:
@@ -252,7 +254,21 @@ async def ingest_events(request: web.Request) -> web.Response:
         raise BadRequest("field 'events' must be a list of events", field="events")
     if len(items) > MAX_EVENTS_PER_POST:
         raise BadRequest(f"at most {MAX_EVENTS_PER_POST} events per request", field="events")
-    parsed = [parse_peer_event(e, f"events[{i}]") for i, e in enumerate(items)]
+    # Each started KiB of body costs one event too, so a peer cannot fill the disk with
+    # few huge events any faster than with many small ones.
+    cost = max(len(items), -(-len(await request.read()) // 1024))
+    decision = request.app[AUDIT_LIMITER].hit(peer.id, cost)
+    if not decision.allowed:
+        request.app[METRICS].counter(DROPPED, DROPPED_HELP).inc(len(items), reason="rate_limited")
+        event(log, "audit.rate_limited", level=logging.WARNING, peer=peer.id, events=len(items),
+              retry_after=round(decision.retry_after, 1))
+        raise TooManyRequests(f"this peer sends audit events faster than {request.app[SETTINGS].audit_rate:g}/s; "
+                              "keep them and retry later", decision.retry_after)
+    try:
+        parsed = [parse_peer_event(e, f"events[{i}]") for i, e in enumerate(items)]
+    except BadRequest:
+        request.app[METRICS].counter(DROPPED, DROPPED_HELP).inc(len(items), reason="invalid")
+        raise
     n = await request.app[EVENTS].ingest(peer.id, parsed)
     return web.json_response({"accepted": n}, status=202)
 

@@ -31,16 +31,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from meshsshd.logs import event
 
+from .failures import StoreFailure, store_failure
 from .models import Meta
 
 log = logging.getLogger("meshmgmt.store")
@@ -49,6 +52,7 @@ CHANNEL = "meshmgmt_changes"
 # Execution option naming the statement that opens a SQLite transaction (_sqlite_begin).
 _SQLITE_BEGIN = "meshmgmt_sqlite_begin"
 SERIAL_KEY = "serial"
+MIN_FREE_BYTES = 1 << 20  # SQLite: less room than this on the database's file system is "disk full"
 
 ChangeListener = Callable[[int], Awaitable[None] | None]
 
@@ -95,6 +99,9 @@ class Store:
         # SQLite allows one writer; serialising writes in-process avoids SQLITE_BUSY on
         # read→write lock upgrades. PostgreSQL needs no such lock.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        # Why the last write failed when the store itself refused it (disk full, database
+        # away); None once a write commits again. `/healthz` reports it.
+        self.write_failure: StoreFailure | None = None
 
     @classmethod
     def for_data_dir(cls, data_dir: Path, database: str | None = None) -> Store:
@@ -118,16 +125,52 @@ class Store:
                 yield
 
     @contextlib.asynccontextmanager
+    async def _watched(self) -> AsyncIterator[None]:
+        """Notes when the store starts and stops refusing writes, one log line each way
+        (a flood of writes onto a full disk must not become a flood of log lines)."""
+        try:
+            yield
+        except DBAPIError as exc:
+            failure = store_failure(exc)
+            if failure is not None and failure != self.write_failure:
+                event(log, "store.write_failed", level=logging.ERROR, reason=failure.reason,
+                      disk_full=failure.disk_full)
+            self.write_failure = failure or self.write_failure
+            raise
+        if self.write_failure is not None:
+            event(log, "store.write_recovered", was=self.write_failure.reason)
+            self.write_failure = None
+
+    @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A write that does not affect network maps (audit events, last-seen): commits."""
-        async with self._locked(), self._write_sessions() as s:
+        async with self._locked(), self._watched(), self._write_sessions() as s:
             yield s
             await s.commit()
+
+    async def disk_full(self) -> str | None:
+        """SQLite: why the database's file system cannot take a write (under
+        `MIN_FREE_BYTES` left), else None. A refused write alone does not tell: SQLite
+        reuses room in its WAL, so a small probe can pass on a full disk."""
+        if not self.is_sqlite:
+            return None
+        path = Path(self.url.split(":///", 1)[1]).parent
+        try:
+            st = await asyncio.to_thread(os.statvfs, path)
+        except OSError:
+            return None
+        free = st.f_bavail * st.f_frsize
+        return f"disk full: {free} bytes free under {path}" if free < MIN_FREE_BYTES else None
+
+    async def probe_write(self) -> None:
+        """A write that changes nothing, to see whether the store takes writes again."""
+        async with self.write() as s:
+            await s.execute(update(Meta).where(Meta.key == SERIAL_KEY).values(value=Meta.value))
 
     @contextlib.asynccontextmanager
     async def change(self, reason: str = "") -> AsyncIterator[AsyncSession]:
         """A write that may change network maps: commit + serial bump + notify, or nothing."""
-        async with self._locked(), self._write_sessions() as s:
+        async with self._locked(), self._watched(), self._write_sessions() as s:
             yield s
             serial = await self._bump(s)
             if self.is_postgres:

@@ -77,13 +77,15 @@ def replica_data_dir(first: Path, data_dir: Path) -> Path:
 
 
 def start_serve(data_dir: Path, token: str, database: str | None = None, network: str = "127.77.0.0/16",
-                extra: tuple[str, ...] = ("--register-burst", "10000")) -> Mgmt:
+                extra: tuple[str, ...] = ("--register-burst", "10000"), log_dir: Path | None = None) -> Mgmt:
+    """`log_dir`: where the server's log goes (default the data dir; elsewhere when the
+    test fills the data dir's disk)."""
     port = free_port()
     argv = [console_script("meshmgmt"), "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}",
             "--network", network, *extra]
     if database:
         argv += ["--database", database]
-    proc = Proc(argv, data_dir / f"serve-{port}.log")
+    proc = Proc(argv, (log_dir or data_dir) / f"serve-{port}.log")
     try:
         wait_for_port("127.0.0.1", port, timeout=30, proc=proc.popen)
     except Exception:
