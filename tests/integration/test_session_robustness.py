@@ -1,0 +1,99 @@
+"""Session channels that fail to start or carry odd sizes: never a leak, never a hang.
+
+A start that fails (a NUL byte in the command or in TERM makes exec raise ValueError)
+must close every pipe and PTY it opened and answer the channel; a terminal size above
+what the kernel stores (65535) is clamped, in `pty-req` and in `window-change`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import asyncssh
+import pytest
+
+from tests.support import require_root
+
+from .serverkit import ServerKit, client_key, install_key
+
+pytestmark = [pytest.mark.openssh, pytest.mark.root]
+
+
+@pytest.fixture
+def server(tmp_path, make_user):
+    """A key login for a throwaway user on a running `meshsshd serve`."""
+    require_root()
+    key = client_key(tmp_path)
+    user = make_user("msr")
+    install_key(user, key)
+    rule = {"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}
+    with ServerKit(tmp_path / "srv", {"authorized_keys": True, "access": [rule]}) as srv:
+        yield srv, user, key
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _wait_fds(pid: int, at_most: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    count = _fd_count(pid)
+    while count > at_most and time.monotonic() < deadline:
+        time.sleep(0.1)
+        count = _fd_count(pid)
+    return count
+
+
+async def _connect(srv: ServerKit, user, key) -> asyncssh.SSHClientConnection:
+    return await asyncssh.connect("127.0.0.1", srv.port, username=user.pw_name, known_hosts=None,
+                                  client_keys=[str(key.path)], agent_path=None, password=None)
+
+
+async def _failing_starts(srv: ServerKit, user, key, rounds: int) -> list[tuple[int | None, bytes]]:
+    """Sessions whose start fails: NUL in exec without and with a PTY, NUL in TERM."""
+    results = []
+    async with await _connect(srv, user, key) as conn:
+        for _ in range(rounds):
+            for kwargs in ({"command": "echo a\0b"}, {"command": "echo a\0b", "term_type": "xterm"},
+                           {"command": "true", "term_type": "xterm\0x"}):
+                r = await asyncio.wait_for(conn.run(encoding=None, **kwargs), 15)
+                results.append((r.exit_status, r.stderr or r.stdout))
+    return results
+
+
+def test_failed_session_start_closes_its_fds_and_answers(server):
+    srv, user, key = server
+    pid = srv.proc.pid
+    assert srv.ssh(user.pw_name, key, "true").returncode == 0
+    baseline = _wait_fds(pid, 0, timeout=1.0)
+    results = asyncio.run(_failing_starts(srv, user, key, rounds=10))
+    assert len(results) == 30
+    for status, message in results:
+        assert status == 1, results
+        assert b"cannot start session" in message, results
+    after = _wait_fds(pid, baseline)
+    assert after <= baseline, f"daemon fds {baseline} -> {after}"
+    assert '"session.spawn-failed"' in srv.output() and "ValueError" in srv.output()
+    r = srv.ssh(user.pw_name, key, "echo still-works")
+    assert r.returncode == 0 and r.stdout == b"still-works\n", r
+
+
+async def _huge_sizes(srv: ServerKit, user, key) -> tuple[int | None, bytes]:
+    async with await _connect(srv, user, key) as conn:
+        proc = await conn.create_process("stty size; read line; stty size", term_type="xterm",
+                                         term_size=(70000, 100000), encoding=None)
+        await asyncio.sleep(0.3)
+        proc.change_terminal_size(1 << 31, 4294967295, 70000, 70000)
+        await asyncio.sleep(0.3)
+        proc.stdin.write(b"\n")
+        await asyncio.wait_for(proc.wait_closed(), 15)
+        return proc.exit_status, await proc.stdout.read()
+
+
+def test_terminal_sizes_beyond_16_bits_are_clamped(server):
+    srv, user, key = server
+    status, out = asyncio.run(_huge_sizes(srv, user, key))
+    assert status == 0, out
+    assert out.count(b"65535 65535") == 2, out
