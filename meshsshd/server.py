@@ -27,6 +27,7 @@ import asyncssh
 
 from . import (__version__, account, acl, algorithms, asyncssh_keyopts, asyncssh_ping, asyncssh_tuning, forwarding,
                hostkeys)
+from . import asyncssh_close
 from .audit import AuditSink, ForwardClosed, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -420,6 +421,7 @@ class MeshSSHServer:
     async def start(self) -> None:
         asyncssh_tuning.skip_ignore_packets()
         asyncssh_ping.answer_pings()
+        asyncssh_close.hold_closed_sessions()
         asyncssh_keyopts.enforceable()
         loop = asyncio.get_running_loop()
         self._host_keys = await loop.run_in_executor(

@@ -104,6 +104,7 @@ class ChildSession(asyncssh.SSHServerSession):
         self._exit: tuple[int, int] | None = None   # (returncode, raw wait status)
         self._finished = False
         self._lost = False
+        self._peer_closed = False   # the client sent CLOSE; we answer when the command exits
         self._started = time.time()
         self._utmp: _utmp.LoginRecord | None = None
         self._pam = False   # our child is the PAM helper (root); the user's process is its child
@@ -301,11 +302,11 @@ class ChildSession(asyncssh.SSHServerSession):
         return True   # keep the channel half-open: output still flows
 
     def _write_stdout(self, data: bytes) -> None:
-        if self._chan is not None and not self._lost:
+        if self._chan is not None and not self._lost and not self._peer_closed:
             self._chan.write(data)
 
     def _write_stderr(self, data: bytes) -> None:
-        if self._chan is not None and not self._lost:
+        if self._chan is not None and not self._lost and not self._peer_closed:
             self._chan.write_stderr(data)
 
     def pause_writing(self) -> None:
@@ -461,6 +462,17 @@ class ChildSession(asyncssh.SSHServerSession):
                     pass
             self._end_login()
         self._loop.call_later(KILL_GRACE, hard_kill)
+
+    def hold_on_close(self) -> bool:
+        """The client closed the channel (`asyncssh_close`): as sshd, a command without a
+        terminal runs on, its output is read and dropped, its stdin ends, and exit-status
+        goes out before our CLOSE. A terminal session is hung up as before."""
+        if self._pty is not None or self._popen is None or self._exit is not None or self._lost:
+            return False
+        self._peer_closed = True
+        self.eof_received()
+        self.resume_writing()
+        return True
 
     def close(self, message: str | None = None) -> None:
         """Server-side close (revocation): tell the user, end the process group."""

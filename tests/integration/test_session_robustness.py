@@ -97,3 +97,26 @@ def test_terminal_sizes_beyond_16_bits_are_clamped(server):
     status, out = asyncio.run(_huge_sizes(srv, user, key))
     assert status == 0, out
     assert out.count(b"65535 65535") == 2, out
+
+
+async def _close_then_wait(srv: ServerKit, user, key, command: str) -> tuple[int | None, float]:
+    """Close the channel right after the command started, then wait for the server's
+    CLOSE, as OpenSSH's ControlMaster does when its mux client goes first."""
+    async with await _connect(srv, user, key) as conn:
+        chan, _ = await conn.create_session(asyncssh.SSHClientSession, command, encoding=None)
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        chan.close()
+        await asyncio.wait_for(chan.wait_closed(), 15)
+        return chan.get_exit_status(), time.monotonic() - t0
+
+
+def test_channel_closed_by_client_keeps_the_command_and_its_exit_status(server):
+    srv, user, key = server
+    marker = f"{user.pw_dir}/done"
+    status, waited = asyncio.run(_close_then_wait(srv, user, key, f"sleep 0.5; seq 100000; echo ok > {marker}; exit 3"))
+    assert status == 3 and waited >= 0.2, (status, waited)
+    with open(marker) as f:
+        assert f.read() == "ok\n"
+    r = srv.ssh(user.pw_name, key, "echo still-works")
+    assert r.returncode == 0 and r.stdout == b"still-works\n", r
