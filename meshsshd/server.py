@@ -27,7 +27,7 @@ import asyncssh
 
 from . import (__version__, account, acl, algorithms, asyncssh_keyopts, asyncssh_ping, asyncssh_tuning, forwarding,
                hostkeys)
-from . import asyncssh_close
+from . import asyncssh_caps, asyncssh_close
 from .audit import AuditSink, ForwardClosed, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -422,6 +422,7 @@ class MeshSSHServer:
         asyncssh_tuning.skip_ignore_packets()
         asyncssh_ping.answer_pings()
         asyncssh_close.hold_closed_sessions()
+        asyncssh_caps.cap_channel_requests()
         asyncssh_keyopts.enforceable()
         loop = asyncio.get_running_loop()
         self._host_keys = await loop.run_in_executor(

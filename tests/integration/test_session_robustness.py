@@ -120,3 +120,24 @@ def test_channel_closed_by_client_keeps_the_command_and_its_exit_status(server):
         assert f.read() == "ok\n"
     r = srv.ssh(user.pw_name, key, "echo still-works")
     assert r.returncode == 0 and r.stdout == b"still-works\n", r
+
+
+async def _env_flood(srv: ServerKit, user, key, count: int) -> str:
+    """Send `count` env requests on one channel, then a command; what became of it."""
+    async with await _connect(srv, user, key) as conn:
+        env = {f"MSR_{i}": "x" * 100 for i in range(count)}
+        try:
+            r = await asyncio.wait_for(conn.run("echo ran", env=env), 15)
+        except (asyncssh.Error, OSError) as exc:
+            return f"closed: {exc}"
+        return r.stdout.strip()
+
+
+def test_env_flood_closes_the_connection(server):
+    srv, user, key = server
+    assert asyncio.run(_env_flood(srv, user, key, 128)) == "ran"
+    outcome = asyncio.run(_env_flood(srv, user, key, 5000))
+    assert outcome.startswith("closed"), outcome
+    assert '"too-many-env"' in srv.output()
+    r = srv.ssh(user.pw_name, key, "echo still-works")
+    assert r.returncode == 0 and r.stdout == b"still-works\n", r
