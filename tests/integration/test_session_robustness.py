@@ -141,3 +141,63 @@ def test_env_flood_closes_the_connection(server):
     assert '"too-many-env"' in srv.output()
     r = srv.ssh(user.pw_name, key, "echo still-works")
     assert r.returncode == 0 and r.stdout == b"still-works\n", r
+
+
+async def _hold_sessions(srv: ServerKit, user, key, connections: int, per_connection: int,
+                         ) -> tuple[list[asyncssh.SSHClientConnection], int, list[str]]:
+    """Open up to `connections` × `per_connection` `sleep` sessions; what was refused."""
+    conns, opened, refused = [], 0, []
+    for _ in range(connections):
+        try:
+            conn = await asyncio.wait_for(_connect(srv, user, key), 10)
+        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+            refused.append(f"connect: {exc!r}")
+            continue
+        conns.append(conn)
+        for _ in range(per_connection):
+            try:
+                await conn.create_session(asyncssh.SSHClientSession, "sleep 30")
+                opened += 1
+            except (asyncssh.Error, OSError) as exc:
+                refused.append(f"session: {exc!r}")
+    return conns, opened, refused
+
+
+async def _sessions_then_close(srv: ServerKit, user, key, connections: int, per_connection: int,
+                               ) -> tuple[int, list[str]]:
+    conns, opened, refused = await _hold_sessions(srv, user, key, connections, per_connection)
+    for conn in conns:
+        conn.close()
+    return opened, refused
+
+
+def test_sessions_per_identity_are_capped_across_connections(tmp_path, make_user):
+    require_root()
+    key = client_key(tmp_path)
+    user = make_user("msr")
+    install_key(user, key)
+    rule = {"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}
+    config = {"authorized_keys": True, "access": [rule], "limits": {"max_sessions_per_identity": 5}}
+    with ServerKit(tmp_path / "srv", config) as srv:
+        opened, refused = asyncio.run(_sessions_then_close(srv, user, key, 3, 3))
+        assert opened == 5 and len(refused) == 4, refused
+        assert '"max-sessions-per-identity"' in srv.output()
+
+
+def test_low_fds_refuse_new_connections_not_the_daemon(tmp_path, make_user):
+    """At a 200-fd limit, sessions eat the headroom; new connections are refused with a
+    log line, the daemon stays up, and logins work again once the sessions end."""
+    require_root()
+    key = client_key(tmp_path)
+    user = make_user("msr")
+    install_key(user, key)
+    rule = {"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}
+    config = {"authorized_keys": True, "access": [rule], "limits": {"max_sessions_per_identity": 1000}}
+    with ServerKit(tmp_path / "srv", config, daemon_prefix=["prlimit", "--nofile=200:200", "--"]) as srv:
+        opened, refused = asyncio.run(_sessions_then_close(srv, user, key, 12, 10))
+        assert any(r.startswith("connect") for r in refused), (opened, refused)
+        assert '"fds-low"' in srv.output()
+        assert srv.proc.popen.poll() is None
+        assert _wait_fds(srv.proc.pid, 60) <= 60
+        r = srv.ssh(user.pw_name, key, "echo still-works")
+        assert r.returncode == 0 and r.stdout == b"still-works\n", r
