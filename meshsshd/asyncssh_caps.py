@@ -21,7 +21,7 @@ from typing import Any
 import asyncssh
 from asyncssh import channel as _chan
 
-from .asyncssh_patch import apply_guarded, version_checked
+from .asyncssh_patch import apply_guarded, server_channel_handler, version_checked
 from .logs import event
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,7 @@ def cap_channel_requests() -> bool:
     if _applied:
         return True
     process_request = _chan.SSHChannel._process_request
-
-    def patch() -> None:
-        handlers = dict(_chan.SSHServerChannel._packet_handlers)
-        handlers[_chan.MSG_CHANNEL_REQUEST] = _capping(process_request)
-        _chan.SSHServerChannel._packet_handlers = handlers
+    patch = server_channel_handler(_chan.MSG_CHANNEL_REQUEST, _capping(process_request))
 
     _applied = apply_guarded(log, "asyncssh-caps", refusal(asyncssh.__version__, process_request), patch,
                              change=f"at most {MAX_ENV} env and {MAX_QUEUED} queued requests per session channel",

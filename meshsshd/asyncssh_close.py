@@ -23,7 +23,7 @@ from typing import Any
 import asyncssh
 from asyncssh import channel as _chan
 
-from .asyncssh_patch import apply_guarded, version_checked
+from .asyncssh_patch import apply_guarded, server_channel_handler, version_checked
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,7 @@ def hold_closed_sessions() -> bool:
     if _applied:
         return True
     process_close = _chan.SSHChannel._process_close
-
-    def patch() -> None:
-        handlers = dict(_chan.SSHServerChannel._packet_handlers)
-        handlers[_chan.MSG_CHANNEL_CLOSE] = _holding(process_close)
-        _chan.SSHServerChannel._packet_handlers = handlers
+    patch = server_channel_handler(_chan.MSG_CHANNEL_CLOSE, _holding(process_close))
 
     _applied = apply_guarded(log, "asyncssh-close", refusal(asyncssh.__version__, process_close), patch,
                              change="a closed session channel is answered once its command exits",

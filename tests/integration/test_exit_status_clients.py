@@ -19,7 +19,7 @@ import pytest
 
 from tests.support import require_root, require_tool
 
-from .serverkit import SSH_BASE_OPTS, ServerKit, client_key, install_key
+from .serverkit import SSH_BASE_OPTS, ServerKit, key_login_config
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root]
 
@@ -74,11 +74,9 @@ def lost(runner: Runner, runs: int, command: str = EARLY_CLOSE, expected: int = 
 @pytest.fixture
 def server(tmp_path, make_user):
     require_root()
-    key = client_key(tmp_path)
     user = make_user("mse")
-    install_key(user, key)
-    rule = {"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}
-    with ServerKit(tmp_path / "srv", {"authorized_keys": True, "access": [rule]}, log_level="warning") as srv:
+    key, config = key_login_config(tmp_path, user)
+    with ServerKit(tmp_path / "srv", config, log_level="warning") as srv:
         yield srv, user.pw_name, key.path
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support import require_root
 
-from .serverkit import ServerKit, client_key, install_key
+from .serverkit import ServerKit, key_login_config
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root]
 
@@ -25,11 +25,9 @@ pytestmark = [pytest.mark.openssh, pytest.mark.root]
 def server(tmp_path, make_user):
     """A key login for a throwaway user on a running `meshsshd serve`."""
     require_root()
-    key = client_key(tmp_path)
     user = make_user("msr")
-    install_key(user, key)
-    rule = {"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}
-    with ServerKit(tmp_path / "srv", {"authorized_keys": True, "access": [rule]}) as srv:
+    key, config = key_login_config(tmp_path, user)
+    with ServerKit(tmp_path / "srv", config) as srv:
         yield srv, user, key
 
 
@@ -173,11 +171,8 @@ async def _sessions_then_close(srv: ServerKit, user, key, connections: int, per_
 
 def test_sessions_per_identity_are_capped_across_connections(tmp_path, make_user):
     require_root()
-    key = client_key(tmp_path)
     user = make_user("msr")
-    install_key(user, key)
-    rule = {"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}
-    config = {"authorized_keys": True, "access": [rule], "limits": {"max_sessions_per_identity": 5}}
+    key, config = key_login_config(tmp_path, user, limits={"max_sessions_per_identity": 5})
     with ServerKit(tmp_path / "srv", config) as srv:
         opened, refused = asyncio.run(_sessions_then_close(srv, user, key, 3, 3))
         assert opened == 5 and len(refused) == 4, refused
@@ -188,11 +183,8 @@ def test_low_fds_refuse_new_connections_not_the_daemon(tmp_path, make_user):
     """At a 200-fd limit, sessions eat the headroom; new connections are refused with a
     log line, the daemon stays up, and logins work again once the sessions end."""
     require_root()
-    key = client_key(tmp_path)
     user = make_user("msr")
-    install_key(user, key)
-    rule = {"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}
-    config = {"authorized_keys": True, "access": [rule], "limits": {"max_sessions_per_identity": 1000}}
+    key, config = key_login_config(tmp_path, user, limits={"max_sessions_per_identity": 1000})
     with ServerKit(tmp_path / "srv", config, daemon_prefix=["prlimit", "--nofile=200:200", "--"]) as srv:
         opened, refused = asyncio.run(_sessions_then_close(srv, user, key, 12, 10))
         assert any(r.startswith("connect") for r in refused), (opened, refused)
