@@ -1,5 +1,5 @@
 """What the guarded asyncssh patches share (asyncssh_tuning, asyncssh_ping,
-asyncssh_keyopts): which versions their reading of asyncssh's
+asyncssh_keyopts, asyncssh_close, asyncssh_caps): which versions their reading of asyncssh's
 internals holds for, and the one-line report of applying or refusing a patch."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 import asyncssh
+from asyncssh import channel as _chan
 
 from .logs import event
 
@@ -39,3 +40,13 @@ def apply_guarded(log: logging.Logger, name: str, why: str | None, patch: Callab
     patch()
     event(log, f"{name}.applied", change=change, asyncssh=asyncssh.__version__)
     return True
+
+
+def server_channel_handler(msg: int, handler: Callable[..., None]) -> Callable[[], None]:
+    """A patch installing `handler` for message `msg` on asyncssh's server channels only
+    (sessions; client and forwarding channels keep asyncssh's own table)."""
+    def patch() -> None:
+        handlers = dict(_chan.SSHServerChannel._packet_handlers)
+        handlers[msg] = handler
+        _chan.SSHServerChannel._packet_handlers = handlers
+    return patch

@@ -61,6 +61,8 @@ class Limits:
     login_grace: float = 30.0
     max_auth_tries: int = 6
     max_sessions: int = 10
+    # Session channels one identity may hold open across all its connections.
+    max_sessions_per_identity: int = 50
     # MaxStartups start:rate:full — beyond `start` unauthenticated connections, drop new
     # ones with probability rate% rising linearly to 100% at `full`.
     max_startups: tuple[int, int, int] = (10, 30, 100)

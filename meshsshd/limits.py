@@ -15,7 +15,9 @@ milliseconds, still gets in while idle floods only push each other out.
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -154,3 +156,18 @@ class AuthTries:
         """Count a failure; True when the connection must now be closed."""
         self.failures += 1
         return self.failures >= self.limit
+
+
+# File descriptors kept free for what is already running (sessions, forwards, the
+# management link): below this many, new connections are refused.
+FD_RESERVE = 64
+
+
+def fds_free() -> int:
+    """How many more fds this process may open (soft RLIMIT_NOFILE minus those open).
+    Refusing connections before the limit keeps live sessions working and the daemon
+    out of a crash loop when a user exhausts fds."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return soft - len(os.listdir("/proc/self/fd"))

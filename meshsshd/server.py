@@ -25,8 +25,8 @@ from typing import Any
 
 import asyncssh
 
-from . import (__version__, account, acl, algorithms, asyncssh_kexguess, asyncssh_keyopts, asyncssh_ping,
-               asyncssh_sigalgs, asyncssh_tuning, forwarding, handshake, hostkeys)
+from . import (__version__, account, acl, algorithms, asyncssh_caps, asyncssh_close, asyncssh_kexguess,
+               asyncssh_keyopts, asyncssh_ping, asyncssh_sigalgs, asyncssh_tuning, forwarding, handshake, hostkeys)
 from .audit import AuditSink, ForwardClosed, ForwardOpened, LoggingAuditSink, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
@@ -34,7 +34,7 @@ from .config import ServerSettings
 from .detached import DetachableSession, DetachedSessions
 from .detached_revoke import revoke_detached
 from .errors import AuthRefused
-from .limits import AuthTries, Penalties, StartupGate
+from .limits import FD_RESERVE, AuthTries, Penalties, StartupGate, fds_free
 from .logs import event
 from .replay_log import FILE_NAME as REPLAY_LOG_NAME
 from .replay_log import ReplayLog
@@ -125,6 +125,12 @@ class _Connection(asyncssh.SSHServer):
         local = conn.get_extra_info("sockname") or ("", 0)
         self.info = ConnectionInfo(str(peer[0]), int(peer[1]), str(local[0]), int(local[1]))
         srv = self.server
+        free = fds_free()
+        if free < FD_RESERVE:
+            event(log, "connection.refused", level=logging.WARNING, source=self.info.client_ip, reason="fds-low",
+                  fds_free=free)
+            self._drop()
+            return
         blocked = srv.penalties.blocked_for(self.info.client_ip)
         if blocked > 0:
             event(log, "connection.refused", source=self.info.client_ip, reason="penalty", seconds=round(blocked))
@@ -318,8 +324,13 @@ class _Connection(asyncssh.SSHServer):
         self._refuse_if_revoked()
         live = {s for s in self.sessions if not s.closed}
         self.sessions = live
-        if len(live) >= self.server.settings.limits.max_sessions:
+        limits = self.server.settings.limits
+        if len(live) >= limits.max_sessions:
             event(log, "session.refused", reason="max-sessions", source=self.info.client_ip)
+            return False
+        if self.server.open_sessions(self.ctx.identity) >= limits.max_sessions_per_identity:
+            event(log, "session.refused", reason="max-sessions-per-identity", identity=self.ctx.identity,
+                  source=self.info.client_ip)
             return False
         session = DetachableSession(self.ctx, self.server.detached)
         self.sessions.add(session)
@@ -426,6 +437,8 @@ class MeshSSHServer:
         asyncssh_ping.answer_pings()
         asyncssh_kexguess.judge_guesses()
         asyncssh_sigalgs.refuse_weak_signatures()
+        asyncssh_close.hold_closed_sessions()
+        asyncssh_caps.cap_channel_requests()
         asyncssh_keyopts.enforceable()
         loop = asyncio.get_running_loop()
         self._host_keys = await loop.run_in_executor(
@@ -549,6 +562,11 @@ class MeshSSHServer:
                 c.recheck_forwards(settings)
 
     # ---- introspection --------------------------------------------------------------
+    def open_sessions(self, identity: str) -> int:
+        """Session channels `identity` holds open on all its connections."""
+        return sum(1 for c in self.connections if c.ctx is not None and c.ctx.identity == identity
+                   for s in c.sessions if not s.closed)
+
     def sessions(self) -> list[dict]:
         return [dict(s) for s in self.session_registry.values()]
 

@@ -8,7 +8,7 @@ DEBIAN_PACKAGES=(
   openssh-client openssh-sftp-server openssh-server
   nftables wireguard-tools wireguard-go iproute2
   postgresql procps passwd login util-linux tmux
-  dropbear-bin curl
+  putty-tools dropbear-bin curl
 )
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

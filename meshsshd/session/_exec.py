@@ -104,6 +104,7 @@ class ChildSession(asyncssh.SSHServerSession):
         self._exit: tuple[int, int] | None = None   # (returncode, raw wait status)
         self._finished = False
         self._lost = False
+        self._peer_closed = False   # the client sent CLOSE; we answer when the command exits
         self._started = time.time()
         self._utmp: _utmp.LoginRecord | None = None
         self._pam = False   # our child is the PAM helper (root); the user's process is its child
@@ -163,20 +164,21 @@ class ChildSession(asyncssh.SSHServerSession):
         chan = self._chan
         assert chan is not None
         user = self.ctx.user
-        auth_sock = await self._prepare_agent(chan)
         pty = self._want_pty and self._kind != "subsystem"
         child_fds: list[int] = []
+        parent_fds: list[int] = []
         try:
+            auth_sock = await self._prepare_agent(chan)
             if pty:
                 self._pty = PTY(user.uid, self._size, self._modes)
                 stdin = stdout = stderr = self._pty.slave
             else:
-                in_r, in_w = make_pipe()
-                out_r, out_w = make_pipe()
-                err_r, err_w = make_pipe()
-                child_fds = [in_r, out_w, err_w]
-                stdin, stdout, stderr = in_r, out_w, err_w
-                parent = (in_w, out_r, err_r)
+                for child_reads in (True, False, False):   # stdin, stdout, stderr
+                    r, w = make_pipe()
+                    child_fds.append(r if child_reads else w)
+                    parent_fds.append(w if child_reads else r)
+                stdin, stdout, stderr = child_fds
+                parent = tuple(parent_fds)
             env = build_child_env(
                 user, self.ctx.conn, chan.get_environment(),
                 term=self._term if pty else None,
@@ -189,15 +191,8 @@ class ChildSession(asyncssh.SSHServerSession):
             tty = self._pty.name if self._pty else None
             self._popen = await self._loop.run_in_executor(
                 None, lambda: self._spawn(user, executable, argv, env, tty, stdin, stdout, stderr, pty))
-        except OSError as exc:
-            for fd in child_fds:
-                os.close(fd)
-            event(log, "session.spawn-failed", level=logging.WARNING, session_id=self.id,
-                  user=user.name, error=str(exc))
-            if not self._lost:
-                chan.write_stderr(f"meshsshd: cannot start session for {user.name}: {exc.strerror or exc}\r\n".encode())
-                chan.exit(1)
-            self._cleanup_fds()
+        except Exception as exc:   # any failure (OSError, ValueError for a NUL byte, ...)
+            self._start_failed(exc, child_fds + parent_fds)
             return
         for fd in child_fds:
             os.close(fd)
@@ -225,6 +220,26 @@ class ChildSession(asyncssh.SSHServerSession):
         self._input_buf.clear()
         if self._input_eof and not self._pty:
             self._stdin.write_eof()
+
+    def _start_failed(self, exc: Exception, fds: list[int]) -> None:
+        """Close everything the start opened and answer the channel, whatever failed: a
+        channel left without an exit status keeps its fds and its client forever."""
+        for fd in fds:
+            os.close(fd)
+        if self._pty is not None:
+            self._pty.close()
+            self._pty = None
+        if self._cgroup is not None:
+            self._loop.run_in_executor(None, self._cgroup.remove)
+            self._cgroup = None
+        event(log, "session.spawn-failed", level=logging.WARNING, session_id=self.id,
+              user=self.ctx.user.name, error=str(exc), error_type=type(exc).__name__)
+        self._finished = True
+        if self._chan is not None and not self._lost:
+            reason = getattr(exc, "strerror", None) or exc
+            self._chan.write_stderr(
+                f"meshsshd: cannot start session for {self.ctx.user.name}: {reason}\r\n".encode())
+            self._chan.exit(1)
 
     def _spawn(self, user: LocalUser, executable: str, argv: list[str], env: dict[str, str], tty: str | None,
                stdin: int, stdout: int, stderr: int, pty: bool) -> subprocess.Popen:
@@ -287,11 +302,11 @@ class ChildSession(asyncssh.SSHServerSession):
         return True   # keep the channel half-open: output still flows
 
     def _write_stdout(self, data: bytes) -> None:
-        if self._chan is not None and not self._lost:
+        if self._chan is not None and not self._lost and not self._peer_closed:
             self._chan.write(data)
 
     def _write_stderr(self, data: bytes) -> None:
-        if self._chan is not None and not self._lost:
+        if self._chan is not None and not self._lost and not self._peer_closed:
             self._chan.write_stderr(data)
 
     def pause_writing(self) -> None:
@@ -376,8 +391,10 @@ class ChildSession(asyncssh.SSHServerSession):
         self._maybe_finish()
 
     def _output_eof(self) -> None:
-        if self._chan is not None and not self._lost and all(r.eof for r in self._readers) and self._exit is None:
-            self._chan.write_eof()
+        """No channel EOF here, even when the child closed its output: clients that close a
+        channel once EOF went both ways (plink, an OpenSSH ControlMaster, dbclient) would
+        close it before exit-status. `_maybe_finish` sends exit-status, then the close, once
+        the child is reaped and its output drained (sshd's order)."""
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -445,6 +462,17 @@ class ChildSession(asyncssh.SSHServerSession):
                     pass
             self._end_login()
         self._loop.call_later(KILL_GRACE, hard_kill)
+
+    def hold_on_close(self) -> bool:
+        """The client closed the channel (`asyncssh_close`): as sshd, a command without a
+        terminal runs on, its output is read and dropped, its stdin ends, and exit-status
+        goes out before our CLOSE. A terminal session is hung up as before."""
+        if self._pty is not None or self._popen is None or self._exit is not None or self._lost:
+            return False
+        self._peer_closed = True
+        self.eof_received()
+        self.resume_writing()
+        return True
 
     def close(self, message: str | None = None) -> None:
         """Server-side close (revocation): tell the user, end the process group."""

@@ -26,6 +26,7 @@ _OFLAG = {70: "OPOST", 71: "OLCUC", 72: "ONLCR", 73: "OCRNL", 74: "ONOCR", 75: "
 _CFLAG = {90: "CS7", 91: "CS8", 92: "PARENB", 93: "PARODD"}
 _ISPEED, _OSPEED = 128, 129
 _VDISABLE = 255
+_MAX_WINSZ = 0xFFFF   # struct winsize fields are unsigned short
 
 
 def _bits(table: Mapping[int, str]) -> dict[int, int]:
@@ -91,9 +92,12 @@ class PTY:
             raise
 
     def resize(self, cols: int, rows: int, xpix: int = 0, ypix: int = 0) -> None:
-        """TIOCSWINSZ on the master; the kernel sends SIGWINCH to the foreground job."""
+        """TIOCSWINSZ on the master; the kernel sends SIGWINCH to the foreground job.
+        SSH sends 32-bit sizes, the kernel keeps 16 bits: larger values are clamped (as
+        sshd), never an error that would hang the channel or drop the connection."""
         if cols and rows:
-            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, xpix, ypix))
+            size = (min(v, _MAX_WINSZ) for v in (rows, cols, xpix, ypix))
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", *size))
 
     def send_break(self, msec: int) -> None:
         termios.tcsendbreak(self.master, 0)

@@ -126,6 +126,15 @@ def install_key(user: Any, *keys: ClientKey, options: str = "") -> Path:
     return ak
 
 
+def key_login_config(tmp: Path, user: Any, **config: Any) -> tuple[ClientKey, dict[str, Any]]:
+    """A client key installed for `user` and a server config whose one rule lets exactly
+    that key log in as that user from loopback (plus `config`)."""
+    key = client_key(tmp)
+    install_key(user, key)
+    rule = {"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}
+    return key, {"authorized_keys": True, "access": [rule], **config}
+
+
 class ServerKit:
     """A `meshsshd serve` subprocess with its own config and state directory."""
 
