@@ -8,7 +8,6 @@ EXIT_STATUS_RUNS=40 runs each client 40 times (10 by default); a failure lists t
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -81,14 +80,8 @@ def server(tmp_path, make_user):
         yield srv, user.pw_name, key.path
 
 
-# dbclient is disconnected during key exchange unless dropbear's guessed first KEX packet
-# is handled (asyncssh_kexguess, issue 12 item 11, merged separately); with it, it runs.
-DBCLIENT_KEX = pytest.mark.xfail(importlib.util.find_spec("meshsshd.asyncssh_kexguess") is None,
-                                 reason="dropbear's guessed KEX packet (asyncssh_kexguess)", strict=True)
-
-
 @pytest.mark.parametrize("make_runner", [control_master_runner, plink_runner,
-                                         pytest.param(dbclient_runner, marks=DBCLIENT_KEX)],
+                                         dbclient_runner],
                          ids=["openssh-controlmaster", "plink", "dbclient"])
 def test_exit_status_survives_early_eof(server, make_runner):
     srv, user, key = server
