@@ -323,13 +323,18 @@ class Master:
 
     @staticmethod
     async def _watch_front(ctl: _Control, io: Stdio, process: Any) -> None:
-        """Resizes from the front; its hang-up (killed, ^C) ends the remote session."""
+        """Resizes from the front; its hang-up (killed, ^C) ends the remote session. A
+        closed channel alone no longer does (the peer keeps a command the client closed
+        until it exits, as sshd does), so the hang-up is sent first, as a terminal's would
+        be; the in-process client gets the same end from its dropped connection."""
         while True:
             try:
                 msg = await ctl.read()
             except (OSError, ValueError):
                 msg = None
             if msg is None:
+                with contextlib.suppress(Exception):
+                    process.send_signal("HUP")
                 process.close()
                 return
             if msg.get("resize") and io.resize_hook is not None:
