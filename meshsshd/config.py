@@ -11,13 +11,14 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from .config_values import number_problem, typed_problem
 from .errors import ConfigError
 from .netmap import SSH_PORT, AccessRule, NetmapError, NetworkMap, check_accept_env
-from .permit_open import PermitOpenError, validate_entries
+from .permit_open import PermitOpenError, parse_permit_listen, parse_permit_open, validate_entries
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshsshd")
 SFTP_SERVER_CANDIDATES = (
@@ -106,6 +107,9 @@ class ServerSettings:
     # refused unless listed there besides link-local (the management server's address).
     permit_open: tuple[str, ...] = ()
     forward_protected: tuple[str, ...] = ()
+    # Where `ssh -R` may listen (OpenSSH PermitListen entries; () = any), within what
+    # `forwarding.may_listen` allows at all (loopback, own_addresses).
+    permit_listen: tuple[str, ...] = ()
     # Only encrypt-then-MAC MACs (no hmac-sha2-256/512 for libssh2 < 1.11 clients).
     strict_algorithms: bool = False
 
@@ -188,6 +192,20 @@ def _limits(raw: dict[str, Any]) -> Limits:
     return Limits(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
 
 
+def _permit_entries(data: dict[str, Any], key: str, syntax: str,
+                    parse: Callable[[Iterable[str]], object]) -> tuple[str, ...]:
+    """permit_open / permit_listen: a string or a list of strings, each entry parsed."""
+    value = data.get(key, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(e, str) for e in value):
+        raise ConfigError(f"{key} must be a list of {syntax}")
+    try:
+        return validate_entries(value, key, parse)
+    except PermitOpenError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _audience(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
@@ -203,6 +221,7 @@ KNOWN_KEYS = {
     "accept_env", "nologin_files",
     "agent_forwarding",
     "permit_open",
+    "permit_listen",
     "strict_algorithms",
 }
 JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
@@ -280,15 +299,10 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
     nologin_files = tuple(Path(p) for p in _strings(data, "nologin_files", DEFAULT_NOLOGIN_FILES))
     if not all(p.is_absolute() for p in nologin_files):
         raise ConfigError("nologin_files must be absolute paths")
-    permit_open = data.get("permit_open", [])
-    if isinstance(permit_open, str):
-        permit_open = [permit_open]
-    if not isinstance(permit_open, list) or not all(isinstance(e, str) for e in permit_open):
-        raise ConfigError("permit_open must be a list of host:port entries (OpenSSH PermitOpen syntax)")
-    try:
-        permit_open = validate_entries(permit_open, "permit_open")
-    except PermitOpenError as exc:
-        raise ConfigError(str(exc)) from exc
+    permit_open = _permit_entries(data, "permit_open", "host:port entries (OpenSSH PermitOpen syntax)",
+                                  parse_permit_open)
+    permit_listen = _permit_entries(data, "permit_listen", "[host:]port entries (OpenSSH PermitListen syntax)",
+                                    parse_permit_listen)
     settings = ServerSettings(
         listen=tuple(parse_listen(s) for s in listen_raw),
         state_dir=Path(_string(data, "state_dir", str(DEFAULT_STATE_DIR))),
@@ -310,6 +324,7 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         nologin_files=nologin_files,
         agent_forwarding=_bool(data, "agent_forwarding", True),
         permit_open=permit_open,
+        permit_listen=permit_listen,
         strict_algorithms=_bool(data, "strict_algorithms"),
     )
     if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
@@ -337,4 +352,5 @@ def settings_from_netmap(base: ServerSettings, netmap: NetworkMap) -> ServerSett
         own_addresses=(netmap.peer.mesh_ip,),
         agent_forwarding=base.agent_forwarding and ssh.agent_forwarding,
         permit_open=ssh.permit_open,
+        permit_listen=ssh.permit_listen,
     )

@@ -10,7 +10,12 @@
   forward the new settings would refuse is closed.
 - tcpip-forward (`ssh -R`): only when remote forwarding is on, only on loopback or the
   peer's own addresses (asyncssh would otherwise bind every interface for `''`/`0.0.0.0`,
-  i.e. GatewayPorts yes), and never on a privileged port unless the user is root.
+  i.e. GatewayPorts yes), never on a privileged port unless the user is root, and only
+  where `permit_listen` allows (OpenSSH's PermitListen, which can only narrow this). The
+  listening socket is made as the user (`dialer.listen_as_user`), like sshd's, which
+  binds after its privilege drop: the kernel's port rules are the user's, and the socket
+  is the user's (`ss -lep` shows their uid). The daemon accepts on it and opens a
+  forwarded-tcpip channel per connection, as asyncssh does for its own listeners.
   asyncssh closes the listener on cancel-tcpip-forward and when the connection ends; a
   bind that completes after the connection ended is closed by `RemoteListeners.listen`.
 - Unix-socket forwarding is refused: the daemon would create or connect sockets as root.
@@ -23,12 +28,14 @@ import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncssh
-from asyncssh.forward import SSHForwarder
+from asyncssh.forward import SSHForwarder, SSHLocalPortForwarder
+from asyncssh.listener import SSHForwardListener
 
-from .dialer import DialError, dial_as_user
-from .permit_open import OpenDecision, may_open
+from .dialer import LISTEN_TIMEOUT, DialError, dial_as_user, listen_as_user
+from .permit_open import OpenDecision, may_listen_on, may_open
 from .users import LocalUser
 
 PRIVILEGED_PORTS_BELOW = 1024
@@ -49,18 +56,53 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def may_listen(host: str, port: int, *, uid: int, own_addresses: Sequence[str]) -> ForwardDecision:
+def _is_bindable(host: str, own_addresses: Sequence[str]) -> bool:
+    return _is_loopback(host) or host in {a.lower() for a in own_addresses}
+
+
+def may_listen(host: str, port: int, *, uid: int, own_addresses: Sequence[str],
+               permit_listen: Sequence[str] = ()) -> ForwardDecision:
     """Whether a remote forward may bind host:port for a user with this uid."""
     host = host.strip().lower()
     if host in ("", "*", "0.0.0.0", "::", "[::]"):
         return ForwardDecision(False, "remote forwards may bind only loopback or this peer's mesh address")
-    if not (_is_loopback(host) or host in {a.lower() for a in own_addresses}):
+    if not _is_bindable(host, own_addresses):
         return ForwardDecision(False, f"remote forwards may not bind {host}")
     if not 0 <= port <= 65535:
         return ForwardDecision(False, "port out of range")
     if 0 < port < PRIVILEGED_PORTS_BELOW and uid != 0:
         return ForwardDecision(False, f"port {port} is privileged; only root may forward it")
-    return ForwardDecision(True)
+    permitted = may_listen_on(permit_listen, host, port)
+    return ForwardDecision(permitted.allowed, permitted.reason)
+
+
+async def _bind_as_user(conn: asyncssh.SSHServerConnection, user: LocalUser, host: str, port: int,
+                        own_addresses: Sequence[str]) -> SSHForwardListener:
+    """What asyncssh's `forward_local_port` builds, on sockets the user bound: each
+    accepted connection becomes a forwarded-tcpip channel naming host and the bound port.
+    Every address `host` stands for must itself be bindable (a name that resolves
+    elsewhere is refused). Raises OSError, which asyncssh answers with a failure reply."""
+    addresses = await _resolve(host, port)
+    if not addresses or not all(_is_bindable(a, own_addresses) for a in addresses):
+        raise DialError(f"{host} does not stand for loopback or this peer's own addresses only")
+    socks = await listen_as_user(user, addresses, port)
+    bound = socks[0].getsockname()[1]
+
+    async def tunnel(session_factory: Any, orig_host: str, orig_port: int) -> Any:
+        return await conn.create_connection(session_factory, host, bound, orig_host, orig_port)
+
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.AbstractServer] = []
+    try:
+        for sock in socks:
+            servers.append(await loop.create_server(lambda: SSHLocalPortForwarder(conn, tunnel), sock=sock))
+    except BaseException:
+        for server in servers:
+            server.close()
+        for sock in socks:
+            sock.close()
+        raise
+    return SSHForwardListener(conn, servers, (host, bound), bound)
 
 
 class RemoteListeners:
@@ -68,17 +110,47 @@ class RemoteListeners:
 
     def __init__(self) -> None:
         self.open: dict[asyncssh.SSHListener, tuple[str, int]] = {}
+        self._pending: set[asyncio.Future[None]] = set()
 
-    async def listen(self, conn: asyncssh.SSHServerConnection, host: str, port: int,
-                     on_opened: Callable[[], None]) -> asyncssh.SSHListener | bool:
-        """What asyncssh does for `server_requested() -> True`, keeping the listener; False
-        when the client left meanwhile. `on_opened` runs only once the port is bound.
+    def answered_first(self, conn: asyncssh.SSHServerConnection,
+                       session: asyncssh.SSHServerSession) -> tuple[asyncssh.SSHServerChannel, Any]:
+        """What `session_requested` returns so that the session opens only once the
+        tcpip-forward requests the client sent before it are answered.
+
+        sshd answers a request before it reads the next message; asyncssh answers
+        tcpip-forward in a task while the session goes ahead, and a bind made by a helper
+        process takes milliseconds: a quick command's output and exit status could reach
+        the client before a refusal, and `ExitOnForwardFailure=yes` would miss it."""
+        return conn.create_server_channel(), self._settled(session)
+
+    async def _settled(self, session: asyncssh.SSHServerSession) -> asyncssh.SSHServerSession:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LISTEN_TIMEOUT + 5.0
+        while loop.time() < deadline:
+            # Requests received before the channel open reach `listen` in tasks queued
+            # before this one; one queued behind an answered request right after it.
+            await asyncio.sleep(0)
+            if not self._pending:
+                break
+            await asyncio.wait(set(self._pending), timeout=max(0.0, deadline - loop.time()))
+        return session
+
+    async def listen(self, conn: asyncssh.SSHServerConnection, user: LocalUser, host: str, port: int,
+                     own_addresses: Sequence[str], on_opened: Callable[[], None]) -> asyncssh.SSHListener | bool:
+        """The listener for `server_requested()`, bound as `user` and kept; False when the
+        client left meanwhile. `on_opened` runs only once the port is bound.
 
         asyncssh binds in a task and closes a connection's listeners when it ends, so a
         bind that completes after the client dropped would belong to nobody and keep the
         port until a restart: such a listener is closed at once. A failed bind raises
         OSError, which asyncssh answers with a failure reply."""
-        listener = await conn.forward_local_port(host, port, host, port)
+        answered = asyncio.get_running_loop().create_future()
+        self._pending.add(answered)
+        try:
+            listener = await _bind_as_user(conn, user, host, port, own_addresses)
+        finally:   # asyncssh sends the reply right after this returns, before waiters wake
+            self._pending.discard(answered)
+            answered.set_result(None)
         if conn.is_closed():
             listener.close()
             return False
@@ -86,12 +158,14 @@ class RemoteListeners:
         on_opened()
         return listener
 
-    def recheck(self, enabled: bool, uid: int, own_addresses: Sequence[str]) -> list[tuple[str, str]]:
+    def recheck(self, enabled: bool, uid: int, own_addresses: Sequence[str],
+                permit_listen: Sequence[str] = ()) -> list[tuple[str, str]]:
         """Close what the new settings refuse: (forward, reason) for each."""
         closed = []
         for listener, (host, port) in list(self.open.items()):
             reason = ("remote port forwarding is disabled" if not enabled
-                      else may_listen(host, port, uid=uid, own_addresses=own_addresses).reason)
+                      else may_listen(host, port, uid=uid, own_addresses=own_addresses,
+                                      permit_listen=permit_listen).reason)
             if reason:
                 self.open.pop(listener, None)
                 listener.close()
@@ -198,11 +272,11 @@ class LocalForwards:
 
 
 async def _resolve(host: str, port: int) -> list[str]:
-    """The addresses `host` stands for, in the resolver's order (no duplicates)."""
+    """The addresses `host` stands for, in the resolver's order (no duplicates); DialError."""
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"cannot resolve {host}: {exc}") from None
+        raise DialError(f"cannot resolve {host}: {exc}") from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
@@ -217,6 +291,8 @@ async def open_local(conn: asyncssh.SSHServerConnection, user: LocalUser, host: 
         addresses = await asyncio.wait_for(_resolve(host, port), timeout)
     except asyncio.TimeoutError:
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"resolving {host} timed out") from None
+    except DialError as exc:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
     current = policy()
     allowed, refusal = [], ""
     for address in addresses:

@@ -12,17 +12,19 @@ Schema history (bump SCHEMA_VERSION and add a line when the shape changes):
       older peers ignore it).
       Optional SSH `permit_open` (OpenSSH PermitOpen entries for -L/-D), added without a
       bump: absent means any, and peers that predate it ignore it.
+      Optional SSH `permit_listen` (OpenSSH PermitListen entries for -R), likewise.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config_values import number_problem
-from .permit_open import PermitOpenError, validate_entries
+from .permit_open import PermitOpenError, parse_permit_listen, parse_permit_open, validate_entries
 
 SCHEMA_VERSION = 1
 
@@ -223,9 +225,10 @@ class PeerInfo:
         )
 
 
-def _permit_open(data: dict[str, Any]) -> tuple[str, ...]:
+def _permit_entries(data: dict[str, Any], key: str,
+                    parse: Callable[[Iterable[str]], object] = parse_permit_open) -> tuple[str, ...]:
     try:
-        return validate_entries(_str_list(data, "permit_open"), "field 'permit_open'")
+        return validate_entries(_str_list(data, key), f"field '{key}'", parse)
     except PermitOpenError as exc:
         raise NetmapError(str(exc)) from exc
 
@@ -249,6 +252,7 @@ class SSHSection:
     subsystems: dict[str, str] = field(default_factory=dict)
     agent_forwarding: bool = True
     permit_open: tuple[str, ...] = ()   # where -L/-D may connect; () = any (permit_open.py)
+    permit_listen: tuple[str, ...] = ()   # where -R may listen; () = any, never wider than loopback/own IP
 
     def to_dict(self) -> dict[str, Any]:
         doc = {
@@ -264,6 +268,8 @@ class SSHSection:
             doc["agent_forwarding"] = False
         if self.permit_open:   # absent when unset, likewise
             doc["permit_open"] = list(self.permit_open)
+        if self.permit_listen:
+            doc["permit_listen"] = list(self.permit_listen)
         return doc
 
     @classmethod
@@ -287,7 +293,8 @@ class SSHSection:
             access=tuple(AccessRule.from_dict(r) for r in access),
             subsystems={str(k): str(v) for k, v in subsystems.items()},
             agent_forwarding=agent_forwarding,
-            permit_open=_permit_open(data),
+            permit_open=_permit_entries(data, "permit_open"),
+            permit_listen=_permit_entries(data, "permit_listen", parse_permit_listen),
         )
 
 

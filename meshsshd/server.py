@@ -318,7 +318,7 @@ class _Connection(asyncssh.SSHServer):
         if self.revoked is not None:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, self.revoked)
 
-    def session_requested(self) -> asyncssh.SSHServerSession | bool:
+    def session_requested(self) -> Any:
         if self.ctx is None:
             return False
         self._refuse_if_revoked()
@@ -334,7 +334,8 @@ class _Connection(asyncssh.SSHServer):
             return False
         session = DetachableSession(self.ctx, self.server.detached)
         self.sessions.add(session)
-        return session
+        assert self.conn is not None
+        return self.remote_listeners.answered_first(self.conn, session)   # -R replies go first
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         settings = self.server.settings
@@ -366,7 +367,7 @@ class _Connection(asyncssh.SSHServer):
             event(log, "forward.refused", kind="remote", reason="disabled", source=self.info.client_ip)
             return False
         decision = forwarding.may_listen(listen_host, listen_port, uid=self.ctx.user.uid,
-                                         own_addresses=settings.own_addresses)
+                                         own_addresses=settings.own_addresses, permit_listen=settings.permit_listen)
         if not decision.allowed:
             event(log, "forward.refused", kind="remote", reason=decision.reason, host=listen_host,
                   port=listen_port, source=self.info.client_ip)
@@ -374,7 +375,7 @@ class _Connection(asyncssh.SSHServer):
         ctx = self.ctx
         assert self.conn is not None
         return self.remote_listeners.listen(   # forward.opened once the port is bound
-            self.conn, listen_host, listen_port,
+            self.conn, ctx.user, listen_host, listen_port, settings.own_addresses,
             lambda: self.server.audit.emit(ForwardOpened(**ctx.base_event(""), forward=f"remote {listen_host}:{listen_port}")))
 
     def recheck_forwards(self, settings: ServerSettings) -> None:
@@ -383,7 +384,7 @@ class _Connection(asyncssh.SSHServer):
             return
         closed = self.local_forwards.recheck(settings.local_port_forwarding, open_policy(settings))
         closed += self.remote_listeners.recheck(settings.remote_port_forwarding, self.ctx.user.uid,
-                                                settings.own_addresses)
+                                                settings.own_addresses, settings.permit_listen)
         for forward, reason in closed:
             self.server.audit.emit(ForwardClosed(**self.ctx.base_event(""), forward=forward, reason=reason))
             event(log, "forward.closed", forward=forward, reason=reason, identity=self.ctx.identity,
