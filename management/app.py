@@ -165,6 +165,8 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
             state = dataclasses.replace(state, issuer=issuer.issuer_url, jwks=issuer.jwks())
         if settings.ssh_permit_open:
             state = dataclasses.replace(state, permit_open=settings.ssh_permit_open)
+        if settings.ssh_permit_listen:
+            state = dataclasses.replace(state, permit_listen=settings.ssh_permit_listen)
         return state
 
     app[LOAD_STATE] = load_state

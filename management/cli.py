@@ -145,6 +145,8 @@ def admin_token_rotate(data_dir: Path, database: str | None, lifetime: int) -> N
               help="a reverse proxy (address or network, repeatable) whose X-Forwarded-For names the client")
 @click.option("--ssh-permit-open", "ssh_permit_open", multiple=True, metavar="HOST:PORT",
               help="where peers let `ssh -L`/`-D` connect (OpenSSH PermitOpen syntax; repeat; default any)")
+@click.option("--ssh-permit-listen", "ssh_permit_listen", multiple=True, metavar="[HOST:]PORT",
+              help="where peers let `ssh -R` listen (OpenSSH PermitListen syntax; repeat; default any)")
 @click.option("--metrics-token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="GET /metrics then needs 'Authorization: Bearer <this file's token>'")
 @click.option("--audit-rate", type=float, default=50.0, show_default=True,
@@ -159,6 +161,7 @@ def admin_token_rotate(data_dir: Path, database: str | None, lifetime: int) -> N
 def serve(data_dir: Path, listen: str, database: str | None, public_url: str | None, network: str,
           dns_domain: str, log_level: str, register_rate: float, register_burst: int,
           refresh_token_lifetime: int, trusted_proxies: tuple[str, ...], ssh_permit_open: tuple[str, ...],
+          ssh_permit_listen: tuple[str, ...],
           metrics_token_file: Path | None, audit_rate: float, audit_burst: int,
           audit_retention: int | None, max_connections_per_client: int, header_timeout: int) -> None:
     """Run the management server (REST API, issuer, sync streams)."""
@@ -175,6 +178,7 @@ def serve(data_dir: Path, listen: str, database: str | None, public_url: str | N
                    dns_domain=dns_domain, log_level=log_level, register_rate=register_rate,
                    register_burst=register_burst, trusted_proxies=trusted_proxies,
                    refresh_token_lifetime=refresh_token_lifetime, ssh_permit_open=ssh_permit_open,
+                   ssh_permit_listen=ssh_permit_listen,
                    metrics_token_file=metrics_token_file, audit_rate=audit_rate, audit_burst=audit_burst,
                    audit_retention=audit_retention, max_connections_per_client=max_connections_per_client,
                    header_timeout=float(header_timeout))

@@ -362,6 +362,7 @@ def compute_map(state: MeshState, peer_id: str) -> NetworkMap | None:
         access=_access(idx, peer) if ssh_on else (),
         subsystems=subsystems_for(state, peer_id) if ssh_on else {},
         permit_open=state.permit_open if ssh_on else (),
+        permit_listen=state.permit_listen if ssh_on else (),
     )
     return NetworkMap(
         serial=state.serial,

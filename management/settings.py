@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .clientaddr import parse_trusted_proxies
-from meshsshd.permit_open import PermitOpenError, validate_entries
+from meshsshd.permit_open import PermitOpenError, parse_permit_listen, validate_entries
 
 from .errors import BadRequest
 
@@ -30,6 +30,7 @@ class MgmtSettings:
     idp_options: dict | None = None  # passed to setup_idp as keyword arguments
     trusted_proxies: tuple[str, ...] = ()  # reverse proxies whose X-Forwarded-For is believed
     ssh_permit_open: tuple[str, ...] = ()  # every peer's SSH permit_open (-L/-D destinations); () = any
+    ssh_permit_listen: tuple[str, ...] = ()  # every peer's SSH permit_listen (-R binds); () = any
     metrics_token_file: Path | None = None  # GET /metrics needs this file's token as a bearer token
     audit_rate: float = 50.0  # audit events per second per peer (each started KiB of body counts as one) ...
     audit_burst: int = 5000  # ... after a burst of this many
@@ -62,3 +63,7 @@ class MgmtSettings:
             validate_entries(self.ssh_permit_open, "--ssh-permit-open")
         except PermitOpenError as exc:
             raise BadRequest(str(exc), field="ssh_permit_open") from exc
+        try:
+            validate_entries(self.ssh_permit_listen, "--ssh-permit-listen", parse_permit_listen)
+        except PermitOpenError as exc:
+            raise BadRequest(str(exc), field="ssh_permit_listen") from exc

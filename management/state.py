@@ -107,6 +107,7 @@ class MeshState:
     issuer: str = ""
     jwks: dict[str, Any] = field(default_factory=dict)
     permit_open: tuple[str, ...] = ()  # from the app's settings (--ssh-permit-open), like issuer
+    permit_listen: tuple[str, ...] = ()  # likewise (--ssh-permit-listen)
 
     @cached_property
     def peers_by_id(self) -> dict[str, PeerRecord]:

@@ -139,7 +139,8 @@ MAP_SLOTS = st.one_of(
     st.tuples(st.just(("peers", 0)), st.sampled_from(["id", "mesh_ip", "endpoints", "ssh_enabled"])),
     st.tuples(st.just(("firewall_rules", 0)), st.sampled_from(["sources", "protocol", "ports", "action"])),
     st.tuples(st.just(("ssh",)), st.sampled_from(["enabled", "issuer", "audience", "jwks", "user_claim", "access",
-                                                  "subsystems", "agent_forwarding", "permit_open"])),
+                                                  "subsystems", "agent_forwarding", "permit_open",
+                                                  "permit_listen"])),
     st.tuples(st.just(("ssh", "access", 0)), st.sampled_from(["sources", "identities", "local_users",
                                                               "accept_env"])),
 )

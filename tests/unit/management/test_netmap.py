@@ -283,17 +283,23 @@ def test_fingerprint_changes_with_content() -> None:
     assert map_fingerprint(m(st, "db")) != map_fingerprint(m(st2, "db"))
 
 
-def test_permit_open_reaches_ssh_peers_only():
+PERMIT_LISTS = [pytest.param("permit_open", ("db.internal:5432",), ("db",), id="permit_open"),
+                pytest.param("permit_listen", ("localhost:8080",), ("x:y",), id="permit_listen")]
+
+
+@pytest.mark.parametrize("key, entries, bad", PERMIT_LISTS)
+def test_permit_lists_reach_ssh_peers_only(key, entries, bad):
     st = replace(state([LAPTOP, DB], BASE_GROUPS, [RuleRecord(("admins",), ("servers",), "ssh", ())]),
-                 permit_open=("db.internal:5432",))
-    assert m(st, "db").ssh.permit_open == ("db.internal:5432",)
-    assert m(st, "laptop").ssh.permit_open == ()   # no SSH server there: nothing to fence
+                 **{key: entries})
+    assert getattr(m(st, "db").ssh, key) == entries
+    assert getattr(m(st, "laptop").ssh, key) == ()   # no SSH server there: nothing to fence
 
 
-def test_mgmt_settings_validate_permit_open(tmp_path):
+@pytest.mark.parametrize("key, entries, bad", PERMIT_LISTS)
+def test_mgmt_settings_validate_permit_lists(tmp_path, key, entries, bad):
     from management.errors import BadRequest
     from management.settings import MgmtSettings
 
-    assert MgmtSettings(data_dir=tmp_path, ssh_permit_open=("*:443",)).ssh_permit_open == ("*:443",)
-    with pytest.raises(BadRequest, match="--ssh-permit-open"):
-        MgmtSettings(data_dir=tmp_path, ssh_permit_open=("db",))
+    assert getattr(MgmtSettings(data_dir=tmp_path, **{f"ssh_{key}": entries}), f"ssh_{key}") == entries
+    with pytest.raises(BadRequest, match=f"--ssh-{key.replace('_', '-')}"):
+        MgmtSettings(data_dir=tmp_path, **{f"ssh_{key}": bad})
