@@ -19,9 +19,11 @@ import os
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -261,3 +263,31 @@ def read_until(fd: int, pattern: bytes, timeout: float = 15.0, buf: bytes = b"")
             if m:
                 return m, buf
     raise AssertionError(f"{pattern!r} not seen; got {buf[-2000:]!r}")
+
+
+class Talker:
+    """A loopback server that sends `payload` and FIN as soon as it accepts."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.srv = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.srv.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(self.payload)
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.settimeout(10)
+                    conn.recv(1)   # hold the socket until the far side is done
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.srv.close()

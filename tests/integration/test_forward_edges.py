@@ -28,41 +28,13 @@ import pytest
 from tests.support import free_port, os_user, require_root, require_tool
 
 from .detachkit import audit_events
-from .serverkit import ClientKey, ServerKit, client_key, install_key
+from .serverkit import ClientKey, ServerKit, Talker, client_key, install_key
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root]
 
 RUNS = 100
 BULK = os.urandom(480 * 1024)
 GREETING = b"220 hello from a target that talks first\r\n"
-
-
-class _Talker:
-    """A loopback server that sends `payload` and FIN as soon as it accepts."""
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.srv = socket.create_server(("127.0.0.1", 0), backlog=64)
-        self.port = self.srv.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.sendall(self.payload)
-                    conn.shutdown(socket.SHUT_WR)
-                    conn.settimeout(10)
-                    conn.recv(1)   # hold the socket until the far side is done
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.srv.close()
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +78,7 @@ async def _whole_arrivals(srv: ServerKit, user: str, key: str, port: int, payloa
 @pytest.mark.parametrize("payload", [GREETING, BULK], ids=["greeting", "480KB-and-FIN"])
 def test_early_data_and_fin_arrive_whole(world, payload):
     srv, user, key = world
-    talker = _Talker(payload)
+    talker = Talker(payload)
     try:
         whole = asyncio.run(asyncio.wait_for(_whole_arrivals(srv, user, str(key.path), talker.port, payload), 120))
     finally:
@@ -194,7 +166,7 @@ def test_ssh_W_ends_when_the_target_closed_first(world):
     """The target greets and sends FIN before the client's EOF: `ssh -W` gets the greeting
     and exits, as with sshd (the forward used to stay half-open for ever)."""
     srv, user, key = world
-    talker = _Talker(GREETING)
+    talker = Talker(GREETING)
     try:
         r = subprocess.run(srv.ssh_argv(user, key, "-W", f"127.0.0.1:{talker.port}"), input=b"",
                            capture_output=True, timeout=8)

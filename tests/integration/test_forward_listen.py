@@ -10,7 +10,6 @@ import contextlib
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -18,7 +17,7 @@ import pytest
 
 from tests.support import free_port, os_user, require_root, require_tool
 
-from .serverkit import ServerKit, client_key, install_key
+from .serverkit import ServerKit, Talker, client_key, install_key
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root]
 
@@ -63,39 +62,26 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
-class _Echo:
-    """A loopback server answering b"echo:" + what it got, for the forwards' far end."""
-
-    def __init__(self) -> None:
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.port = self.srv.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                with contextlib.suppress(OSError):
-                    conn.sendall(b"echo:" + conn.recv(100))
+GREETING = b"hello through -R\r\n"
 
 
 def _talk(port: int) -> bytes:
+    """What arrives through the forward from the far end (a Talker), up to its FIN."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(b"hi")
-        return s.recv(100)
+        s.settimeout(10)
+        got = b""
+        while chunk := s.recv(100):
+            got += chunk
+        return got
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Iterator[tuple[ServerKit, object, object, _Echo]]:
+def world(tmp_path_factory) -> Iterator[tuple[ServerKit, object, object, Talker]]:
     require_root()
     require_tool("ssh")
     tmp = tmp_path_factory.mktemp("listen")
     key = client_key(tmp)
-    echo = _Echo()
+    echo = Talker(GREETING)
     with os_user("mrl") as user:
         install_key(user, key)
         config = {"authorized_keys": True, "remote_port_forwarding": True,
@@ -103,7 +89,7 @@ def world(tmp_path_factory) -> Iterator[tuple[ServerKit, object, object, _Echo]]
                               "local_users": [user.pw_name]}]}
         with ServerKit(tmp / "server", config) as srv:
             yield srv, user, key, echo
-    echo.srv.close()
+    echo.close()
 
 
 def test_remote_listener_is_bound_as_the_user(world):
@@ -113,7 +99,7 @@ def test_remote_listener_is_bound_as_the_user(world):
     try:
         uids = _wait_listening(port, proc)
         assert uids and set(uids) == {user.pw_uid}, f"listener of -R owned by {uids}, not {user.pw_uid}"
-        assert _talk(port) == b"echo:hi"
+        assert _talk(port) == GREETING
     finally:
         _stop(proc)
 
@@ -166,12 +152,12 @@ def test_permit_listen_allows_and_denies(tmp_path):
                   "permit_listen": [f"localhost:{allowed}", "127.0.0.*:*"],
                   "access": [{"sources": ["127.0.0.0/8"], "identities": [key.identity],
                               "local_users": [user.pw_name]}]}
-        echo = _Echo()
+        echo = Talker(GREETING)
         with ServerKit(tmp_path / "srv", config) as srv:
             proc = _forward(srv, user.pw_name, key, f"localhost:{allowed}:127.0.0.1:{echo.port}")
             try:
                 _wait_listening(allowed, proc)
-                assert _talk(allowed) == b"echo:hi"
+                assert _talk(allowed) == GREETING
                 # `localhost` and ::1 are different entries (OpenSSH's rule); another port too
                 for spec in (f"[::1]:{allowed}:127.0.0.1:9", f"localhost:{other}:127.0.0.1:9"):
                     refused = _forward(srv, user.pw_name, key, spec)
@@ -190,7 +176,7 @@ def test_permit_listen_allows_and_denies(tmp_path):
                     time.sleep(0.1)
             finally:
                 _stop(proc)
-                echo.srv.close()
+                echo.close()
             log = srv.output()
     assert f"localhost port {other} is not in this peer's permit_listen list" in log
     assert "permit_listen none" in log

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from meshsshd.config import settings_from_dict, settings_from_netmap
-from meshsshd.errors import ConfigError
 from meshsshd.forwarding import may_listen
-from meshsshd.netmap import NetmapError, NetworkMap, PeerInfo, SSHSection
+from meshsshd.netmap import NetworkMap, PeerInfo, SSHSection
 from meshsshd.permit_open import OpenTarget, PermitOpenError, may_listen_on, parse_permit_listen
 
 
@@ -54,24 +53,9 @@ def test_it_only_narrows_the_bind_rules():
     assert not refused.allowed and "permit_listen" in refused.reason
 
 
-def test_config_key_is_validated():
-    base = {"disable_auth": True}
-    assert settings_from_dict({**base, "permit_listen": ["8080", "[::1]:*"]}).permit_listen == ("8080", "[::1]:*")
-    assert settings_from_dict({**base, "permit_listen": "none"}).permit_listen == ("none",)
-    assert settings_from_dict(base).permit_listen == ()
-    with pytest.raises(ConfigError, match="permit_listen entry"):
-        settings_from_dict({**base, "permit_listen": ["x:y"]})
-    with pytest.raises(ConfigError, match="permit_listen must be a list"):
-        settings_from_dict({**base, "permit_listen": [8080]})
-
-
-def test_network_map_carries_permit_listen():
+def test_the_map_sets_it_in_managed_mode():
     ssh = SSHSection(enabled=True, permit_listen=("localhost:8080",))
-    assert SSHSection.from_dict(ssh.to_dict()) == ssh
-    assert "permit_listen" not in SSHSection(enabled=True).to_dict()   # unchanged wire form when unset
-    with pytest.raises(NetmapError, match="permit_listen"):
-        SSHSection.from_dict({"permit_listen": ["x:y"]})
-    netmap = NetworkMap(serial=1, peer=PeerInfo(id="p", name="p", fqdn="p.mesh", mesh_ip="100.64.0.1"), network="100.64.0.0/10",
-                        ssh=ssh)
+    netmap = NetworkMap(serial=1, peer=PeerInfo(id="p", name="p", fqdn="p.mesh", mesh_ip="100.64.0.1"),
+                        network="100.64.0.0/10", ssh=ssh)
     base = settings_from_dict({"disable_auth": True})
     assert settings_from_netmap(base, netmap).permit_listen == ("localhost:8080",)

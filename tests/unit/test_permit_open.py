@@ -1,6 +1,9 @@
-"""PermitOpen parsing and the -L/-D destination decision (meshsshd/permit_open.py)."""
+"""PermitOpen parsing and the -L/-D destination decision (meshsshd/permit_open.py); the
+config and map fields of both lists (PermitListen's own cases: test_permit_listen.py)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -63,22 +66,31 @@ def test_words_stand_alone():
             parse_permit_open(mixed)
 
 
-def test_config_key_is_validated():
+PERMIT_LISTS = [
+    pytest.param("permit_open", ["db:5432", "[::1]:*"], "db", "host:port entries", id="permit_open"),
+    pytest.param("permit_listen", ["8080", "[::1]:*"], "x:y", "[host:]port entries", id="permit_listen"),
+]
+
+
+@pytest.mark.parametrize("key, good, bad, syntax", PERMIT_LISTS)
+def test_config_key_is_validated(key, good, bad, syntax):
     base = {"disable_auth": True}
-    assert settings_from_dict({**base, "permit_open": ["db:5432", "[::1]:*"]}).permit_open == ("db:5432", "[::1]:*")
-    assert settings_from_dict({**base, "permit_open": "none"}).permit_open == ("none",)
-    with pytest.raises(ConfigError, match="permit_open entry 'db'"):
-        settings_from_dict({**base, "permit_open": ["db"]})
-    with pytest.raises(ConfigError, match="permit_open must be a list"):
-        settings_from_dict({**base, "permit_open": [5432]})
+    assert getattr(settings_from_dict({**base, key: good}), key) == tuple(good)
+    assert getattr(settings_from_dict({**base, key: "none"}), key) == ("none",)
+    assert getattr(settings_from_dict(base), key) == ()
+    with pytest.raises(ConfigError, match=f"{key} entry '{bad}'"):
+        settings_from_dict({**base, key: [bad]})
+    with pytest.raises(ConfigError, match=f"{key} must be a list of {re.escape(syntax)}"):
+        settings_from_dict({**base, key: [5432]})
 
 
-def test_network_map_carries_permit_open():
-    ssh = SSHSection(enabled=True, permit_open=("db:5432",))
+@pytest.mark.parametrize("key, good, bad, syntax", PERMIT_LISTS)
+def test_network_map_carries_the_list(key, good, bad, syntax):
+    ssh = SSHSection(enabled=True, **{key: tuple(good)})
     assert SSHSection.from_dict(ssh.to_dict()) == ssh
-    assert "permit_open" not in SSHSection(enabled=True).to_dict()   # unchanged wire form when unset
-    with pytest.raises(NetmapError, match="permit_open"):
-        SSHSection.from_dict({"permit_open": ["db"]})
+    assert key not in SSHSection(enabled=True).to_dict()   # unchanged wire form when unset
+    with pytest.raises(NetmapError, match=key):
+        SSHSection.from_dict({key: [bad]})
 
 
 def test_management_destinations():
