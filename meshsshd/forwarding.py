@@ -14,7 +14,7 @@
   where `permit_listen` allows (OpenSSH's PermitListen, which can only narrow this). The
   listening socket is made as the user (`dialer.listen_as_user`), like sshd's, which
   binds after its privilege drop: the kernel's port rules are the user's, and the socket
-  is the user's (`ss -lep` shows their uid). The daemon accepts on it and opens a
+  is the user's (`ss -ltne` shows their uid). The daemon accepts on it and opens a
   forwarded-tcpip channel per connection, as asyncssh does for its own listeners.
   asyncssh closes the listener on cancel-tcpip-forward and when the connection ends; a
   bind that completes after the connection ended is closed by `RemoteListeners.listen`.
