@@ -336,6 +336,34 @@ def test_cp_both_ways_with_progress(world: World, tmp_path: Path) -> None:
         world.ms(f"{world.user}@db-1", f"rm -rf {remote_dir}")
 
 
+
+def test_cp_errors_name_the_path(world: World, tmp_path: Path) -> None:
+    """Every failure names the path it is about, local or `host:path`, and nothing
+    crashes (a missing local path used to end in `TypeError: can't concat str to bytes`)."""
+    here = tmp_path / "here.txt"
+    here.write_text("x")
+    remote = f"{world.user}@db-1"
+    cases = [
+        (["cp", str(tmp_path / "missing.txt"), f"{remote}:/tmp/"],
+         f"{tmp_path / 'missing.txt'}: No such file or directory"),
+        (["cp", f"{remote}:/etc/hostname", str(tmp_path / "nodir" / "x")],
+         f"{tmp_path / 'nodir'}: No such directory"),
+        (["cp", f"{remote}:/etc/hostname", f"{remote}:/etc/passwd", str(tmp_path / "nodir2") + "/"],
+         f"{tmp_path / 'nodir2'}/: No such directory"),
+        (["cp", f"{remote}:/nonexistent-{os.getpid()}", str(tmp_path)],
+         f"db-1:/nonexistent-{os.getpid()}: No such file"),
+        (["cp", f"{remote}:/root/.profile", str(tmp_path)], "db-1:/root/.profile: Permission denied"),
+        (["cp", str(here), f"{remote}:/nonexistent-{os.getpid()}/"],
+         f"db-1:/nonexistent-{os.getpid()}/: No such directory"),
+        (["cp", str(here), str(here), f"{remote}:/etc/hostname"], "db-1:/etc/hostname: Not a directory"),
+    ]
+    for argv, message in cases:
+        r = world.ms(*argv)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and f"meshssh: {message}" in err, (argv, err)
+        assert "Traceback" not in err, err
+
+
 # ------------------------------------------------------------------ OpenSSH + drop-in
 
 @pytest.fixture(scope="module")
