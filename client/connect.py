@@ -512,8 +512,6 @@ async def run_command(conn: Any, target: Target, args: SSHArgs, io: Stdio) -> in
 async def open_process(conn: Any, args: SSHArgs, io: Stdio) -> tuple[Any, bool]:
     """The remote process, its channel open and its requests answered; (process, pty).
     Raises asyncssh.ChannelOpenError when the peer refuses the session."""
-    import asyncssh
-
     stdin_tty = os.isatty(io.stdin)
     pty = want_pty(args, stdin_tty)
     if args.tty == 1 and not stdin_tty and not args.quiet:

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import click
 
+from meshsshd.completion import completion_command
+from meshsshd.version import version_option
+
 from .errors import ManagementError
 
 EXIT_USAGE = 2
@@ -66,10 +69,14 @@ class Duration(click.ParamType):
 @click.option("--token-file", envvar="MESHMGMT_TOKEN_FILE", type=click.Path(dir_okay=False),
               help="file holding the admin token or an admin's access token (admin commands)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+@version_option("meshmgmt")
 @click.pass_context
 def main(ctx: click.Context, url: str, token_file: str | None, as_json: bool) -> None:
     """meshmgmt: the meshsshd management server and its admin commands."""
     ctx.obj = {"url": url.rstrip("/"), "token_file": token_file, "json": as_json}
+
+
+main.add_command(completion_command("meshmgmt"))
 
 
 @main.command()

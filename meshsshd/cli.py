@@ -10,16 +10,21 @@ from pathlib import Path
 
 import click
 
-from . import __version__, event_loop
+from . import event_loop
+from .completion import completion_command
 from .config import settings_from_toml
 from .errors import MeshsshdError
 from .logs import setup_logging
+from .version import version_option
 
 
 @click.group()
-@click.version_option(__version__, prog_name="meshsshd")
+@version_option("meshsshd")
 def main() -> None:
     """meshsshd: mesh peer daemon with an embedded SSH server."""
+
+
+main.add_command(completion_command("meshsshd"))
 
 
 async def _serve(config: Path) -> None:
