@@ -287,7 +287,7 @@ def _add_heavy_commands(name: str | None) -> None:
     `detect`/`proxy` run once per `ssh` invocation, so they must not pay for them.
     `name=None` registers all (for `--help` of the group and for tests)."""
     if name is None or name == "exec":
-        from .fanout import exec_command
+        from .cli_exec import exec_command
 
         cli.add_command(exec_command)
     if name is None or name in ("sessions", "attach", "receive"):

@@ -134,7 +134,8 @@ async def run_cp(paths: list[str], *, recursive: bool, port: int | None, preserv
                  quiet: bool, bind_address: str | None, session: Any) -> int:
     import asyncssh
 
-    from .connect import choose_source_address, dial_verified, resolve
+    from .connect import dial_verified
+    from .target import choose_source_address, resolve
 
     srcs, dst, direction = plan(paths)
     check_local(srcs, dst, direction, recursive=recursive)

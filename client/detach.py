@@ -2,7 +2,7 @@
 
 PowerShell remoting's `-InDisconnectedSession`, `Get-PSSession`, `Connect-PSSession`,
 `Receive-PSSession` and `Remove-PSSession`, for mesh peers. Every command dials the
-peer exactly as `meshssh host` does (`connect.resolve` + `dial_verified`: per-peer SSH
+peer exactly as `meshssh host` does (`target.resolve` + `connect.dial_verified`: per-peer SSH
 token, host key from management, source address) and opens the reserved subsystem
 `meshsshd-sessions@meshsshd`: one JSON request line, one JSON answer line, then for
 `receive`/`attach` the session's output (stderr apart) and its exit status
@@ -86,7 +86,8 @@ class _Peer:
 
     async def __aenter__(self) -> _Peer:
         from .auth import Session
-        from .connect import choose_source_address, dial_verified, resolve
+        from .connect import dial_verified
+        from .target import choose_source_address, resolve
 
         session = await asyncio.to_thread(Session)
         target = await asyncio.to_thread(resolve, self.where.host, session, self.where.port, self.where.user)
@@ -236,7 +237,7 @@ async def receive(where: Where, sid: str, follow: bool) -> int:
 # ---------------------------------------------------------------- attach
 
 async def attach(where: Where, sid: str) -> int:
-    from .connect import _RawTerminal
+    from .terminal import RawTerminal
 
     tty = os.isatty(0)
     size = os.get_terminal_size(0) if tty else os.terminal_size((80, 24))
@@ -271,7 +272,7 @@ async def attach(where: Where, sid: str) -> int:
                 sz = os.get_terminal_size(0)
                 process.change_terminal_size(sz.columns, sz.lines)
 
-        raw = _RawTerminal(0) if tty and answer.get("pty") else contextlib.nullcontext()
+        raw = RawTerminal(0) if tty and answer.get("pty") else contextlib.nullcontext()
         with raw:
             os.set_blocking(0, False)
             loop.add_reader(0, key_in)
