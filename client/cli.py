@@ -220,16 +220,24 @@ def peers(as_json: bool) -> None:
     from .peers import PeerDirectory
 
     try:
-        lst = PeerDirectory(Session()).peers(refresh=True)
+        session = Session()
+        lst = PeerDirectory(session).peers(refresh=True)
     except ClientError as exc:
         _fail(exc)
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in lst], indent=1))
         return
-    for p in lst:
-        users = ",".join(p.local_users) or "-"
-        ssh = "ssh" if p.ssh_enabled else "no-ssh"
-        click.echo(f"{p.name:<20} {p.mesh_ip:<16} {p.fqdn:<32} {ssh:<6} users={users}")
+    if not lst:
+        # The list is what policies let this identity reach: empty means no policy yet.
+        click.echo(f"No peers: no policy on {session.login.management_url} lets {session.identity} "
+                   "reach a peer yet (an admin adds one: meshmgmt policies create ...).", err=True)
+        return
+    rows = [("NAME", "MESH IP", "FQDN", "SSH", "USERS")]
+    rows += [(p.name, p.mesh_ip, p.fqdn, "ssh" if p.ssh_enabled else "no-ssh", ",".join(p.local_users) or "-")
+             for p in lst]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[4])
 
 
 @cli.group()

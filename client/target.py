@@ -91,5 +91,5 @@ def resolve(args_host: str, session: Session, port: int | None, user: str | None
             raise AccessDenied(res.error) from None
         raise
     if not peer.ssh_enabled:
-        raise AccessDenied(f"{peer.name} is not SSH-enabled (meshmgmt peer ssh on {peer.name})")
+        raise AccessDenied(f"{peer.name} is not SSH-enabled (an admin turns it on: meshmgmt peers ssh {peer.name} on)")
     return Target(peer=peer, port=port or SSH_PORT, username=user or local_username())

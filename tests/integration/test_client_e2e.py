@@ -293,6 +293,20 @@ def test_meshssh_remote_forward_port_zero_is_reported(world: World, echo: EchoSe
     assert b"Allocated port" in r.stderr
 
 
+def test_peers_lists_under_a_header_and_says_why_when_empty(world: World, tmp_path: Path) -> None:
+    r = world.ms("peers")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split() == ["NAME", "MESH", "IP", "FQDN", "SSH", "USERS"]
+    db = next(line for line in lines if line.startswith("db-1 "))
+    assert db.split()[1] == world.db_ip and db.split()[3] == "ssh"
+    world.mesh.add_user("nobody-yet@example.com", "pw-nobody-yet-1")
+    cfg = world.mesh.login("nobody-yet@example.com", "pw-nobody-yet-1")
+    r = world.ms("peers", cfg=cfg)
+    assert r.returncode == 0 and r.stdout == b"", r
+    assert b"No peers: no policy on " in r.stderr and b"lets nobody-yet@example.com reach a peer yet" in r.stderr
+
+
 def test_cp_both_ways_with_progress(world: World, tmp_path: Path) -> None:
     data = os.urandom(2 * 1024 * 1024)
     src = tmp_path / "blob.bin"
@@ -611,7 +625,7 @@ def test_no_policy(world: World) -> None:
 def test_not_ssh_enabled(world: World) -> None:
     r = world.ms(f"{world.user}@cache-1", "true")
     assert r.returncode == 255
-    assert b"cache-1 is not SSH-enabled (meshmgmt peer ssh on cache-1)" in r.stderr
+    assert b"cache-1 is not SSH-enabled (an admin turns it on: meshmgmt peers ssh cache-1 on)" in r.stderr
 
 
 def test_wrong_host_key(world: World, dropin: Path, tmp_path: Path) -> None:
