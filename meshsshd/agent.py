@@ -149,6 +149,7 @@ class Agent:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._fatal: MeshsshdError | None = None
+        self.failure: ManagementRejected | None = None   # why run() returned 2, for the CLI to say
         self._mgmt: dict[str, Any] = {"url": config.management_url, "connected": False}
         self._state_name = "starting"
         self._reason = ""
@@ -201,6 +202,7 @@ class Agent:
             return EXIT_PEER_DELETED
         except ManagementRejected as exc:
             self._state_name, self._reason = "error", str(exc)
+            self.failure = exc
             event(log, "agent.failed", logging.ERROR, reason=str(exc))
             return 2
         except ManagementUnavailable:

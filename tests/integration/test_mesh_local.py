@@ -157,6 +157,9 @@ def test_a_bad_setup_key_is_refused_with_the_reason(mesh: Mesh, tmp_path: Path) 
     p.start("mk_not-a-real-key")
     assert p.proc is not None and p.proc.popen.wait(20) == 2
     assert "unknown setup key" in p.output()
+    # besides the JSON log line, one line for the person at the terminal, as other errors
+    human = [line for line in p.output().splitlines() if line.startswith("meshsshd: ")]
+    assert len(human) == 1 and "unknown setup key" in human[0], p.output()
     assert not (p.state_dir / "credential.json").exists()
 
 
