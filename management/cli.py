@@ -91,8 +91,11 @@ def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database:
     """Create the store, DIR/issuer.secret, the issuer's signing key, the first admin and
     DIR/admin.token."""
     os.umask(0o077)  # the database and the token file are secrets
-    from .bootstrap import AlreadyInitialised, initialise
+    from .bootstrap import AlreadyInitialised, already_initialised, initialise
 
+    refusal = already_initialised(data_dir)
+    if refusal is not None:   # before the password: its checks cannot matter then
+        raise click.ClickException(refusal)
     password = None
     if admin_password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")

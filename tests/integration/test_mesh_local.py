@@ -116,6 +116,7 @@ async def login_runs(mesh: Mesh, command: str = "id -un") -> str:
 
 def metrics(mesh: Mesh) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{mesh.metrics_port}/metrics", timeout=5) as r:
+        assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"   # Prometheus's own
         return r.read().decode()
 
 
