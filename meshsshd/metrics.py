@@ -100,6 +100,8 @@ class MetricsServer:
     def observe(self, ev: AuditEvent) -> None:
         self.counters.observe(ev)
 
+    emit = observe   # an AuditSink too: `serve` mode fans its audit events out to it
+
     async def families(self) -> list[tuple[str, str, str, list[tuple[dict[str, str], float]]]]:
         c = self.counters
         agent = self.agent
