@@ -197,7 +197,10 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
         ctx.show_held()
         if ctx.token_error is not None:
             raise ctx.token_error from exc
-        hint = "" if ctx.banners else f" ({exc.reason})"
+        if ctx.banners and ctx.quiet:   # nobody saw the peer's reason (fan-out): carry it
+            hint = f": {ctx.banners[-1]}"
+        else:
+            hint = "" if ctx.banners else f" ({exc.reason})"
         raise AccessDenied(f"{target.username}@{target.name}: permission denied{hint}") from exc
     except asyncssh.DisconnectError as exc:
         await ctx.cancel()

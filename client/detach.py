@@ -176,6 +176,13 @@ def exec_detached(req: ExecRequest) -> int:
     return _run(run())
 
 
+def attach_hint(args: SSHArgs, sid: str) -> str:
+    """The `attach` command line that reaches the same session: same login, same port."""
+    port = f"-p {args.port} " if args.port else ""
+    dest = f"{args.user}@{args.destination}" if args.user else args.destination
+    return f"meshssh attach {port}{dest} {sid}"
+
+
 def main_detached_ssh(args: SSHArgs) -> int:
     """`meshssh -d [user@]host [command]`: a detached session with a PTY; print its id."""
     async def run() -> int:
@@ -183,7 +190,7 @@ def main_detached_ssh(args: SSHArgs) -> int:
         sid = await start(where, args.remote_command, pty=args.tty >= 0)
         sys.stdout.write(f"{sid}\n")
         if sys.stderr.isatty() and not args.quiet:
-            sys.stderr.write(f"Attach with: meshssh attach {args.destination} {sid}\n")
+            sys.stderr.write(f"Attach with: {attach_hint(args, sid)}\n")
         return 0
     return _run(run())
 
