@@ -277,7 +277,7 @@ def _grant(login: Login, fields: list[tuple[str, str]]) -> dict[str, Any]:
         return doc
     code, msg = http.error_text(doc, f"HTTP {status}")
     if code in ("invalid_grant", "invalid_client", "unauthorized_client"):
-        raise NotLoggedIn(f"your login is no longer valid ({msg})")
+        raise NotLoggedIn(f"your login is no longer valid: {msg}")
     raise ManagementError(f"management refused the token request: {msg}", code, status)
 
 

@@ -59,7 +59,7 @@ from .options import DEFAULT_BUDGET
 
 if TYPE_CHECKING:
     from .auth import ExchangeResult, Session
-    from .connect import Target
+    from .target import Target
 
 EXT_TOKEN = "ssh-token@meshsshd"
 EXT_PEERS = "peers@meshsshd"
@@ -163,7 +163,7 @@ def judge(delegation: DelegationList, asked: str, peer: PeerInfo | None, identit
 
 def origin_name() -> str:
     """How B's user is told where the decision was made: our peer's name, else the host."""
-    from .connect import DEFAULT_STATUS_FILES, STATUS_FILE_ENV
+    from .target import DEFAULT_STATUS_FILES, STATUS_FILE_ENV
 
     env = os.environ.get(STATUS_FILE_ENV)
     for path in (env,) if env else DEFAULT_STATUS_FILES:
@@ -543,7 +543,7 @@ class BrokerSession:
     def resolve_target(self, host: str, port: int | None, user: str | None) -> Target:
         from meshsshd.netmap import SSH_PORT
 
-        from .connect import Target, local_username
+        from .target import Target, local_username
 
         doc = self.client.request(EXT_PEERS, {"peer": host})
         try:

@@ -10,15 +10,20 @@ Imports are lazy: `detect` and `proxy` run once per `ssh` invocation.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
+from click.shell_completion import CompletionItem
 
-from .options import SUBCOMMANDS, first_word
+from meshsshd.completion import complete_var, completion_command
+from meshsshd.version import version_line
+
+from .options import SUBCOMMANDS, first_word, wants_version
 
 
 SSH_USAGE = """\
-usage: meshssh [-46AaNnqsTtv] [-b bind_address] [-D [bind_address:]port]
+usage: meshssh [-46AaNnqsTtVv] [-b bind_address] [-D [bind_address:]port]
                [-i identity_file] [-L [bind_address:]port:host:hostport]
                [-l login_name] [-o option] [-p port]
                [-R [bind_address:]port:host:hostport] [--ssh-jwt-cache-ttl SECONDS]
@@ -33,6 +38,7 @@ usage: meshssh [-46AaNnqsTtv] [-b bind_address] [-D [bind_address:]port]
        meshssh config install [--refresh] [--path DIR] | config remove
        meshssh detect HOST PORT | proxy HOST PORT   (used by the OpenSSH drop-in)
        meshssh control status|stop   (the master that keeps logins warm; MESHSSH_CONTROL=no: off)
+       meshssh completion bash|zsh|fish | -V
 
 Connects to a mesh peer (peer name, FQDN or mesh IP) with a per-peer SSH token,
 accepting only the host key management publishes. Options mean what they mean to ssh;
@@ -43,11 +49,20 @@ Run `meshssh COMMAND --help` for a sub-command.
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get(complete_var("meshssh")):   # the shell asking for completions
+        _add_heavy_commands(None)
+        cli.main(args=argv, prog_name="meshssh")
+        return
     if not argv:
         sys.stderr.write(SSH_USAGE)
         sys.exit(255)
     if argv[0] in ("-h", "--help"):
         sys.stdout.write(SSH_USAGE)
+        sys.exit(0)
+    if wants_version(argv):
+        # as ssh: -V on stderr; --version on stdout as the other two commands' click option
+        stream = sys.stdout if argv == ["--version"] else sys.stderr
+        stream.write(f"{version_line('meshssh')}\n")
         sys.exit(0)
     idx = first_word(argv)
     if idx is not None and argv[idx] in SUBCOMMANDS and idx == 0:
@@ -84,9 +99,27 @@ def _fail(exc: Exception, code: int = 1) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The sub-commands, and in the first word's completions also the peers this user may
+    reach, from the cached peer list only: a TAB must not wait on the network."""
+
+    def shell_complete(self, ctx: click.Context, incomplete: str) -> list[CompletionItem]:
+        from . import state
+
+        items = super().shell_complete(ctx, incomplete)
+        doc = state.read_json(state.PEERS_FILE)
+        peers = doc.get("peers", []) if isinstance(doc, dict) else []
+        user, at, host = incomplete.rpartition("@")
+        names = sorted({p.get("name", "") for p in peers if isinstance(p, dict)} - {""})
+        return items + [CompletionItem(f"{user}{at}{n}") for n in names if n.startswith(host)]
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """meshssh sub-commands (see `meshssh --help` for connecting)."""
+
+
+cli.add_command(completion_command("meshssh"))
 
 
 @cli.command()
@@ -187,16 +220,24 @@ def peers(as_json: bool) -> None:
     from .peers import PeerDirectory
 
     try:
-        lst = PeerDirectory(Session()).peers(refresh=True)
+        session = Session()
+        lst = PeerDirectory(session).peers(refresh=True)
     except ClientError as exc:
         _fail(exc)
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in lst], indent=1))
         return
-    for p in lst:
-        users = ",".join(p.local_users) or "-"
-        ssh = "ssh" if p.ssh_enabled else "no-ssh"
-        click.echo(f"{p.name:<20} {p.mesh_ip:<16} {p.fqdn:<32} {ssh:<6} users={users}")
+    if not lst:
+        # The list is what policies let this identity reach: empty means no policy yet.
+        click.echo(f"No peers: no policy on {session.login.management_url} lets {session.identity} "
+                   "reach a peer yet (an admin adds one: meshmgmt policies create ...).", err=True)
+        return
+    rows = [("NAME", "MESH IP", "FQDN", "SSH", "USERS")]
+    rows += [(p.name, p.mesh_ip, p.fqdn, "ssh" if p.ssh_enabled else "no-ssh", ",".join(p.local_users) or "-")
+             for p in lst]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[4])
 
 
 @cli.group()
@@ -254,7 +295,7 @@ def _add_heavy_commands(name: str | None) -> None:
     `detect`/`proxy` run once per `ssh` invocation, so they must not pay for them.
     `name=None` registers all (for `--help` of the group and for tests)."""
     if name is None or name == "exec":
-        from .fanout import exec_command
+        from .cli_exec import exec_command
 
         cli.add_command(exec_command)
     if name is None or name in ("sessions", "attach", "receive"):

@@ -14,81 +14,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import getpass
-import json
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from meshsshd.netmap import SSH_PORT, PeerInfo
-
-from .errors import AccessDenied, ClientError, HostKeyMismatch, NotLoggedIn, PeerNotFound
+from .errors import AccessDenied, ClientError, HostKeyMismatch, NotLoggedIn
 from .options import SSHArgs, env_to_send, want_pty
+from .target import Target, choose_source_address, resolve
+from .terminal import RawTerminal, local_term_modes
 
 if TYPE_CHECKING:
     import asyncssh
 
     from .auth import ExchangeResult, Session
-
-STATUS_FILE_ENV = "MESHSSHD_STATUS_FILE"
-DEFAULT_STATUS_FILES = ("/var/lib/meshsshd/status.json",)
-
-
-@dataclass
-class Target:
-    peer: PeerInfo
-    port: int
-    username: str
-    address: str = ""
-
-    def __post_init__(self) -> None:
-        self.address = self.address or self.peer.mesh_ip
-
-    @property
-    def name(self) -> str:
-        return self.peer.name or self.peer.fqdn or self.peer.mesh_ip
-
-
-def local_username() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "root" if os.geteuid() == 0 else str(os.geteuid())
-
-
-def status_source_address(management_url: str, paths: tuple[str, ...] | None = None,
-                          environ: Mapping[str, str] | None = None) -> str | None:
-    """Our own peer's mesh IP from meshsshd's status file, when it is in the same mesh.
-
-    In single-machine mode every peer is a loopback address; binding the connection to
-    our peer's address is what lets the server see which peer it comes from.
-    """
-    env = (os.environ if environ is None else environ).get(STATUS_FILE_ENV)
-    candidates = (env,) if env else (paths or DEFAULT_STATUS_FILES)
-    for path in candidates:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(doc, dict) or not doc.get("mesh_ip"):
-            continue
-        murl = str(doc.get("management_url", "")).rstrip("/")
-        if murl and murl != management_url.rstrip("/"):
-            continue
-        return str(doc["mesh_ip"])
-    return None
-
-
-def choose_source_address(explicit: str | None, management_url: str,
-                          environ: Mapping[str, str] | None = None) -> str | None:
-    env = os.environ if environ is None else environ
-    return (explicit or env.get("MESHSSH_SOURCE_ADDRESS")
-            or status_source_address(management_url, environ=env))
-
 
 def host_key_warning(target: Target, offered: Any, trusted: list[Any]) -> str:
     got = offered.get_fingerprint() if offered is not None else "an unknown key"
@@ -256,7 +197,10 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
         ctx.show_held()
         if ctx.token_error is not None:
             raise ctx.token_error from exc
-        hint = "" if ctx.banners else f" ({exc.reason})"
+        if ctx.banners and ctx.quiet:   # nobody saw the peer's reason (fan-out): carry it
+            hint = f": {ctx.banners[-1]}"
+        else:
+            hint = "" if ctx.banners else f" ({exc.reason})"
         raise AccessDenied(f"{target.username}@{target.name}: permission denied{hint}") from exc
     except asyncssh.DisconnectError as exc:
         await ctx.cancel()
@@ -280,23 +224,6 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
     return conn
 
 
-def resolve(args_host: str, session: Session, port: int | None, user: str | None) -> Target:
-    """Resolve through the peer list and refuse peers that cannot take SSH at all."""
-    from .peers import PeerDirectory
-
-    try:
-        peer = PeerDirectory(session).resolve(args_host)
-    except PeerNotFound:
-        # Management knows why (unknown peer, no policy, SSH off there): ask it.
-        res = session.ssh_tokens([(args_host, args_host)], no_cache=True)[args_host]
-        if res.error:
-            raise AccessDenied(res.error) from None
-        raise
-    if not peer.ssh_enabled:
-        raise AccessDenied(f"{peer.name} is not SSH-enabled (meshmgmt peer ssh on {peer.name})")
-    return Target(peer=peer, port=port or SSH_PORT, username=user or local_username())
-
-
 async def dial_verified(target: Target, session: Session, **kw: Any) -> asyncssh.SSHClientConnection:
     """dial(), but on a host-key mismatch refetch the peer list once (a key may have
     rotated since the list was cached) before refusing."""
@@ -314,72 +241,6 @@ async def dial_verified(target: Target, session: Session, **kw: Any) -> asyncssh
 
 
 # ---------------------------------------------------------------- interactive run
-
-_TERM_FLAGS = (  # (PTY opcode name, termios flag group index, flag name)
-    ("IGNPAR", 0, "IGNPAR"), ("PARMRK", 0, "PARMRK"), ("INPCK", 0, "INPCK"),
-    ("ISTRIP", 0, "ISTRIP"), ("INLCR", 0, "INLCR"), ("IGNCR", 0, "IGNCR"),
-    ("ICRNL", 0, "ICRNL"), ("IXON", 0, "IXON"), ("IXANY", 0, "IXANY"), ("IXOFF", 0, "IXOFF"),
-    ("IMAXBEL", 0, "IMAXBEL"), ("IUTF8", 0, "IUTF8"),
-    ("ISIG", 3, "ISIG"), ("ICANON", 3, "ICANON"), ("ECHO", 3, "ECHO"), ("ECHOE", 3, "ECHOE"),
-    ("ECHOK", 3, "ECHOK"), ("ECHONL", 3, "ECHONL"), ("NOFLSH", 3, "NOFLSH"),
-    ("TOSTOP", 3, "TOSTOP"), ("IEXTEN", 3, "IEXTEN"), ("ECHOCTL", 3, "ECHOCTL"),
-    ("ECHOKE", 3, "ECHOKE"), ("OPOST", 1, "OPOST"), ("ONLCR", 1, "ONLCR"),
-    ("CS7", 2, "CS7"), ("CS8", 2, "CS8"), ("PARENB", 2, "PARENB"), ("PARODD", 2, "PARODD"),
-)
-_TERM_CHARS = ("VINTR", "VQUIT", "VERASE", "VKILL", "VEOF", "VEOL", "VEOL2", "VSTART",
-               "VSTOP", "VSUSP", "VREPRINT", "VWERASE", "VLNEXT", "VDISCARD")
-
-
-def local_term_modes(fd: int) -> dict[int, int]:
-    """The local terminal's modes as SSH pty-req opcodes, as OpenSSH sends them."""
-    import termios
-
-    import asyncssh
-
-    try:
-        attrs = termios.tcgetattr(fd)
-    except termios.error:
-        return {}
-    modes: dict[int, int] = {}
-    for name in _TERM_CHARS:
-        op = getattr(asyncssh, f"PTY_{name}", None)
-        idx = getattr(termios, name, None)
-        if op is not None and idx is not None:
-            c = attrs[6][idx]
-            modes[op] = c[0] if isinstance(c, bytes) and c else (c if isinstance(c, int) else 255)
-    for name, group, flag in _TERM_FLAGS:
-        op = getattr(asyncssh, f"PTY_{name}", None)
-        bit = getattr(termios, flag, None)
-        if op is not None and bit is not None:
-            modes[op] = 1 if attrs[group] & bit else 0
-    return modes
-
-
-class _RawTerminal:
-    """Raw mode on entry, the saved settings back on exit — whatever happens."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.saved: Any = None
-
-    def __enter__(self) -> _RawTerminal:
-        import termios
-        import tty
-
-        try:
-            self.saved = termios.tcgetattr(self.fd)
-            tty.setraw(self.fd)
-        except termios.error:
-            self.saved = None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import termios
-
-        if self.saved is not None:
-            with contextlib.suppress(termios.error):
-                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
-
 
 def _is_devnull(fd: int) -> bool:
     """stdin is /dev/null (`< /dev/null`, cron): epoll cannot watch it, so asyncssh would
@@ -512,8 +373,6 @@ async def run_command(conn: Any, target: Target, args: SSHArgs, io: Stdio) -> in
 async def open_process(conn: Any, args: SSHArgs, io: Stdio) -> tuple[Any, bool]:
     """The remote process, its channel open and its requests answered; (process, pty).
     Raises asyncssh.ChannelOpenError when the peer refuses the session."""
-    import asyncssh
-
     stdin_tty = os.isatty(io.stdin)
     pty = want_pty(args, stdin_tty)
     if args.tty == 1 and not stdin_tty and not args.quiet:
@@ -545,7 +404,7 @@ async def finish_process(process: Any, pty: bool, target: Target, args: SSHArgs,
         stdin = asyncssh.DEVNULL
     loop = asyncio.get_running_loop()
     local_tty = pty and stdin_tty
-    raw = _RawTerminal(io.stdin) if local_tty and io.own_terminal else contextlib.nullcontext()
+    raw = RawTerminal(io.stdin) if local_tty and io.own_terminal else contextlib.nullcontext()
     with raw:
         if local_tty:
             def winch() -> None:

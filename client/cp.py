@@ -96,13 +96,49 @@ class _Progress:
         self.bar.update(self.tasks[key], completed=copied, total=total)
 
 
+def check_local(srcs: list[CpPath], dst: CpPath, direction: str, *, recursive: bool) -> None:
+    """Refuse what cannot work on this machine before dialling, naming the path as scp
+    does; asyncssh would fail later with a bytes filename and half the copy done."""
+    if direction == "up":
+        for s in srcs:
+            if not os.path.lexists(s.path):
+                raise ClientError(f"{s.path}: No such file or directory")
+            if os.path.isdir(s.path) and not recursive:
+                raise ClientError(f"{s.path}: is a directory (use -r)")
+        return
+    into_dir = len(srcs) > 1 or dst.path.endswith("/")
+    if into_dir and not os.path.isdir(dst.path):
+        raise ClientError(f"{dst.path}: No such directory")
+    parent = os.path.dirname(os.path.abspath(dst.path))
+    if not into_dir and not os.path.isdir(dst.path) and not os.path.isdir(parent):
+        raise ClientError(f"{parent}: No such directory")
+
+
+async def _copy(method: Any, src: str, dst: str, *, local: str, remote: str, recursive: bool,
+                preserve: bool, progress: Any) -> None:
+    """One source at a time, so that a failure names the path it is about: an SFTP status
+    is the peer's side (`host:path`), an OSError this machine's (asyncssh's own filename,
+    which is bytes, decoded)."""
+    import asyncssh
+
+    try:
+        await method(src, dst, recurse=recursive, preserve=preserve, progress_handler=progress)
+    except asyncssh.SFTPError as exc:
+        raise ClientError(f"{remote}: {exc.reason or 'failed'}") from exc
+    except OSError as exc:
+        name = os.fsdecode(exc.filename) if exc.filename is not None else local
+        raise ClientError(f"{name}: {exc.strerror or exc}") from exc
+
+
 async def run_cp(paths: list[str], *, recursive: bool, port: int | None, preserve: bool,
                  quiet: bool, bind_address: str | None, session: Any) -> int:
     import asyncssh
 
-    from .connect import choose_source_address, dial_verified, resolve
+    from .connect import dial_verified
+    from .target import choose_source_address, resolve
 
     srcs, dst, direction = plan(paths)
+    check_local(srcs, dst, direction, recursive=recursive)
     remote = dst if direction == "up" else srcs[0]
     target = await asyncio.to_thread(resolve, remote.host, session, port, remote.user)
     source = choose_source_address(bind_address, session.login.management_url)
@@ -116,20 +152,20 @@ async def run_cp(paths: list[str], *, recursive: bool, port: int | None, preserv
                               "--enable-ssh-sftp on for that peer?") from exc
         async with sftp:
             with _Progress(show) as prog:
-                try:
-                    if direction == "up":
-                        for s in srcs:
-                            if os.path.isdir(s.path) and not recursive:
-                                raise ClientError(f"{s.path}: is a directory (use -r)")
-                        await sftp.put([s.path for s in srcs], dst.path or ".", recurse=recursive,
-                                       preserve=preserve, progress_handler=prog.handler)
-                    else:
-                        await sftp.get([s.path or "." for s in srcs], dst.path, recurse=recursive,
-                                       preserve=preserve, progress_handler=prog.handler)
-                except (asyncssh.SFTPError, OSError) as exc:
-                    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-                    fname = getattr(exc, "filename", None)
-                    raise ClientError(f"{fname + ': ' if fname else ''}{reason}") from exc
+                if direction == "up":
+                    into = dst.path or "."
+                    if (len(srcs) > 1 or into.endswith("/")) and not await sftp.isdir(into):
+                        why = "Not a directory" if await sftp.exists(into) else "No such directory"
+                        raise ClientError(f"{target.name}:{dst.path}: {why}")
+                    for s in srcs:
+                        await _copy(sftp.put, s.path, dst.path or ".", local=s.path,
+                                    remote=f"{target.name}:{dst.path or '.'}", recursive=recursive,
+                                    preserve=preserve, progress=prog.handler)
+                else:
+                    for s in srcs:
+                        await _copy(sftp.get, s.path or ".", dst.path, local=dst.path,
+                                    remote=f"{target.name}:{s.path or '.'}", recursive=recursive,
+                                    preserve=preserve, progress=prog.handler)
     return 0
 
 

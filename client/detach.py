@@ -2,7 +2,7 @@
 
 PowerShell remoting's `-InDisconnectedSession`, `Get-PSSession`, `Connect-PSSession`,
 `Receive-PSSession` and `Remove-PSSession`, for mesh peers. Every command dials the
-peer exactly as `meshssh host` does (`connect.resolve` + `dial_verified`: per-peer SSH
+peer exactly as `meshssh host` does (`target.resolve` + `connect.dial_verified`: per-peer SSH
 token, host key from management, source address) and opens the reserved subsystem
 `meshsshd-sessions@meshsshd`: one JSON request line, one JSON answer line, then for
 `receive`/`attach` the session's output (stderr apart) and its exit status
@@ -86,7 +86,8 @@ class _Peer:
 
     async def __aenter__(self) -> _Peer:
         from .auth import Session
-        from .connect import choose_source_address, dial_verified, resolve
+        from .connect import dial_verified
+        from .target import choose_source_address, resolve
 
         session = await asyncio.to_thread(Session)
         target = await asyncio.to_thread(resolve, self.where.host, session, self.where.port, self.where.user)
@@ -175,6 +176,13 @@ def exec_detached(req: ExecRequest) -> int:
     return _run(run())
 
 
+def attach_hint(args: SSHArgs, sid: str) -> str:
+    """The `attach` command line that reaches the same session: same login, same port."""
+    port = f"-p {args.port} " if args.port else ""
+    dest = f"{args.user}@{args.destination}" if args.user else args.destination
+    return f"meshssh attach {port}{dest} {sid}"
+
+
 def main_detached_ssh(args: SSHArgs) -> int:
     """`meshssh -d [user@]host [command]`: a detached session with a PTY; print its id."""
     async def run() -> int:
@@ -182,7 +190,7 @@ def main_detached_ssh(args: SSHArgs) -> int:
         sid = await start(where, args.remote_command, pty=args.tty >= 0)
         sys.stdout.write(f"{sid}\n")
         if sys.stderr.isatty() and not args.quiet:
-            sys.stderr.write(f"Attach with: meshssh attach {args.destination} {sid}\n")
+            sys.stderr.write(f"Attach with: {attach_hint(args, sid)}\n")
         return 0
     return _run(run())
 
@@ -236,7 +244,7 @@ async def receive(where: Where, sid: str, follow: bool) -> int:
 # ---------------------------------------------------------------- attach
 
 async def attach(where: Where, sid: str) -> int:
-    from .connect import _RawTerminal
+    from .terminal import RawTerminal
 
     tty = os.isatty(0)
     size = os.get_terminal_size(0) if tty else os.terminal_size((80, 24))
@@ -271,7 +279,7 @@ async def attach(where: Where, sid: str) -> int:
                 sz = os.get_terminal_size(0)
                 process.change_terminal_size(sz.columns, sz.lines)
 
-        raw = _RawTerminal(0) if tty and answer.get("pty") else contextlib.nullcontext()
+        raw = RawTerminal(0) if tty and answer.get("pty") else contextlib.nullcontext()
         with raw:
             os.set_blocking(0, False)
             loop.add_reader(0, key_in)

@@ -20,9 +20,13 @@ class ClientError(Exception):
 
 
 class NotLoggedIn(ClientError):
+    """The fix is always a new login; said once, even when management's reason says it."""
+
     def __init__(self, detail: str = "") -> None:
-        prefix = f"{detail} — " if detail else "not logged in — "
-        super().__init__(f"{prefix}run `meshssh login`")
+        if "meshssh login" in detail:
+            super().__init__(detail)
+        else:
+            super().__init__(f"{detail or 'not logged in'} — run `meshssh login`")
 
 
 class ManagementError(ClientError):

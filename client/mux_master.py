@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import control
-from .connect import Stdio, Target, choose_source_address, dial_for, finish_process, open_process, resolve_for
+from .connect import Stdio, dial_for, finish_process, open_process, resolve_for
 from .errors import ClientError, NotLoggedIn, UsageError
 from .options import parse_ssh_args
+from .target import Target, choose_source_address
 
 log = logging.getLogger("meshssh.control")
 REUSE_MARGIN = 5.0  # never start a session on a login whose token expires sooner than this

@@ -21,10 +21,10 @@ NOARG = set("46AaCfGgKkMNnqsTtVvXxYy")
 WITHARG = set("BbcDEeFIiJLlmOoPpQRSWw")
 SUPPORTED = set("46AaCNnqsTtvVbDiLlopR")
 LONG_WITHARG = {"--ssh-jwt-cache-ttl", "--delegate-to", "--delegate-max"}
-LONG_NOARG = {"--no-cache", "--help", "--delegate-confirm"}
+LONG_NOARG = {"--no-cache", "--help", "--delegate-confirm", "--version"}
 # `meshssh WORD ...` that are sub-commands, not destinations (client/cli.py, client/front.py).
 SUBCOMMANDS = ("login", "logout", "detect", "proxy", "config", "cp", "peers", "exec", "sessions",
-               "attach", "receive", "control")
+               "attach", "receive", "control", "completion")
 
 
 @dataclass(frozen=True)
@@ -147,14 +147,28 @@ def _bind(text: str, kind: str) -> str:
 def first_word(argv: list[str]) -> int | None:
     """Index of the first word that is not an option or an option's value (the
     destination or a sub-command), or None."""
+    return _scan(argv)[0]
+
+
+def wants_version(argv: list[str]) -> bool:
+    """`-V` anywhere among the options (bundled too, as `-vV`), or `--version`: ssh prints
+    its version and exits whatever else the line says."""
+    return "V" in _scan(argv)[1]
+
+
+def _scan(argv: list[str]) -> tuple[int | None, set[str]]:
+    """(index of the first word, the flag letters before it); `--version` counts as V."""
+    letters: set[str] = set()
     i = 0
     while i < len(argv):
         w = argv[i]
         if w == "--":
-            return i + 1 if i + 1 < len(argv) else None
+            return (i + 1 if i + 1 < len(argv) else None), letters
         if not w.startswith("-") or w == "-":
-            return i
+            return i, letters
         if w.startswith("--"):
+            if w == "--version":
+                letters.add("V")
             if w in LONG_WITHARG:
                 i += 1
         else:
@@ -164,8 +178,9 @@ def first_word(argv: list[str]) -> int | None:
                     if j == len(w) - 1:
                         i += 1
                     break
+                letters.add(ch)
         i += 1
-    return None
+    return None, letters
 
 
 def split_destination(dest: str) -> tuple[str | None, str, int | None]:

@@ -348,7 +348,7 @@ class Relay:
             self._dial_user = self.guess_user
 
     async def _prepare(self) -> None:
-        from .connect import resolve
+        from .target import resolve
 
         self.target = await asyncio.to_thread(resolve, self.host, self.session, self.port, None)
         self.name = self.target.name
@@ -356,7 +356,8 @@ class Relay:
             self.session.ssh_token, self.target.peer.id, self.target.name))
 
     async def _connect(self, username: str) -> Any:
-        from .connect import choose_source_address, dial_verified
+        from .connect import dial_verified
+        from .target import choose_source_address
 
         try:
             await self._prepared

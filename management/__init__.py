@@ -15,6 +15,6 @@ Layout (one job per module; pure cores, I/O at the edges):
     metrics.py    Prometheus text exposition
     ratelimit.py  token-bucket rate limiter (registration here, sign-in in idp)
     settings.py   MgmtSettings, errors.py the exception tree
-    bootstrap.py  what `init` and `serve` do; cli.py / cli_admin.py the `meshmgmt` command
+    bootstrap.py  what `init` and `serve` do; cli.py / cli_admin.py the `meshmgmt` command (cli_calls.py: its API calls and output)
     idp/          the embedded OIDC issuer (see docs/idp.md)
 """

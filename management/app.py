@@ -17,6 +17,7 @@ from aiohttp import web
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from meshsshd.logs import event
+from meshsshd.metrics import PROMETHEUS_CONTENT_TYPE
 
 from .api import admin, enrol, peers, signing_keys, subsystems
 from .api.keys import (AUDIT_LIMITER, BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, METRICS_TOKEN,
@@ -121,8 +122,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     check_metrics_token(request, request.app[METRICS_TOKEN])
-    return web.Response(text=request.app[METRICS].render(), content_type="text/plain",
-                        headers={"X-Content-Type": "text/plain; version=0.0.4"})
+    return web.Response(text=request.app[METRICS].render(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
 
 async def openapi(request: web.Request) -> web.Response:

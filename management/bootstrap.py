@@ -41,6 +41,28 @@ def _new_admin_token(lifetime: int) -> tuple[str, AdminToken]:
                              expires_at=utcnow() + timedelta(seconds=lifetime))
 
 
+def already_initialised(data_dir: Path) -> str | None:
+    """Why `init` must not run on `data_dir` (it holds an admin token), else None: asked
+    before anything else (the password's checks included), since nothing would change."""
+    token_file = data_dir / TOKEN_FILE
+    if token_file.exists():
+        return f"{data_dir} is already initialised ({token_file} exists); nothing changed"
+    return None
+
+
+def require_store_dir(data_dir: Path, database: str | None) -> None:
+    """`serve` on a data dir that `init` never made is a typo: refuse before creating a
+    directory or an empty SQLite database there."""
+    from .store.engine import sqlite_url
+
+    hint = f"create it with `meshmgmt init --data-dir {data_dir}`"
+    if not data_dir.is_dir():
+        raise BadRequest(f"{data_dir}: no such directory; {hint}", code="not_initialised")
+    if database is None and not Path(sqlite_url(data_dir).split(":///", 1)[1]).exists():
+        raise BadRequest(f"{data_dir} holds no store (no meshmgmt.db); {hint}, or name the "
+                         "shared database with --database", code="not_initialised")
+
+
 async def initialise(data_dir: Path, admin_email: str, password: str | None, database: str | None,
                      token_lifetime: int = ADMIN_TOKEN_LIFETIME) -> dict[str, Any]:
     from .api._validate import email as valid_email
@@ -48,8 +70,9 @@ async def initialise(data_dir: Path, admin_email: str, password: str | None, dat
     email = valid_email(admin_email, "admin-email")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     token_file = data_dir / TOKEN_FILE
-    if token_file.exists():
-        raise AlreadyInitialised(f"{data_dir} is already initialised ({token_file} exists); nothing changed")
+    refusal = already_initialised(data_dir)
+    if refusal is not None:
+        raise AlreadyInitialised(refusal)
     store = Store.for_data_dir(data_dir, database)
     try:
         await store.migrate()
@@ -140,7 +163,7 @@ def run_server(data_dir: Path, host: str, port: int, *, database: str | None, pu
                             register_burst=register_burst, trusted_proxies=trusted_proxies,
                             refresh_token_lifetime=refresh_token_lifetime, ssh_permit_open=ssh_permit_open,
                             **more)
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    require_store_dir(data_dir, database)
 
     async def make_app() -> web.Application:
         store = Store.for_data_dir(data_dir, database)

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import click
 
+from meshsshd.completion import completion_command
+from meshsshd.version import version_option
+
 from .errors import ManagementError
 
 EXIT_USAGE = 2
@@ -66,10 +69,14 @@ class Duration(click.ParamType):
 @click.option("--token-file", envvar="MESHMGMT_TOKEN_FILE", type=click.Path(dir_okay=False),
               help="file holding the admin token or an admin's access token (admin commands)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+@version_option("meshmgmt")
 @click.pass_context
 def main(ctx: click.Context, url: str, token_file: str | None, as_json: bool) -> None:
     """meshmgmt: the meshsshd management server and its admin commands."""
     ctx.obj = {"url": url.rstrip("/"), "token_file": token_file, "json": as_json}
+
+
+main.add_command(completion_command("meshmgmt"))
 
 
 @main.command()
@@ -84,8 +91,11 @@ def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database:
     """Create the store, DIR/issuer.secret, the issuer's signing key, the first admin and
     DIR/admin.token."""
     os.umask(0o077)  # the database and the token file are secrets
-    from .bootstrap import AlreadyInitialised, initialise
+    from .bootstrap import AlreadyInitialised, already_initialised, initialise
 
+    refusal = already_initialised(data_dir)
+    if refusal is not None:   # before the password: its checks cannot matter then
+        raise click.ClickException(refusal)
     password = None
     if admin_password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")

@@ -14,103 +14,9 @@ from typing import Any
 
 import aiohttp
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from .escaping import escape_controls, escape_strings
-
-
-class ApiError(click.ClickException):
-    pass
-
-
-class Client:
-    def __init__(self, url: str, token: str) -> None:
-        self.url = url
-        self.headers = {"Authorization": f"Bearer {token}"}
-
-    async def call(self, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
-        try:
-            async with aiohttp.ClientSession(headers=self.headers, timeout=aiohttp.ClientTimeout(total=30)) as http:
-                async with http.request(method, self.url + path, json=body, params=params) as resp:
-                    text = await resp.text()
-                    doc = json.loads(text) if text and resp.content_type == "application/json" else None
-                    if resp.status >= 400:
-                        msg = doc.get("message", text) if isinstance(doc, dict) else text
-                        raise ApiError(f"{method} {path}: {resp.status} {msg}")
-                    return doc
-        except aiohttp.ClientError as exc:
-            raise ApiError(f"cannot reach {self.url}: {exc}") from exc
-
-
-def _client(ctx: click.Context) -> Client:
-    obj = ctx.find_root().obj
-    token_file = obj.get("token_file")
-    if not token_file:
-        raise click.UsageError("admin commands need --token-file (or MESHMGMT_TOKEN_FILE)")
-    try:
-        token = Path(token_file).read_text().strip()
-    except OSError as exc:
-        raise click.UsageError(f"cannot read token file {token_file}: {exc.strerror}") from None
-    return Client(obj["url"], token)
-
-
-def _run(ctx: click.Context, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
-    return asyncio.run(_client(ctx).call(method, path, body, params))
-
-
-def _json_mode(ctx: click.Context) -> bool:
-    return bool(ctx.find_root().obj.get("json"))
-
-
-def _emit(ctx: click.Context, doc: Any, rows: list[dict[str, Any]] | None = None,
-          columns: tuple[str, ...] = (), title: str = "") -> None:
-    if _json_mode(ctx):
-        click.echo(json.dumps(doc, indent=2, sort_keys=True))
-        return
-    rows = rows if rows is not None else ([doc] if isinstance(doc, dict) else [])
-    table = Table(title=title or None, show_lines=False)
-    for c in columns:
-        table.add_column(c)
-    for r in rows:  # Text, not str: a value is never read as rich markup ("[link=…]")
-        table.add_row(*(Text(_cell(r.get(c))) for c in columns))
-    Console(width=200).print(table)
-
-
-def _cell(v: Any) -> str:
-    """One value as table text; control characters escaped (events stored before
-    ingest escaped them, and anything else a client or peer wrote)."""
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, list):
-        return ", ".join(_cell(x) for x in v)
-    if isinstance(v, dict):
-        return ", ".join(f"{_cell(k)}={_cell(x)}" for k, x in sorted(v.items()) if x)
-    return escape_controls(str(v))
-
-
-def _resolve(ctx: click.Context, collection: str, ref: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    """The item whose id is `ref`, else the first whose name (or another of `keys`) is.
-
-    Ids first over the whole list: an item named like another's id must not win."""
-    items = _run(ctx, "GET", f"/api/{collection}")[collection.replace("-", "_")]
-    for item in items:
-        if ref == item["id"]:
-            return item
-    for item in items:
-        if any(str(item.get(k, "")).lower() == ref.lower() for k in keys):
-            return item
-    raise click.ClickException(f"no {collection[:-1]} {ref!r}")
-
-
-def _ok(ctx: click.Context, message: str, doc: Any = None) -> None:
-    if _json_mode(ctx):
-        click.echo(json.dumps(doc if doc is not None else {"ok": True, "message": message}, indent=2, sort_keys=True))
-    else:
-        click.echo(message)
+from .cli_calls import ApiError, call, cell, client_for, emit, json_mode, ok, resolve_ref
+from .escaping import escape_strings
 
 
 def _add_list(group: click.Group, collection: str, columns: tuple[str, ...]) -> None:
@@ -122,8 +28,8 @@ def _add_list(group: click.Group, collection: str, columns: tuple[str, ...]) -> 
     @group.command("list")
     @click.pass_context
     def list_(ctx: click.Context) -> None:
-        doc = _run(ctx, "GET", f"/api/{collection}")
-        _emit(ctx, doc, doc[collection.replace("-", "_")], columns)
+        doc = call(ctx, "GET", f"/api/{collection}")
+        emit(ctx, doc, doc[collection.replace("-", "_")], columns)
 
 
 def _add_delete(group: click.Group, collection: str, arg: str, keys: tuple[str, ...], message: str,
@@ -138,9 +44,9 @@ def _add_delete(group: click.Group, collection: str, arg: str, keys: tuple[str, 
     @click.argument(arg)
     @click.pass_context
     def delete(ctx: click.Context, **refs: str) -> None:
-        item = _resolve(ctx, collection, refs[arg], keys)
-        _run(ctx, "DELETE", f"/api/{collection}/{item['id']}")
-        _ok(ctx, message.format_map(item))
+        item = resolve_ref(ctx, collection, refs[arg], keys)
+        call(ctx, "DELETE", f"/api/{collection}/{item['id']}")
+        ok(ctx, message.format_map(item))
 
 
 def _add_setter(group: click.Group, name: str, collection: str, arg: str, keys: tuple[str, ...],
@@ -155,9 +61,9 @@ def _add_setter(group: click.Group, name: str, collection: str, arg: str, keys: 
     @click.argument(arg)
     @click.pass_context
     def setter(ctx: click.Context, **refs: str) -> None:
-        item = _resolve(ctx, collection, refs[arg], keys)
-        doc = _run(ctx, "PUT", f"/api/{collection}/{item['id']}", body)
-        _ok(ctx, message.format_map(item), doc)
+        item = resolve_ref(ctx, collection, refs[arg], keys)
+        doc = call(ctx, "PUT", f"/api/{collection}/{item['id']}", body)
+        ok(ctx, message.format_map(item), doc)
 
 
 _PEER_KEYS = ("name", "mesh_ip", "fqdn")
@@ -182,9 +88,9 @@ def register(main: click.Group) -> None:
         body: dict[str, Any] = {"email": email, "name": name, "role": role, "service": service}
         if password_stdin:
             body["password"] = sys.stdin.readline().rstrip("\r\n")
-        doc = _run(ctx, "POST", "/api/users", body)
-        _emit(ctx, doc, columns=("id", "email", "role", "service", "client_id"))
-        if doc.get("client_secret") and not _json_mode(ctx):
+        doc = call(ctx, "POST", "/api/users", body)
+        emit(ctx, doc, columns=("id", "email", "role", "service", "client_id"))
+        if doc.get("client_secret") and not json_mode(ctx):
             click.echo(f"client secret (shown once): {doc['client_secret']}")
 
     _add_delete(users, "users", "user", ("email",), "deleted user {email}")
@@ -204,8 +110,8 @@ def register(main: click.Group) -> None:
     @click.option("--user", "users_", multiple=True, help="user id or email (repeat)")
     @click.pass_context
     def groups_create(ctx: click.Context, name: str, peers: tuple[str, ...], users_: tuple[str, ...]) -> None:
-        doc = _run(ctx, "POST", "/api/groups", {"name": name, "peers": list(peers), "users": list(users_)})
-        _emit(ctx, doc, columns=("id", "name", "peer_names", "user_emails"))
+        doc = call(ctx, "POST", "/api/groups", {"name": name, "peers": list(peers), "users": list(users_)})
+        emit(ctx, doc, columns=("id", "name", "peer_names", "user_emails"))
 
     @groups.command("update")
     @click.argument("group")
@@ -217,7 +123,7 @@ def register(main: click.Group) -> None:
     @click.pass_context
     def groups_update(ctx: click.Context, group: str, name: str | None, peers: tuple[str, ...],
                       users_: tuple[str, ...], add_peer: tuple[str, ...], add_user: tuple[str, ...]) -> None:
-        g = _resolve(ctx, "groups", group, ("name",))
+        g = resolve_ref(ctx, "groups", group, ("name",))
         body: dict[str, Any] = {}
         if name:
             body["name"] = name
@@ -225,8 +131,8 @@ def register(main: click.Group) -> None:
             body["peers"] = list(peers) if peers else g["peers"] + list(add_peer)
         if users_ or add_user:
             body["users"] = list(users_) if users_ else g["users"] + list(add_user)
-        doc = _run(ctx, "PUT", f"/api/groups/{g['id']}", body)
-        _emit(ctx, doc, columns=("id", "name", "peer_names", "user_emails"))
+        doc = call(ctx, "PUT", f"/api/groups/{g['id']}", body)
+        emit(ctx, doc, columns=("id", "name", "peer_names", "user_emails"))
 
     _add_delete(groups, "groups", "group", ("name",), "deleted group {name}")
 
@@ -247,10 +153,10 @@ def register(main: click.Group) -> None:
     @click.pass_context
     def keys_create(ctx: click.Context, name: str, reusable: bool, expires_in: int, usage_limit: int,
                     auto_groups: tuple[str, ...]) -> None:
-        doc = _run(ctx, "POST", "/api/setup-keys", {"name": name, "reusable": reusable, "expires_in": expires_in,
+        doc = call(ctx, "POST", "/api/setup-keys", {"name": name, "reusable": reusable, "expires_in": expires_in,
                                                    "usage_limit": usage_limit, "auto_groups": list(auto_groups)})
-        _emit(ctx, doc, columns=("id", "name", "reusable", "usage_limit", "expires_at", "auto_groups"))
-        if not _json_mode(ctx):
+        emit(ctx, doc, columns=("id", "name", "reusable", "usage_limit", "expires_at", "auto_groups"))
+        if not json_mode(ctx):
             click.echo(f"setup key (shown once): {doc['key']}")
 
     _add_delete(setup_keys, "setup-keys", "key_id", ("name",), "revoked setup key {id}", name="revoke")
@@ -263,13 +169,13 @@ def register(main: click.Group) -> None:
     @policies.command("list")
     @click.pass_context
     def policies_list(ctx: click.Context) -> None:
-        doc = _run(ctx, "GET", "/api/policies")
+        doc = call(ctx, "GET", "/api/policies")
         rows = []
         for p in doc["policies"]:
             for i, r in enumerate(p["rules"]):
                 rows.append({"id": p["id"] if i == 0 else "", "name": p["name"] if i == 0 else "",
                              "enabled": p["enabled"], **r})
-        _emit(ctx, doc, rows, ("id", "name", "enabled", "sources", "destinations", "protocol", "ports",
+        emit(ctx, doc, rows, ("id", "name", "enabled", "sources", "destinations", "protocol", "ports",
                                "bidirectional", "local_users", "allow_root", "accept_env"))
 
     @policies.command("create")
@@ -299,8 +205,8 @@ def register(main: click.Group) -> None:
             rules = [{"sources": list(sources), "destinations": list(destinations), "protocol": protocol,
                       "ports": list(ports), "bidirectional": bidirectional, "local_users": list(local_users),
                       "allow_root": allow_root, **({"accept_env": [p for p in accept_env if p]} if accept_env else {})}]
-        doc = _run(ctx, "POST", "/api/policies", {"name": name, "enabled": not disabled, "rules": rules})
-        _emit(ctx, doc, columns=("id", "name", "enabled"))
+        doc = call(ctx, "POST", "/api/policies", {"name": name, "enabled": not disabled, "rules": rules})
+        emit(ctx, doc, columns=("id", "name", "enabled"))
 
     _add_setter(policies, "enable", "policies", "policy", ("name",), {"enabled": True}, "policy {name} enabled")
     _add_setter(policies, "disable", "policies", "policy", ("name",), {"enabled": False}, "policy {name} disabled")
@@ -320,9 +226,9 @@ def register(main: click.Group) -> None:
     @click.argument("new_name")
     @click.pass_context
     def peers_rename(ctx: click.Context, peer: str, new_name: str) -> None:
-        p = _resolve(ctx, "peers", peer, _PEER_KEYS)
-        doc = _run(ctx, "PUT", f"/api/peers/{p['id']}", {"name": new_name})
-        _ok(ctx, f"renamed {p['name']} to {doc['name']}", doc)
+        p = resolve_ref(ctx, "peers", peer, _PEER_KEYS)
+        doc = call(ctx, "PUT", f"/api/peers/{p['id']}", {"name": new_name})
+        ok(ctx, f"renamed {p['name']} to {doc['name']}", doc)
 
     _add_delete(peers, "peers", "peer", _PEER_KEYS, "deleted peer {name}")
 
@@ -332,9 +238,9 @@ def register(main: click.Group) -> None:
     @click.pass_context
     def peers_ssh(ctx: click.Context, peer: str, state: str) -> None:
         """Turn the admin SSH toggle of a peer on or off."""
-        p = _resolve(ctx, "peers", peer, _PEER_KEYS)
-        doc = _run(ctx, "PUT", f"/api/peers/{p['id']}", {"ssh_enabled": state == "on"})
-        _ok(ctx, f"SSH {state} for {p['name']}", doc)
+        p = resolve_ref(ctx, "peers", peer, _PEER_KEYS)
+        doc = call(ctx, "PUT", f"/api/peers/{p['id']}", {"ssh_enabled": state == "on"})
+        ok(ctx, f"SSH {state} for {p['name']}", doc)
 
     @peers.command("approve-rekey")
     @click.argument("peer")
@@ -344,9 +250,9 @@ def register(main: click.Group) -> None:
     def peers_approve_rekey(ctx: click.Context, peer: str, expires_in: int) -> None:
         """Let a peer that lost its state (but kept its WireGuard key) register again once,
         keeping its id, name, address and groups."""
-        p = _resolve(ctx, "peers", peer, _PEER_KEYS)
-        doc = _run(ctx, "POST", f"/api/peers/{p['id']}/approve-rekey", {"expires_in": expires_in})
-        _ok(ctx, f"{p['name']} may register again until {doc['rekey_approved_until']} "
+        p = resolve_ref(ctx, "peers", peer, _PEER_KEYS)
+        doc = call(ctx, "POST", f"/api/peers/{p['id']}/approve-rekey", {"expires_in": expires_in})
+        ok(ctx, f"{p['name']} may register again until {doc['rekey_approved_until']} "
                  "(meshsshd up --setup-key KEY on that machine)", doc)
 
     from .cli_subsystems import register as register_subsystems
@@ -367,8 +273,8 @@ def register(main: click.Group) -> None:
     @click.pass_context
     def keys_rotate(ctx: click.Context, drop_previous: bool) -> None:
         """Make a new signing key; peers get it with their next network map."""
-        doc = _run(ctx, "POST", "/api/signing-keys/rotate", {"drop_previous": drop_previous})
-        _emit(ctx, doc, doc["signing_keys"], key_columns)
+        doc = call(ctx, "POST", "/api/signing-keys/rotate", {"drop_previous": drop_previous})
+        emit(ctx, doc, doc["signing_keys"], key_columns)
 
     # --- events ----------------------------------------------------------------------------------
     @main.group()
@@ -383,11 +289,11 @@ def register(main: click.Group) -> None:
     def events_list(ctx: click.Context, since: int, limit: int, follow: bool) -> None:
         cols = ("id", "received_at", "type", "peer_id", "identity", "local_user", "source_ip", "command", "reason")
         if not follow:
-            doc = escape_strings(_run(ctx, "GET", "/api/events", params={"since": since, "limit": limit}))
-            _emit(ctx, doc, doc["events"], cols)
+            doc = escape_strings(call(ctx, "GET", "/api/events", params={"since": since, "limit": limit}))
+            emit(ctx, doc, doc["events"], cols)
             return
-        client = _client(ctx)
-        json_mode = _json_mode(ctx)
+        client = client_for(ctx)
+        as_json = json_mode(ctx)
 
         async def follow_() -> None:
             async with aiohttp.ClientSession(headers=client.headers) as http:
@@ -397,10 +303,10 @@ def register(main: click.Group) -> None:
                         if msg.type != aiohttp.WSMsgType.TEXT:
                             break
                         e = escape_strings(json.loads(msg.data).get("event", {}))
-                        if json_mode:
+                        if as_json:
                             click.echo(json.dumps(e, sort_keys=True))
                         else:
-                            click.echo("  ".join(f"{c}={_cell(e.get(c))}" for c in cols if e.get(c) is not None))
+                            click.echo("  ".join(f"{c}={cell(e.get(c))}" for c in cols if e.get(c) is not None))
                         sys.stdout.flush()
 
         try:

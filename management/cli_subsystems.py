@@ -13,7 +13,7 @@ import urllib.parse
 
 import click
 
-from .cli_admin import _emit, _ok, _run
+from .cli_calls import call, emit, ok
 
 COLUMNS = ("name", "command", "peer_name", "group_name", "id")
 
@@ -35,8 +35,8 @@ def _add(parent: click.Group, kind: str) -> None:
     @click.pass_context
     def set_(ctx: click.Context, owner: str, name: str, command: tuple[str, ...]) -> None:
         """Serve subsystem NAME by running COMMAND (as the user, through their shell)."""
-        doc = _run(ctx, "PUT", _path(kind, owner, name), {"command": " ".join(command)})
-        _ok(ctx, f"subsystem {name} on {kind} {owner}: {doc['command']}", doc)
+        doc = call(ctx, "PUT", _path(kind, owner, name), {"command": " ".join(command)})
+        ok(ctx, f"subsystem {name} on {kind} {owner}: {doc['command']}", doc)
 
     @subsystem.command("unset")
     @click.argument("owner", metavar=kind.upper())
@@ -44,19 +44,19 @@ def _add(parent: click.Group, kind: str) -> None:
     @click.pass_context
     def unset(ctx: click.Context, owner: str, name: str) -> None:
         """Stop serving subsystem NAME from management (a local [subsystems] entry stays)."""
-        _run(ctx, "DELETE", _path(kind, owner, name))
-        _ok(ctx, f"removed subsystem {name} from {kind} {owner}")
+        call(ctx, "DELETE", _path(kind, owner, name))
+        ok(ctx, f"removed subsystem {name} from {kind} {owner}")
 
     @subsystem.command("list")
     @click.argument("owner", metavar=kind.upper(), required=False)
     @click.pass_context
     def list_(ctx: click.Context, owner: str | None) -> None:
         """Subsystems set from management (all, or those of one peer/group)."""
-        doc = _run(ctx, "GET", "/api/subsystems")
+        doc = call(ctx, "GET", "/api/subsystems")
         rows = doc["subsystems"]
         if owner:
             rows = [r for r in rows if owner in (r.get(kind), r.get(f"{kind}_name"))]
-        _emit(ctx, {"subsystems": rows}, rows, COLUMNS)
+        emit(ctx, {"subsystems": rows}, rows, COLUMNS)
 
 
 def register(peers: click.Group, groups: click.Group) -> None:

@@ -155,15 +155,23 @@ async def serve(make_app: Awaitable[web.Application], host: str, port: int, cap:
     await runner.setup()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         assert runner.server is not None
         server = await loop.create_server(cap.wrap(runner.server), host, port, reuse_address=True)
         event(log, "mgmt.listening", host=host, port=port, max_connections_per_client=cap.per_client)
         try:
             await stop.wait()
+            event(log, "mgmt.stopping", signal=received[0], shutdown_timeout=shutdown_timeout)
         finally:
             server.close()
     finally:
         await runner.cleanup()
+    event(log, "mgmt.stopped")

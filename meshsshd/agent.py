@@ -149,6 +149,7 @@ class Agent:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._fatal: MeshsshdError | None = None
+        self.failure: ManagementRejected | None = None   # why run() returned 2, for the CLI to say
         self._mgmt: dict[str, Any] = {"url": config.management_url, "connected": False}
         self._state_name = "starting"
         self._reason = ""
@@ -165,6 +166,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         tasks: list[asyncio.Task[Any]] = []
         try:
             self.cred = await self._ensure_registered()
@@ -201,6 +203,7 @@ class Agent:
             return EXIT_PEER_DELETED
         except ManagementRejected as exc:
             self._state_name, self._reason = "error", str(exc)
+            self.failure = exc
             event(log, "agent.failed", logging.ERROR, reason=str(exc))
             return 2
         except ManagementUnavailable:
@@ -214,11 +217,19 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             await self._shutdown()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
     def stop(self) -> None:
         self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: the flags again, applied to the map in force (meshsshd/agent_reload.py)."""
+        from .agent_reload import reload_flags
+
+        task = asyncio.get_running_loop().create_task(reload_flags(self))
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
 
     async def _clean_previous_dataplane(self) -> None:
         """A crashed run with other settings (another interface name) left its interface
@@ -358,9 +369,11 @@ class Agent:
         """The SSH server runs only when the local flag allows and management enables it."""
         return self.config.flags.allow_server_ssh and netmap.ssh.enabled
 
-    async def apply_map(self, doc: Any, persist: bool = True, only_if_newer: bool = False) -> bool:
+    async def apply_map(self, doc: Any, persist: bool = True, only_if_newer: bool = False,
+                        force: bool = False) -> bool:
         """Apply one map all-or-nothing; False when it equals the current one (or, for a
-        retry, when a newer map has been applied meanwhile)."""
+        retry, when a newer map has been applied meanwhile). `force`: apply it even so
+        (a reload whose flags changed what the same map means)."""
         cred = self._require_cred()
         try:
             netmap = NetworkMap.from_dict(doc)
@@ -374,7 +387,7 @@ class Agent:
         base = base_settings(self.state, self.config, netmap, self._mgmt_destinations)
         settings = settings_from_netmap(base, netmap) if serve else None
         async with self._lock:
-            if self.netmap == netmap and self.serving == serve and self._dp_up:
+            if self.netmap == netmap and self.serving == serve and self._dp_up and not force:
                 return False
             if only_if_newer and self.netmap is not None and self.netmap.serial >= netmap.serial:
                 return False
@@ -469,7 +482,7 @@ class Agent:
                             self._settle_state()
                         self._mgmt.update(connected=True, since=_now_iso(), last_error="")
                         event(log, "sync.connected", url=self.config.management_url)
-                        task = asyncio.create_task(self._report_self())
+                        task = asyncio.create_task(self.report_self())
                         self._background.add(task)  # keep a reference until it is done
                         task.add_done_callback(self._background.discard)
                         await self._write_status()
@@ -524,7 +537,7 @@ class Agent:
                   keeping_serial=self.netmap.serial if self.netmap else None)
             await self._write_status()
 
-    async def _report_self(self) -> None:
+    async def report_self(self) -> None:
         """Tell management our flags, version, endpoints and host keys (best effort)."""
         body = {
             "flags": self.config.flags.to_dict(),

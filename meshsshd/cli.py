@@ -4,31 +4,62 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
-from . import __version__, event_loop
-from .config import settings_from_toml
-from .errors import MeshsshdError
-from .logs import setup_logging
+from . import event_loop
+from .completion import completion_command
+from .config import format_listen, settings_from_toml
+from .errors import ConfigError, MeshsshdError
+from .logs import event, setup_logging
+from .version import version_option
+
+log = logging.getLogger("meshsshd.cli")
 
 
 @click.group()
-@click.version_option(__version__, prog_name="meshsshd")
+@version_option("meshsshd")
 def main() -> None:
     """meshsshd: mesh peer daemon with an embedded SSH server."""
 
 
+main.add_command(completion_command("meshsshd"))
+
+
+@dataclass
+class _Standalone:
+    """What the metrics endpoint reads in `serve` mode (in `up` mode it is the agent)."""
+
+    server: Any = None
+
+
 async def _serve(config: Path) -> None:
+    from .audit import FanoutAuditSink, LoggingAuditSink
+    from .metrics import MetricsServer
     from .server import MeshSSHServer
     from .session import reset_inherited_signals
 
     reset_inherited_signals()
-    server = MeshSSHServer(settings_from_toml(config))
+    settings = settings_from_toml(config)
+    source = _Standalone()
+    metrics = (MetricsServer(format_listen(settings.metrics_listen), agent=source)
+               if settings.metrics_listen else None)
+    audit = FanoutAuditSink(LoggingAuditSink(), metrics) if metrics else LoggingAuditSink()
+    server = source.server = MeshSSHServer(settings, audit=audit)
     await server.start()
+    if metrics is not None:
+        try:
+            await metrics.start()
+        except OSError as exc:
+            await server.stop()
+            raise ConfigError(f"cannot serve metrics on {format_listen(settings.metrics_listen)}: "
+                              f"{exc.strerror}") from exc
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -39,11 +70,14 @@ async def _serve(config: Path) -> None:
             try:
                 await server.apply(settings_from_toml(config))
             except MeshsshdError as exc:
-                click.echo(f"meshsshd: reload failed, keeping the old settings: {exc}", err=True)
+                event(log, "config.reload_failed", logging.ERROR, config=str(config), error=str(exc),
+                      effect="the old settings stay in force")
         loop.create_task(run())
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
+    if metrics is not None:
+        await metrics.stop()
     await server.stop()
 
 

@@ -104,6 +104,8 @@ def up(management_url: str | None, setup_key: str | None, state_dir: Path, inter
     except MeshsshdError as exc:
         click.echo(f"meshsshd: {exc.user_message}", err=True)
         sys.exit(exc.exit_code)
+    if agent.failure is not None:   # logged as JSON; the person at the terminal reads this
+        click.echo(f"meshsshd: {agent.failure.user_message}", err=True)
     if code == 3:
         click.echo("meshsshd: this peer was deleted at management and stopped serving; "
                    "register again with --setup-key", err=True)

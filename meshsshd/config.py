@@ -117,6 +117,12 @@ class ServerSettings:
         return replace(self, **changes)
 
 
+def format_listen(addr: tuple[str, int]) -> str:
+    """The inverse of parse_listen (brackets for IPv6)."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_listen(spec: str) -> tuple[str, int]:
     """"127.0.0.1:22022", "[::1]:22022", "0.0.0.0" → (host, port); port defaults to 22022."""
     if not isinstance(spec, str):

@@ -29,6 +29,11 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+# The text exposition format's own media type (Prometheus negotiates on it); both
+# daemons' /metrics answer with exactly this.
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
 def render(families: list[tuple[str, str, str, list[tuple[dict[str, str], float]]]]) -> str:
     """[(name, type, help, [(labels, value)])] → Prometheus text exposition format 0.0.4."""
     out: list[str] = []
@@ -95,6 +100,8 @@ class MetricsServer:
     def observe(self, ev: AuditEvent) -> None:
         self.counters.observe(ev)
 
+    emit = observe   # an AuditSink too: `serve` mode fans its audit events out to it
+
     async def families(self) -> list[tuple[str, str, str, list[tuple[dict[str, str], float]]]]:
         c = self.counters
         agent = self.agent
@@ -147,8 +154,8 @@ class MetricsServer:
 
     async def _handle(self, request: web.Request) -> web.Response:
         text = render(await self.families())
-        return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        return web.Response(text=text, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE,
+                                                "X-Content-Type-Options": "nosniff"})
 
     async def start(self) -> None:
         # (Counted only while the log level is info or lower, the default.)

@@ -71,7 +71,7 @@ def decide(state: MeshState, identity: Identity, asked: str) -> Allowed | Refuse
     netmap = compute_map(state, peer.id)
     if netmap is None or not netmap.ssh.enabled:
         return Refused(asked, "access_denied", "ssh-disabled",
-                       f"{peer.name} is not SSH-enabled (meshmgmt peer ssh on {peer.name})", 403)
+                       f"{peer.name} is not SSH-enabled (an admin turns it on: meshmgmt peers ssh {peer.name} on)", 403)
     return Refused(asked, "access_denied", "no-policy",
                    f"no policy lets {identity.email} reach {peer.name}", 403)
 

@@ -285,7 +285,10 @@ class Store:
         async with self._writer.begin() as conn:
             if self.is_postgres:
                 await conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
-            await conn.run_sync(upgrade)
+            before, after = await conn.run_sync(upgrade)
+        if before != after:
+            event(log, "store.migrated", backend="postgresql" if self.is_postgres else "sqlite",
+                  revision_from=before, revision_to=after)
         async with self._locked(), self._write_sessions() as s:
             exists = (await s.execute(select(Meta.key).where(Meta.key == SERIAL_KEY))).scalar()
             if exists is None:

@@ -7,11 +7,14 @@ The migration scripts live in `management/migrations`. The issuer's tables
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
+# Alembic logs a dozen INFO lines per start (plugin set-up when it is imported, the
+# migration context); the store logs one `store.migrated` event instead. Set before the
+# first `import alembic`, which is why alembic is imported inside the functions below.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -26,7 +29,9 @@ def import_all_models() -> None:
             raise
 
 
-def alembic_config(connection: Any = None) -> Config:
+def alembic_config(connection: Any = None) -> Any:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:
@@ -34,6 +39,12 @@ def alembic_config(connection: Any = None) -> Config:
     return cfg
 
 
-def upgrade(connection: Any) -> None:
+def upgrade(connection: Any) -> tuple[str | None, str | None]:
+    """(revision before, revision after), for the caller's one log event."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     import_all_models()
+    before = MigrationContext.configure(connection).get_current_revision()
     command.upgrade(alembic_config(connection), "head")
+    return before, MigrationContext.configure(connection).get_current_revision()

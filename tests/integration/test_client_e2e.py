@@ -293,6 +293,20 @@ def test_meshssh_remote_forward_port_zero_is_reported(world: World, echo: EchoSe
     assert b"Allocated port" in r.stderr
 
 
+def test_peers_lists_under_a_header_and_says_why_when_empty(world: World, tmp_path: Path) -> None:
+    r = world.ms("peers")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split() == ["NAME", "MESH", "IP", "FQDN", "SSH", "USERS"]
+    db = next(line for line in lines if line.startswith("db-1 "))
+    assert db.split()[1] == world.db_ip and db.split()[3] == "ssh"
+    world.mesh.add_user("nobody-yet@example.com", "pw-nobody-yet-1")
+    cfg = world.mesh.login("nobody-yet@example.com", "pw-nobody-yet-1")
+    r = world.ms("peers", cfg=cfg)
+    assert r.returncode == 0 and r.stdout == b"", r
+    assert b"No peers: no policy on " in r.stderr and b"lets nobody-yet@example.com reach a peer yet" in r.stderr
+
+
 def test_cp_both_ways_with_progress(world: World, tmp_path: Path) -> None:
     data = os.urandom(2 * 1024 * 1024)
     src = tmp_path / "blob.bin"
@@ -334,6 +348,34 @@ def test_cp_both_ways_with_progress(world: World, tmp_path: Path) -> None:
         assert r.returncode != 0 and b"use -r" in r.stderr
     finally:
         world.ms(f"{world.user}@db-1", f"rm -rf {remote_dir}")
+
+
+
+def test_cp_errors_name_the_path(world: World, tmp_path: Path) -> None:
+    """Every failure names the path it is about, local or `host:path`, and nothing
+    crashes (a missing local path used to end in `TypeError: can't concat str to bytes`)."""
+    here = tmp_path / "here.txt"
+    here.write_text("x")
+    remote = f"{world.user}@db-1"
+    cases = [
+        (["cp", str(tmp_path / "missing.txt"), f"{remote}:/tmp/"],
+         f"{tmp_path / 'missing.txt'}: No such file or directory"),
+        (["cp", f"{remote}:/etc/hostname", str(tmp_path / "nodir" / "x")],
+         f"{tmp_path / 'nodir'}: No such directory"),
+        (["cp", f"{remote}:/etc/hostname", f"{remote}:/etc/passwd", str(tmp_path / "nodir2") + "/"],
+         f"{tmp_path / 'nodir2'}/: No such directory"),
+        (["cp", f"{remote}:/nonexistent-{os.getpid()}", str(tmp_path)],
+         f"db-1:/nonexistent-{os.getpid()}: No such file"),
+        (["cp", f"{remote}:/root/.profile", str(tmp_path)], "db-1:/root/.profile: Permission denied"),
+        (["cp", str(here), f"{remote}:/nonexistent-{os.getpid()}/"],
+         f"db-1:/nonexistent-{os.getpid()}/: No such directory"),
+        (["cp", str(here), str(here), f"{remote}:/etc/hostname"], "db-1:/etc/hostname: Not a directory"),
+    ]
+    for argv, message in cases:
+        r = world.ms(*argv)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and f"meshssh: {message}" in err, (argv, err)
+        assert "Traceback" not in err, err
 
 
 # ------------------------------------------------------------------ OpenSSH + drop-in
@@ -583,7 +625,7 @@ def test_no_policy(world: World) -> None:
 def test_not_ssh_enabled(world: World) -> None:
     r = world.ms(f"{world.user}@cache-1", "true")
     assert r.returncode == 255
-    assert b"cache-1 is not SSH-enabled (meshmgmt peer ssh on cache-1)" in r.stderr
+    assert b"cache-1 is not SSH-enabled (an admin turns it on: meshmgmt peers ssh cache-1 on)" in r.stderr
 
 
 def test_wrong_host_key(world: World, dropin: Path, tmp_path: Path) -> None:
@@ -669,7 +711,7 @@ def test_revoked_login_names_the_fix(world: World) -> None:
     (world.carol / "access.json").unlink()
     r = world.ms(f"{world.user}@db-1", "true", cfg=world.carol)
     assert r.returncode == 255
-    assert b"no longer valid" in r.stderr and b"run `meshssh login`" in r.stderr, r.stderr
+    assert b"no longer valid" in r.stderr and r.stderr.count(b"run `meshssh login`") == 1, r.stderr
 
 
 def test_logout(world: World) -> None:

@@ -332,9 +332,12 @@ async def test_a_reload_with_a_non_finite_leeway_keeps_the_old_settings(tmp_path
     with ServerKit(tmp_path, config) as srv:
         srv.reload(jwt={**config["jwt"], "leeway": float("nan")})
         deadline = time.monotonic() + 15
-        while "reload failed" not in srv.output() and time.monotonic() < deadline:
+        while "config.reload_failed" not in srv.output() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        assert "reload failed, keeping the old settings: jwt.leeway must be a finite number" in srv.output()
+        failed = [json.loads(line) for line in srv.output().splitlines() if "config.reload_failed" in line]
+        assert len(failed) == 1, srv.output()   # one JSON line, like every other daemon line
+        assert "jwt.leeway must be a finite number" in failed[0]["error"]
+        assert failed[0]["effect"] == "the old settings stay in force"
         year = 365 * 86400
         now = int(time.time())
         old = sign(keys.main, claims(iat=now - year, nbf=now - year, exp=now - year + 60))

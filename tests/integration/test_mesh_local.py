@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import socket
 import time
 import urllib.request
@@ -116,6 +118,7 @@ async def login_runs(mesh: Mesh, command: str = "id -un") -> str:
 
 def metrics(mesh: Mesh) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{mesh.metrics_port}/metrics", timeout=5) as r:
+        assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"   # Prometheus's own
         return r.read().decode()
 
 
@@ -157,6 +160,9 @@ def test_a_bad_setup_key_is_refused_with_the_reason(mesh: Mesh, tmp_path: Path) 
     p.start("mk_not-a-real-key")
     assert p.proc is not None and p.proc.popen.wait(20) == 2
     assert "unknown setup key" in p.output()
+    # besides the JSON log line, one line for the person at the terminal, as other errors
+    human = [line for line in p.output().splitlines() if line.startswith("meshsshd: ")]
+    assert len(human) == 1 and "unknown setup key" in human[0], p.output()
     assert not (p.state_dir / "credential.json").exists()
 
 
@@ -252,6 +258,38 @@ async def test_ssh_toggle_stops_and_starts_the_server(mesh: Mesh) -> None:
     assert (await login_runs(mesh)).strip() == mesh.user
     mesh.mgmt.api("PUT", f"/api/policies/{mesh.policy_id}", mesh.ssh_policy())
     mesh.mgmt.api("PUT", f"/api/policies/{ops_id}", {**ops, "enabled": True})
+
+
+def test_sighup_reloads_the_flags_and_keeps_running(mesh: Mesh) -> None:
+    """`systemctl reload` (SIGHUP) re-reads flags.json and re-applies the map in force:
+    SSH stops and starts with `allow_server_ssh`, the daemon stays up (HUP used to kill it
+    silently), and what cannot move live is named, not half-applied."""
+    b = mesh.b
+    assert b.proc is not None
+    b.wait(lambda s: s["ssh"]["running"], what="SSH serving before the reload")
+    pid = b.proc.popen.pid
+    flags_file = b.state_dir / "flags.json"
+    original = flags_file.read_text()
+
+    def edit_and_hup(**change: object) -> None:
+        doc = json.loads(flags_file.read_text())
+        doc.update({k: v for k, v in change.items() if k != "flags"})
+        doc["flags"].update(change.get("flags", {}))
+        flags_file.write_text(json.dumps(doc))
+        os.kill(pid, signal.SIGHUP)
+
+    try:
+        edit_and_hup(flags={"allow_server_ssh": False}, interface="other0")
+        b.wait(lambda s: not s["ssh"]["running"], what="SSH stopped by the reload")
+        edit_and_hup(flags={"allow_server_ssh": True})
+        b.wait(lambda s: s["ssh"]["running"], what="SSH back after the second reload")
+    finally:
+        flags_file.write_text(original)
+    assert b.proc.popen.poll() is None and b.status()["pid"] == pid
+    reloads = [json.loads(line) for line in b.output().splitlines() if '"config.reloaded"' in line]
+    # (serving comes back with management's next map, which the reported flag brings)
+    assert [r["flags"]["allow_server_ssh"] for r in reloads[-2:]] == [False, True], reloads
+    assert reloads[-2]["needs_restart"] == ["interface"]
 
 
 async def test_management_outage_restart_and_resync(mesh: Mesh) -> None:

@@ -108,6 +108,20 @@ def test_text_output_prefixed_and_failures_summarised(fleet: Fleet) -> None:
     assert "12 peers, SSH tokens from 1 token-exchange request(s)" in err
 
 
+
+def test_summary_keeps_the_peers_own_reason(fleet: Fleet) -> None:
+    """The peer says why (in its auth banner) where the single-host path shows it; the
+    fan-out summary used to say only "permission denied"."""
+    one = fleet.mesh.meshssh(fleet.cfg, f"root@{WEB[0]}", "true", timeout=60)
+    assert one.returncode == 255 and b"root login is disabled on this peer" in one.stderr, one.stderr
+    r = fleet.mesh.meshssh(fleet.cfg, "exec", "-l", "root", "--hosts", f"{WEB[0]},{WEB[1]}", "--", "true",
+                           timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 255, err
+    for name in WEB[:2]:
+        assert f"  {name}: root@{name}: permission denied: meshsshd: root login is disabled on this peer" in err, err
+
+
 def test_exit_one_when_every_peer_ran_but_a_command_failed(fleet: Fleet, tmp_path: Path) -> None:
     failing = fleet.ips["web-2"]
     cmd = f'case " $SSH_CONNECTION " in *" {failing} "*) exit 3;; esac; echo fine'

@@ -264,3 +264,25 @@ def test_jwt_marker_and_keyboard_interactive_bridge(tmp_path, make_user):
         assert asyncio.run(login("password")).strip() == user.pw_name
         assert srv.output().count('"method":"jwt"') >= 2
         assert "eyJ" not in srv.output()   # the token is never logged
+
+
+def test_metrics_listen_works_in_serve_mode(tmp_path, keyed):
+    """README lists `metrics_listen` for `meshsshd serve`; it used to be read and ignored."""
+    import urllib.request
+
+    from tests.support import free_port, wait_for_port
+
+    user, key, rule = keyed
+    port = free_port()
+    config = {"authorized_keys": True, "access": [rule], "metrics_listen": f"127.0.0.1:{port}"}
+    with ServerKit(tmp_path / "srv", config) as srv:
+        wait_for_port("127.0.0.1", port)
+        r = srv.ssh(user.pw_name, key, "true")
+        assert r.returncode == 0, r.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            text = resp.read().decode()
+        assert re.search(r"^meshsshd_ssh_serving 1$", text, re.M), text
+        assert re.search(r'^meshsshd_auth_successes_total\{method="publickey"\} [1-9]', text, re.M), text
+        started = re.search(r"^meshsshd_sessions_started_total (\d+)", text, re.M)
+        assert started and int(started.group(1)) >= 1, text   # audit events reach the counters

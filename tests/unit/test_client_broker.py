@@ -218,7 +218,7 @@ def test_broker_session_only_for_a_broker(tmp_path: Path) -> None:
 
 
 async def test_a_delegated_session_forwards_no_agent_further(capsys: pytest.CaptureFixture[str]) -> None:
-    from client.connect import Target
+    from client.target import Target
     from client.options import parse_ssh_args
 
     args = parse_ssh_args(["-A", "--delegate-to", "db-1", "db-1"])
@@ -232,7 +232,7 @@ async def test_a_delegated_session_forwards_no_agent_further(capsys: pytest.Capt
 
 
 async def test_logged_in_client_starts_a_broker_only_when_asked(tmp_path: Path) -> None:
-    from client.connect import Target
+    from client.target import Target
     from client.options import parse_ssh_args
 
     target = Target(peer=HOP, port=22022, username="alice")

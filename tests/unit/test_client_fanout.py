@@ -16,7 +16,6 @@ from client.fanout import (
     Capture,
     HostResult,
     TokenPool,
-    exec_command,
     exit_code,
     expand_hosts,
     read_hosts_file,
@@ -24,6 +23,7 @@ from client.fanout import (
     split_lines,
     summary_lines,
 )
+from client.cli_exec import exec_command
 from client.options import parse_ssh_args, want_pty
 from meshsshd.netmap import PeerInfo
 

@@ -146,3 +146,15 @@ def test_unknown_and_hostkey_options_warn() -> None:
     assert "always checks the peer's host key" in args.warnings[0]
     assert "frobnicate" in args.warnings[1]
     assert parse_ssh_args(["-o", "Port=2", "-o", "ServerAliveInterval=5", "h"]).warnings == ()
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["-d", "db-1"], "meshssh attach db-1 S1"),
+    (["-d", "alice@db-1"], "meshssh attach alice@db-1 S1"),          # the login name was dropped
+    (["-d", "-l", "bob", "-p", "2222", "db-1"], "meshssh attach -p 2222 bob@db-1 S1"),
+])
+def test_detach_hint_reaches_the_same_session(argv: list[str], hint: str) -> None:
+    from client.detach import attach_hint
+
+    args = parse_ssh_args([a for a in argv if a != "-d"])
+    assert attach_hint(args, "S1") == hint

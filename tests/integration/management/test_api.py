@@ -47,6 +47,9 @@ async def test_health_metrics_openapi(http: aiohttp.ClientSession, mgmt: Mgmt) -
     assert doc["status"] == "ok"
     async with http.get(mgmt.url + "/metrics") as resp:
         text = await resp.text()
+        # Prometheus's own media type, once (it was text/plain plus a made-up header)
+        assert resp.headers.getall("Content-Type") == ["text/plain; version=0.0.4; charset=utf-8"]
+        assert "X-Content-Type" not in resp.headers
     assert "meshmgmt_peers_connected" in text and "meshmgmt_maps_computed_total" in text
     _, spec = await call(http, "GET", mgmt.url + "/api/openapi.json", expect=200)
     assert spec["openapi"].startswith("3.")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import subprocess
 from pathlib import Path
 
 import aiohttp
 
-from tests.support import console_script
+from tests.support import console_script, free_port, wait_for_port
 
 from .mgmtkit import Mgmt, call, register_peer
 
@@ -156,6 +157,11 @@ def test_init_refuses_twice_and_protects_the_token(tmp_path: Path) -> None:
     again = subprocess.run([meshmgmt, "init", "--data-dir", str(data), "--admin-email", "root@example.com"],
                            capture_output=True, text=True)
     assert again.returncode == 1 and "already initialised" in again.stderr
+    # already initialised is the answer, whatever the password would have been
+    again = subprocess.run([meshmgmt, "init", "--data-dir", str(data), "--admin-email", "root@example.com",
+                            "--admin-password-stdin"], input="short\n", capture_output=True, text=True)
+    assert again.returncode == 1 and "already initialised" in again.stderr, again.stderr
+    assert "8 characters" not in again.stderr
     assert token_file.read_text().strip() == token
     # Only the digest is stored.
     assert token.encode() not in (data / "meshmgmt.db").read_bytes()
@@ -171,6 +177,35 @@ def test_serve_refuses_uninitialised_store(tmp_path: Path) -> None:
     res = subprocess.run([console_script("meshmgmt"), "serve", "--data-dir", str(tmp_path), "--listen",
                           "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "meshmgmt init" in res.stderr
+    assert list(tmp_path.iterdir()) == []   # no database was made in passing
+    typo = tmp_path / "typo"
+    res = subprocess.run([console_script("meshmgmt"), "serve", "--data-dir", str(typo), "--listen",
+                          "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"{typo}: no such directory" in res.stderr and "meshmgmt init" in res.stderr
+    assert not typo.exists()
     res = subprocess.run([console_script("meshmgmt"), "serve", "--data-dir", str(tmp_path), "--network", "nope"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--network" in res.stderr
+
+
+def test_serve_logs_start_and_stop_as_one_json_line_each(tmp_path: Path) -> None:
+    """What an operator sees in the journal: JSON lines only, no dozen Alembic lines at
+    start, a listening line, and the stop with the signal that caused it."""
+    data = tmp_path / "d"
+    meshmgmt = console_script("meshmgmt")
+    assert subprocess.run([meshmgmt, "init", "--data-dir", str(data), "--admin-email", "root@example.com"],
+                          capture_output=True).returncode == 0
+    port = free_port()
+    proc = subprocess.Popen([meshmgmt, "serve", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    lines = [json.loads(line) for line in out.splitlines()]   # every line is JSON
+    assert not [doc for doc in lines if doc.get("logger", "").startswith("alembic")], out
+    events = [doc.get("event") for doc in lines]
+    assert events.count("mgmt.listening") == 1 and events[-2:] == ["mgmt.stopping", "mgmt.stopped"], events
+    assert lines[-2]["signal"] == "SIGTERM"
