@@ -108,8 +108,8 @@ def test_exchange_single_and_fanout() -> None:
 
 
 @pytest.mark.parametrize("status, doc, message", [
-    (403, {"error": "access_denied", "error_description": "db-1 is not SSH-enabled (meshmgmt peer ssh on db-1)"},
-     "db-1 is not SSH-enabled (meshmgmt peer ssh on db-1)"),
+    (403, {"error": "access_denied", "error_description": "db-1 is not SSH-enabled (an admin turns it on: meshmgmt peers ssh db-1 on)"},
+     "db-1 is not SSH-enabled (an admin turns it on: meshmgmt peers ssh db-1 on)"),
     (403, {"error": "access_denied"}, "no policy lets alice@example.com reach db-1"),
     (400, {"error": "invalid_target", "error_description": "unknown peer db-1"}, "unknown peer db-1"),
     (500, {}, "no policy lets"),
