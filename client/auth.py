@@ -404,7 +404,8 @@ class Session:
         return res
 
     def consume(self, peer_id: str, token: str) -> None:
-        """A peer accepted `token`; it will refuse it from now on (jti), so forget it."""
+        """A peer accepted `token`, or checked it and refused the login: it will refuse
+        it from now on (jti), so forget it."""
         with state.locked():
             cache = self._cache()
             if cache.entries.get(peer_id, {}).get("token") == token:

@@ -195,6 +195,10 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
     except asyncssh.PermissionDenied as exc:
         await ctx.cancel()
         ctx.show_held()
+        if ctx.used is not None and session is not None:
+            # The peer checked it (and keeps its jti) before refusing for another reason:
+            # sent again from the cache it would only come back as a "replayed" alarm.
+            await asyncio.to_thread(session.consume, target.peer.id, ctx.used.token)
         if ctx.token_error is not None:
             raise ctx.token_error from exc
         if ctx.banners and ctx.quiet:   # nobody saw the peer's reason (fan-out): carry it

@@ -628,6 +628,19 @@ def test_not_ssh_enabled(world: World) -> None:
     assert b"cache-1 is not SSH-enabled (an admin turns it on: meshmgmt peers ssh cache-1 on)" in r.stderr
 
 
+
+def test_a_refused_token_is_not_sent_again(world: World) -> None:
+    """A token the peer checked and then refused (here: root login is off) is spent there
+    (its jti is kept); re-sending it from the cache made every later try a "replayed"
+    refusal, which should mean an attack."""
+    log = world.mesh.dir / "peer-db-1.log"
+    before = log.read_text().count('"replayed"')
+    for _ in range(3):
+        r = world.ms("root@db-1", "true")
+        assert r.returncode == 255 and b"root login is disabled on this peer" in r.stderr, r.stderr
+    assert log.read_text().count('"replayed"') == before
+
+
 def test_wrong_host_key(world: World, dropin: Path, tmp_path: Path) -> None:
     """An impostor on imp-1's address with other host keys: refused loudly, both ways."""
     ip = world.mesh.status("imp-1")["mesh_ip"]
