@@ -10,7 +10,7 @@ Replaying the lines in order rebuilds the queue exactly as it was in memory, so 
 loses nothing that reached the file, and after a crash the events not yet acknowledged
 are sent again. Delivery is therefore at-least-once: the batch in flight when the daemon
 died (posted, acknowledgement not yet written) is posted a second time; management has
-no event id to de-duplicate by (docs/mesh.md, "Audit delivery").
+no event id to de-duplicate by (docs/mesh.md, "Audit").
 
 Durability: `append` is a `write()` (in the page cache at once, so a kill -9 of the
 daemon cannot lose it); `sync` is an `fsync`, which the uplink calls at most once per

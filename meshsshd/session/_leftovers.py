@@ -9,7 +9,7 @@ and removed, and each is reported so the audit trail shows how it ended.
 
 Detached sessions (`d-*` cgroups, their holders) are meant to outlive the daemon and are
 not touched. Without writable cgroup v2 nothing is found here (documented in
-docs/server.md, "Sessions and a daemon crash").
+docs/server.md, "A daemon crash").
 """
 
 from __future__ import annotations
