@@ -39,6 +39,8 @@ async def test_events_of_logins_during_an_outage_survive_kill_9(mesh: Mesh) -> N
     while len(set(execs())) < LOGINS and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     assert sorted(set(execs())) == sorted(f"echo crash-marker-{i}" for i in range(LOGINS)), mesh.b.output()[-3000:]
+    print(f"audit after kill -9: {len(set(execs()))}/{LOGINS} exec events arrived, "
+          f"{len(execs()) - len(set(execs()))} twice")
     ended = mesh.mgmt.api("GET", f"/api/events?peer_id={b_id}&type=session.ended&limit=1000")["events"]
     started = mesh.mgmt.api("GET", f"/api/events?peer_id={b_id}&type=session.started&limit=1000")["events"]
     assert {e["session_id"] for e in started} <= {e["session_id"] for e in ended}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import stat
 from pathlib import Path
@@ -71,23 +72,21 @@ async def test_events_are_on_disk_before_they_are_sent_and_survive_a_crash(tmp_p
 async def test_acks_and_drop_markers_replay_to_the_queue_in_memory(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     mgmt = Management()
-    sink = ManagementAuditSink(mgmt.post, max_queue=4, batch_size=2, interval=0.01, max_backoff=0.05)
+    sink = ManagementAuditSink(mgmt.post, max_queue=4, batch_size=2)
     await sink.open(path)
-    sink.start()
     for i in range(6):   # s0, s1 dropped
         sink.emit(started(i))
-    await until(lambda: not sink._lines)  # noqa: SLF001 - written
+    assert await sink.flush_once() == 0          # nothing is sent before it is on disk
+    await sink._write_pending()  # noqa: SLF001 - the writer task's step, driven by hand
     mgmt.up = True
     assert await sink.flush_once() == 2          # s2, s3 delivered and acked
-    await until(lambda: not sink._lines)  # noqa: SLF001
+    await sink._write_pending()  # noqa: SLF001
     text = path.read_text()
     assert '{"dropped":1}' in text and '{"ack":2}' in text
     left = replay(path.read_bytes())
     assert [d["session_id"] for d in left.events] == ["s4", "s5"] == [d["session_id"] for d in sink.queue]
     assert left.dropped == 2
-    for t in (sink._task, sink._writer):  # noqa: SLF001
-        assert t is not None
-        t.cancel()
+    await sink.stop(flush_timeout=0.1)
 
 
 async def test_a_torn_last_line_is_skipped_with_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -120,3 +119,35 @@ async def test_the_queue_is_bounded_in_bytes_too(tmp_path: Path) -> None:
     assert sink._bytes <= 1000 and sink.dropped > 0  # noqa: SLF001
     await sink.stop(flush_timeout=0.1)
     assert len(replay((tmp_path / "events.jsonl").read_bytes()).events) == len(sink.queue)
+
+
+async def test_a_journal_that_cannot_be_written_does_not_stop_delivery(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Failure injection (a full disk): events go out from memory, and the file is
+    rewritten whole once writing works again."""
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "events.jsonl"
+    mgmt = Management()
+    mgmt.up = True
+    sink = ManagementAuditSink(mgmt.post, interval=0.01)
+    await sink.open(path)
+    assert sink.journal is not None
+    real_append = sink.journal.append
+    fail = [True]
+
+    def append(data: bytes) -> None:
+        if fail[0]:
+            raise StateError(f"cannot write {path}: the disk is full")
+        real_append(data)
+
+    sink.journal.append = append  # type: ignore[method-assign]
+    sink.start()
+    sink.emit(started(1))
+    await until(lambda: len(mgmt.got) == 1)
+    assert "audit.journal_failed" in caplog.text
+    mgmt.up = False
+    fail[0] = False
+    sink.emit(started(2))
+    await until(lambda: "audit.journal_recovered" in caplog.text)
+    assert [d["session_id"] for d in replay(path.read_bytes()).events] == ["s2"]
+    await sink.stop(flush_timeout=0.1)
