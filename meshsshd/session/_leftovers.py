@@ -62,7 +62,7 @@ def end_leftover_logins(scope: str) -> list[Leftover]:
     for name in names:
         cgroup = LoginCgroup(root / BASE / name)
         user = _owner(cgroup.members())
-        kill_login(cgroup, 0, 0)
+        kill_login(cgroup, sid=0, uid=0)   # with a cgroup, sid and uid are not needed
         out.append(Leftover(name[len(prefix):], user))
     return out
 
