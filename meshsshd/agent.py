@@ -175,7 +175,7 @@ class Agent:
                                                  self.state.wireguard_key, self.config.wireguard_port,
                                                  network=self.cred.network)
             self.uplink.post = lambda batch: self.mgmt.post_events(self._require_cred(), batch)
-            queued = await asyncio.to_thread(self.uplink.load, self.state.events_path)
+            queued = await self.uplink.open(self.state.events_path)
             if queued:
                 event(log, "audit.restored", count=queued)
             self.uplink.start()
@@ -281,7 +281,7 @@ class Agent:
                     event(log, "dataplane.down_failed", logging.WARNING, error=str(exc))
                 self._dp_up = False
         try:
-            await self.uplink.stop(self.state.events_path)
+            await self.uplink.stop()
         except StateError as exc:
             event(log, "audit.save_failed", logging.ERROR, error=str(exc), lost=len(self.uplink.queue))
         if self.metrics is not None:

@@ -48,6 +48,7 @@ class SessionEnded(AuditEvent):
     exit_signal: str | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    reason: str = ""        # daemon-restart: ended at start-up, left by a crashed run
 
 
 @dataclass(frozen=True)

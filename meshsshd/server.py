@@ -39,6 +39,7 @@ from .logs import event
 from .replay_log import FILE_NAME as REPLAY_LOG_NAME
 from .replay_log import ReplayLog
 from .session import ChildSession, ConnectionInfo, SessionContext, pam_service, resolve_subsystem
+from .session._leftovers import cgroup_scope, end_leftovers
 from .users import LocalUser, lookup_user_sync
 
 log = logging.getLogger("meshsshd.server")
@@ -307,6 +308,7 @@ class _Connection(asyncssh.SSHServer):
             registry=srv.session_registry, forced_command=None if forced is None else str(forced),
             method=self.identity.method,
             token_local_users=self.identity.local_users,
+            cgroup_scope=srv.cgroup_scope,
         )
         event(log, "auth.accepted", method=self.identity.method, identity=self.identity.value,
               user=self.user.name, source=self.info.client_ip)
@@ -424,6 +426,7 @@ class MeshSSHServer:
         self.penalties = Penalties(settings.limits)
         self.connections: set[_Connection] = set()
         self.session_registry: dict[str, dict[str, Any]] = {}
+        self.cgroup_scope = cgroup_scope(settings.state_dir)   # whose login cgroups are ours
         self.detached = DetachedSessions(lambda: self.settings, self.audit)
         self.stats: dict[str, int] = {"dropped": 0, "evicted": 0}
         self._host_keys: hostkeys.HostKeys | None = None
@@ -445,6 +448,8 @@ class MeshSSHServer:
         self._host_keys = await loop.run_in_executor(
             None, hostkeys.load_or_create, self.settings.state_dir, self.settings.use_system_host_keys)
         await self._update_validator(self.settings)
+        # Before any login can start: a crashed run's logins are ended and audited.
+        await end_leftovers(self.cgroup_scope, self.audit)
         for address in self.settings.listen:
             await self._bind(address)
         self._prune_task = loop.create_task(self._prune_forever())

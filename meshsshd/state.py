@@ -14,10 +14,12 @@ status.json, every secret 0600):
     status.json          what `meshsshd status` and the client read (0644, no identities)
     sessions.json        live sessions: who is logged in as whom, from where (0600)
     meshsshd.pid         pid of the running daemon (0644)
-    events.jsonl         audit events not yet delivered when the daemon stopped (0600)
+    events.jsonl         audit events not yet delivered: a journal appended before each
+                         event is sent (0600, audit_journal.py)
 
 Every write is atomic (temporary file in the same directory, fsync, rename, fsync of the
-directory), so a crash or a full disk never leaves a half-written file behind; a full disk
+directory), so a crash or a full disk never leaves a half-written file behind (the
+journal's appends excepted: its replay skips a torn last line); a full disk
 becomes a `StateError` that says so. These functions block: daemons call them through
 `asyncio.to_thread` (see `write_json_async`).
 """

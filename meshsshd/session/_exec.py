@@ -28,6 +28,7 @@ from ..users import LocalUser
 from . import _utmp
 from ._agent import AgentForwarding
 from ._cgroup import LoginCgroup, kill_login
+from ._leftovers import login_cgroup_name
 from ._io import FdReader, FdWriter, make_pipe
 from ._pty import PTY
 from ._spawn import (ConnectionInfo, build_child_argv, build_child_env, build_pam_argv, pam_service,
@@ -58,6 +59,7 @@ class SessionContext:
     # change re-checks for sessions that outlive the connection (detached_revoke.py).
     method: str = ""
     token_local_users: tuple[str, ...] | None = None
+    cgroup_scope: str = ""   # names this daemon's login cgroups (_leftovers.cgroup_scope)
 
     def base_event(self, session_id: str) -> dict[str, Any]:
         return dict(session_id=session_id, identity=self.identity, source_ip=self.conn.client_ip,
@@ -245,7 +247,7 @@ class ChildSession(asyncssh.SSHServerSession):
                stdin: int, stdout: int, stderr: int, pty: bool) -> subprocess.Popen:
         """Blocking (executor): through the PAM helper when PAM is configured; in a cgroup of
         its own where cgroup v2 is writable (`_cgroup`)."""
-        self._cgroup = LoginCgroup.create(f"s-{self.id}") if os.geteuid() == 0 else None
+        self._cgroup = LoginCgroup.create(login_cgroup_name(self.ctx.cgroup_scope, self.id)) if os.geteuid() == 0 else None
         service = pam_service()
         if service is not None and os.geteuid() == 0:
             executable, argv = build_pam_argv(user, executable, argv, service=service, tty=tty,

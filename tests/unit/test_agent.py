@@ -262,13 +262,15 @@ async def test_audit_events_survive_an_outage_in_a_bounded_queue(tmp_path: Path)
     assert delivered[0]["type"] == "session.started"
     # What is still queued at shutdown is kept on disk for the next run.
     down = True
-    sink.emit(AuthRefused(reason="expired", source_ip="127.77.0.3"))
     path = tmp_path / "events.jsonl"
-    await sink.stop(path, flush_timeout=0.1)
+    await sink.open(path)
+    sink.emit(AuthRefused(reason="expired", source_ip="127.77.0.3"))
+    await sink.stop(flush_timeout=0.1)
     saved = [json.loads(line) for line in path.read_text().splitlines()]
     assert [e["reason"] for e in saved] == ["expired"]
     again = ManagementAuditSink(post)
-    assert again.load(path) == 1 and again.queue[0]["type"] == "auth.refused"
+    assert await again.open(path) == 1 and again.queue[0]["type"] == "auth.refused"
+    await again.stop(flush_timeout=0.1)
 
 
 def test_endpoints_from_ip_output_skip_the_mesh_interface() -> None:
