@@ -543,7 +543,7 @@ class BrokerSession:
     def resolve_target(self, host: str, port: int | None, user: str | None) -> Target:
         from meshsshd.netmap import SSH_PORT
 
-        from .target import Target, local_username
+        from .target import Target, default_login
 
         doc = self.client.request(EXT_PEERS, {"peer": host})
         try:
@@ -552,7 +552,7 @@ class BrokerSession:
             raise BrokerUnavailable(f"the forwarded agent sent no usable peer for {host}") from exc
         self.login.management_url = str(doc.get("management_url") or "")
         self.login.identity = str(doc.get("identity") or "")
-        return Target(peer=peer, port=port or SSH_PORT, username=user or local_username())
+        return Target(peer=peer, port=port or SSH_PORT, username=user or default_login())
 
     def ssh_token(self, peer_id: str, name: str, no_cache: bool = False) -> ExchangeResult:
         from .auth import ExchangeResult, token_expiry

@@ -138,10 +138,15 @@ def login(management_url: str | None, no_browser: bool, client_id: str | None,
 
     try:
         if not management_url:
+            from . import userconfig
+
+            management_url = userconfig.load().management_url
+        if not management_url:
             try:
                 management_url = auth.Login.load().management_url
             except ClientError:
-                raise ClientError("no management URL: pass --management-url URL") from None
+                raise ClientError("no management URL: pass --management-url URL (or set management_url "
+                                  "in config.toml)") from None
         if client_id or client_secret_file:
             if not (client_id and client_secret_file):
                 raise ClientError("--client-id and --client-secret-file go together")

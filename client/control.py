@@ -50,11 +50,14 @@ def enabled(environ: Any = None) -> bool:
     return env.get(CONTROL_ENV, "").strip().lower() not in ("no", "0", "off", "false")
 
 
-def persist_seconds() -> float:
+def persist_seconds(configured: float | None = None) -> float:
+    """MESHSSH_CONTROL_PERSIST, else `configured` (config.toml's `control_persist`), else
+    the default."""
+    default = DEFAULT_PERSIST if configured is None else configured
     try:
-        return max(float(os.environ.get(PERSIST_ENV, DEFAULT_PERSIST)), 0.0)
+        return max(float(os.environ.get(PERSIST_ENV, default)), 0.0)
     except ValueError:
-        return DEFAULT_PERSIST
+        return default
 
 
 def _private_dir(path: Path) -> bool:

@@ -440,7 +440,7 @@ async def run_one(spec: HostSpec, req: ExecRequest, pool: TokenPool, sink: Sink,
     import asyncssh
 
     from .connect import dial
-    from .target import Target, local_username
+    from .target import Target, default_login
 
     res = HostResult(name=spec.name, peer_id=spec.peer.id if spec.peer else "",
                      started=time.monotonic())
@@ -456,7 +456,7 @@ async def run_one(spec: HostSpec, req: ExecRequest, pool: TokenPool, sink: Sink,
         if not spec.peer.ssh_enabled:
             raise AccessDenied(f"{spec.name} is not SSH-enabled")
         target = Target(peer=spec.peer, port=req.port or SSH_PORT,
-                        username=req.user or local_username())
+                        username=req.user or default_login())
 
         async def body() -> None:
             nonlocal conn

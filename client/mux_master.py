@@ -429,7 +429,14 @@ def main() -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return  # another master won the race; the front connects to that one
-    asyncio.run(Master(control.persist_seconds()).serve(path))
+    from . import userconfig
+
+    try:
+        persist = control.persist_seconds(userconfig.load().control_persist)
+    except ClientError as exc:   # a broken config.toml: the front's own run names it
+        log.warning("config: %s", exc)
+        persist = control.persist_seconds()
+    asyncio.run(Master(persist).serve(path))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from meshsshd.netmap import SSH_PORT, PeerInfo
 
+from . import userconfig
 from .errors import AccessDenied, PeerNotFound
 
 if TYPE_CHECKING:
@@ -73,9 +74,17 @@ def status_source_address(management_url: str, paths: tuple[str, ...] | None = N
 
 def choose_source_address(explicit: str | None, management_url: str,
                           environ: Mapping[str, str] | None = None) -> str | None:
+    """-b, else MESHSSH_SOURCE_ADDRESS, else config.toml's `source_address`, else the
+    local peer's address."""
     env = os.environ if environ is None else environ
-    return (explicit or env.get("MESHSSH_SOURCE_ADDRESS")
+    return (explicit or env.get("MESHSSH_SOURCE_ADDRESS") or userconfig.load().source_address
             or status_source_address(management_url, environ=env))
+
+
+def default_login() -> str:
+    """The login name when none is given: config.toml's `user` (ssh_config's `User`),
+    else this machine's user name."""
+    return userconfig.load().user or local_username()
 
 
 def resolve(args_host: str, session: Session, port: int | None, user: str | None) -> Target:
@@ -92,4 +101,4 @@ def resolve(args_host: str, session: Session, port: int | None, user: str | None
         raise
     if not peer.ssh_enabled:
         raise AccessDenied(f"{peer.name} is not SSH-enabled (an admin turns it on: meshmgmt peers ssh {peer.name} on)")
-    return Target(peer=peer, port=port or SSH_PORT, username=user or local_username())
+    return Target(peer=peer, port=port or SSH_PORT, username=user or default_login())

@@ -307,6 +307,28 @@ def test_peers_lists_under_a_header_and_says_why_when_empty(world: World, tmp_pa
     assert b"No peers: no policy on " in r.stderr and b"lets nobody-yet@example.com reach a peer yet" in r.stderr
 
 
+
+def test_config_file_gives_defaults_and_names_its_mistakes(world: World) -> None:
+    """config.toml's `user` is the login name when none is given (ssh_config's `User`);
+    a wrong key or value is refused with the file and key named."""
+    conf = world.alice / "config.toml"
+    try:
+        conf.write_text(f'user = "{world.user}"\n')
+        r = world.ms("db-1", "id -un")
+        assert r.returncode == 0 and r.stdout.decode().strip() == world.user, r.stderr
+        r = world.ms("root@db-1", "id -un")   # the command line still wins
+        assert r.returncode == 255 and b"root login is disabled" in r.stderr, r.stderr
+        conf.write_text('usr = "x"\n')
+        r = world.ms("db-1", "true")
+        assert r.returncode == 255
+        assert f"{conf}: unknown key `usr` (did you mean `user`?)".encode() in r.stderr, r.stderr
+        conf.write_text("control_persist = -5\n")
+        r = world.ms("db-1", "true")
+        assert r.returncode == 255 and b"key `control_persist`: expected `float` >= 0.0" in r.stderr, r.stderr
+    finally:
+        conf.unlink(missing_ok=True)
+
+
 def test_cp_both_ways_with_progress(world: World, tmp_path: Path) -> None:
     data = os.urandom(2 * 1024 * 1024)
     src = tmp_path / "blob.bin"
