@@ -89,8 +89,11 @@ meshssh config install --path "$STATE/ssh"
 ssh -F "$STATE/ssh/99-meshssh.conf" "$LOGIN@server-1" 'echo "native ssh: $(id -un) on $(hostname)"'
 
 say "done — management log: demo-state/mgmt.log, peer logs: demo-state/*.log"
+ENVS="MESHSSH_CONFIG_DIR=$MESHSSH_CONFIG_DIR MESHSSH_SOURCE_ADDRESS=$MESHSSH_SOURCE_ADDRESS"
+echo "Everything keeps running. Log in again from another terminal, with meshssh or native ssh:"
+echo "  $ENVS $ROOT/.venv/bin/meshssh $LOGIN@server-1"
+echo "  $ENVS ssh -F $STATE/ssh/99-meshssh.conf $LOGIN@server-1"
 if [ "${DEMO_EXIT:-0}" != 1 ]; then
-  echo "Everything keeps running; try:  MESHSSH_CONFIG_DIR=$MESHSSH_CONFIG_DIR MESHSSH_SOURCE_ADDRESS=$MESHSSH_SOURCE_ADDRESS $ROOT/.venv/bin/meshssh $LOGIN@server-1"
   echo "Ctrl-C stops it."
   wait
 fi

@@ -30,5 +30,10 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test]'
+# pip's own chatter (index warnings, build output) goes to a log; shown only on failure.
+LOG=.venv/install.log
+if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test]'; } >"$LOG" 2>&1; then
+  tail -n 40 "$LOG" >&2
+  echo "install-deps: pip failed; the whole log is in $LOG" >&2
+  exit 1
+fi
