@@ -25,7 +25,7 @@ def _add_list(group: click.Group, collection: str, columns: tuple[str, ...]) -> 
     Shared because every collection lists the same way; only the columns differ.
     """
 
-    @group.command("list")
+    @group.command("list", help=f"List the {collection.replace('-', ' ')} (a table, or JSON with --json).")
     @click.pass_context
     def list_(ctx: click.Context) -> None:
         doc = call(ctx, "GET", f"/api/{collection}")
@@ -40,7 +40,7 @@ def _add_delete(group: click.Group, collection: str, arg: str, keys: tuple[str, 
     confirmation names what was removed even when the user typed an id.
     """
 
-    @group.command(name)
+    @group.command(name, help=f"{name.capitalize()} {arg.upper()} (by id or {' or '.join(keys)}).")
     @click.argument(arg)
     @click.pass_context
     def delete(ctx: click.Context, **refs: str) -> None:
@@ -57,7 +57,7 @@ def _add_setter(group: click.Group, name: str, collection: str, arg: str, keys: 
     what to set; `message` is a str.format template over the resolved item.
     """
 
-    @group.command(name)
+    @group.command(name, help=f"{name.capitalize()} {arg.upper()} (by id or {' or '.join(keys)}).")
     @click.argument(arg)
     @click.pass_context
     def setter(ctx: click.Context, **refs: str) -> None:
@@ -85,6 +85,7 @@ def register(main: click.Group) -> None:
     @click.option("--password-stdin", is_flag=True, help="read a password from stdin")
     @click.pass_context
     def users_create(ctx: click.Context, email: str, name: str, role: str, service: bool, password_stdin: bool) -> None:
+        """Create a user (a person, or with --service a service user with a client secret)."""
         body: dict[str, Any] = {"email": email, "name": name, "role": role, "service": service}
         if password_stdin:
             body["password"] = sys.stdin.readline().rstrip("\r\n")
@@ -110,6 +111,7 @@ def register(main: click.Group) -> None:
     @click.option("--user", "users_", multiple=True, help="user id or email (repeat)")
     @click.pass_context
     def groups_create(ctx: click.Context, name: str, peers: tuple[str, ...], users_: tuple[str, ...]) -> None:
+        """Create a group of peers and users (policies name groups as sources and destinations)."""
         doc = call(ctx, "POST", "/api/groups", {"name": name, "peers": list(peers), "users": list(users_)})
         emit(ctx, doc, columns=("id", "name", "peer_names", "user_emails"))
 
@@ -123,6 +125,7 @@ def register(main: click.Group) -> None:
     @click.pass_context
     def groups_update(ctx: click.Context, group: str, name: str | None, peers: tuple[str, ...],
                       users_: tuple[str, ...], add_peer: tuple[str, ...], add_user: tuple[str, ...]) -> None:
+        """Rename a group, replace its members, or add members to it."""
         g = resolve_ref(ctx, "groups", group, ("name",))
         body: dict[str, Any] = {}
         if name:
@@ -153,6 +156,7 @@ def register(main: click.Group) -> None:
     @click.pass_context
     def keys_create(ctx: click.Context, name: str, reusable: bool, expires_in: int, usage_limit: int,
                     auto_groups: tuple[str, ...]) -> None:
+        """Create a setup key (peers register with it and join its groups); printed once."""
         doc = call(ctx, "POST", "/api/setup-keys", {"name": name, "reusable": reusable, "expires_in": expires_in,
                                                    "usage_limit": usage_limit, "auto_groups": list(auto_groups)})
         emit(ctx, doc, columns=("id", "name", "reusable", "usage_limit", "expires_at", "auto_groups"))
@@ -169,6 +173,7 @@ def register(main: click.Group) -> None:
     @policies.command("list")
     @click.pass_context
     def policies_list(ctx: click.Context) -> None:
+        """List the policies with their rules."""
         doc = call(ctx, "GET", "/api/policies")
         rows = []
         for p in doc["policies"]:
@@ -197,6 +202,7 @@ def register(main: click.Group) -> None:
     def policies_create(ctx: click.Context, name: str, sources: tuple[str, ...], destinations: tuple[str, ...],
                         protocol: str, ports: tuple[str, ...], bidirectional: bool, local_users: tuple[str, ...],
                         allow_root: bool, accept_env: tuple[str, ...], disabled: bool, rules_file: str | None) -> None:
+        """Create a policy: which sources may reach which destinations, and for SSH as which local users."""
         if rules_file:
             rules = json.loads(Path(rules_file).read_text())
         else:
@@ -226,6 +232,7 @@ def register(main: click.Group) -> None:
     @click.argument("new_name")
     @click.pass_context
     def peers_rename(ctx: click.Context, peer: str, new_name: str) -> None:
+        """Rename a peer (its mesh name and FQDN)."""
         p = resolve_ref(ctx, "peers", peer, _PEER_KEYS)
         doc = call(ctx, "PUT", f"/api/peers/{p['id']}", {"name": new_name})
         ok(ctx, f"renamed {p['name']} to {doc['name']}", doc)
@@ -287,6 +294,7 @@ def register(main: click.Group) -> None:
     @click.option("--follow", "-f", is_flag=True, help="keep printing new events (Ctrl-C to stop)")
     @click.pass_context
     def events_list(ctx: click.Context, since: int, limit: int, follow: bool) -> None:
+        """The audit log: peers' session and login events (--follow streams new ones)."""
         cols = ("id", "received_at", "type", "peer_id", "identity", "local_user", "source_ip", "command", "reason")
         if not follow:
             doc = escape_strings(call(ctx, "GET", "/api/events", params={"since": since, "limit": limit}))

@@ -6,6 +6,7 @@ runs `meshmgmt serve` unprivileged. One module so that both units are checked th
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def test_systemd_accepts_the_unit(tmp_path: Path, program: str) -> None:
     unit = tmp_path / f"{program}.service"
     text = (REPO / "deploy" / f"{program}.service").read_text()
     unit.write_text(text.replace(f"/usr/local/bin/{program}", str(VENV_BIN / program)))
-    res = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    # verify looks up the Documentation= man pages: ours, as the package installs them
+    env = {**os.environ, "MANPATH": f"{REPO / 'deploy' / 'man'}:"}
+    res = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert f"{program}.service" not in res.stderr, res.stderr
 
