@@ -99,6 +99,8 @@ def resolve(args_host: str, session: Session, port: int | None, user: str | None
         if res.error:
             raise AccessDenied(res.error) from None
         raise
-    if not peer.ssh_enabled:
-        raise AccessDenied(f"{peer.name} is not SSH-enabled (an admin turns it on: meshmgmt peers ssh {peer.name} on)")
+    if not peer.ssh_enabled:   # management knows which cause it is (idp/why_not.py): ask it
+        res = session.ssh_tokens([(peer.id, peer.name)], no_cache=True)[peer.id]
+        if res.error:
+            raise AccessDenied(res.error)
     return Target(peer=peer, port=port or SSH_PORT, username=user or default_login())

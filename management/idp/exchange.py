@@ -14,6 +14,7 @@ from management.state import MeshState, PeerRecord
 from meshsshd.acl import is_valid_login
 
 from .tokens import Identity
+from .why_not import why_no_grant, why_ssh_is_off
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,10 @@ def decide(state: MeshState, identity: Identity, asked: str) -> Allowed | Refuse
                        f"{peer.name} does not serve SSH (start meshsshd there with --allow-server-ssh)", 403)
     netmap = compute_map(state, peer.id)
     if netmap is None or not netmap.ssh.enabled:
-        return Refused(asked, "access_denied", "ssh-disabled",
-                       f"{peer.name} is not SSH-enabled (an admin turns it on: meshmgmt peers ssh {peer.name} on)", 403)
-    return Refused(asked, "access_denied", "no-policy",
-                   f"no policy lets {identity.email} reach {peer.name}", 403)
+        reason, message = why_ssh_is_off(state, peer)
+        return Refused(asked, "access_denied", reason, f"{peer.name} is not SSH-enabled: {message}", 403)
+    reason, message = why_no_grant(state, identity.email, peer)
+    return Refused(asked, "access_denied", reason, message, 403)
 
 
 def first_duplicate(decisions: list[Allowed | Refused]) -> str | None:

@@ -647,7 +647,8 @@ def test_no_policy(world: World) -> None:
 def test_not_ssh_enabled(world: World) -> None:
     r = world.ms(f"{world.user}@cache-1", "true")
     assert r.returncode == 255
-    assert b"cache-1 is not SSH-enabled (an admin turns it on: meshmgmt peers ssh cache-1 on)" in r.stderr
+    # the cause, with its fix: cache-1's only group ("misc") is in no policy
+    assert b"cache-1 is not SSH-enabled: no policy grants SSH to cache-1 (an admin adds one" in r.stderr, r.stderr
 
 
 

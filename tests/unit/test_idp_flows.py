@@ -474,7 +474,8 @@ async def test_exchange_audience_forms(mesh: Mesh, ref: str) -> None:
     ("who", "target", "status", "error", "message"),
     [
         pytest.param("alice@example.com", "db-1", 403, "access_denied",
-                     "db-1 is not SSH-enabled (an admin turns it on: meshmgmt peers ssh db-1 on)", id="not-ssh-enabled"),
+                     "db-1 is not SSH-enabled: no policy grants SSH to db-1 (an admin adds one: meshmgmt policies create "
+                     "NAME --source GROUP --destination <a group of db-1> --protocol ssh)", id="not-ssh-enabled"),
         pytest.param("carol@example.com", "web-1", 403, "access_denied",
                      "no policy lets carol@example.com reach web-1", id="no-policy"),
         pytest.param("alice@example.com", "db-9", 400, "invalid_target", "unknown peer db-9", id="unknown-peer"),
