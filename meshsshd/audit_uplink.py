@@ -70,6 +70,10 @@ class ManagementAuditSink:
         self._bytes = 0
         self._next_seq = 1
         self._written_seq = 0          # events up to this one are in the journal: sendable
+        # The append running in the executor, and the last seq it carries: a thread cannot
+        # be cancelled, so stop() waits for it before the final write and the close.
+        self._inflight: asyncio.Future[None] | None = None
+        self._inflight_last = 0
         self._lines: list[bytes] = []  # journal records not written yet, in order
         self._stale = False            # the journal failed: rewrite it whole next time
         self._unsynced = False
@@ -169,6 +173,12 @@ class ManagementAuditSink:
                 await asyncio.sleep(random.uniform(1.0, 2.0))
                 self._dirty.set()
 
+    def _settle_inflight(self) -> None:
+        """The append finished: its events are on disk and may be sent."""
+        self._inflight = None
+        self._written_seq = max(self._written_seq, self._inflight_last)
+        self._unsynced = True
+
     async def _write_pending(self) -> None:
         """Write what is pending, compact, and fsync when the interval is up."""
         journal = self.journal
@@ -181,11 +191,11 @@ class ManagementAuditSink:
             self._unsynced = False   # rewrite syncs
             event(log, "audit.journal_recovered", queued=len(self.queue))
         elif self._lines:
-            data, last = b"".join(self._lines), self._next_seq - 1
+            data, self._inflight_last = b"".join(self._lines), self._next_seq - 1
             self._lines = []
-            await asyncio.to_thread(journal.append, data)
-            self._written_seq = max(self._written_seq, last)
-            self._unsynced = True
+            self._inflight = asyncio.ensure_future(asyncio.to_thread(journal.append, data))
+            await asyncio.shield(self._inflight)
+            self._settle_inflight()
         if not self._lines:
             if not self.queue and journal.size:
                 await asyncio.to_thread(journal.truncate)
@@ -269,6 +279,12 @@ class ManagementAuditSink:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = self._writer = None
+        if self._inflight is not None:   # the writer was cancelled mid-append: let it land
+            try:
+                await self._inflight
+                self._settle_inflight()
+            except StateError:
+                self._inflight, self._stale = None, True   # the final write rewrites the file
         try:
             await asyncio.wait_for(self.flush_once(), flush_timeout)
         except (MeshsshdError, asyncio.TimeoutError):

@@ -41,15 +41,17 @@ class _Standalone:
 
 async def _serve(config: Path) -> None:
     from .audit import FanoutAuditSink, LoggingAuditSink
-    from .metrics import MetricsServer
     from .server import MeshSSHServer
     from .session import reset_inherited_signals
 
     reset_inherited_signals()
     settings = settings_from_toml(config)
     source = _Standalone()
-    metrics = (MetricsServer(format_listen(settings.metrics_listen), agent=source)
-               if settings.metrics_listen else None)
+    metrics = None
+    if settings.metrics_listen:   # only then: the metrics server brings aiohttp (~10 MiB)
+        from .metrics import MetricsServer
+
+        metrics = MetricsServer(format_listen(settings.metrics_listen), agent=source)
     audit = FanoutAuditSink(LoggingAuditSink(), metrics) if metrics else LoggingAuditSink()
     server = source.server = MeshSSHServer(settings, audit=audit)
     await server.start()
