@@ -125,6 +125,18 @@ def os_user(prefix: str = "mst") -> Iterator[pwd.struct_passwd]:
         subprocess.run(["userdel", "-r", "-f", name], check=False, capture_output=True)
 
 
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """End a process started with start_new_session=True, and its children: `sig` to
+    the group, then SIGKILL after `timeout`."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def process_alive(pid: int) -> bool:
     """pid exists and is not a zombie (a killed child of someone who has not reaped it)."""
     try:

@@ -15,7 +15,6 @@ import json
 import os
 import pty
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -29,7 +28,7 @@ import pytest
 
 from tests.integration.meshkit import Mesh
 from tests.integration.serverkit import ServerKit, read_until
-from tests.support import console_script, free_port, require_root, require_tool, wait_for_port
+from tests.support import console_script, free_port, require_root, require_tool, stop_group, wait_for_port
 
 pytestmark = [pytest.mark.root, pytest.mark.openssh]
 
@@ -231,16 +230,6 @@ def _background(argv: list[str], env: dict) -> subprocess.Popen:
                             stderr=subprocess.PIPE, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def test_meshssh_local_forward(world: World, echo: EchoServer) -> None:
     lport = free_port()
     proc = _background([console_script("meshssh"), "-N", "-L", f"{lport}:127.0.0.1:{echo.port}",
@@ -249,7 +238,7 @@ def test_meshssh_local_forward(world: World, echo: EchoServer) -> None:
         wait_for_port("127.0.0.1", lport, proc=proc)
         assert _echo_through(lport) == b"ping through the mesh"
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def _socks_echo(socks_port: int, dest_port: int, payload: bytes = b"via socks") -> bytes:
@@ -276,7 +265,7 @@ def test_dynamic_forward(world: World, dropin: Path, echo: EchoServer, client: s
         wait_for_port("127.0.0.1", dport, proc=proc)
         assert _socks_echo(dport, echo.port) == b"via socks"
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def test_meshssh_remote_forward(world: World, echo: EchoServer) -> None:
@@ -495,7 +484,7 @@ def test_openssh_local_and_remote_forward(world: World, dropin: Path, echo: Echo
         wait_for_port("127.0.0.1", lport, proc=proc)
         assert _echo_through(lport) == b"ping through the mesh"
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def test_openssh_agent_forwarding(world: World, dropin: Path, tmp_path: Path) -> None:
@@ -609,7 +598,7 @@ def test_proxy_flow_control_bounds_memory(world: World, dropin: Path) -> None:
         assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else b""
         assert total == size
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def test_openssh_through_proxy_timing(world: World, dropin: Path) -> None:
@@ -929,7 +918,7 @@ def test_openssh_remote_forward_port_zero(world: World, dropin: Path, echo: Echo
         assert proc.returncode == 0, err
         assert out.strip() == b"via -R"
     finally:
-        _stop(proc)
+        stop_group(proc)
         portfile.unlink(missing_ok=True)
 
 
@@ -963,4 +952,4 @@ def test_zz_revoked_session_tells_the_user(world: World, tmp_path: Path) -> None
             assert b"revoked" in err, err
     finally:
         for p in procs:
-            _stop(p)
+            stop_group(p)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from tests.support import REPO, require_root
+from tests.support import REPO, require_root, stop_group
 
 
 def test_demo_script_runs_end_to_end_and_its_hints_work_as_printed() -> None:
@@ -40,9 +40,4 @@ def test_demo_script_runs_end_to_end_and_its_hints_work_as_printed() -> None:
                                                            if not k.startswith("MESHSSH")})
             assert r.returncode == 0 and r.stdout.strip() == "hint-works as meshdemo", (hint, r.stdout, r.stderr)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, signal.SIGINT, timeout=60)   # Ctrl-C, as a person stops it
