@@ -63,6 +63,8 @@ class Limits:
     # MaxStartups start:rate:full — beyond `start` unauthenticated connections, drop new
     # ones with probability rate% rising linearly to 100% at `full`.
     max_startups: tuple[int, int, int] = (10, 30, 100)
+    # PerSourceMaxStartups: unauthenticated connections one address may hold (0 = no cap).
+    per_source_max_startups: int = 0
     keepalive_interval: float = 15.0
     keepalive_count_max: int = 3
     # Per-source penalty after repeated auth failures (OpenSSH's PerSourcePenalties).
