@@ -67,6 +67,8 @@ class Limits:
     # MaxStartups start:rate:full — beyond `start` unauthenticated connections, drop new
     # ones with probability rate% rising linearly to 100% at `full`.
     max_startups: tuple[int, int, int] = (10, 30, 100)
+    # PerSourceMaxStartups: unauthenticated connections one address may hold (0 = no cap).
+    per_source_max_startups: int = 0
     keepalive_interval: float = 15.0
     keepalive_count_max: int = 3
     # Per-source penalty after repeated auth failures (OpenSSH's PerSourcePenalties).
@@ -195,7 +197,12 @@ def _limits(raw: dict[str, Any]) -> Limits:
     for key, value in raw.items():
         if problem := typed_problem(value, defaults[key]):
             raise ConfigError(f"limits.{key} {problem}")
-    return Limits(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
+    limits = Limits(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
+    full = limits.max_startups[2]
+    if limits.per_source_max_startups > full:
+        raise ConfigError(f"limits.per_source_max_startups {limits.per_source_max_startups} is above "
+                          f"max_startups' full ({full}): one address could never reach it (0 = no cap)")
+    return limits
 
 
 def _permit_entries(data: dict[str, Any], key: str, syntax: str,

@@ -7,10 +7,15 @@ MaxStartups start:rate:full as in OpenSSH: below `start` unauthenticated connect
 everything is admitted; from `start` a new connection is refused with probability
 `rate`%, rising linearly to 100% at `full`. Plain OpenSSH then refuses *every* new
 connection while a flood holds `full` sockets open, which locks real users out. Here a
-connection that would be refused may instead take the place of the oldest unauthenticated
-connection that has not even started user authentication after `stall_after` seconds
-(a flood socket), so a real client, which reaches user authentication within
-milliseconds, still gets in while idle floods only push each other out.
+connection that would be refused instead takes the place of the *stalest*
+unauthenticated connection: the one that has gone longest without progress (opened,
+reached user authentication, made an attempt), wherever it stalls, preferring the
+source that holds the most slots. A real client progresses every few milliseconds, so
+stalled sockets, hello-only churn and clients parked at the password prompt push each
+other out while it gets in. Only when every slot progressed within `stall_after`
+seconds is the newcomer refused. `per_source_max_startups` (OpenSSH's
+PerSourceMaxStartups) caps the slots one address holds: its newcomers then replace its
+own stalest connection, so a flood from one address cannot crowd out the others.
 """
 
 from __future__ import annotations
@@ -37,14 +42,15 @@ def drop_probability(unauthenticated: int, start: int, rate: int, full: int) -> 
 
 @dataclass
 class _Pending:
-    opened: float
-    progressed: bool = False
+    source: str
+    active: float   # the last sign of progress (opened, a new stage, an auth attempt)
+    stage: int = 0
 
 
 @dataclass(frozen=True)
 class Admission:
     admitted: bool
-    evict: Hashable | None = None   # an idle pre-auth connection to close to make room
+    evict: Hashable | None = None   # a stalled pre-auth connection to close to make room
     reason: str = ""
 
 
@@ -55,49 +61,87 @@ class StartupGate:
         self,
         limits: Limits,
         *,
-        stall_after: float = 1.0,
+        stall_after: float = 0.1,
+        stage: Callable[[Hashable], int] = lambda key: 0,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits
         self.stall_after = stall_after
+        self._stage = stage
         self._rng = rng
         self._clock = clock
         self._pending: dict[Hashable, _Pending] = {}
+        self._per_source: dict[str, int] = {}
 
     @property
     def unauthenticated(self) -> int:
         return len(self._pending)
 
-    def admit(self, key: Hashable) -> Admission:
+    def admit(self, key: Hashable, source: str) -> Admission:
+        cap = self.limits.per_source_max_startups
+        if cap and self._per_source.get(source, 0) >= cap:
+            return self._replace(key, source, only=source, reason="per-source-max-startups")
         start, rate, full = self.limits.max_startups
         p = drop_probability(len(self._pending), start, rate, full)
         if p <= 0.0 or self._rng() >= p:
-            self._pending[key] = _Pending(self._clock())
+            self._add(key, source)
             return Admission(True)
-        victim = self._oldest_stalled()
-        if victim is not None:
-            del self._pending[victim]
-            self._pending[key] = _Pending(self._clock())
-            return Admission(True, evict=victim, reason="max-startups-evict")
-        return Admission(False, reason="max-startups")
+        return self._replace(key, source, only=None, reason="max-startups")
 
     def progressed(self, key: Hashable) -> None:
-        """The client reached user authentication: a real SSH client, not a stalled socket."""
+        """A step of a real login (user authentication began, an attempt came in)."""
         pending = self._pending.get(key)
         if pending is not None:
-            pending.progressed = True
+            pending.active = self._clock()
 
     def done(self, key: Hashable) -> None:
         """Authenticated or closed: no longer counts against MaxStartups."""
-        self._pending.pop(key, None)
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            left = self._per_source[pending.source] - 1
+            if left:
+                self._per_source[pending.source] = left
+            else:
+                del self._per_source[pending.source]
 
-    def _oldest_stalled(self) -> Hashable | None:
+    def _add(self, key: Hashable, source: str) -> None:
+        self._pending[key] = _Pending(source, self._clock())
+        self._per_source[source] = self._per_source.get(source, 0) + 1
+
+    def _replace(self, key: Hashable, source: str, *, only: str | None, reason: str) -> Admission:
+        victim = self._stalest(source, only)
+        if victim is None:
+            return Admission(False, reason=reason)
+        self.done(victim)
+        self._add(key, source)
+        return Admission(True, evict=victim, reason=f"{reason}-evict")
+
+    def _stalest(self, newcomer: str, only: str | None) -> Hashable | None:
+        """The victim: from the source holding the most slots (a flood loses its own
+        sockets first), the least advanced (`stage`: silent, identified, key exchange
+        done), then the one longest without progress. A source holding more slots
+        than the newcomer's yields one at once; otherwise (the newcomer's own source) only
+        a connection stalled for `stall_after`, so a login in progress is not cut off by
+        the next connection from its own address."""
         now = self._clock()
-        for key, pending in self._pending.items():  # insertion order = age order
-            if not pending.progressed and now - pending.opened >= self.stall_after:
-                return key
-        return None
+        stalled_before = now - self.stall_after
+        mine = self._per_source.get(newcomer, 0) + 1
+        best: tuple[int, int, float] | None = None
+        victim: Hashable | None = None
+        for key, pending in self._pending.items():
+            held = self._per_source[pending.source]
+            if only is not None and pending.source != only:
+                continue
+            stage = self._stage(key)
+            if stage > pending.stage:   # sampled here: progress only matters when choosing
+                pending.stage, pending.active = stage, now
+            if held <= mine and pending.active > stalled_before:
+                continue
+            rank = (-held, pending.stage, pending.active)
+            if best is None or rank < best:
+                best, victim = rank, key
+        return victim
 
 
 @dataclass

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,7 @@ class _Connection(asyncssh.SSHServer):
             event(log, "connection.refused", source=self.info.client_ip, reason="penalty", seconds=round(blocked))
             self._drop()
             return
-        admission = srv.gate.admit(self)
+        admission = srv.gate.admit(self, self.info.client_ip)
         if not admission.admitted:
             event(log, "connection.dropped", level=logging.DEBUG, source=self.info.client_ip, reason=admission.reason,
                   unauthenticated=srv.gate.unauthenticated)
@@ -148,6 +149,8 @@ class _Connection(asyncssh.SSHServer):
             srv.stats["evicted"] += 1
             victim = admission.evict
             assert isinstance(victim, _Connection)
+            event(log, "connection.evicted", level=logging.DEBUG, source=victim.info.client_ip,
+                  reason=admission.reason, by=self.info.client_ip)
             victim._drop()
         self._admitted = True
         srv.connections.add(self)
@@ -193,6 +196,7 @@ class _Connection(asyncssh.SSHServer):
         return jwt_enabled(self.server.settings) and self.server.validator is not None
 
     async def validate_password(self, username: str, password: str) -> bool:
+        self.server.gate.progressed(self)
         self._key_options = None  # each attempt on its own: no options of a key queried before
         validator = self.server.validator
         if validator is None:
@@ -211,6 +215,7 @@ class _Connection(asyncssh.SSHServer):
         # Each attempt on its own: a key only offered (a query, no signature) or refused
         # earlier must not lend its options to the method that finally succeeds.
         self._key_options = None
+        self.server.gate.progressed(self)
         keys = self._authorized_keys
         options = keys.validate(key, self.info.client_ip, self.info.client_ip) if keys else None
         if options is None:
@@ -415,6 +420,16 @@ class _Connection(asyncssh.SSHServer):
                 0.2, conn.disconnect, asyncssh.DISC_BY_APPLICATION, f"meshsshd: {message}")
 
 
+def _handshake_stage(connection: Hashable) -> int:
+    """How far a pre-auth connection got: 0 silent, 1 sent its identification string,
+    2 finished key exchange (asyncssh records the ciphers at NEWKEYS)."""
+    assert isinstance(connection, _Connection)
+    conn = connection.conn
+    if conn is None or not conn.get_extra_info("client_version"):
+        return 0
+    return 2 if conn.get_extra_info("recv_cipher") else 1
+
+
 class MeshSSHServer:
     """The embedded SSH server; see the module docstring."""
 
@@ -422,7 +437,7 @@ class MeshSSHServer:
         self.settings = settings
         self.audit: AuditSink = audit or LoggingAuditSink()
         self.validator: JWTValidator | None = None
-        self.gate = StartupGate(settings.limits)
+        self.gate = StartupGate(settings.limits, stage=_handshake_stage)
         self.penalties = Penalties(settings.limits)
         self.connections: set[_Connection] = set()
         self.session_registry: dict[str, dict[str, Any]] = {}

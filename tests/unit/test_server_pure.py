@@ -3,6 +3,8 @@ identification string, revocation decision."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from meshsshd import algorithms
@@ -77,34 +79,62 @@ class FakeClock:
 def test_gate_admits_below_start_and_refuses_when_full_and_nothing_stalled():
     clock = FakeClock()
     gate = StartupGate(Limits(max_startups=(2, 50, 4)), rng=lambda: 0.99, clock=clock)
-    assert gate.admit("a").admitted and gate.admit("b").admitted
-    assert gate.admit("c").admitted          # 50% drop, rng says keep
-    assert gate.admit("d").admitted          # 75%, still kept by rng 0.99
-    refused = gate.admit("e")                # full: 100%, nobody stalled yet
+    assert gate.admit("a", "s").admitted and gate.admit("b", "s").admitted
+    assert gate.admit("c", "s").admitted          # 50% drop, rng says keep
+    assert gate.admit("d", "s").admitted          # 75%, still kept by rng 0.99
+    refused = gate.admit("e", "s")                # full: 100%, nobody stalled yet
     assert not refused.admitted and refused.reason == "max-startups"
 
 
-def test_gate_evicts_the_oldest_stalled_connection_for_a_newcomer():
+def test_gate_evicts_the_stalest_connection_wherever_it_stalls():
     clock = FakeClock()
-    gate = StartupGate(Limits(max_startups=(1, 100, 2)), stall_after=1.0, rng=lambda: 0.0, clock=clock)
-    assert gate.admit("flood").admitted
-    clock.now += 0.5
-    assert not gate.admit("early").admitted            # the flood socket is not stalled yet
+    gate = StartupGate(Limits(max_startups=(2, 100, 2)), stall_after=0.1, rng=lambda: 0.0, clock=clock)
+    assert gate.admit("parked", "s").admitted
+    gate.progressed("parked")                          # reached userauth, then stalls there
+    clock.now += 0.05
+    assert gate.admit("login", "s").admitted
+    assert not gate.admit("early", "s").admitted        # nobody stalled for 0.1 s yet
+    clock.now += 0.2
+    gate.progressed("login")                            # a real login keeps moving
+    result = gate.admit("real", "s")
+    assert result.admitted and result.evict == "parked" and result.reason == "max-startups-evict"
+    assert gate.unauthenticated == 2
+
+
+def test_gate_evicts_from_the_source_holding_most_slots_at_once():
+    """Churn younger than stall_after: a newcomer from a quiet address still gets in."""
+    clock = FakeClock()
+    gate = StartupGate(Limits(max_startups=(4, 100, 4)), stall_after=10.0, rng=lambda: 0.0, clock=clock)
+    assert gate.admit("mine", "real").admitted
+    for i in range(3):
+        clock.now += 0.01
+        assert gate.admit(f"f{i}", "flood").admitted
+    assert not gate.admit("f3", "flood").admitted      # same address: nothing stalled enough
+    result = gate.admit("real2", "real")
+    assert result.admitted and result.evict == "f0"    # the flood's oldest, not "mine"
+
+
+def test_per_source_cap_replaces_only_that_sources_stalled_connection():
+    clock = FakeClock()
+    limits = Limits(max_startups=(100, 30, 200), per_source_max_startups=2)
+    gate = StartupGate(limits, stall_after=0.1, rng=lambda: 0.0, clock=clock)
+    assert gate.admit("a1", "a").admitted and gate.admit("a2", "a").admitted
+    assert gate.admit("b1", "b").admitted
+    refused = gate.admit("a3", "a")
+    assert not refused.admitted and refused.reason == "per-source-max-startups"
     clock.now += 1.0
-    result = gate.admit("real")
-    assert result.admitted and result.evict == "flood"
-    gate.progressed("real")                            # reached user authentication
-    clock.now += 5.0
-    assert not gate.admit("another").admitted          # a progressing login is never evicted
-    assert gate.unauthenticated == 1
+    gate.progressed("a2")
+    result = gate.admit("a4", "a")
+    assert result.admitted and result.evict == "a1"    # never b1, another address's slot
+    assert gate.unauthenticated == 3
 
 
 def test_gate_done_frees_the_slot():
     gate = StartupGate(Limits(max_startups=(1, 100, 1)), rng=lambda: 0.0, clock=FakeClock())
-    assert gate.admit("a").admitted
-    assert not gate.admit("b").admitted
+    assert gate.admit("a", "s").admitted
+    assert not gate.admit("b", "s").admitted
     gate.done("a")
-    assert gate.admit("c").admitted
+    assert gate.admit("c", "s").admitted
 
 
 # ---- penalties and tries ----------------------------------------------------------------
@@ -158,3 +188,18 @@ def test_server_version_carries_jwt_marker_only_with_jwt():
     assert server_version(ServerSettings(jwt=jwt)).endswith(" " + JWT_MARKER)
     assert JWT_MARKER not in server_version(ServerSettings(jwt=jwt, disable_auth=True))
     assert server_version(ServerSettings(authorized_keys=True)) == "meshsshd_0.1"
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, "limits.per_source_max_startups"),
+    (1.5, "limits.per_source_max_startups"),
+    (101, "is above max_startups' full (100)"),
+])
+def test_per_source_max_startups_is_range_checked(value, message):
+    from meshsshd.config import settings_from_dict
+    from meshsshd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        settings_from_dict({"listen": ["127.0.0.1:0"], "authorized_keys": True, "limits": {"per_source_max_startups": value}})
+    ok = settings_from_dict({"listen": ["127.0.0.1:0"], "authorized_keys": True, "limits": {"per_source_max_startups": 20}})
+    assert ok.limits.per_source_max_startups == 20
