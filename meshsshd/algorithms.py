@@ -107,4 +107,9 @@ def host_keypairs(keys: list[Any] | tuple[Any, ...]) -> list[Any]:
     for kp in pairs:
         kp.host_key_algorithms = tuple(a for a in kp.host_key_algorithms if a in allowed)
         kp.sig_algorithms = tuple(a for a in kp.sig_algorithms if a in allowed)
+        if kp.sig_algorithms and kp.sig_algorithm not in kp.sig_algorithms:
+            # An RSA pair starts out signing with ssh-rsa (SHA-1); key exchange re-sets it
+            # to what was negotiated, but a hostkeys-prove-00 answer for a key the
+            # exchange did not use signs with this one, and OpenSSH refuses SHA-1 there.
+            kp.set_sig_algorithm(kp.sig_algorithms[0])
     return [kp for kp in pairs if kp.host_key_algorithms]

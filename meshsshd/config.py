@@ -18,6 +18,7 @@ from typing import Any
 from .config_values import number_problem, typed_problem
 from .errors import ConfigError
 from .netmap import SSH_PORT, AccessRule, NetmapError, NetworkMap, check_accept_env
+from .sshd_options import DEFAULT_REKEY_BYTES, DEFAULT_REKEY_SECONDS, parse_rekey_limit, read_banner
 from .permit_open import PermitOpenError, parse_permit_listen, parse_permit_open, validate_entries
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshsshd")
@@ -114,6 +115,10 @@ class ServerSettings:
     permit_listen: tuple[str, ...] = ()
     # Only encrypt-then-MAC MACs (no hmac-sha2-256/512 for libssh2 < 1.11 clients).
     strict_algorithms: bool = False
+    # sshd's Banner (the file's text, read at load), ForceCommand and RekeyLimit.
+    banner: str = ""
+    force_command: str | None = None
+    rekey_limit: tuple[int, int] = (DEFAULT_REKEY_BYTES, DEFAULT_REKEY_SECONDS)
 
     def with_(self, **changes: Any) -> ServerSettings:
         return replace(self, **changes)
@@ -236,6 +241,7 @@ KNOWN_KEYS = {
     "permit_open",
     "permit_listen",
     "strict_algorithms",
+    "banner", "force_command", "rekey_limit",
 }
 JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
 
@@ -339,6 +345,9 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         permit_open=permit_open,
         permit_listen=permit_listen,
         strict_algorithms=_bool(data, "strict_algorithms"),
+        banner=read_banner(banner_path) if (banner_path := _string(data, "banner", None)) else "",
+        force_command=_string(data, "force_command", None) or None,
+        rekey_limit=parse_rekey_limit(_string(data, "rekey_limit", "default")),
     )
     if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
         raise ConfigError(

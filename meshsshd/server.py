@@ -178,6 +178,8 @@ class _Connection(asyncssh.SSHServer):
         self.identity = None
         self._authorized_keys = None
         settings = srv.settings
+        if settings.banner and self.conn is not None:
+            self.conn.send_auth_banner(settings.banner)
         self.user, self._account = await asyncio.get_running_loop().run_in_executor(
             None, _resolve_user, username, settings.nologin_files)
         if self.user is not None and settings.authorized_keys and not self._closing:
@@ -299,6 +301,8 @@ class _Connection(asyncssh.SSHServer):
         # The session applies a forced command itself (asyncssh would drop the original
         # command, which SSH_ORIGINAL_COMMAND must carry).
         forced = options.pop("command", None)
+        if srv.settings.force_command is not None:   # sshd: ForceCommand wins over command=
+            forced = srv.settings.force_command
         if self._key_options:
             # asyncssh resets key options when our validate_public_key accepted the key;
             # restore them so from=, no-pty, permitopen... keep working.
@@ -497,6 +501,11 @@ class MeshSSHServer:
             # No GSSAPI logins. Left at its default, asyncssh resolves the host's FQDN
             # (socket.getfqdn: NSS, DNS) for every connection to name a GSS service.
             gss_host=None,
+            # OpenSSH's UpdateHostKeys: after login, all our host keys (hostkeys-00), and
+            # proofs of them on request, so a client learns keys added before a rotation.
+            send_server_host_keys=True,
+            rekey_bytes=settings.rekey_limit[0],
+            rekey_seconds=settings.rekey_limit[1] or None,
             **algorithms.listen_options(settings.strict_algorithms),
         )
 
