@@ -7,6 +7,8 @@
     ├── NotFound          404
     ├── RequestTimeout    408    the body did not arrive in time (a slow client)
     ├── Conflict          409    unique name taken, object in use
+    ├── Unprocessable     422    well-formed, but names a row that does not exist or
+    │                            combines fields that exclude each other (no schema says so)
     └── TooManyRequests   429    rate limited; `retry_after` seconds
 
 The API's error middleware turns each into `{"error", "message", "field"?}` JSON
@@ -37,6 +39,13 @@ class ManagementError(Exception):
 class BadRequest(ManagementError):
     status = 400
     code = "invalid_request"
+
+
+class Unprocessable(ManagementError):
+    # Its own status, not 400: the OpenAPI document can state every 400 cause as a schema
+    # constraint, so a schema-valid body is never a 400 (schemathesis checks exactly that).
+    status = 422
+    code = "unprocessable"
 
 
 class Unauthorized(ManagementError):

@@ -37,6 +37,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "invalid input (the `field` names what)", 401: "missing or wrong credentials",
             403: "not allowed", 404: "no such object", 409: "conflict (name taken, object in use)",
+            422: "names a peer, user or group that does not exist, or combines fields that exclude each other",
             429: "rate limited (see Retry-After)"}
     return {str(c): {"description": text[c], **_json(_ref("Error"))} for c in codes}
 
@@ -198,39 +199,39 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
         "/api/users": {
             "get": _op("list users", _list("users", "User"), errors=(401, 403)),
             "post": _op("create a user (service users get client_id and a one-time client_secret)",
-                        _one("User", "201"), body=_ref("UserCreate"), errors=(400, 401, 403, 409)),
+                        _one("User", "201"), body=_ref("UserCreate"), errors=(400, 401, 403, 409, 422)),
         },
         "/api/users/{id}": {
             "put": _op("update a user", _one("User"), body=_ref("UserUpdate"), params=[_ID],
-                       errors=(400, 401, 403, 404)),
+                       errors=(400, 401, 403, 404, 422)),
             "delete": _op("delete a user", _NO_CONTENT, params=[_ID], errors=(401, 403, 404)),
         },
         "/api/groups": {
             "get": _op("list groups", _list("groups", "Group"), errors=(401, 403)),
             "post": _op("create a group", _one("Group", "201"), body=_ref("GroupCreate"),
-                        errors=(400, 401, 403, 409)),
+                        errors=(400, 401, 403, 409, 422)),
         },
         "/api/groups/{id}": {
             "put": _op("update a group (a rename follows into policies)", _one("Group"), body=_ref("GroupUpdate"),
-                       params=[_ID], errors=(400, 401, 403, 404, 409)),
+                       params=[_ID], errors=(400, 401, 403, 404, 409, 422)),
             "delete": _op("delete a group no policy uses", _NO_CONTENT, params=[_ID], errors=(401, 403, 404, 409)),
         },
         "/api/setup-keys": {
             "get": _op("list setup keys (never the keys themselves)", _list("setup_keys", "SetupKey"),
                        errors=(401, 403)),
             "post": _op("create a setup key (the key is in this response only)", _one("SetupKey", "201"),
-                        body=_ref("SetupKeyCreate"), errors=(400, 401, 403)),
+                        body=_ref("SetupKeyCreate"), errors=(400, 401, 403, 422)),
         },
         "/api/setup-keys/{id}": {"delete": _op("revoke a setup key", _NO_CONTENT, params=[_ID],
                                                errors=(401, 403, 404))},
         "/api/policies": {
             "get": _op("list policies", _list("policies", "Policy"), errors=(401, 403)),
             "post": _op("create a policy", _one("Policy", "201"), body=_ref("PolicyCreate"),
-                        errors=(400, 401, 403, 409)),
+                        errors=(400, 401, 403, 409, 422)),
         },
         "/api/policies/{id}": {
             "put": _op("update a policy", _one("Policy"), body=_ref("PolicyUpdate"), params=[_ID],
-                       errors=(400, 401, 403, 404, 409)),
+                       errors=(400, 401, 403, 404, 409, 422)),
             "delete": _op("delete a policy", _NO_CONTENT, params=[_ID], errors=(401, 403, 404)),
         },
         "/api/peers": {"get": _op("list peers", _list("peers", "Peer"), errors=(401, 403))},

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from meshsshd.logs import event
 
-from ..errors import BadRequest, Conflict, NotFound
+from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from ..idp.grants import revoke_user_families
 from ..netmap import RULE_PROTOCOLS, USER_PREFIX
 from ..store import Group, Peer, Policy, SetupKey, User, aware, hash_password_async, hash_secret, new_secret, utcnow
@@ -152,7 +152,7 @@ async def create_user(request: web.Request) -> web.Response:
     role = _role(doc, "user")
     service = bool(v.boolean(doc, "service", False))
     if service and password is not None:
-        raise BadRequest("a service user has a client secret, not a password", field="password")
+        raise Unprocessable("a service user has a client secret, not a password", field="password")
     secret = None
     user = User(email=email, name=name, role=role, is_service=service)
     if password is not None:
@@ -187,7 +187,7 @@ async def update_user(request: web.Request) -> web.Response:
         user = await _get(s, User, request, "user")
         if pw_hash is not None:
             if user.is_service:
-                raise BadRequest("a service user has a client secret, not a password", field="password")
+                raise Unprocessable("a service user has a client secret, not a password", field="password")
             user.password_hash = pw_hash
         if name is not None:
             user.name = name
@@ -230,7 +230,7 @@ async def _resolve_peers(s: Any, refs: list[str], field: str = "peers") -> list[
     for i, ref in enumerate(refs):
         peer = await by_id_or_name(s, Peer, ref)
         if peer is None:
-            raise BadRequest(f"{field}[{i}]: no peer with id or name {ref!r}", field=f"{field}[{i}]")
+            raise Unprocessable(f"{field}[{i}]: no peer with id or name {ref!r}", field=f"{field}[{i}]")
         out.append(peer)
     return list(dict.fromkeys(out))
 
@@ -242,7 +242,7 @@ async def _resolve_users(s: Any, refs: list[str], field: str = "users") -> list[
             await s.execute(select(User).where((User.id == ref) | (User.email == ref.strip().lower())))
         ).scalars().first()
         if user is None:
-            raise BadRequest(f"{field}[{i}]: no user with id or email {ref!r}", field=f"{field}[{i}]")
+            raise Unprocessable(f"{field}[{i}]: no user with id or email {ref!r}", field=f"{field}[{i}]")
         out.append(user)
     return list(dict.fromkeys(out))
 
@@ -371,7 +371,7 @@ async def create_setup_key(request: web.Request) -> web.Response:
         for i, ref in enumerate(auto_groups):
             g = await by_id_or_name(s, Group, ref)
             if g is None:
-                raise BadRequest(f"auto_groups[{i}]: no group {ref!r}", field=f"auto_groups[{i}]")
+                raise Unprocessable(f"auto_groups[{i}]: no group {ref!r}", field=f"auto_groups[{i}]")
             gids.append(g.id)
         row = SetupKey(
             name=name, key_hash=hash_secret(key), reusable=reusable,
@@ -427,13 +427,13 @@ async def parse_rules(s: Any, value: Any) -> list[dict[str, Any]]:
             elif src in groups:
                 norm_sources.append(src)
             else:
-                raise BadRequest(f"{where}.sources[{j}]: no group named {src!r}", field=f"{where}.sources[{j}]")
+                raise Unprocessable(f"{where}.sources[{j}]: no group named {src!r}", field=f"{where}.sources[{j}]")
         dests = v.str_list(r, "destinations", field=f"{where}.destinations", max_items=100, max_len=100)
         if not dests:
             raise BadRequest(f"{where}.destinations must name at least one group", field=f"{where}.destinations")
         for j, d in enumerate(dests):
             if d not in groups:
-                raise BadRequest(f"{where}.destinations[{j}]: no group named {d!r}",
+                raise Unprocessable(f"{where}.destinations[{j}]: no group named {d!r}",
                                  field=f"{where}.destinations[{j}]")
         protocol = r.get("protocol", "tcp")
         if protocol not in RULE_PROTOCOLS:

@@ -356,10 +356,10 @@ async def test_admin_crud_conflicts_and_validation(http: aiohttp.ClientSession, 
     assert status == 409
     status, doc = await call(http, "POST", mgmt.url + "/api/groups", headers=mgmt.admin,
                              json={"name": uniq("g"), "peers": ["no-such-peer"]})
-    assert status == 400 and doc["field"] == "peers[0]"
+    assert (status, doc["error"], doc["field"]) == (422, "unprocessable", "peers[0]")
     status, doc = await call(http, "POST", mgmt.url + "/api/policies", headers=mgmt.admin,
                              json={"name": uniq("p"), "rules": [{"sources": ["nope"], "destinations": [g]}]})
-    assert status == 400 and doc["field"] == "rules[0].sources[0]"
+    assert (status, doc["error"], doc["field"]) == (422, "unprocessable", "rules[0].sources[0]")
     status, doc = await call(http, "POST", mgmt.url + "/api/policies", headers=mgmt.admin, json={
         "name": uniq("p"), "rules": [{"sources": [g], "destinations": [g], "ports": ["99999"]}]})
     assert status == 400 and doc["field"] == "rules[0].ports[0]"
