@@ -182,3 +182,24 @@ def test_a_key_only_offered_lends_no_options_to_a_jwt_login(tmp_path: Path, make
         assert r.stdout.decode().strip() == user.pw_name, (r.stdout, err[-2000:])
         accepted = events(srv, "auth.accepted")
         assert accepted[-1]["method"] == "jwt" and accepted[-1]["identity"] == "bob@example.com"
+
+
+def test_cert_authority_line_is_skipped_and_says_so(tmp_path: Path,
+                                                   setup: tuple[Any, ClientKey, dict[str, Any]]) -> None:
+    """A real `ssh-keygen -s` certificate: refused, and the log names the cert-authority
+    line as unsupported (it used to be listed as enforced and refused as `unknown-key`)."""
+    import subprocess
+
+    from tests.support import require_tool
+
+    user, key, config = setup
+    ca = client_key(tmp_path, "id_ca")
+    subprocess.run([require_tool("ssh-keygen"), "-q", "-s", str(ca.path), "-I", "test", "-n", user.pw_name,
+                    "-V", "-5m:+1h", str(key.path) + ".pub"], check=True, capture_output=True)
+    ak = install_key(user, key)
+    ak.write_text(f"cert-authority {ca.public}\n")
+    with ServerKit(tmp_path / "srv", config) as srv:
+        r = srv.ssh(user.pw_name, key, "true", opts=["-o", f"CertificateFile={key.path}-cert.pub"])
+        assert r.returncode == 255
+        skipped = events(srv, "authorized-keys.entries-skipped")
+        assert skipped and skipped[0]["skipped"] == ["line 1: option cert-authority is not supported by meshsshd"]

@@ -83,6 +83,7 @@ def test_environment_is_dropped(keys: list[asyncssh.SSHKey]) -> None:
 @pytest.mark.parametrize("options, why", [
     pytest.param('permitlisten="localhost:8080"', "permitlisten", id="permitlisten"),
     pytest.param("verify-required", "verify-required", id="verify-required"),
+    pytest.param("cert-authority", "cert-authority", id="cert-authority"),   # was kept, and refused every cert
     pytest.param("no-such-option", "unknown option", id="unknown"),
     pytest.param('expiry-time="20200101"', "expired", id="expired"),
     pytest.param('expiry-time="2020-01-01"', "bad expiry-time", id="bad-expiry"),
