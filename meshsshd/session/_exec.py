@@ -31,6 +31,7 @@ from ._cgroup import LoginCgroup, kill_login
 from ._leftovers import login_cgroup_name
 from ._io import FdReader, FdWriter, make_pipe
 from ._pty import PTY
+from ._sftp_symlink import SymlinkOrder, needs_swap
 from ._spawn import (ConnectionInfo, build_child_argv, build_child_env, build_pam_argv, pam_service,
                      signal_as_user, spawn)
 
@@ -103,6 +104,7 @@ class ChildSession(asyncssh.SSHServerSession):
         self._readers: list[FdReader] = []
         self._input_buf: list[bytes] = []
         self._input_eof = False
+        self._symlink_order: SymlinkOrder | None = None
         self._exit: tuple[int, int] | None = None   # (returncode, raw wait status)
         self._finished = False
         self._lost = False
@@ -155,6 +157,9 @@ class ChildSession(asyncssh.SSHServerSession):
             event(log, "subsystem.refused", session_id=self.id, subsystem=subsystem)
             return False
         self._kind, self._subsystem, self._command = "subsystem", subsystem, command
+        client = self._chan.get_extra_info("client_version") if self._chan is not None else ""
+        if subsystem == "sftp" and needs_swap(str(client or "")):
+            self._symlink_order = SymlinkOrder()   # _sftp_symlink.py: for draft-order clients
         self._want_pty = False   # subsystems never get a terminal (as OpenSSH)
         return True
 
@@ -292,6 +297,8 @@ class ChildSession(asyncssh.SSHServerSession):
 
     # ---- data -----------------------------------------------------------------------
     def data_received(self, data: bytes, datatype: int | None) -> None:
+        if self._symlink_order is not None:
+            data = self._symlink_order.feed(data)
         if self._stdin is None:
             self._input_buf.append(data)
         else:

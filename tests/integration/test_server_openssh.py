@@ -222,6 +222,36 @@ def test_sftp_put_get_100mib(world, tmp_path):
     assert _sha256(src) == _sha256(back) == _sha256(remote)
 
 
+@pytest.mark.parametrize("target", ["existing.txt", "missing.txt"])
+@pytest.mark.parametrize("client", ["openssh", "asyncssh"])   # psftp 0.78 has no ln
+def test_sftp_symlink_points_at_its_target_from_every_client(world, tmp_path, client, target):
+    """SYMLINK's two paths come in OpenSSH's order from OpenSSH (and paramiko), in the
+    draft's from asyncssh (which swaps only for servers calling themselves
+    OpenSSH); the link must point at the target either way, also when the target is
+    missing (a backwards link would then be created silently)."""
+    import asyncio
+
+    import asyncssh
+
+    srv, user, key, _ = world
+    home = Path(user.pw_dir)
+    (home / "existing.txt").write_text("x")
+    link = f"link-{client}-{target}"
+    (home / link).unlink(missing_ok=True)
+    if client == "openssh":
+        r = subprocess.run([require_tool("sftp"), *srv.tool_opts(key), "-b", "-", f"{user.pw_name}@127.0.0.1"],
+                           input=f"ln -s {target} {link}\n".encode(), capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    else:
+        async def make() -> None:
+            async with asyncssh.connect("127.0.0.1", srv.port, username=user.pw_name, client_keys=[str(key.path)],
+                                        known_hosts=None, agent_path=None, config=None) as conn:
+                async with conn.start_sftp_client() as sftp:
+                    await sftp.symlink(target, link)
+        asyncio.run(make())
+    assert os.readlink(home / link) == target
+
+
 @pytest.mark.parametrize("mode", [[], ["-O"]], ids=["sftp-protocol", "legacy-scp"])
 def test_scp_both_modes(world, tmp_path, mode):
     srv, user, key, _ = world
