@@ -18,6 +18,7 @@ from typing import Any
 from .config_values import number_problem, typed_problem
 from .errors import ConfigError
 from .netmap import SSH_PORT, AccessRule, NetmapError, NetworkMap, check_accept_env
+from .idle import parse_channel_timeout, parse_duration
 from .sshd_options import DEFAULT_REKEY_BYTES, DEFAULT_REKEY_SECONDS, parse_rekey_limit, read_banner
 from .permit_open import PermitOpenError, parse_permit_listen, parse_permit_open, validate_entries
 
@@ -119,6 +120,9 @@ class ServerSettings:
     banner: str = ""
     force_command: str | None = None
     rekey_limit: tuple[int, int] = (DEFAULT_REKEY_BYTES, DEFAULT_REKEY_SECONDS)
+    # sshd's ChannelTimeout session=… and UnusedConnectionTimeout, in seconds (0 = off).
+    channel_timeout: float = 0.0
+    unused_connection_timeout: float = 0.0
 
     def with_(self, **changes: Any) -> ServerSettings:
         return replace(self, **changes)
@@ -241,7 +245,7 @@ KNOWN_KEYS = {
     "permit_open",
     "permit_listen",
     "strict_algorithms",
-    "banner", "force_command", "rekey_limit",
+    "banner", "force_command", "rekey_limit", "channel_timeout", "unused_connection_timeout",
 }
 JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
 
@@ -348,6 +352,9 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Serv
         banner=read_banner(banner_path) if (banner_path := _string(data, "banner", None)) else "",
         force_command=_string(data, "force_command", None) or None,
         rekey_limit=parse_rekey_limit(_string(data, "rekey_limit", "default")),
+        channel_timeout=parse_channel_timeout(t) if (t := _string(data, "channel_timeout", None)) else 0.0,
+        unused_connection_timeout=(parse_duration(u, "unused_connection_timeout")
+                                   if (u := _string(data, "unused_connection_timeout", None)) else 0.0),
     )
     if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
         raise ConfigError(

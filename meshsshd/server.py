@@ -35,6 +35,7 @@ from .config import ServerSettings
 from .detached import DetachableSession, DetachedSessions
 from .detached_revoke import revoke_detached
 from .errors import AuthRefused
+from .idle import IdleWatch
 from .limits import FD_RESERVE, AuthTries, Penalties, StartupGate, fds_free
 from .logs import event
 from .replay_log import FILE_NAME as REPLAY_LOG_NAME
@@ -107,6 +108,7 @@ class _Connection(asyncssh.SSHServer):
         self.ctx: SessionContext | None = None
         self.sessions: set[ChildSession] = set()
         self.opened = time.time()
+        self._unused: IdleWatch | None = None   # unused_connection_timeout, after login
         self._tries = AuthTries(server.settings.limits.max_auth_tries)
         self._authorized_keys: asyncssh.SSHAuthorizedKeys | None = None
         self._key_options: dict[str, Any] | None = None
@@ -162,7 +164,15 @@ class _Connection(asyncssh.SSHServer):
         if conn is not None:
             asyncio.get_running_loop().call_soon(conn.abort)
 
+    def _close_unused(self) -> None:
+        seconds = self.server.settings.unused_connection_timeout
+        event(log, "connection.unused_closed", source=self.info.client_ip, user=self.login, seconds=seconds)
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"no open channel for {seconds:g} s")
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._unused is not None:
+            self._unused.stop()
         if self._admitted and self.conn is not None:   # flood drops have their own event
             handshake.log_failure(self.conn, exc, self.info.client_ip)
         self.server.gate.done(self)
@@ -318,7 +328,12 @@ class _Connection(asyncssh.SSHServer):
             method=self.identity.method,
             token_local_users=self.identity.local_users,
             cgroup_scope=srv.cgroup_scope,
+            channel_timeout=srv.settings.channel_timeout,
         )
+        if srv.settings.unused_connection_timeout and self.conn is not None:
+            conn = self.conn
+            self._unused = IdleWatch(srv.settings.unused_connection_timeout, self._close_unused,
+                                     busy=lambda: bool(getattr(conn, "_channels", None)))
         event(log, "auth.accepted", method=self.identity.method, identity=self.identity.value,
               user=self.user.name, source=self.info.client_ip)
 

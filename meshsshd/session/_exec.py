@@ -23,6 +23,7 @@ from typing import Any
 import asyncssh
 
 from .. import audit
+from ..idle import IdleWatch
 from ..logs import event
 from ..users import LocalUser
 from . import _utmp
@@ -61,6 +62,7 @@ class SessionContext:
     method: str = ""
     token_local_users: tuple[str, ...] | None = None
     cgroup_scope: str = ""   # names this daemon's login cgroups (_leftovers.cgroup_scope)
+    channel_timeout: float = 0.0   # sshd's ChannelTimeout session=…: idle seconds, 0 = never
 
     def base_event(self, session_id: str) -> dict[str, Any]:
         return dict(session_id=session_id, identity=self.identity, source_ip=self.conn.client_ip,
@@ -105,6 +107,7 @@ class ChildSession(asyncssh.SSHServerSession):
         self._input_buf: list[bytes] = []
         self._input_eof = False
         self._symlink_order: SymlinkOrder | None = None
+        self._idle: IdleWatch | None = None
         self._exit: tuple[int, int] | None = None   # (returncode, raw wait status)
         self._finished = False
         self._lost = False
@@ -122,6 +125,12 @@ class ChildSession(asyncssh.SSHServerSession):
     # ---- requests before start ------------------------------------------------------
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
         self._chan = chan
+        if self.ctx.channel_timeout:
+            self._idle = IdleWatch(self.ctx.channel_timeout, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        event(log, "session.idle_closed", session_id=self.id, seconds=self.ctx.channel_timeout)
+        self.close(f"closing the session: no traffic for {self.ctx.channel_timeout:g} s (channel_timeout)")
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Mapping[int, int]) -> bool:
         self._want_pty = True
@@ -297,6 +306,8 @@ class ChildSession(asyncssh.SSHServerSession):
 
     # ---- data -----------------------------------------------------------------------
     def data_received(self, data: bytes, datatype: int | None) -> None:
+        if self._idle is not None:
+            self._idle.touch()
         if self._symlink_order is not None:
             data = self._symlink_order.feed(data)
         if self._stdin is None:
@@ -311,10 +322,14 @@ class ChildSession(asyncssh.SSHServerSession):
         return True   # keep the channel half-open: output still flows
 
     def _write_stdout(self, data: bytes) -> None:
+        if self._idle is not None:
+            self._idle.touch()
         if self._chan is not None and not self._lost and not self._peer_closed:
             self._chan.write(data)
 
     def _write_stderr(self, data: bytes) -> None:
+        if self._idle is not None:
+            self._idle.touch()
         if self._chan is not None and not self._lost and not self._peer_closed:
             self._chan.write_stderr(data)
 
@@ -492,6 +507,8 @@ class ChildSession(asyncssh.SSHServerSession):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._idle is not None:
+            self._idle.stop()
         if self._pty is not None and self._exit is None:
             # Closing the master hangs up the terminal (SIGHUP to its session).
             for r in self._readers:

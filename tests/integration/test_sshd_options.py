@@ -83,3 +83,49 @@ def test_update_host_keys_teaches_the_client_our_other_keys(tmp_path: Path, keye
     lines = known.read_text().splitlines()
     debug = [ln for ln in r.stderr.decode().splitlines() if "hostkey" in ln.lower() or "known" in ln.lower()]
     assert any(" ssh-rsa " in f" {line} " for line in lines), (lines, debug)   # learnt, and proven
+
+
+def test_channel_timeout_closes_an_idle_session_and_spares_a_busy_one(tmp_path: Path, keyed) -> None:
+    user, key, config = keyed
+    with ServerKit(tmp_path / "srv", {**config, "channel_timeout": "session=2s"}) as srv:
+        idle = srv.ssh(user.pw_name, key, "sleep 20; echo never", timeout=30)
+        busy = srv.ssh(user.pw_name, key, "for i in 1 2 3 4 5 6; do echo tick; sleep 1; done", timeout=30)
+        assert b"never" not in idle.stdout and b"no traffic for 2 s (channel_timeout)" in idle.stderr, idle
+        assert busy.returncode == 0 and busy.stdout.count(b"tick") == 6, busy
+        assert '"session.idle_closed"' in srv.output()
+
+
+def test_unused_connection_timeout_closes_a_connection_without_channels(tmp_path: Path, keyed) -> None:
+    import asyncio
+    import time
+
+    import asyncssh
+
+    user, key, config = keyed
+
+    async def hold() -> tuple[float, bool]:
+        async with asyncssh.connect(srv.host, srv.port, username=user.pw_name, client_keys=[str(key.path)],
+                                    known_hosts=None, agent_path=None, config=None) as conn:
+            result = await conn.run("sleep 3", check=True)   # an open channel keeps it
+            assert result.exit_status == 0
+            t0 = time.monotonic()
+            await asyncio.wait_for(conn.wait_closed(), 15)
+            return time.monotonic() - t0, conn.is_closed()
+
+    with ServerKit(tmp_path / "srv", {**config, "unused_connection_timeout": "2s"}) as srv:
+        waited, closed = asyncio.run(hold())
+        assert closed and 1.5 <= waited <= 4.5, waited
+        assert '"connection.unused_closed"' in srv.output()
+
+
+@pytest.mark.parametrize("key_, value, message", [
+    ("channel_timeout", "direct-tcpip=1h", "only session channels"),
+    ("channel_timeout", "session=0", "a duration"),
+    ("unused_connection_timeout", "soon", "a duration"),
+])
+def test_bad_timeouts_are_named(key_: str, value: str, message: str) -> None:
+    from meshsshd.config import settings_from_dict
+    from meshsshd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        settings_from_dict({"listen": ["127.0.0.1:0"], "authorized_keys": True, key_: value})
