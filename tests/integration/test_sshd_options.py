@@ -8,25 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import require_root, require_tool
+from tests.support import require_tool
 
-from .serverkit import ServerKit, client_key, install_key
+from .serverkit import ServerKit
+from .test_server_limits import keyed  # noqa: F401  (a pytest fixture: a user, its key, a rule)
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root]
 
 
 @pytest.fixture
-def keyed(tmp_path, make_user):
-    require_root()
-    key = client_key(tmp_path)
-    user = make_user("mso")
-    install_key(user, key)
-    rule = {"sources": ["127.0.0.0/8"], "identities": [key.identity], "local_users": [user.pw_name]}
+def login(keyed):
+    """test_server_limits' user, key and rule, as a config that lets that key log in."""
+    user, key, rule = keyed
     return user, key, {"authorized_keys": True, "access": [rule]}
 
 
-def test_banner_is_shown_before_login_with_control_characters_escaped(tmp_path: Path, keyed) -> None:
-    user, key, config = keyed
+def test_banner_is_shown_before_login_with_control_characters_escaped(tmp_path: Path, login) -> None:
+    user, key, config = login
     banner = tmp_path / "banner.txt"
     banner.write_text("Authorised use only.\n\x1b[2J(the screen is not cleared)\n")
     with ServerKit(tmp_path / "srv", {**config, "banner": str(banner)}) as srv:
@@ -37,8 +35,8 @@ def test_banner_is_shown_before_login_with_control_characters_escaped(tmp_path: 
     assert "\x1b" not in err
 
 
-def test_force_command_runs_instead_of_the_asked_one(tmp_path: Path, keyed) -> None:
-    user, key, config = keyed
+def test_force_command_runs_instead_of_the_asked_one(tmp_path: Path, login) -> None:
+    user, key, config = login
     forced = 'echo "forced, asked: $SSH_ORIGINAL_COMMAND"; exit 7'
     with ServerKit(tmp_path / "srv", {**config, "force_command": forced}) as srv:
         r = srv.ssh(user.pw_name, key, "echo mine")
@@ -48,8 +46,8 @@ def test_force_command_runs_instead_of_the_asked_one(tmp_path: Path, keyed) -> N
         assert sftp.returncode != 0   # subsystems are forced too, as with sshd's ForceCommand
 
 
-def test_rekey_limit_rekeys_after_the_data_limit(tmp_path: Path, keyed) -> None:
-    user, key, config = keyed
+def test_rekey_limit_rekeys_after_the_data_limit(tmp_path: Path, login) -> None:
+    user, key, config = login
     with ServerKit(tmp_path / "srv", {**config, "rekey_limit": "256K none"}) as srv:
         r = srv.ssh(user.pw_name, key, "head -c 2000000 /dev/zero", opts=["-o", "LogLevel=DEBUG1"])
     assert r.returncode == 0 and len(r.stdout) == 2_000_000, r.stderr[-2000:]
@@ -68,8 +66,8 @@ def test_bad_rekey_limits_are_named(tmp_path: Path, text: str, message: str) -> 
         settings_from_dict({"listen": ["127.0.0.1:0"], "authorized_keys": True, "rekey_limit": text})
 
 
-def test_update_host_keys_teaches_the_client_our_other_keys(tmp_path: Path, keyed) -> None:
-    user, key, config = keyed
+def test_update_host_keys_teaches_the_client_our_other_keys(tmp_path: Path, login) -> None:
+    user, key, config = login
     with ServerKit(tmp_path / "srv", config) as srv:
         scan = subprocess.run([require_tool("ssh-keyscan"), "-t", "ed25519", "-p", str(srv.port), srv.host],
                               capture_output=True, text=True, timeout=30)
@@ -85,8 +83,8 @@ def test_update_host_keys_teaches_the_client_our_other_keys(tmp_path: Path, keye
     assert any(" ssh-rsa " in f" {line} " for line in lines), (lines, debug)   # learnt, and proven
 
 
-def test_channel_timeout_closes_an_idle_session_and_spares_a_busy_one(tmp_path: Path, keyed) -> None:
-    user, key, config = keyed
+def test_channel_timeout_closes_an_idle_session_and_spares_a_busy_one(tmp_path: Path, login) -> None:
+    user, key, config = login
     with ServerKit(tmp_path / "srv", {**config, "channel_timeout": "session=2s"}) as srv:
         idle = srv.ssh(user.pw_name, key, "sleep 20; echo never", timeout=30)
         busy = srv.ssh(user.pw_name, key, "for i in 1 2 3 4 5 6; do echo tick; sleep 1; done", timeout=30)
@@ -95,13 +93,13 @@ def test_channel_timeout_closes_an_idle_session_and_spares_a_busy_one(tmp_path: 
         assert '"session.idle_closed"' in srv.output()
 
 
-def test_unused_connection_timeout_closes_a_connection_without_channels(tmp_path: Path, keyed) -> None:
+def test_unused_connection_timeout_closes_a_connection_without_channels(tmp_path: Path, login) -> None:
     import asyncio
     import time
 
     import asyncssh
 
-    user, key, config = keyed
+    user, key, config = login
 
     async def hold() -> tuple[float, bool]:
         async with asyncssh.connect(srv.host, srv.port, username=user.pw_name, client_keys=[str(key.path)],
