@@ -45,7 +45,14 @@ async def _serve(config: Path) -> None:
     from .session import reset_inherited_signals
 
     reset_inherited_signals()
-    settings = settings_from_toml(config)
+    # Signals first: a SIGHUP that arrives while the server starts (a config tool
+    # reloading at once) is a reload to do once it runs, not the default "terminate".
+    loop = asyncio.get_running_loop()
+    stop, reload_wanted = asyncio.Event(), asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_wanted.set)
+    settings = await asyncio.to_thread(settings_from_toml, config)
     source = _Standalone()
     metrics = None
     if settings.metrics_listen:   # only then: the metrics server brings aiohttp (~10 MiB)
@@ -62,22 +69,20 @@ async def _serve(config: Path) -> None:
             await server.stop()
             raise ConfigError(f"cannot serve metrics on {format_listen(settings.metrics_listen)}: "
                               f"{exc.strerror}") from exc
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
-    def reload() -> None:
-        async def run() -> None:
+    async def reloads() -> None:
+        while True:
+            await reload_wanted.wait()
+            reload_wanted.clear()
             try:
-                await server.apply(settings_from_toml(config))
+                await server.apply(await asyncio.to_thread(settings_from_toml, config))
             except MeshsshdError as exc:
                 event(log, "config.reload_failed", logging.ERROR, config=str(config), error=str(exc),
                       effect="the old settings stay in force")
-        loop.create_task(run())
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    reloader = loop.create_task(reloads())
     await stop.wait()
+    reloader.cancel()
     if metrics is not None:
         await metrics.stop()
     await server.stop()

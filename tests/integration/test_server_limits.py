@@ -286,3 +286,30 @@ def test_metrics_listen_works_in_serve_mode(tmp_path, keyed):
         assert re.search(r'^meshsshd_auth_successes_total\{method="publickey"\} [1-9]', text, re.M), text
         started = re.search(r"^meshsshd_sessions_started_total (\d+)", text, re.M)
         assert started and int(started.group(1)) >= 1, text   # audit events reach the counters
+
+
+def test_a_sighup_while_starting_is_a_reload_not_a_kill(tmp_path, keyed):
+    """A HUP that races the start (a config tool reloading at once) used to meet the
+    default action and end the daemon; now it is a reload once the server runs."""
+    import os
+    import signal
+
+    from tests.integration.serverkit import to_toml
+    from tests.support import console_script, free_port, wait_for_port
+
+    user, key, rule = keyed
+    port = free_port()
+    cfg = tmp_path / "meshsshd.toml"
+    cfg.write_text(to_toml({"listen": [f"127.0.0.1:{port}"], "state_dir": str(tmp_path / "state"),
+                            "authorized_keys": True, "access": [rule]}))
+    proc = subprocess.Popen([console_script("meshsshd"), "serve", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(0.4)   # past interpreter start-up: the daemon is importing and starting
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out[-2000:]
