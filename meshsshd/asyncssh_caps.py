@@ -21,7 +21,7 @@ from typing import Any
 import asyncssh
 from asyncssh import channel as _chan
 
-from .asyncssh_patch import apply_guarded, server_channel_handler, version_checked
+from .asyncssh_patch import guard_server_channel_handler, version_checked
 from .logs import event
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,8 @@ def cap_channel_requests() -> bool:
     global _applied
     if _applied:
         return True
-    process_request = _chan.SSHChannel._process_request
-    patch = server_channel_handler(_chan.MSG_CHANNEL_REQUEST, _capping(process_request))
-
-    _applied = apply_guarded(log, "asyncssh-caps", refusal(asyncssh.__version__, process_request), patch,
-                             change=f"at most {MAX_ENV} env and {MAX_QUEUED} queued requests per session channel",
-                             effect="env and channel requests are kept without bound")
+    _applied = guard_server_channel_handler(
+        log, "asyncssh-caps", _chan.MSG_CHANNEL_REQUEST, _chan.SSHChannel._process_request, _capping, refusal,
+        change=f"at most {MAX_ENV} env and {MAX_QUEUED} queued requests per session channel",
+        effect="env and channel requests are kept without bound")
     return _applied

@@ -20,10 +20,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import asyncssh
 from asyncssh import channel as _chan
 
-from .asyncssh_patch import apply_guarded, server_channel_handler, version_checked
+from .asyncssh_patch import guard_server_channel_handler, version_checked
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +63,8 @@ def hold_closed_sessions() -> bool:
     global _applied
     if _applied:
         return True
-    process_close = _chan.SSHChannel._process_close
-    patch = server_channel_handler(_chan.MSG_CHANNEL_CLOSE, _holding(process_close))
-
-    _applied = apply_guarded(log, "asyncssh-close", refusal(asyncssh.__version__, process_close), patch,
-                             change="a closed session channel is answered once its command exits",
-                             effect="a command ends when its client closes the channel first (no exit-status)")
+    _applied = guard_server_channel_handler(
+        log, "asyncssh-close", _chan.MSG_CHANNEL_CLOSE, _chan.SSHChannel._process_close, _holding, refusal,
+        change="a closed session channel is answered once its command exits",
+        effect="a command ends when its client closes the channel first (no exit-status)")
     return _applied

@@ -1,4 +1,4 @@
-"""What the guarded asyncssh patches share (asyncssh_tuning, asyncssh_ping,
+"""What the guarded asyncssh patches share (asyncssh_tuning, asyncssh_ping, asyncssh_kexguess, asyncssh_sigalgs,
 asyncssh_keyopts, asyncssh_close, asyncssh_caps): which versions their reading of asyncssh's
 internals holds for, and the one-line report of applying or refusing a patch."""
 
@@ -50,3 +50,14 @@ def server_channel_handler(msg: int, handler: Callable[..., None]) -> Callable[[
         handlers[msg] = handler
         _chan.SSHServerChannel._packet_handlers = handlers
     return patch
+
+
+def guard_server_channel_handler(log: logging.Logger, name: str, msg: int, original: Callable[..., None],
+                                 wrap: Callable[[Callable[..., None]], Callable[..., None]],
+                                 refusal: Callable[[str, Callable[..., None]], str | None], *,
+                                 change: str, effect: str) -> bool:
+    """The server-channel patches' one shape (asyncssh_caps, asyncssh_close): judge
+    asyncssh's `original` handler for `msg`, then install `wrap(original)` for server
+    channels only, with apply_guarded's one event either way."""
+    return apply_guarded(log, name, refusal(asyncssh.__version__, original),
+                         server_channel_handler(msg, wrap(original)), change=change, effect=effect)
