@@ -57,6 +57,26 @@ MIN_FREE_BYTES = 1 << 20  # SQLite: less room than this on the database's file s
 ChangeListener = Callable[[int], Awaitable[None] | None]
 
 
+async def _commit(s: AsyncSession) -> bool:
+    """Commit to the end even if the task is cancelled meanwhile, and say whether it was.
+
+    The commit also hands the connection back to the pool, which closes it if the pool is
+    over its size. A cancel landing in that close cuts it short: the pool logs an error and
+    PostgreSQL keeps the half-closed connection. And a cancel between the commit and the
+    change notification would leave sync streams on a stale map. So the caller finishes
+    its bookkeeping first and raises the cancel after (AsyncSession shields its own close
+    the same way)."""
+    commit = asyncio.ensure_future(s.commit())
+    cancelled = False
+    while not commit.done():
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            cancelled = True
+    commit.result()
+    return cancelled
+
+
 def normalise_url(url: str) -> str:
     """`postgresql://` → asyncpg driver; `sqlite:///path` → aiosqlite driver."""
     if url.startswith(("postgres://", "postgresql://")):
@@ -146,7 +166,8 @@ class Store:
         """A write that does not affect network maps (audit events, last-seen): commits."""
         async with self._locked(), self._watched(), self._write_sessions() as s:
             yield s
-            await s.commit()
+            if await _commit(s):
+                raise asyncio.CancelledError
 
     async def disk_full(self) -> str | None:
         """SQLite: why the database's file system cannot take a write (under
@@ -175,10 +196,12 @@ class Store:
             serial = await self._bump(s)
             if self.is_postgres:
                 await s.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": str(serial)})
-            await s.commit()
+            cancelled = await _commit(s)
         event(log, "store.changed", serial=serial, reason=reason)
         if not self.is_postgres or self._pg_conn is None:
             await self._fire(serial)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _bump(self, s: AsyncSession) -> int:
         result = await s.execute(

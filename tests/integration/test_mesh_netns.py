@@ -104,6 +104,9 @@ def netmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetMesh]:
             c_policy = mgmt.api("POST", "/api/policies", {"name": "web-8080", "enabled": True, "rules": [
                 {"sources": ["web"], "destinations": ["servers"], "protocol": "tcp", "ports": ["8080"]}]})["id"]
             peers["b"].wait(lambda s: s["ssh"]["running"] and len(s["peers"]) == 2, what="B serving, 2 peers")
+            for name in "ac":  # B in their maps too: until then their packets to B have no peer
+                peers[name].wait(lambda s: any(p["name"] == "peer-b" for p in s["peers"]),
+                                 what=f"{name.upper()} with B as a WireGuard peer")
             yield NetMesh(mgmt, peers, ns, iface, bot, user, c_policy)
         except BaseException:
             for p in peers.values():
@@ -137,10 +140,27 @@ def ssh_in(m: NetMesh, src: str, dst: str, port: int, command: str) -> str:
     async def go() -> str:
         async with asyncssh.connect(m.ip(dst), port, username=m.user, password=token,
                                     known_hosts=(keys, [], []), preferred_auth="password",
-                                    connect_timeout=10) as conn:
+                                    connect_timeout=20) as conn:
             return str((await conn.run(command, check=True, timeout=15)).stdout)
 
-    return str(run_in_netns(m.ns[src], asyncio.run, go()))
+    try:
+        return str(run_in_netns(m.ns[src], asyncio.run, go()))
+    except (OSError, asyncssh.Error) as exc:
+        raise AssertionError(f"ssh {src} → {dst}:{port} failed ({exc!r}); what each side saw:\n"
+                             + mesh_report(m, src, dst)) from exc
+
+
+def mesh_report(m: NetMesh, *names: str) -> str:
+    """Each peer's WireGuard view, nftables and log tail: what a failed login needs to be told apart."""
+    parts = []
+    for name in names:
+        wg = subprocess.run(["ip", "netns", "exec", m.ns[name], "wg", "show", m.iface[name]],
+                            capture_output=True, text=True).stdout
+        nft = subprocess.run(["ip", "netns", "exec", m.ns[name], "nft", "list", "ruleset"],
+                             capture_output=True, text=True).stdout
+        parts.append(f"---- {name}: wg\n{wg}\n---- {name}: nft\n{nft}\n---- {name}: log\n"
+                     f"{m.peers[name].output()[-3000:]}")
+    return "\n".join(parts)
 
 
 def test_wireguard_overlay_with_handshakes(netmesh: NetMesh) -> None:
