@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -163,18 +162,10 @@ def judge(delegation: DelegationList, asked: str, peer: PeerInfo | None, identit
 
 def origin_name() -> str:
     """How B's user is told where the decision was made: our peer's name, else the host."""
-    from .target import DEFAULT_STATUS_FILES, STATUS_FILE_ENV
+    from .target import own_peers
 
-    env = os.environ.get(STATUS_FILE_ENV)
-    for path in (env,) if env else DEFAULT_STATUS_FILES:
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(doc, dict) and doc.get("name"):
-            return str(doc["name"])
-    return socket.gethostname() or "your machine"
+    names = {p.name for p in own_peers() if p.name}
+    return names.pop() if len(names) == 1 else socket.gethostname() or "your machine"
 
 
 # ---------------------------------------------------------------- A: the broker

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from meshsshd.acl import SOURCE_REFUSED
+
 from .errors import AccessDenied, ClientError, HostKeyMismatch, NotLoggedIn
 from .options import SSHArgs, env_to_send, want_pty
-from .target import Target, choose_source_address, resolve
+from .target import Target, choose_source_address, resolve, source_hint
 from .terminal import RawTerminal, local_term_modes
 
 if TYPE_CHECKING:
@@ -205,6 +207,8 @@ async def dial(target: Target, session: Session | None, *, source: str | None = 
             hint = f": {ctx.banners[-1]}"
         else:
             hint = "" if ctx.banners else f" ({exc.reason})"
+        if any(SOURCE_REFUSED in b for b in ctx.banners):   # the source is the reason: say so
+            hint += "; " + source_hint(source, session.login.management_url if session else "")
         raise AccessDenied(f"{target.username}@{target.name}: permission denied{hint}") from exc
     except asyncssh.DisconnectError as exc:
         await ctx.cancel()
@@ -322,7 +326,8 @@ async def resolve_for(args: SSHArgs, session: Any) -> Target:
 
 async def dial_for(args: SSHArgs, session: Any, target: Target, io: Stdio) -> asyncssh.SSHClientConnection:
     """dial() with what `args` asks for: source address, keepalive, timeout, agent."""
-    source = choose_source_address(args.bind_address, session.login.management_url, io.environ)
+    source = choose_source_address(args.bind_address, session.login.management_url, io.environ,
+                                   exclude=target.address)
     keepalive = float(args.option("serveraliveinterval") or 0)
     connect_timeout = float(args.option("connecttimeout") or 30)
     client_keys: Any = list(args.identities) if args.identities else ()

@@ -141,7 +141,7 @@ async def run_cp(paths: list[str], *, recursive: bool, port: int | None, preserv
     check_local(srcs, dst, direction, recursive=recursive)
     remote = dst if direction == "up" else srcs[0]
     target = await asyncio.to_thread(resolve, remote.host, session, port, remote.user)
-    source = choose_source_address(bind_address, session.login.management_url)
+    source = choose_source_address(bind_address, session.login.management_url, exclude=target.address)
     conn = await dial_verified(target, session, source=source, quiet=quiet)
     show = (not quiet) and sys.stdout.isatty()
     async with conn:

@@ -92,7 +92,8 @@ class _Peer:
         session = await asyncio.to_thread(Session)
         target = await asyncio.to_thread(resolve, self.where.host, session, self.where.port, self.where.user)
         self.name = target.name
-        source = choose_source_address(self.where.bind_address, session.login.management_url)
+        source = choose_source_address(self.where.bind_address, session.login.management_url,
+                                       exclude=target.address)
         self.conn = await dial_verified(target, session, source=source, quiet=self.where.quiet)
         return self
 

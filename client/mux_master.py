@@ -267,7 +267,7 @@ class Master:
         entry: _Pooled | None = None
         try:
             target = await resolve_for(args, session)
-            source = choose_source_address(None, session.login.management_url, environ)
+            source = choose_source_address(None, session.login.management_url, environ, exclude=target.address)
             process, pty, entry = await self._open(args, session, target, source, io)
             if process is None:
                 return 255

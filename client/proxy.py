@@ -363,7 +363,8 @@ class Relay:
             await self._prepared
             self.target.username = username
             token, self._token = self._token, None  # a token is good for one login only
-            source = choose_source_address(None, self.session.login.management_url, self.io.environ)
+            source = choose_source_address(None, self.session.login.management_url, self.io.environ,
+                                           exclude=self.target.address)
             conn = await dial_verified(self.target, self.session, source=source, agent_path=None,
                                        say=self.io.say,
                                        client_keys=None, keepalive=30.0, prefetch=token)

@@ -8,13 +8,13 @@ broker), so none of them imports the interactive client to learn where to connec
 from __future__ import annotations
 
 import getpass
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from meshsshd.local_peers import LocalPeer, read_peer, running_peers
 from meshsshd.netmap import SSH_PORT, PeerInfo
 
 from . import userconfig
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from .auth import Session
 
 STATUS_FILE_ENV = "MESHSSHD_STATUS_FILE"
-DEFAULT_STATUS_FILES = ("/var/lib/meshsshd/status.json",)
 
 
 @dataclass
@@ -49,36 +48,39 @@ def local_username() -> str:
         return "root" if os.geteuid() == 0 else str(os.geteuid())
 
 
-def status_source_address(management_url: str, paths: tuple[str, ...] | None = None,
-                          environ: Mapping[str, str] | None = None) -> str | None:
-    """Our own peer's mesh IP from meshsshd's status file, when it is in the same mesh.
-
-    In single-machine mode every peer is a loopback address; binding the connection to
-    our peer's address is what lets the server see which peer it comes from.
-    """
-    env = (os.environ if environ is None else environ).get(STATUS_FILE_ENV)
-    candidates = (env,) if env else (paths or DEFAULT_STATUS_FILES)
-    for path in candidates:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(doc, dict) or not doc.get("mesh_ip"):
-            continue
-        murl = str(doc.get("management_url", "")).rstrip("/")
-        if murl and murl != management_url.rstrip("/"):
-            continue
-        return str(doc["mesh_ip"])
-    return None
+def own_peers(management_url: str = "", environ: Mapping[str, str] | None = None) -> list[LocalPeer]:
+    """Our own mesh peers: the one whose status file MESHSSHD_STATUS_FILE names, else the
+    live ones of this mesh that run on this machine (meshsshd/local_peers.py)."""
+    env = os.environ if environ is None else environ
+    named = env.get(STATUS_FILE_ENV)
+    if not named:
+        return running_peers(management_url, env)
+    peer = read_peer(Path(named), running=False)
+    want = management_url.rstrip("/")
+    return [peer] if peer is not None and (not want or peer.management_url in ("", want)) else []
 
 
 def choose_source_address(explicit: str | None, management_url: str,
-                          environ: Mapping[str, str] | None = None) -> str | None:
-    """-b, else MESHSSH_SOURCE_ADDRESS, else config.toml's `source_address`, else the
-    local peer's address."""
+                          environ: Mapping[str, str] | None = None, *, exclude: str = "") -> str | None:
+    """-b, else MESHSSH_SOURCE_ADDRESS, else config.toml's `source_address`, else our own
+    peer's mesh address when exactly one is found (other than `exclude`, the peer we
+    dial: a server that is also where we sit does not log in to itself). With several
+    the system chooses, and a refusal names the options (`source_hint`)."""
     env = os.environ if environ is None else environ
-    return (explicit or env.get("MESHSSH_SOURCE_ADDRESS") or userconfig.load().source_address
-            or status_source_address(management_url, environ=env))
+    chosen = explicit or env.get("MESHSSH_SOURCE_ADDRESS") or userconfig.load().source_address
+    if chosen:
+        return chosen
+    ips = {p.mesh_ip for p in own_peers(management_url, env) if p.mesh_ip != exclude}
+    return ips.pop() if len(ips) == 1 else None
+
+
+def source_hint(source: str | None, management_url: str, environ: Mapping[str, str] | None = None) -> str:
+    """What to tell a user whose connection the peer refused for its source address."""
+    found = ", ".join(p.describe() for p in own_peers(management_url, environ)) or "none"
+    came = f"from {source}" if source else "from the address the system chose"
+    return (f"the connection came {came}, and the peer takes logins only from mesh peers its "
+            f"policies allow; connect from your own peer with -b ADDRESS, MESHSSH_SOURCE_ADDRESS "
+            f"or source_address in config.toml (meshsshd peers running here: {found})")
 
 
 def default_login() -> str:

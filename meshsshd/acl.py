@@ -42,6 +42,10 @@ class AccessResult:
     rule_index: int | None = None  # which rule allowed it
 
 
+# How a refusal for the source address starts; meshssh recognises it in the peer's banner
+# to name the options that choose a source (client/target.py: source_hint).
+SOURCE_REFUSED = "your address "
+
 def is_valid_login(name: str) -> bool:
     return len(name) <= MAX_LOGIN_LEN and _VALID_LOGIN.fullmatch(name) is not None
 
@@ -126,7 +130,7 @@ def evaluate(
             return _deny("token-users", f"your token does not allow logging in as {login}")
         return AccessResult(True, "allowed", "allowed", rule_index=index)
     if progress == 0:
-        return _deny("source", "your address may not log in to this peer")
+        return _deny("source", f"{SOURCE_REFUSED}{source_ip} may not log in to this peer")
     if progress == 1:
         return _deny("identity", f"{identity.value} may not log in to this peer")
     if login == ROOT:

@@ -77,6 +77,7 @@ def up(management_url: str | None, setup_key: str | None, state_dir: Path, inter
        wireguard_port: int | None, hostname: str | None, dataplane: str | None,
        endpoints: tuple[str, ...], metrics_listen: str | None, log_level: str, **flags: Any) -> None:
     """Join the mesh and serve SSH on this peer's mesh address (runs in the foreground)."""
+    from . import local_peers
     from .agent import Agent
     from .dataplane._nftables import check_interface_name
 
@@ -100,7 +101,11 @@ def up(management_url: str | None, setup_key: str | None, state_dir: Path, inter
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--interface") from exc
         agent = Agent(state, config, setup_key=setup_key)
-        code = event_loop.run(agent.run())
+        pointer = local_peers.publish(state)   # so meshssh here finds this peer's address
+        try:
+            code = event_loop.run(agent.run())
+        finally:
+            local_peers.withdraw(pointer)
     except MeshsshdError as exc:
         click.echo(f"meshsshd: {exc.user_message}", err=True)
         sys.exit(exc.exit_code)

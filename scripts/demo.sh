@@ -67,11 +67,11 @@ meshsshd up --management-url "$MGMT" --setup-key "$KEY_SERVERS" --hostname serve
   > "$STATE/server-1.log" 2>&1 & PIDS+=($!)
 meshsshd up --management-url "$MGMT" --setup-key "$KEY_LAPTOPS" --hostname laptop \
   --dataplane none --state-dir "$STATE/laptop" > "$STATE/laptop.log" 2>&1 & PIDS+=($!)
-for _ in $(seq 150); do
-  meshsshd status --state-dir "$STATE/server-1" --json 2>/dev/null | grep -q '"serving": *true' && break; sleep 0.2
+for _ in $(seq 150); do   # server-1 serving, with laptop (the source its policy allows) in its map
+  meshsshd status --state-dir "$STATE/server-1" --json 2>/dev/null | tr -d '\n ' \
+    | grep '"serving":true' | grep -q '"name":"laptop"' && break; sleep 0.2
 done
 meshsshd status --state-dir "$STATE/server-1"
-export MESHSSH_SOURCE_ADDRESS=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["mesh_ip"])' "$STATE/laptop/status.json")
 
 say "login: the device flow (the demo approves it as $EMAIL, as you would in a browser)"
 meshssh login --management-url "$MGMT" --no-browser 2> "$STATE/login.txt" & LOGIN_PID=$!
@@ -89,7 +89,7 @@ meshssh config install --path "$STATE/ssh"
 ssh -F "$STATE/ssh/99-meshssh.conf" "$LOGIN@server-1" 'echo "native ssh: $(id -un) on $(hostname)"'
 
 say "done — management log: demo-state/mgmt.log, peer logs: demo-state/*.log"
-ENVS="MESHSSH_CONFIG_DIR=$MESHSSH_CONFIG_DIR MESHSSH_SOURCE_ADDRESS=$MESHSSH_SOURCE_ADDRESS"
+ENVS="MESHSSH_CONFIG_DIR=$MESHSSH_CONFIG_DIR"   # meshssh finds the laptop peer as its source itself
 echo "Everything keeps running. Log in again from another terminal, with meshssh or native ssh:"
 echo "  $ENVS $ROOT/.venv/bin/meshssh $LOGIN@server-1"
 echo "  $ENVS ssh -F $STATE/ssh/99-meshssh.conf $LOGIN@server-1"

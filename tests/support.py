@@ -125,6 +125,34 @@ def os_user(prefix: str = "mst") -> Iterator[pwd.struct_passwd]:
         subprocess.run(["userdel", "-r", "-f", name], check=False, capture_output=True)
 
 
+_ROOT_SHIM: list[Path] = []
+
+
+def as_user(user: str, argv: Sequence[str]) -> list[str]:
+    """`argv` run as `user`, with this venv's interpreter reachable by them.
+
+    Where the venv's python lives under root's 0700 home (pyenv), the command runs in a
+    private mount namespace in which /root is a 0711 stand-in holding only that tree, so
+    nothing on the machine changes and the namespace ends with the command."""
+    base = ["runuser", "-u", user, "--", *argv]
+    real = Path(os.path.realpath(sys.executable))
+    if real.parts[:2] != ("/", "root") or len(real.parts) < 3:
+        return base
+    top = real.parts[2]
+    if not _ROOT_SHIM:
+        import atexit
+        import tempfile
+
+        shim = Path(tempfile.mkdtemp(prefix="meshsshd-rootshim-"))
+        shim.chmod(0o711)
+        (shim / top).mkdir(mode=0o755)
+        atexit.register(shutil.rmtree, shim, True)
+        _ROOT_SHIM.append(shim)
+    shim = _ROOT_SHIM[0]
+    script = 'mount --bind "/root/$1" "$2/$1" && mount --rbind "$2" /root && shift 2 && exec "$@"'
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", top, str(shim), *base]
+
+
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
     """End a process started with start_new_session=True, and its children: `sig` to
     the group, then SIGKILL after `timeout`."""
