@@ -12,11 +12,26 @@ import difflib
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
+from .config_values import MAX_NUMBER
+
 T = TypeVar("T")
+
+# Bounds the config files share, so each key states its own in its type. A count of 0
+# that would switch a feature off (every session refused), a NaN that compares false
+# with everything (`leeway = nan`: no token ever expires) and an infinity fail here, at
+# the key, instead of later and silently: NaN fails `ge`, infinity fails `le`.
+Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_NUMBER)]
+Quota = Annotated[int, msgspec.Meta(ge=0, le=MAX_NUMBER)]          # 0 = off / no cap
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_NUMBER)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_NUMBER)]
+Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
+# No NUL: the OS refuses it in a path, as a ValueError far from the key.
+Text = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
+AbsolutePath = Annotated[str, msgspec.Meta(pattern=r"^/[^\x00]*$")]
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>[^`]*)`$")
