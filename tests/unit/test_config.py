@@ -53,7 +53,9 @@ RULE = '[[access]]\nsources = ["10.0.0.0/8"]\nidentities = ["*"]\nlocal_users = 
     pytest.param("[jwt]\nmax_token_age = -1", "key `jwt.max_token_age`: expected `float` >= 0.0",
                  id="negative-duration"),
     pytest.param('nologin_files = ["nologin"]',
-                 "key `nologin_files[0]`: expected `str` matching regex '^/[^\\\\x00]*$'", id="relative-path"),
+                 "key `nologin_files[0]`: expected an absolute path (starting with `/`)", id="relative-path"),
+    pytest.param('state_dir = "/var/lib/\\u0000"', "key `state_dir`: expected a string without NUL characters",
+                 id="nul-in-a-path"),
     pytest.param('listen = []', "key `listen`: expected `array` of length >= 1", id="no-listen-address"),
     # an access-rule list item: its shape by the schema, its CIDRs by AccessRule
     pytest.param('[[access]]\nsources = "10.0.0.0/8"', "key `access[0].sources`: expected `array`, got `str`",
