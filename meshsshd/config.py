@@ -4,23 +4,29 @@ or from a network map (managed `meshsshd up`), and validated when built.
 "Where settings come from" lives here and in `agent.py`; "what the server does" lives in
 `server.py`, which only ever sees a `ServerSettings`. A new value is applied whole
 (`MeshSSHServer.apply`), so a half-valid change never reaches live sessions.
+
+The file is checked whole against one typed schema, `ConfigFile` (msgspec, through
+`schema.py`): unknown keys (with the nearest valid one suggested), wrong types and
+bounds fail with the file and the key path named, the same at start and on SIGHUP.
+Only what a type cannot say (addresses, durations, CIDRs) is parsed afterwards.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import tomllib
-from dataclasses import dataclass, field, fields, replace
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from .config_values import number_problem, typed_problem
+import msgspec
+
 from .errors import ConfigError
 from .netmap import SSH_PORT, AccessRule, NetmapError, NetworkMap, check_accept_env
 from .idle import parse_channel_timeout, parse_duration
 from .sshd_options import DEFAULT_REKEY_BYTES, DEFAULT_REKEY_SECONDS, parse_rekey_limit, read_banner
 from .permit_open import PermitOpenError, parse_permit_listen, parse_permit_open, validate_entries
+from .schema import AbsolutePath, Count, Percent, PositiveSeconds, Quota, SchemaError, Seconds, Text, convert, load_toml
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshsshd")
 SFTP_SERVER_CANDIDATES = (
@@ -57,31 +63,43 @@ class JWTSettings:
         return bool(self.issuer and self.audience and (self.jwks or self.jwks_file or self.jwks_url))
 
 
-@dataclass(frozen=True)
-class Limits:
-    """OpenSSH-like limits asyncssh does not have (LoginGraceTime, MaxAuthTries, ...)."""
+class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """OpenSSH-like limits asyncssh does not have (LoginGraceTime, MaxAuthTries, ...).
+    The [limits] table and the value the server reads are this one type: each field's
+    bounds are in its type, so a file cannot hold a limit the server cannot use."""
 
-    login_grace: float = 30.0
-    max_auth_tries: int = 6
-    max_sessions: int = 10
+    login_grace: Seconds = 30.0   # 0 = no limit
+    max_auth_tries: Count = 6
+    max_sessions: Count = 10
     # Session channels one identity may hold open across all its connections.
-    max_sessions_per_identity: int = 50
+    max_sessions_per_identity: Count = 50
     # MaxStartups start:rate:full — beyond `start` unauthenticated connections, drop new
     # ones with probability rate% rising linearly to 100% at `full`.
-    max_startups: tuple[int, int, int] = (10, 30, 100)
+    max_startups: tuple[Count, Percent, Count] = (10, 30, 100)
     # PerSourceMaxStartups: unauthenticated connections one address may hold (0 = no cap).
-    per_source_max_startups: int = 0
-    keepalive_interval: float = 15.0
-    keepalive_count_max: int = 3
-    # Per-source penalty after repeated auth failures (OpenSSH's PerSourcePenalties).
-    penalty_failures: int = 10
-    penalty_seconds: float = 30.0
-    dial_timeout: float = 30.0
+    per_source_max_startups: Quota = 0
+    keepalive_interval: Seconds = 15.0   # 0 = off
+    keepalive_count_max: Count = 3       # asyncssh refuses 0 when it listens
+    # Per-source penalty after repeated auth failures (OpenSSH's PerSourcePenalties; 0 = off).
+    penalty_failures: Quota = 10
+    penalty_seconds: Seconds = 30.0
+    dial_timeout: PositiveSeconds = 30.0   # 0 would time every -L out at once
     # Detached sessions (docs/remoting-sessions.md): output bytes kept per session (oldest
     # dropped beyond), seconds a finished session stays listed, sessions per identity+user.
-    detached_spool_bytes: int = 1 << 20
-    detached_keep_seconds: float = 86400.0
-    detached_max: int = 20
+    detached_spool_bytes: Count = 1 << 20
+    detached_keep_seconds: Seconds = 86400.0
+    detached_max: Quota = 20   # 0 = no detached sessions
+
+    def __post_init__(self) -> None:
+        """What no single bound says: the relation between fields (msgspec reports a
+        ValueError here at `limits`)."""
+        start, _rate, full = self.max_startups
+        if start > full:
+            raise ValueError(f"max_startups' start ({start}) is above its full ({full}): "
+                             "write start:rate:full with start <= full, as OpenSSH's MaxStartups")
+        if self.per_source_max_startups > full:
+            raise ValueError(f"per_source_max_startups {self.per_source_max_startups} is above "
+                             f"max_startups' full ({full}): one address could never reach it (0 = no cap)")
 
 
 @dataclass(frozen=True)
@@ -165,89 +183,85 @@ def find_sftp_server() -> str | None:
     return None
 
 
-def _bool(table: dict[str, Any], key: str, default: bool = False) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false")
-    return value
+class _JwtTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """[jwt]: the file's spelling of `JWTSettings` (one audience or a list, a key file
+    relative to the config file; the inline JWKS comes only from a network map)."""
+
+    issuer: Text = JWTSettings.issuer
+    audience: Text | tuple[Text, ...] = JWTSettings.audience
+    jwks_file: Text | None = JWTSettings.jwks_file
+    jwks_url: Text | None = JWTSettings.jwks_url
+    max_token_age: Seconds = JWTSettings.max_token_age
+    leeway: Seconds = JWTSettings.leeway
+    user_claim: Text = JWTSettings.user_claim
 
 
-def _strings(table: dict[str, Any], key: str, default: tuple[Any, ...]) -> tuple[str, ...]:
-    value = table.get(key)
-    if value is None:
-        return tuple(str(v) for v in default)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key} must be a list of strings")
-    return tuple(value)
+class _AccessTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """One [[access]] rule; `AccessRule` itself then checks the CIDRs and patterns, as it
+    does for a network map."""
+
+    sources: tuple[Text, ...] = AccessRule.sources
+    identities: tuple[Text, ...] = AccessRule.identities
+    local_users: tuple[Text, ...] = AccessRule.local_users
+    accept_env: tuple[Text, ...] | None = AccessRule.accept_env
 
 
-def _number(table: dict[str, Any], key: str, default: float, where: str) -> float:
-    """A finite, non-negative number: NaN or inf here would make a comparison never refuse."""
-    value = table.get(key, default)
-    if problem := number_problem(value):
-        raise ConfigError(f"{where}{key} {problem}")
-    return float(value)
+class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """The whole standalone config file, every key with its type, bounds and default
+    (those of `ServerSettings`). msgspec checks a document against it in one pass
+    (`schema.convert`); what a type cannot say (an IP address, a duration, a CIDR) is
+    parsed after, by the parser each value already has."""
+
+    listen: Text | Annotated[tuple[Text, ...], msgspec.Meta(min_length=1)] = tuple(
+        format_listen(a) for a in ServerSettings.listen)
+    state_dir: Text = str(ServerSettings.state_dir)
+    use_system_host_keys: bool = ServerSettings.use_system_host_keys
+    sftp: bool = ServerSettings.sftp
+    local_port_forwarding: bool = ServerSettings.local_port_forwarding
+    remote_port_forwarding: bool = ServerSettings.remote_port_forwarding
+    root_login: bool = ServerSettings.root_login
+    disable_auth: bool = ServerSettings.disable_auth
+    authorized_keys: bool = ServerSettings.authorized_keys
+    jwt: _JwtTable = msgspec.field(default_factory=_JwtTable)
+    access: tuple[_AccessTable, ...] = ()
+    subsystems: dict[Text, Text] = {}
+    sftp_server: Text | None = None   # None: the first of SFTP_SERVER_CANDIDATES
+    limits: Limits = msgspec.field(default_factory=Limits)
+    own_addresses: tuple[Text, ...] = ServerSettings.own_addresses
+    metrics_listen: Text | None = None
+    accept_env: tuple[Text, ...] = ServerSettings.accept_env
+    nologin_files: tuple[AbsolutePath, ...] = tuple(str(p) for p in ServerSettings.nologin_files)
+    agent_forwarding: bool = ServerSettings.agent_forwarding
+    permit_open: Text | tuple[Text, ...] = ServerSettings.permit_open
+    permit_listen: Text | tuple[Text, ...] = ServerSettings.permit_listen
+    strict_algorithms: bool = ServerSettings.strict_algorithms
+    banner: AbsolutePath | None = None
+    force_command: Text | None = ServerSettings.force_command
+    rekey_limit: Text = "default"
+    channel_timeout: Text | None = None
+    unused_connection_timeout: Text | None = None
 
 
-def _string(table: dict[str, Any], key: str, default: str | None, where: str = "") -> Any:
-    value = table.get(key, default)
-    if value is not None and (not isinstance(value, str) or "\0" in value):
-        raise ConfigError(f"{where}{key} must be a string")
-    return value
+def _entries(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A key that takes one string or a list of them."""
+    return (value,) if isinstance(value, str) else value
 
 
-def _limits(raw: dict[str, Any]) -> Limits:
-    """[limits] checked field by field against the defaults' types (a field added to
-    `Limits` later is validated the same way, with no code here)."""
-    defaults = {f.name: f.default for f in fields(Limits)}
-    unknown = set(raw) - set(defaults)
-    if unknown:
-        raise ConfigError(f"unknown key(s) in [limits]: {', '.join(sorted(map(str, unknown)))}")
-    for key, value in raw.items():
-        if problem := typed_problem(value, defaults[key]):
-            raise ConfigError(f"limits.{key} {problem}")
-    limits = Limits(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
-    full = limits.max_startups[2]
-    if limits.per_source_max_startups > full:
-        raise ConfigError(f"limits.per_source_max_startups {limits.per_source_max_startups} is above "
-                          f"max_startups' full ({full}): one address could never reach it (0 = no cap)")
-    return limits
-
-
-def _permit_entries(data: dict[str, Any], key: str, syntax: str,
-                    parse: Callable[[Iterable[str]], object]) -> tuple[str, ...]:
-    """permit_open / permit_listen: a string or a list of strings, each entry parsed."""
-    value = data.get(key, [])
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(e, str) for e in value):
-        raise ConfigError(f"{key} must be a list of {syntax}")
+def _permit_entries(entries: tuple[str, ...], key: str, parse: Callable[[Iterable[str]], object]) -> tuple[str, ...]:
     try:
-        return validate_entries(value, key, parse)
+        return validate_entries(entries, key, parse)
     except PermitOpenError as exc:
         raise ConfigError(str(exc)) from exc
 
 
-def _audience(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise ConfigError("jwt.audience must be a string or a list of strings")
-
-
-KNOWN_KEYS = {
-    "listen", "state_dir", "use_system_host_keys", "sftp", "local_port_forwarding",
-    "remote_port_forwarding", "root_login", "disable_auth", "authorized_keys", "jwt",
-    "access", "subsystems", "sftp_server", "limits", "own_addresses", "metrics_listen",
-    "accept_env", "nologin_files",
-    "agent_forwarding",
-    "permit_open",
-    "permit_listen",
-    "strict_algorithms",
-    "banner", "force_command", "rekey_limit", "channel_timeout", "unused_connection_timeout",
-}
-JWT_KEYS = {"issuer", "audience", "jwks_file", "jwks_url", "max_token_age", "leeway", "user_claim"}
+def _access(rules: tuple[_AccessTable, ...]) -> tuple[AccessRule, ...]:
+    built = []
+    for i, rule in enumerate(rules):
+        try:
+            built.append(AccessRule(**msgspec.structs.asdict(rule)))
+        except NetmapError as exc:
+            raise ConfigError(f"key `access[{i}]`: {exc}") from exc
+    return tuple(built)
 
 
 def _check_jwks_source(jwt: JWTSettings) -> None:
@@ -262,99 +276,70 @@ def _check_jwks_source(jwt: JWTSettings) -> None:
 
 
 def settings_from_toml(path: Path) -> ServerSettings:
-    """Read and validate a standalone config file; every problem names its key."""
+    """Read and validate a standalone config file; every problem names the file and its key."""
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    return settings_from_dict(data, base_dir=path.parent)
+        doc = load_toml(path, ConfigFile)
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+    return _settings(doc, base_dir=path.parent, source=str(path))
 
 
-def settings_from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> ServerSettings:
-    unknown = set(data) - KNOWN_KEYS
-    if unknown:
-        raise ConfigError(f"unknown key(s): {', '.join(sorted(unknown))}")
-    listen_raw = data.get("listen", [f"127.0.0.1:{SSH_PORT}"])
-    if isinstance(listen_raw, str):
-        listen_raw = [listen_raw]
-    if not isinstance(listen_raw, list) or not listen_raw:
-        raise ConfigError("listen must be a non-empty list of host:port")
-    jwt_raw = data.get("jwt", {})
-    if not isinstance(jwt_raw, dict):
-        raise ConfigError("[jwt] must be a table")
-    unknown = set(jwt_raw) - JWT_KEYS
-    if unknown:
-        raise ConfigError(f"unknown key(s) in [jwt]: {', '.join(sorted(unknown))}")
-    jwks_file = _string(jwt_raw, "jwks_file", None, "jwt.")
-    jwt = JWTSettings(
-        issuer=_string(jwt_raw, "issuer", "", "jwt."),
-        audience=_audience(jwt_raw["audience"]) if "audience" in jwt_raw else (),
-        jwks_file=(base_dir / jwks_file) if jwks_file else None,
-        jwks_url=_string(jwt_raw, "jwks_url", None, "jwt."),
-        max_token_age=_number(jwt_raw, "max_token_age", 600, "jwt."),
-        leeway=_number(jwt_raw, "leeway", 30, "jwt."),
-        user_claim=_string(jwt_raw, "user_claim", "sub", "jwt."),
-    )
+def settings_from_dict(data: dict[str, Any], base_dir: Path = Path("."), source: str = "config") -> ServerSettings:
+    """A parsed document (tests, tools) checked as a file would be; `source` names it in errors."""
+    try:
+        doc = convert(data, ConfigFile, source=source)
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+    return _settings(doc, base_dir, source)
+
+
+def _settings(doc: ConfigFile, base_dir: Path, source: str) -> ServerSettings:
+    try:
+        return _build(doc, base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _build(doc: ConfigFile, base_dir: Path) -> ServerSettings:
+    """The values the schema admitted, parsed into what the server uses."""
+    j = doc.jwt
+    jwt = JWTSettings(issuer=j.issuer, audience=_entries(j.audience),
+                      jwks_file=(base_dir / j.jwks_file) if j.jwks_file else None, jwks_url=j.jwks_url,
+                      max_token_age=j.max_token_age, leeway=j.leeway, user_claim=j.user_claim)
     _check_jwks_source(jwt)
-    access_raw = data.get("access", [])
-    if not isinstance(access_raw, list) or not all(isinstance(r, dict) for r in access_raw):
-        raise ConfigError("[[access]] must be an array of tables")
     try:
-        access = tuple(AccessRule.from_dict(r) for r in access_raw)
-    except NetmapError as exc:
-        raise ConfigError(f"[[access]]: {exc}") from exc
-    subsystems = data.get("subsystems", {})
-    if not isinstance(subsystems, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in subsystems.items()
-    ):
-        raise ConfigError("[subsystems] must map names to command lines")
-    limits_raw = data.get("limits", {})
-    if not isinstance(limits_raw, dict):
-        raise ConfigError("[limits] must be a table")
-    limits = _limits(limits_raw)
-    metrics = _string(data, "metrics_listen", None)
-    try:
-        accept_env = check_accept_env(_strings(data, "accept_env", DEFAULT_ACCEPT_ENV))
+        accept_env = check_accept_env(doc.accept_env)
     except NetmapError as exc:
         raise ConfigError(str(exc)) from exc
-    nologin_files = tuple(Path(p) for p in _strings(data, "nologin_files", DEFAULT_NOLOGIN_FILES))
-    if not all(p.is_absolute() for p in nologin_files):
-        raise ConfigError("nologin_files must be absolute paths")
-    permit_open = _permit_entries(data, "permit_open", "host:port entries (OpenSSH PermitOpen syntax)",
-                                  parse_permit_open)
-    permit_listen = _permit_entries(data, "permit_listen", "[host:]port entries (OpenSSH PermitListen syntax)",
-                                    parse_permit_listen)
     settings = ServerSettings(
-        listen=tuple(parse_listen(s) for s in listen_raw),
-        state_dir=Path(_string(data, "state_dir", str(DEFAULT_STATE_DIR))),
-        use_system_host_keys=_bool(data, "use_system_host_keys"),
-        sftp=_bool(data, "sftp"),
-        local_port_forwarding=_bool(data, "local_port_forwarding"),
-        remote_port_forwarding=_bool(data, "remote_port_forwarding"),
-        root_login=_bool(data, "root_login"),
-        disable_auth=_bool(data, "disable_auth"),
-        authorized_keys=_bool(data, "authorized_keys"),
+        listen=tuple(parse_listen(s) for s in _entries(doc.listen)),
+        state_dir=Path(doc.state_dir),
+        use_system_host_keys=doc.use_system_host_keys,
+        sftp=doc.sftp,
+        local_port_forwarding=doc.local_port_forwarding,
+        remote_port_forwarding=doc.remote_port_forwarding,
+        root_login=doc.root_login,
+        disable_auth=doc.disable_auth,
+        authorized_keys=doc.authorized_keys,
         jwt=jwt,
-        access=access,
-        subsystems=dict(subsystems),
-        sftp_server=_string(data, "sftp_server", None) or find_sftp_server(),
-        limits=limits,
-        own_addresses=_strings(data, "own_addresses", ()),
-        metrics_listen=parse_listen(metrics) if metrics else None,
+        access=_access(doc.access),
+        subsystems=dict(doc.subsystems),
+        sftp_server=doc.sftp_server or find_sftp_server(),
+        limits=doc.limits,
+        own_addresses=doc.own_addresses,
+        metrics_listen=parse_listen(doc.metrics_listen) if doc.metrics_listen else None,
         accept_env=accept_env,
-        nologin_files=nologin_files,
-        agent_forwarding=_bool(data, "agent_forwarding", True),
-        permit_open=permit_open,
-        permit_listen=permit_listen,
-        strict_algorithms=_bool(data, "strict_algorithms"),
-        banner=read_banner(banner_path) if (banner_path := _string(data, "banner", None)) else "",
-        force_command=_string(data, "force_command", None) or None,
-        rekey_limit=parse_rekey_limit(_string(data, "rekey_limit", "default")),
-        channel_timeout=parse_channel_timeout(t) if (t := _string(data, "channel_timeout", None)) else 0.0,
-        unused_connection_timeout=(parse_duration(u, "unused_connection_timeout")
-                                   if (u := _string(data, "unused_connection_timeout", None)) else 0.0),
+        nologin_files=tuple(Path(p) for p in doc.nologin_files),
+        agent_forwarding=doc.agent_forwarding,
+        permit_open=_permit_entries(_entries(doc.permit_open), "permit_open", parse_permit_open),
+        permit_listen=_permit_entries(_entries(doc.permit_listen), "permit_listen", parse_permit_listen),
+        strict_algorithms=doc.strict_algorithms,
+        banner=read_banner(doc.banner) if doc.banner else "",
+        force_command=doc.force_command or None,
+        rekey_limit=parse_rekey_limit(doc.rekey_limit),
+        channel_timeout=parse_channel_timeout(doc.channel_timeout) if doc.channel_timeout else 0.0,
+        unused_connection_timeout=(parse_duration(doc.unused_connection_timeout, "unused_connection_timeout")
+                                   if doc.unused_connection_timeout else 0.0),
     )
     if not settings.disable_auth and not settings.authorized_keys and not settings.jwt.configured:
         raise ConfigError(

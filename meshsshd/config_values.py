@@ -1,6 +1,6 @@
-"""Checks for single config values, shared by the TOML loader (`config.py`) and the
-network-map parser (`netmap.py`), so start-up, SIGHUP reload and a new map refuse exactly
-the same numbers.
+"""Checks for single numbers in documents that are not read through a msgspec schema
+(the network map in `netmap.py`, JWT claims in `auth.py`); the config files state the
+same bounds in their types (`schema.py`, with MAX_NUMBER from here).
 
 TOML and JSON both accept `nan`, `inf` and (JSON) `1e309` → inf. A NaN compares false
 with everything, so `now > exp + leeway` with `leeway = nan` never refuses: every
@@ -36,25 +36,3 @@ def number_problem(value: Any, *, integer: bool = False) -> str | None:
     if value > MAX_NUMBER:
         return f"is too large (at most {MAX_NUMBER})"
     return None
-
-
-def typed_problem(value: Any, default: Any) -> str | None:
-    """Why `value` cannot replace `default` (same kind: bool, whole number, number, string,
-    or a tuple of whole numbers of the same length), or None. Lets a settings dataclass
-    validate every field from its defaults, so a field added later is checked too."""
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "must be true or false"
-    if isinstance(default, int):
-        return number_problem(value, integer=True)
-    if isinstance(default, float):
-        return number_problem(value)
-    if isinstance(default, str):
-        return None if isinstance(value, str) else "must be a string"
-    if isinstance(default, tuple):
-        if not isinstance(value, list) or len(value) != len(default):
-            return f"must be a list of {len(default)} values"
-        for item, item_default in zip(value, default):
-            if problem := typed_problem(item, item_default):
-                return f"entry {repr(item)[:40]} {problem}"
-        return None
-    return f"cannot be set here (a {type(default).__name__})"

@@ -12,11 +12,30 @@ import difflib
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
+from .config_values import MAX_NUMBER
+
 T = TypeVar("T")
+
+# Bounds the config files share, so each key states its own in its type. A count of 0
+# that would switch a feature off (every session refused), a NaN that compares false
+# with everything (`leeway = nan`: no token ever expires) and an infinity fail here, at
+# the key, instead of later and silently: NaN fails `ge`, infinity fails `le`.
+Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_NUMBER)]
+Quota = Annotated[int, msgspec.Meta(ge=0, le=MAX_NUMBER)]          # 0 = off / no cap
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_NUMBER)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_NUMBER)]
+Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
+# No NUL: the OS refuses it in a path, as a ValueError far from the key.
+_NO_NUL = r"^[^\x00]*$"
+_ABSOLUTE = r"^/[^\x00]*$"
+Text = Annotated[str, msgspec.Meta(pattern=_NO_NUL)]
+AbsolutePath = Annotated[str, msgspec.Meta(pattern=_ABSOLUTE)]
+# msgspec quotes a failed pattern as a regex; people are told what it means.
+_PATTERN_WORDS = {_NO_NUL: "a string without NUL characters", _ABSOLUTE: "an absolute path (starting with `/`)"}
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>[^`]*)`$")
@@ -59,6 +78,8 @@ def explain(message: str, kind: type) -> str:
         hint = f" (did you mean `{f'{where}.{near[0]}' if where else near[0]}`?)" if near else ""
         return f"unknown key `{full}`{hint}"
     what = what[0].lower() + what[1:] if what else what
+    for pattern, words in _PATTERN_WORDS.items():
+        what = what.replace(f"`str` matching regex {pattern!r}", words)
     return f"key `{where}`: {what}" if where else what
 
 

@@ -25,10 +25,9 @@ def printable(text: str) -> str:
 
 
 def read_banner(path: str) -> str:
-    """The banner file's text, bounded and made printable; a clear error otherwise."""
+    """The banner file's text, bounded and made printable; a clear error otherwise.
+    `path` is absolute (the config schema's `AbsolutePath`)."""
     p = Path(path)
-    if not p.is_absolute():
-        raise ConfigError(f"banner must be an absolute path, not {path!r}")
     try:
         with p.open("rb") as f:
             data = f.read(BANNER_MAX + 1)

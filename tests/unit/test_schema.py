@@ -8,7 +8,7 @@ from typing import Annotated
 import msgspec
 import pytest
 
-from meshsshd.schema import SchemaError, convert
+from meshsshd.schema import AbsolutePath, SchemaError, convert
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -23,6 +23,7 @@ class Doc(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: Limits | None = None
     access: list[Rule] = []
     user: str | None = None
+    path: AbsolutePath | None = None
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -32,6 +33,8 @@ class Doc(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ({"access": [{"sorces": []}]}, "unknown key `access[0].sorces` (did you mean `access[0].sources`?)"),
     ({"usr": "x"}, "unknown key `usr` (did you mean `user`?)"),
     ({"zzz": 1}, "unknown key `zzz`"),
+    ({"path": "etc/x"}, "key `path`: expected an absolute path (starting with `/`)"),
+    ({"path": "/etc/\0x"}, "key `path`: expected an absolute path (starting with `/`)"),
 ])
 def test_messages_name_the_path_and_the_nearest_key(doc: dict, message: str) -> None:
     with pytest.raises(SchemaError) as err:
