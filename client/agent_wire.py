@@ -1,7 +1,8 @@
 """The SSH agent protocol's framing (draft-miller-ssh-agent), as the token broker uses it.
 
 Pure functions over bytes: frames, SSH strings, SSH_AGENTC_EXTENSION requests whose one
-argument is a JSON object, and the answers to them (client/broker.py, docs/delegation.md).
+argument is a JSON object, and the answers to them (client/broker.py, client/broker_client.py,
+docs/delegation.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ AGENTC_EXTENSION = 27
 AGENT_EXTENSION_FAILURE = 28
 
 MAX_MESSAGE = 1 << 20  # an agent message larger than this is a protocol error
+
+# the broker's two extension requests (client/broker.py answers them, client/broker_client.py asks)
+EXT_TOKEN = "ssh-token@meshsshd"
+EXT_PEERS = "peers@meshsshd"
 
 
 def put_string(data: bytes) -> bytes:

@@ -318,7 +318,7 @@ class Stdio:
 
 async def resolve_for(args: SSHArgs, session: Any) -> Target:
     """The peer `args` names: through a delegated session's broker, or the peer list."""
-    resolver = getattr(session, "resolve_target", None)  # a delegated session (client/broker.py)
+    resolver = getattr(session, "resolve_target", None)  # a delegated session (client/broker_client.py)
     if resolver is not None:
         return await asyncio.to_thread(resolver, args.destination, args.port, args.user)
     return await asyncio.to_thread(resolve, args.destination, session, args.port, args.user)
@@ -465,7 +465,7 @@ def main_connect(args: SSHArgs) -> int:
         except NotLoggedIn:
             # No login here: a session whose agent is the token broker of the user's
             # client on another peer asks it instead (docs/delegation.md).
-            from .broker import broker_session
+            from .broker_client import broker_session
 
             session = broker_session()
             if session is None:

@@ -6,7 +6,7 @@ peer exactly as `meshssh host` does (`target.resolve` + `connect.dial_verified`:
 token, host key from management, source address) and opens the reserved subsystem
 `meshsshd-sessions@meshsshd`: one JSON request line, one JSON answer line, then for
 `receive`/`attach` the session's output (stderr apart) and its exit status
-(protocol: meshsshd/detached.py, user docs: docs/remoting-sessions.md).
+(protocol: meshsshd/detached/__init__.py, user docs: docs/remoting-sessions.md).
 
 `attach` puts a terminal in raw mode and relays keys; Ctrl-\\ (0x1c) detaches and leaves
 the session running. Window size changes travel as SSH window-change requests.

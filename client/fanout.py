@@ -6,11 +6,11 @@ The shape of a run, outside in:
 - `expand_hosts` (pure) turns `a,b,group:web` into peers from the user's peer list
   (`/api/me/peers`, whose entries name the groups each peer is in); a name that is
   not in the list stays as asked, so management can say why (no policy, unknown peer).
-- `TokenPool` asks management for every SSH token in one token-exchange request (up to
-  `MAX_AUDIENCES` audiences, management's limit; an older management with a lower limit
-  is asked again in halves). Tokens live about a minute, so a long run whose later peers
-  would get a nearly expired token refills, again in one request for every peer not yet
-  started.
+- `TokenPool` (client/tokenpool.py) asks management for every SSH token in one
+  token-exchange request (up to `MAX_AUDIENCES` audiences, management's limit; an older
+  management with a lower limit is asked again in halves). Tokens live about a minute, so
+  a long run whose later peers would get a nearly expired token refills, again in one
+  request for every peer not yet started.
 - `run_fanout` dials at most `--throttle` peers at a time (asyncio semaphore), runs the
   command with stdin at /dev/null, and hands each output line, prefixed with the peer
   name, to a `Sink` as it arrives: nothing is buffered per peer in text mode. With
@@ -33,23 +33,22 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshsshd.netmap import SSH_PORT, PeerInfo
 
 from .errors import AccessDenied, ClientError
+from .tokenpool import PoolSession, TokenPool
 
 if TYPE_CHECKING:
-    from .auth import ExchangeResult, Session
+    from .auth import Session
 
 DEFAULT_THROTTLE = 32
-MAX_AUDIENCES = 512  # management's limit per token-exchange request (management/idp/issuer.py)
 DEFAULT_MAX_OUTPUT = 1 << 20  # per peer and stream, --json only
 MAX_LINE = 64 * 1024  # a longer "line" is emitted in pieces (bounded memory in text mode)
 READ_SIZE = 32 * 1024
-TOKEN_MARGIN = 20.0  # never dial with a token that has less life left than this
 GROUP_PREFIX = "group:"
 
 EXIT_OK = 0
@@ -230,86 +229,6 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
-# ---------------------------------------------------------------- tokens
-
-class TokenPool:
-    """SSH tokens for the run, fetched in as few exchange requests as possible.
-
-    `fetch` is `Session.ssh_tokens` (blocking HTTP; run in a thread). Each token is used
-    once (peers refuse a replayed `jti`), so the pool hands a token out and forgets it.
-    """
-
-    def __init__(self, fetch: Callable[[list[tuple[str, str]]], dict[str, ExchangeResult]],
-                 clock: Callable[[], float] = time.time) -> None:
-        self._fetch = fetch
-        self._clock = clock
-        import asyncio
-
-        self._results: dict[str, ExchangeResult] = {}
-        self._pending: dict[str, str] = {}  # key → display name, not yet handed out
-        self._lock = asyncio.Lock()
-        self.requests = 0
-
-    async def prime(self, targets: Sequence[tuple[str, str]]) -> None:
-        self._pending = dict(targets)
-        await self._refill(list(self._pending.items()))
-
-    async def _refill(self, wanted: list[tuple[str, str]]) -> None:
-        for i in range(0, len(wanted), MAX_AUDIENCES):
-            self._results.update(await self._fetch_chunk(wanted[i:i + MAX_AUDIENCES]))
-
-    async def _fetch_chunk(self, chunk: list[tuple[str, str]]) -> dict[str, ExchangeResult]:
-        """One request; a management with a lower audience limit refuses the whole
-        request (`invalid_request`, "at most N audiences"): ask again in halves."""
-        import asyncio
-
-        self.requests += 1
-        got = await asyncio.to_thread(self._fetch, chunk)
-        if len(chunk) > 1 and got and all(
-                r.error_code == "invalid_request" and "audiences" in r.error for r in got.values()):
-            half = len(chunk) // 2
-            return {**await self._fetch_chunk(chunk[:half]), **await self._fetch_chunk(chunk[half:])}
-        return got
-
-    def refusal(self, key: str) -> str | None:
-        res = self._results.get(key)
-        return res.error if res is not None and res.error else None
-
-    async def take(self, key: str) -> ExchangeResult:
-        """A token with at least TOKEN_MARGIN seconds of life for this peer."""
-        async with self._lock:
-            res = self._results.get(key)
-            if res is not None and not res.error and res.exp - self._clock() < TOKEN_MARGIN:
-                # Tokens from the first request are running out: renew every peer that
-                # has not started yet, in one request, not one per peer.
-                stale = [(k, n) for k, n in self._pending.items()
-                         if k in self._results and not self._results[k].error]
-                await self._refill(stale)
-                res = self._results.get(key)
-            self._pending.pop(key, None)
-            self._results.pop(key, None)
-        if res is None:
-            raise ClientError("management returned no SSH token")
-        if res.error:
-            raise AccessDenied(res.error)
-        return res
-
-
-class _PoolSession:
-    """What `connect.dial` needs from a session, backed by the pool: no cache to retry
-    from (every token is fresh) and nothing to consume."""
-
-    def __init__(self, pool: TokenPool, key: str) -> None:
-        self.pool = pool
-        self.key = key
-
-    def ssh_token(self, peer_id: str, name: str, no_cache: bool = False) -> ExchangeResult:
-        raise AccessDenied(f"{name}: the peer refused a fresh SSH token")
-
-    def consume(self, peer_id: str, token: str) -> None:
-        return None
-
-
 # ---------------------------------------------------------------- output
 
 class Sink:
@@ -461,7 +380,7 @@ async def run_one(spec: HostSpec, req: ExecRequest, pool: TokenPool, sink: Sink,
         async def body() -> None:
             nonlocal conn
             prefetch = asyncio.ensure_future(pool.take(spec.key))
-            conn = await dial(target, _PoolSession(pool, spec.key), source=source,  # type: ignore[arg-type]
+            conn = await dial(target, PoolSession(pool, spec.key), source=source,  # type: ignore[arg-type]
                               quiet=True, connect_timeout=req.connect_timeout,
                               prefetch=prefetch)
             try:
@@ -570,7 +489,5 @@ def main_exec(req: ExecRequest) -> int:
     return exit_code(results)
 
 
-# ---------------------------------------------------------------- CLI
-
-__all__ = ["ExecRequest", "HostResult", "HostSpec", "TokenPool", "exit_code",
+__all__ = ["ExecRequest", "HostResult", "HostSpec", "exit_code",
            "expand_hosts", "main_exec", "read_hosts_file", "run_fanout", "split_hosts", "summary_lines"]

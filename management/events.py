@@ -36,7 +36,7 @@ PEER_EVENT_TYPES = (
     "forward.closed",
     "auth.refused",
     "session.revoked",
-    # detached sessions (meshsshd/detached.py, docs/remoting-sessions.md)
+    # detached sessions (meshsshd/detached/, docs/remoting-sessions.md)
     "detached.started",
     "detached.attached",
     "detached.detached",

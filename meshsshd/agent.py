@@ -20,29 +20,29 @@ data plane, forgets the credential and the map, and ends with exit code 3: the p
 not keep serving with an identity its administrator removed.
 
 Everything here is I/O glue; the decisions (what the nft table, the wg peers, the server
-settings look like) are pure functions in `dataplane/` and `config.py`.
+settings look like) are pure functions in `dataplane/` and `config.py`. The agent's other
+pieces: `agent_map.py` and `agent_status.py` (mixins of `Agent`), `agent_reload.py` (SIGHUP),
+`endpoints.py` (this host's WireGuard endpoints, for registration).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-import ipaddress
 import logging
 import os
 import random
 import signal
 import socket
-import time
-from dataclasses import asdict, is_dataclass
 from typing import Any, Callable
 
 from . import __version__, hostkeys
-from .config import ServerSettings, find_sftp_server, settings_from_netmap
+from .agent_map import MapsMixin, maybe_await
+from .agent_status import StatusMixin, now_iso
 from .dataplane import Dataplane, make_dataplane, resolve_kind
 from .dataplane import cleanup as dataplane_cleanup
-from .errors import ConfigError, DataplaneError, MeshsshdError, StateError
+from .endpoints import local_endpoints
+from .errors import ConfigError, MeshsshdError, StateError
 from .logs import event
 from .audit_uplink import ManagementAuditSink
 from .mgmt_client import (
@@ -52,12 +52,10 @@ from .mgmt_client import (
     ManagementUnavailable,
     PeerDeleted,
     Registration,
-    management_destinations,
 )
-from .netmap import SSH_PORT, NetmapError, NetworkMap
+from .netmap import NetworkMap
 from .peerproof import private_key_from_b64
-from .state import (PUBLIC_MODE, SECRET_MODE, Credential, StateDir, UpConfig, is_meshsshd, read_json,
-                    write_json_async)
+from .state import PUBLIC_MODE, Credential, StateDir, UpConfig, is_meshsshd, read_json, write_json_async
 
 log = logging.getLogger("meshsshd.agent")
 
@@ -70,52 +68,7 @@ def backoff_delay(attempt: int, base: float = 0.5, cap: float = 10.0) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-def base_settings(state: StateDir, config: UpConfig, netmap: NetworkMap,
-                  forward_protected: tuple[str, ...] = ()) -> ServerSettings:
-    """The local half of the server settings: where to listen and what the flags allow;
-    `forward_protected` is the management server's address (`management_destinations`)."""
-    f = config.flags
-    return ServerSettings(
-        listen=((netmap.peer.mesh_ip, SSH_PORT),),
-        state_dir=state.root,
-        sftp=f.enable_ssh_sftp,
-        local_port_forwarding=f.enable_ssh_local_port_forwarding,
-        remote_port_forwarding=f.enable_ssh_remote_port_forwarding,
-        root_login=f.enable_ssh_root,
-        disable_auth=f.disable_ssh_auth,
-        sftp_server=find_sftp_server(),
-        agent_forwarding=not f.disable_ssh_agent_forwarding,
-        forward_protected=forward_protected,
-    )
-
-
-def validate_map(netmap: NetworkMap, peer_id: str) -> None:
-    """Checks beyond the shape: the map must be about us and carry usable addresses."""
-    if netmap.peer.id != peer_id:
-        raise NetmapError(f"map is for peer {netmap.peer.id!r}, not for us ({peer_id!r})")
-    try:
-        ipaddress.ip_address(netmap.peer.mesh_ip)
-        net = ipaddress.ip_network(netmap.network, strict=False)
-    except ValueError as exc:
-        raise NetmapError(f"map has a bad address: {exc}") from exc
-    if ipaddress.ip_address(netmap.peer.mesh_ip) not in net:
-        raise NetmapError(f"mesh IP {netmap.peer.mesh_ip} is outside the network {netmap.network}")
-
-
-def _plain(value: Any) -> Any:
-    """A session description from the server as JSON-able data."""
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
-    return value
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-class Agent:
+class Agent(MapsMixin, StatusMixin):
     map_retry_every = 5  # seconds between attempts to apply a map that failed transiently
     refusals_before_deleted = 5  # consecutive credential refusals (≈ 4-8 s) that mean deletion
     refusal_backoff = 0.5  # base of the backoff between those checks, seconds
@@ -271,7 +224,7 @@ class Agent:
         async with self._lock:
             if self.server is not None:
                 with contextlib.suppress(Exception):
-                    await _maybe_await(self.server.stop())
+                    await maybe_await(self.server.stop())
                 self.server = None
             self.serving = False
             if self._dp_up or self._fatal is not None:
@@ -350,125 +303,6 @@ class Agent:
         event(log, "register.done", peer_id=cred.peer_id, mesh_ip=cred.mesh_ip, peer_name=cred.name)
         return cred
 
-    # maps --------------------------------------------------------------------------
-    async def _serve_persisted_map(self) -> None:
-        try:
-            doc = await asyncio.to_thread(read_json, self.state.netmap_path)
-        except StateError as exc:
-            event(log, "netmap.persisted_unreadable", logging.WARNING, error=str(exc))
-            return
-        if doc is None:
-            return
-        try:
-            await self.apply_map(doc, persist=False)
-            event(log, "netmap.restored", serial=self.netmap.serial if self.netmap else None)
-        except MeshsshdError as exc:
-            event(log, "netmap.restore_failed", logging.WARNING, error=str(exc))
-
-    def should_serve(self, netmap: NetworkMap) -> bool:
-        """The SSH server runs only when the local flag allows and management enables it."""
-        return self.config.flags.allow_server_ssh and netmap.ssh.enabled
-
-    async def apply_map(self, doc: Any, persist: bool = True, only_if_newer: bool = False,
-                        force: bool = False) -> bool:
-        """Apply one map all-or-nothing; False when it equals the current one (or, for a
-        retry, when a newer map has been applied meanwhile). `force`: apply it even so
-        (a reload whose flags changed what the same map means)."""
-        cred = self._require_cred()
-        try:
-            netmap = NetworkMap.from_dict(doc)
-            validate_map(netmap, cred.peer_id)
-        except NetmapError as exc:
-            raise ConfigError(f"network map rejected: {exc}") from exc
-        serve = self.should_serve(netmap)
-        # Re-resolved per map (the address may move); a failed lookup keeps the last one.
-        self._mgmt_destinations = (await asyncio.to_thread(management_destinations, self.config.management_url)
-                                   or self._mgmt_destinations)
-        base = base_settings(self.state, self.config, netmap, self._mgmt_destinations)
-        settings = settings_from_netmap(base, netmap) if serve else None
-        async with self._lock:
-            if self.netmap == netmap and self.serving == serve and self._dp_up and not force:
-                return False
-            if only_if_newer and self.netmap is not None and self.netmap.serial >= netmap.serial:
-                return False
-            prev, prev_serve = self.netmap, self.serving
-            try:
-                if not self._dp_up:
-                    await self.dataplane.up(netmap, serve)
-                    self._dp_up = True
-                else:
-                    await self.dataplane.apply(netmap, serve)
-            except DataplaneError:
-                await self._rollback_dataplane(prev, prev_serve)
-                raise
-            try:
-                await self._apply_server(settings)
-            except Exception as exc:
-                await self._rollback_dataplane(prev, prev_serve)
-                if isinstance(exc, MeshsshdError):
-                    raise
-                raise MeshsshdError(f"SSH server could not take the new map: {exc}") from exc
-            if persist:  # before it shows in status.json: what status shows is on disk
-                try:
-                    await write_json_async(self.state.netmap_path, netmap.to_dict())
-                except StateError as exc:  # serve the new map anyway; a restart gets the old one
-                    event(log, "netmap.persist_failed", logging.ERROR, error=str(exc))
-            self.netmap, self.serving = netmap, serve
-            self._last_map_error = ""
-            self._settle_state()
-        event(log, "netmap.applied", serial=netmap.serial, peers=len(netmap.peers),
-              rules=len(netmap.firewall_rules), ssh=serve)
-        await self._write_status()
-        return True
-
-    def _settle_state(self) -> None:
-        """State and reason from the map in force (after a map, or a refusal that passed)."""
-        if self.netmap is None:
-            self._state_name, self._reason = "starting", ""
-        elif self.serving:
-            self._state_name, self._reason = "serving", ""
-        else:
-            self._state_name, self._reason = "ssh-off", self._why_not_serving(self.netmap)
-
-    def _why_not_serving(self, netmap: NetworkMap) -> str:
-        if not self.config.flags.allow_server_ssh:
-            return "SSH server not allowed on this peer (start with --allow-server-ssh)"
-        if not netmap.ssh.enabled:
-            return ("management has not enabled SSH on this peer (no policy grants SSH to it, "
-                    "or an admin turned it off)")
-        return ""
-
-    async def _rollback_dataplane(self, prev: NetworkMap | None, prev_serve: bool) -> None:
-        if prev is None or not self._dp_up:
-            return
-        try:
-            await self.dataplane.apply(prev, prev_serve)
-        except MeshsshdError as exc:
-            event(log, "dataplane.rollback_failed", logging.ERROR, error=str(exc))
-
-    def _make_server(self, settings: ServerSettings) -> Any:
-        if self._server_factory is not None:
-            return self._server_factory(settings, audit=self.uplink)
-        from .audit import FanoutAuditSink, LoggingAuditSink
-        from .server import MeshSSHServer
-
-        return MeshSSHServer(settings, audit=FanoutAuditSink(LoggingAuditSink(), self.uplink))
-
-    async def _apply_server(self, settings: ServerSettings | None) -> None:
-        if settings is None:
-            if self.server is not None:
-                await _maybe_await(self.server.stop())
-                self.server = None
-                event(log, "ssh.stopped")
-            return
-        if self.server is None:
-            server = self._make_server(settings)
-            await _maybe_await(server.start())
-            self.server = server
-            event(log, "ssh.started", listen=[f"{h}:{p}" for h, p in settings.listen])
-        else:  # also rebinds when the mesh IP moved, and closes sessions no longer allowed
-            await _maybe_await(self.server.apply(settings))
-
     # sync ----------------------------------------------------------------------------
     async def _sync_loop(self) -> None:
         attempt = refusals = 0
@@ -480,7 +314,7 @@ class Agent:
                         attempt = refusals = 0
                         if self._state_name == "credential-refused":
                             self._settle_state()
-                        self._mgmt.update(connected=True, since=_now_iso(), last_error="")
+                        self._mgmt.update(connected=True, since=now_iso(), last_error="")
                         event(log, "sync.connected", url=self.config.management_url)
                         task = asyncio.create_task(self.report_self())
                         self._background.add(task)  # keep a reference until it is done
@@ -511,7 +345,7 @@ class Agent:
                     await asyncio.wait_for(self._stop.wait(), delay)
             except (ManagementUnavailable, ManagementRejected) as exc:
                 was = self._mgmt.get("connected")
-                self._mgmt.update(connected=False, since=_now_iso() if was else self._mgmt.get("since"),
+                self._mgmt.update(connected=False, since=now_iso() if was else self._mgmt.get("since"),
                                   last_error=str(exc))
                 delay = backoff_delay(attempt)
                 attempt += 1
@@ -553,89 +387,6 @@ class Agent:
         except MeshsshdError as exc:
             event(log, "report_self.failed", logging.WARNING, error=str(exc))
 
-    # status --------------------------------------------------------------------------
-    async def status_doc(self) -> dict[str, Any]:
-        dp: dict[str, Any] = {"kind": self.dataplane.kind}
-        with contextlib.suppress(MeshsshdError):
-            dp = await self.dataplane.status() if self._dp_up else dp
-        handshakes = dp.get("peers", {})
-        nm = self.netmap
-        cred = self.cred
-        sessions: list[Any] = []
-        if self.server is not None and hasattr(self.server, "sessions"):
-            with contextlib.suppress(Exception):
-                sessions = [_plain(s) for s in await _maybe_await(self.server.sessions())]
-        peers = []
-        for p in nm.peers if nm else ():
-            hs = handshakes.get(p.wg_public_key, {}) if p.wg_public_key else {}
-            peers.append({
-                "id": p.id, "name": p.name, "fqdn": p.fqdn, "mesh_ip": p.mesh_ip,
-                "ssh_enabled": p.ssh_enabled, "endpoint": hs.get("endpoint", ""),
-                "latest_handshake": hs.get("latest_handshake", 0),
-            })
-        return {
-            "pid": os.getpid(),
-            "state": self._state_name,
-            "serving": self.server is not None,  # the SSH server listens on mesh_ip:22022
-            "reason": self._reason,
-            "state_dir": str(self.state.root),
-            "peer_id": cred.peer_id if cred else "",
-            "name": (nm.peer.name if nm else cred.name if cred else ""),
-            "fqdn": (nm.peer.fqdn if nm else cred.fqdn if cred else ""),
-            "mesh_ip": (nm.peer.mesh_ip if nm else cred.mesh_ip if cred else ""),
-            "network": (nm.network if nm else cred.network if cred else ""),
-            "management_url": self.config.management_url,
-            "management": dict(self._mgmt),
-            "netmap_serial": nm.serial if nm else None,
-            "netmap_error": self._last_map_error,
-            "dataplane": {k: v for k, v in dp.items() if k != "peers"},
-            "ssh": {
-                "running": self.server is not None,
-                "listen": f"{nm.peer.mesh_ip}:{SSH_PORT}" if nm and self.server is not None else "",
-                "enabled_by_management": bool(nm and nm.ssh.enabled),
-                "flags": self.config.flags.to_dict(),
-            },
-            "peers": peers,
-            "sessions": sessions,
-            "metrics_listen": self.config.metrics_listen,
-            "audit": {"queued": len(self.uplink.queue), "dropped": self.uplink.dropped,
-                      "delivered": self.uplink.delivered},
-        }
-
-    async def _write_status(self, force: bool = False, stopped: bool = False) -> None:
-        doc = await self.status_doc()
-        if stopped:
-            doc["pid"] = None
-            doc["serving"] = False
-            doc["ssh"]["running"] = False
-            doc["sessions"] = []
-        if not force and doc == self._last_status:
-            return
-        # Who is logged in is for root: the sessions go to their own 0600 file, and the
-        # world-readable status.json (the client reads its mesh IP there) only counts them.
-        public = {k: v for k, v in doc.items() if k != "sessions"}
-        updated = _now_iso()
-        try:
-            await write_json_async(self.state.sessions_path, {"sessions": doc["sessions"], "updated": updated},
-                                   SECRET_MODE)
-            await write_json_async(self.state.status_path,
-                                   {**public, "session_count": len(doc["sessions"]), "updated": updated},
-                                   PUBLIC_MODE)
-        except StateError as exc:  # status is for people; a full disk must not stop serving
-            event(log, "status.write_failed", logging.WARNING, error=str(exc))
-            return
-        self._last_status = doc
-
-    async def _status_loop(self) -> None:
-        """status.json every second when it changed; a failed map is retried every 5 s."""
-        tick = 0
-        while True:
-            await self._write_status()
-            await asyncio.sleep(1.0)
-            tick += 1
-            if self._retry_doc is not None and tick % self.map_retry_every == 0:
-                await self._on_netmap(self._retry_doc, retry=True)
-
     async def _start_metrics(self) -> None:
         if not self.config.metrics_listen:
             return
@@ -648,25 +399,3 @@ class Agent:
         except OSError as exc:
             self.metrics = None
             raise ConfigError(f"cannot serve metrics on {self.config.metrics_listen}: {exc.strerror}") from exc
-
-
-async def local_endpoints(interface: str, port: int) -> tuple[str, ...]:
-    """This host's global IPv4 addresses (not the mesh interface) with the WireGuard port."""
-    from .dataplane._exec import run
-
-    res = await run(["ip", "-o", "-4", "address", "show", "scope", "global"], check=False)
-    return endpoints_from_ip_output(res.stdout, interface, port)
-
-
-def endpoints_from_ip_output(text: str, interface: str, port: int) -> tuple[str, ...]:
-    """`ip -o -4 address show` lines → ("192.0.2.5:51820", ...), skipping the mesh interface."""
-    out = []
-    for line in text.splitlines():
-        cols = line.split()
-        if len(cols) >= 4 and cols[1] != interface and cols[2] == "inet":
-            out.append(f"{cols[3].split('/')[0]}:{port}")
-    return tuple(out)
-
-
-def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

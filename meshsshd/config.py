@@ -1,7 +1,7 @@
 """Server settings: one frozen value, built from a TOML file (standalone `meshsshd serve`)
 or from a network map (managed `meshsshd up`), and validated when built.
 
-"Where settings come from" lives here and in `agent.py`; "what the server does" lives in
+"Where settings come from" lives here and in `agent_map.py`; "what the server does" lives in
 `server.py`, which only ever sees a `ServerSettings`. A new value is applied whole
 (`MeshSSHServer.apply`), so a half-valid change never reaches live sessions.
 

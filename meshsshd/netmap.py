@@ -1,7 +1,7 @@
 """Wire types shared by the peer daemon, the management server and the client.
 
 The network map is one JSON document per peer. Management computes it
-(`management/netmap.py`), the peer applies it (`meshsshd/agent.py`), and the client
+(`management/netmap.py`), the peer applies it (`meshsshd/agent_map.py`), and the client
 reads the peer list that comes from the same types. Everything here is a frozen
 dataclass with `to_dict`/`from_dict` so that the JSON shape is defined in one place.
 

@@ -32,8 +32,7 @@ from .audit import AuditSink, ForwardClosed, ForwardOpened, LoggingAuditSink, Se
 from .audit import AuthRefused as AuthRefusedEvent
 from .auth import Identity, JWTValidator, key_identity, peer_identity
 from .config import ServerSettings
-from .detached import DetachableSession, DetachedSessions
-from .detached_revoke import revoke_detached
+from .detached import DetachableSession, DetachedSessions, revoke_detached
 from .errors import AuthRefused
 from .idle import IdleWatch
 from .limits import FD_RESERVE, AuthTries, Penalties, StartupGate, fds_free

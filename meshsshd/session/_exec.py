@@ -58,7 +58,7 @@ class SessionContext:
     forced_command: str | None = None
     agent: AgentForwarding = field(default_factory=AgentForwarding)   # closed with the connection
     # How the identity was proven, and its token's own local_users fence: what a policy
-    # change re-checks for sessions that outlive the connection (detached_revoke.py).
+    # change re-checks for sessions that outlive the connection (detached/_revoke.py).
     method: str = ""
     token_local_users: tuple[str, ...] | None = None
     cgroup_scope: str = ""   # names this daemon's login cgroups (_leftovers.cgroup_scope)

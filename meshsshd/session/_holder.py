@@ -1,7 +1,7 @@
 """Holder of one detached session: owns the child, its PTY master or pipes, and the spool.
 
 Run by path (`python -I -S _holder.py`, standard library only, like the PAM helper) so
-it starts fast and imports nothing of the daemon. The daemon (meshsshd/detached.py)
+it starts fast and imports nothing of the daemon. The daemon (meshsshd/detached/)
 writes a JSON spec on stdin and passes the PTY/pipe fds; the holder forks once more and
 the intermediate exits, so the holder is re-parented to init in its own session: a
 restart or crash of meshsshd does not touch it (WinRM's disconnected sessions, plus

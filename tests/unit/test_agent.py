@@ -274,7 +274,7 @@ async def test_audit_events_survive_an_outage_in_a_bounded_queue(tmp_path: Path)
 
 
 def test_endpoints_from_ip_output_skip_the_mesh_interface() -> None:
-    from meshsshd.agent import endpoints_from_ip_output
+    from meshsshd.endpoints import endpoints_from_ip_output
 
     text = (
         "2: eth0    inet 192.0.2.5/24 brd 192.0.2.255 scope global eth0\\       valid_lft forever\n"
@@ -335,7 +335,7 @@ async def test_audit_batch_management_refuses_is_split_and_the_rest_delivered() 
     pytest.param({"disable_ssh_agent_forwarding": True}, False, id="disable-flag"),
 ])
 def test_agent_forwarding_follows_the_up_flag(tmp_path: Path, flags: dict, expected: bool) -> None:
-    from meshsshd.agent import base_settings
+    from meshsshd.agent_map import base_settings
     from meshsshd.state import PeerFlags
 
     config = UpConfig(flags=PeerFlags.from_dict(flags))
@@ -348,7 +348,7 @@ def test_agent_forwarding_follows_the_up_flag(tmp_path: Path, flags: dict, expec
     pytest.param(False, True, False, id="the-map-cannot-widen-the-peer-flag"),
 ])
 def test_agent_forwarding_in_the_map_only_narrows(tmp_path: Path, local: bool, in_map: bool, expected: bool) -> None:
-    from meshsshd.agent import base_settings
+    from meshsshd.agent_map import base_settings
     from meshsshd.config import settings_from_netmap
     from meshsshd.state import PeerFlags
 

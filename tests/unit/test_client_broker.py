@@ -19,17 +19,11 @@ from client.agent_wire import (
     AGENT_IDENTITIES_ANSWER,
     AGENT_SUCCESS,
     AGENTC_REQUEST_IDENTITIES,
-)
-from client.broker import (
     EXT_PEERS,
     EXT_TOKEN,
-    Broker,
-    BrokerClient,
-    BrokerSession,
-    DelegationList,
-    DelegationRefused,
-    judge,
 )
+from client.broker import Broker, DelegationList, judge
+from client.broker_client import BrokerClient, BrokerSession, DelegationRefused, broker_session
 from client.errors import UsageError
 from meshsshd.netmap import PeerInfo
 
@@ -213,8 +207,8 @@ async def test_broker_without_an_agent_has_no_keys_and_is_private(tmp_path: Path
 
 
 def test_broker_session_only_for_a_broker(tmp_path: Path) -> None:
-    assert broker.broker_session({}) is None
-    assert broker.broker_session({"SSH_AUTH_SOCK": str(tmp_path / "missing.sock")}) is None
+    assert broker_session({}) is None
+    assert broker_session({"SSH_AUTH_SOCK": str(tmp_path / "missing.sock")}) is None
 
 
 async def test_a_delegated_session_forwards_no_agent_further(capsys: pytest.CaptureFixture[str]) -> None:

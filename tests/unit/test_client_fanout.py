@@ -11,11 +11,9 @@ from click.testing import CliRunner
 from client.auth import ExchangeResult
 from client.errors import AccessDenied, UsageError
 from client.fanout import (
-    MAX_AUDIENCES,
     MAX_LINE,
     Capture,
     HostResult,
-    TokenPool,
     exit_code,
     expand_hosts,
     read_hosts_file,
@@ -25,6 +23,7 @@ from client.fanout import (
 )
 from client.cli_exec import exec_command
 from client.options import parse_ssh_args, want_pty
+from client.tokenpool import MAX_AUDIENCES, TokenPool
 from meshsshd.netmap import PeerInfo
 
 

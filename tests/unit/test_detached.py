@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from client.detach import format_table, split_destination
-from meshsshd.detached import frame, is_expired, iter_frames, may_see, summary
+from meshsshd.detached import is_expired, may_see, summary
+from meshsshd.detached._frames import frame, iter_frames
 
 _HOLDER_PATH = Path(__file__).resolve().parents[2] / "meshsshd" / "session" / "_holder.py"
 _spec = importlib.util.spec_from_file_location("_holder_under_test", _HOLDER_PATH)
@@ -131,7 +132,7 @@ def test_split_destination(dest: str, user: str | None, expected: tuple) -> None
 
 
 def test_systemd_scope_only_under_a_systemd_service() -> None:
-    from meshsshd.detached import systemd_scope
+    from meshsshd.detached._launch import systemd_scope
 
     service = {"INVOCATION_ID": "abc"}
     assert systemd_scope("0123456789ab", {}, booted=True, systemd_run="/bin/systemd-run") == []

@@ -1,11 +1,11 @@
-"""Which detached sessions a new policy ends (meshsshd/detached_revoke.py, pure parts)."""
+"""Which detached sessions a new policy ends (meshsshd/detached/_revoke.py, pure parts)."""
 
 from __future__ import annotations
 
 import pytest
 
 from meshsshd.config import JWTSettings, ServerSettings
-from meshsshd.detached_revoke import recorded_identity, revocation_reason
+from meshsshd.detached._revoke import recorded_identity, revocation_reason
 from meshsshd.netmap import AccessRule
 from meshsshd.server import still_allowed
 

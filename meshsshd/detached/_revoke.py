@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from .audit import AuditEvent
-from .auth import Identity
-from .detached import DetachedSessions
-from .logs import event
+from ..auth import Identity
+from ..logs import event
+from ._events import DetachedRevoked
+from ._store import DetachedSessions
 
 log = logging.getLogger("meshsshd.detached")
 
 # (identity, login, source ip) → ("", "") to keep, or (reason, message)
 LoginCheck = Callable[[Identity, str, str], tuple[str, str]]
-
-
-@dataclass(frozen=True)
-class DetachedRevoked(AuditEvent):
-    type: ClassVar[str] = "detached.revoked"
-    reason: str = ""        # the access-rule reason code (source, identity, local-user, method, ...)
 
 
 def recorded_identity(meta: Mapping[str, Any]) -> Identity:
@@ -68,5 +61,3 @@ async def revoke_detached(store: DetachedSessions, check: LoginCheck) -> int:
               user=meta.get("local_user"), reason=reason, result=result)
     return ended
 
-
-__all__ = ["DetachedRevoked", "recorded_identity", "revocation_reason", "revoke_detached"]
