@@ -39,6 +39,9 @@ class _Standalone:
     server: Any = None
 
 
+_early_hups: list[bool] = []
+
+
 async def _serve(config: Path) -> None:
     from .audit import FanoutAuditSink, LoggingAuditSink
     from .server import MeshSSHServer
@@ -52,6 +55,8 @@ async def _serve(config: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_wanted.set)
+    if _early_hups:   # one came while the command was still importing (see serve())
+        reload_wanted.set()
     settings = await asyncio.to_thread(settings_from_toml, config)
     source = _Standalone()
     metrics = None
@@ -76,6 +81,7 @@ async def _serve(config: Path) -> None:
             reload_wanted.clear()
             try:
                 await server.apply(await asyncio.to_thread(settings_from_toml, config))
+                event(log, "config.reloaded", config=str(config))
             except MeshsshdError as exc:
                 event(log, "config.reload_failed", logging.ERROR, config=str(config), error=str(exc),
                       effect="the old settings stay in force")
@@ -95,6 +101,9 @@ async def _serve(config: Path) -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(config: Path, log_level: str) -> None:
     """Serve SSH from a config file, without management (SIGHUP reloads it)."""
+    # Before the slow imports (asyncssh, the server): a HUP from then on is noted and
+    # becomes a reload once the server runs, instead of the default action, "terminate".
+    signal.signal(signal.SIGHUP, lambda *_: _early_hups.append(True))
     setup_logging(log_level)
     try:
         event_loop.run(_serve(config))

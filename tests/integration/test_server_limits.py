@@ -302,14 +302,34 @@ def test_a_sighup_while_starting_is_a_reload_not_a_kill(tmp_path, keyed):
     cfg = tmp_path / "meshsshd.toml"
     cfg.write_text(to_toml({"listen": [f"127.0.0.1:{port}"], "state_dir": str(tmp_path / "state"),
                             "authorized_keys": True, "access": [rule]}))
-    proc = subprocess.Popen([console_script("meshsshd"), "serve", "--config", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out_file:
+        proc = subprocess.Popen([console_script("meshsshd"), "serve", "--config", str(cfg)],
+                                stdout=out_file, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(0.4)   # past interpreter start-up: the daemon is importing and starting
+        # The moment the daemon catches HUP (its first act in `serve`, before the server's
+        # imports and start): before it, no program can help the default action.
+        deadline = time.monotonic() + 30
+        while not catches(proc.pid, signal.SIGHUP) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
         os.kill(proc.pid, signal.SIGHUP)
         wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
+        while '"event":"config.reloaded"' not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)   # the HUP was not lost either: the reload follows the start
         assert proc.poll() is None
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+    out = log.read_text()
     assert proc.returncode == 0, out[-2000:]
+    assert '"event":"config.reloaded"' in out, out[-2000:]
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Has process `pid` a handler for `sig` (SigCgt in /proc/PID/status)?"""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return False
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(mask & (1 << (sig - 1)))
