@@ -13,7 +13,9 @@ reached user authentication, made an attempt), wherever it stalls, preferring th
 source that holds the most slots. A real client progresses every few milliseconds, so
 stalled sockets, hello-only churn and clients parked at the password prompt push each
 other out while it gets in. Only when every slot progressed within `stall_after`
-seconds is the newcomer refused. `per_source_max_startups` (OpenSSH's
+seconds is the newcomer refused; a connection that never sent its identification string
+yields after `silent_after` (a client sends it the moment TCP connects), so sockets that
+reconnect the instant they are closed cannot keep every slot young. `per_source_max_startups` (OpenSSH's
 PerSourceMaxStartups) caps the slots one address holds: its newcomers then replace its
 own stalest connection, so a flood from one address cannot crowd out the others.
 """
@@ -62,12 +64,14 @@ class StartupGate:
         limits: Limits,
         *,
         stall_after: float = 0.1,
+        silent_after: float = 0.02,
         stage: Callable[[Hashable], int] = lambda key: 0,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits
         self.stall_after = stall_after
+        self.silent_after = silent_after
         self._stage = stage
         self._rng = rng
         self._clock = clock
@@ -123,9 +127,11 @@ class StartupGate:
         done), then the one longest without progress. A source holding more slots
         than the newcomer's yields one at once; otherwise (the newcomer's own source) only
         a connection stalled for `stall_after`, so a login in progress is not cut off by
-        the next connection from its own address."""
+        the next connection from its own address. A silent one (stage 0) is stalled
+        after `silent_after` already."""
         now = self._clock()
         stalled_before = now - self.stall_after
+        silent_before = now - self.silent_after
         mine = self._per_source.get(newcomer, 0) + 1
         best: tuple[int, int, float] | None = None
         victim: Hashable | None = None
@@ -136,7 +142,7 @@ class StartupGate:
             stage = self._stage(key)
             if stage > pending.stage:   # sampled here: progress only matters when choosing
                 pending.stage, pending.active = stage, now
-            if held <= mine and pending.active > stalled_before:
+            if held <= mine and pending.active > (silent_before if pending.stage == 0 else stalled_before):
                 continue
             rank = (-held, pending.stage, pending.active)
             if best is None or rank < best:

@@ -154,10 +154,6 @@ def real_logins(srv: ServerKit, user: str, key, seconds: float) -> list[float | 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_real_logins_get_through_a_preauth_flood(tmp_path, make_user, shape, sources):
     require_root()
-    if shape == "idle-500" and sources == SAME_SOURCE:
-        # Known gap: 500 sockets that reconnect the instant they are closed, from the
-        # client's own address, still cut off some logins under load (3-8 of 8 pass).
-        pytest.xfail("idle reconnect storm from the client's own address: not yet fair")
     key = client_key(tmp_path)
     user = make_user("msf")
     install_key(user, key)

@@ -88,7 +88,8 @@ def test_gate_admits_below_start_and_refuses_when_full_and_nothing_stalled():
 
 def test_gate_evicts_the_stalest_connection_wherever_it_stalls():
     clock = FakeClock()
-    gate = StartupGate(Limits(max_startups=(2, 100, 2)), stall_after=0.1, rng=lambda: 0.0, clock=clock)
+    gate = StartupGate(Limits(max_startups=(2, 100, 2)), stall_after=0.1, rng=lambda: 0.0, clock=clock,
+                       stage=lambda key: 2)   # both past key exchange
     assert gate.admit("parked", "s").admitted
     gate.progressed("parked")                          # reached userauth, then stalls there
     clock.now += 0.05
@@ -101,10 +102,29 @@ def test_gate_evicts_the_stalest_connection_wherever_it_stalls():
     assert gate.unauthenticated == 2
 
 
+def test_a_silent_connection_makes_room_sooner_than_a_talking_one():
+    """Sockets that never sent their identification string yield after silent_after, so
+    a storm of them reconnecting from the client's own address (each one young) cannot
+    keep every slot; a connection that identified itself keeps stall_after."""
+    clock = FakeClock()
+    stages = {"talking": 1, "silent": 0}
+    gate = StartupGate(Limits(max_startups=(2, 100, 2)), stall_after=0.1, silent_after=0.02,
+                       rng=lambda: 0.0, clock=clock, stage=lambda key: stages.get(key, 0))
+    assert gate.admit("talking", "s").admitted and gate.admit("silent", "s").admitted
+    clock.now += 0.01
+    assert not gate.admit("early", "s").admitted        # both younger than silent_after
+    clock.now += 0.02
+    result = gate.admit("newcomer", "s")
+    assert result.admitted and result.evict == "silent"
+    clock.now += 0.03                                   # newcomer is silent too, and older now
+    assert gate.admit("next", "s").evict == "newcomer"  # never "talking", 0.06 s < stall_after
+
+
 def test_gate_evicts_from_the_source_holding_most_slots_at_once():
     """Churn younger than stall_after: a newcomer from a quiet address still gets in."""
     clock = FakeClock()
-    gate = StartupGate(Limits(max_startups=(4, 100, 4)), stall_after=10.0, rng=lambda: 0.0, clock=clock)
+    gate = StartupGate(Limits(max_startups=(4, 100, 4)), stall_after=10.0, rng=lambda: 0.0, clock=clock,
+                       stage=lambda key: 1)   # hello-only churn: identified, then nothing
     assert gate.admit("mine", "real").admitted
     for i in range(3):
         clock.now += 0.01
