@@ -121,6 +121,16 @@ def test_exec_sees_source_peer_and_host_forms(world: World) -> None:
         assert r.stdout.split()[0].decode() == world.laptop_ip
 
 
+def test_a_refused_source_address_is_named_with_the_options_that_choose_one(world: World) -> None:
+    """127.0.0.1 is no mesh peer: the peer says which address it refused, and meshssh
+    says where the connection came from and how to connect from one's own peer."""
+    r = world.ms("-b", "127.0.0.1", f"{world.user}@db-1", "true")
+    assert r.returncode == 255
+    assert b"your address 127.0.0.1 may not log in to this peer" in r.stderr, r.stderr
+    assert b"the connection came from 127.0.0.1" in r.stderr, r.stderr
+    assert b"-b ADDRESS, MESHSSH_SOURCE_ADDRESS" in r.stderr, r.stderr
+
+
 def test_exit_signal_is_255(world: World) -> None:
     r = world.ms(f"{world.user}@db-1", "kill -TERM $$")
     assert r.returncode == 255
