@@ -37,8 +37,10 @@ from .detached_revoke import revoke_detached
 from .errors import AuthRefused
 from .idle import IdleWatch
 from .limits import FD_RESERVE, AuthTries, Penalties, StartupGate, fds_free
+from .log_budget import LogBudget
 from .logs import event
 from .replay_log import FILE_NAME as REPLAY_LOG_NAME
+from .remedies import with_remedy
 from .replay_log import ReplayLog
 from .session import ChildSession, ConnectionInfo, SessionContext, pam_service, resolve_subsystem
 from .session._leftovers import cgroup_scope, end_leftovers
@@ -363,18 +365,32 @@ class _Connection(asyncssh.SSHServer):
         assert self.conn is not None
         return self.remote_listeners.answered_first(self.conn, session)   # -R replies go first
 
+    def _forward_refused(self, kind: str, reason: str, setting: str = "", **fields: Any) -> str:
+        """One `forward.refused` line (within the source's log budget: a client may ask as
+        fast as it sends) and the text the client is told, naming the fix."""
+        srv = self.server
+        held = srv.forward_log.take(self.info.client_ip)
+        if held is not None:
+            if setting:
+                fields["setting"] = setting
+            if held:
+                fields["suppressed"] = held   # lines held back since the last one
+            event(log, "forward.refused", kind=kind, reason=reason, source=self.info.client_ip,
+                  identity=self.ctx.identity if self.ctx else None, **fields)
+        return with_remedy(reason, setting, managed=srv.settings.managed)
+
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         settings = self.server.settings
         self._refuse_if_revoked()
         if self.ctx is None or not settings.local_port_forwarding:
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                                            "local port forwarding is disabled on this peer")
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, self._forward_refused(
+                "local", "local port forwarding is disabled on this peer", "local_port_forwarding",
+                host=dest_host, port=dest_port))
         conn, ctx = self.conn, self.ctx
         assert conn is not None
 
-        def refused(reason: str) -> None:
-            event(log, "forward.refused", kind="local", reason=reason, host=dest_host, port=dest_port,
-                  source=self.info.client_ip)
+        def refused(reason: str) -> str:
+            return self._forward_refused("local", reason, "permit_open", host=dest_host, port=dest_port)
 
         async def open_() -> Any:
             forwarder = await forwarding.open_local(
@@ -384,20 +400,26 @@ class _Connection(asyncssh.SSHServer):
             return forwarder
         return open_()
 
+    def _refuse_listen(self, reason: str, setting: str = "", **fields: Any) -> bool:
+        """A tcpip-forward failure carries no text in SSH: the reason goes to the client as
+        a debug message just before the failure (`ssh -v` shows "Remote: ...", meshssh and
+        its proxy print it with the failure)."""
+        message = self._forward_refused("remote", reason, setting, **fields)
+        if self.conn is not None:
+            self.conn.send_debug(f"meshsshd: {message}")
+        return False
+
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
         settings = self.server.settings
         if self.revoked is not None:
-            event(log, "forward.refused", kind="remote", reason="revoked", source=self.info.client_ip)
-            return False
+            return self._refuse_listen(self.revoked, host=listen_host, port=listen_port)
         if self.ctx is None or not settings.remote_port_forwarding:
-            event(log, "forward.refused", kind="remote", reason="disabled", source=self.info.client_ip)
-            return False
+            return self._refuse_listen("remote port forwarding is disabled on this peer", "remote_port_forwarding",
+                                       host=listen_host, port=listen_port)
         decision = forwarding.may_listen(listen_host, listen_port, uid=self.ctx.user.uid,
                                          own_addresses=settings.own_addresses, permit_listen=settings.permit_listen)
         if not decision.allowed:
-            event(log, "forward.refused", kind="remote", reason=decision.reason, host=listen_host,
-                  port=listen_port, source=self.info.client_ip)
-            return False
+            return self._refuse_listen(decision.reason, decision.setting, host=listen_host, port=listen_port)
         ctx = self.ctx
         assert self.conn is not None
         return self.remote_listeners.listen(   # forward.opened once the port is bound
@@ -463,6 +485,7 @@ class MeshSSHServer:
         self.cgroup_scope = cgroup_scope(settings.state_dir)   # whose login cgroups are ours
         self.detached = DetachedSessions(lambda: self.settings, self.audit)
         self.stats: dict[str, int] = {"dropped": 0, "evicted": 0}
+        self.forward_log = LogBudget()   # forward.refused lines per source address
         self._host_keys: hostkeys.HostKeys | None = None
         self._acceptors: dict[tuple[str, int], asyncssh.SSHAcceptor] = {}
         self._prune_task: asyncio.Task | None = None
