@@ -1,7 +1,7 @@
 """`meshssh -L/-D/-R`, saying why the peer refused, as OpenSSH does or better.
 
-- A local forward whose channel the peer refuses: asyncssh's own forwarder drops the
-  local connection without a word. Here each refusal is printed the way OpenSSH prints
+- A local or dynamic forward whose channel the peer refuses: asyncssh's own forwarders
+  drop the local connection without a word. Here each refusal is printed the way OpenSSH prints
   it, "open failed: administratively prohibited: <the peer's reason>", and meshsshd's
   reason names the flag that would allow it.
 - A remote forward: a failed tcpip-forward carries no text in SSH, so meshsshd sends the
@@ -54,25 +54,45 @@ def notes_of(conn: Any) -> PeerNotes:
     return getattr(ctx, "notes", None) or PeerNotes()
 
 
+async def _open_reporting(conn: Any, say: Callable[[str], None], what: str, session_factory: Any,
+                          dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+    """A direct-tcpip channel for a local listener; a refusal is said, then raised."""
+    from asyncssh import ChannelOpenError
+
+    try:
+        return await conn.create_connection(session_factory, dest_host, dest_port, orig_host, orig_port)
+    except ChannelOpenError as exc:
+        say(f"{what} to {dest_host}:{dest_port}: open failed: {describe_open_failure(exc)}")
+        raise
+
+
 async def forward_local_port(conn: Any, listen_host: str, listen_port: int, dest_host: str, dest_port: int,
                              say: Callable[[str], None]) -> Any:
     """asyncssh's `forward_local_port`, except that a refused channel is reported."""
-    from asyncssh import ChannelOpenError
     from asyncssh.listener import create_tcp_forward_listener
 
     listener: Any = None
 
     async def tunnel(session_factory: Any, orig_host: str, orig_port: int) -> Any:
-        port = dest_port or listener.get_port()
-        try:
-            return await conn.create_connection(session_factory, dest_host, port, orig_host, orig_port)
-        except ChannelOpenError as exc:
-            say(f"local forward {listen_port} to {dest_host}:{port}: open failed: {describe_open_failure(exc)}")
-            raise
+        return await _open_reporting(conn, say, f"local forward {listen_port}", session_factory, dest_host,
+                                     dest_port or listener.get_port(), orig_host, orig_port)
 
     listener = await create_tcp_forward_listener(conn, asyncio.get_running_loop(), tunnel, listen_host,
                                                  listen_port)
     return listener
+
+
+async def forward_socks(conn: Any, listen_host: str, listen_port: int, say: Callable[[str], None]) -> Any:
+    """asyncssh's `forward_socks`, except that a refused channel is reported (asyncssh
+    answers the SOCKS request before the channel opens, so the SOCKS client only sees
+    its connection closed)."""
+    from asyncssh.listener import create_socks_listener
+
+    async def tunnel(session_factory: Any, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        return await _open_reporting(conn, say, f"dynamic forward {listen_port}", session_factory, dest_host,
+                                     dest_port, orig_host, orig_port)
+
+    return await create_socks_listener(conn, asyncio.get_running_loop(), tunnel, listen_host, listen_port)
 
 
 async def setup_forwards(conn: Any, args: SSHArgs, say: Callable[[str], None]) -> list[str]:
@@ -85,7 +105,7 @@ async def setup_forwards(conn: Any, args: SSHArgs, say: Callable[[str], None]) -
             problems.append(f"Warning: local port forwarding {f.listen_port} failed: {exc}")
     for f in args.dynamic:
         try:
-            await conn.forward_socks(f.listen_host, f.listen_port)
+            await forward_socks(conn, f.listen_host, f.listen_port, say)
         except (OSError, Exception) as exc:  # noqa: BLE001
             problems.append(f"Warning: dynamic forwarding {f.listen_port} failed: {exc}")
     notes = notes_of(conn)

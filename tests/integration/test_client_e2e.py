@@ -309,6 +309,21 @@ def test_meshssh_says_why_a_forward_is_refused(world: World) -> None:
     err = _refused_through([console_script("meshssh"), "-N", "-L", f"{free_port()}:127.0.0.1:9",
                             f"{world.user}@imp-1"], world.mesh.client_env(world.alice))
     assert f"open failed: administratively prohibited: {LOCAL_OFF}" in err, err
+    dport = free_port()   # -D: the SOCKS client sees its connection closed, the user the reason
+    proc = _background([console_script("meshssh"), "-N", "-D", f"127.0.0.1:{dport}", f"{world.user}@imp-1"],
+                       world.mesh.client_env(world.alice))
+    try:
+        wait_for_port("127.0.0.1", dport, proc=proc)
+        with socket.create_connection(("127.0.0.1", dport), timeout=10) as s:
+            s.sendall(b"\x05\x01\x00")
+            assert s.recv(2) == b"\x05\x00"
+            s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + (9).to_bytes(2, "big"))
+            s.settimeout(10)
+            _recv_all(s)   # asyncssh answers SOCKS before the channel opens, then closes
+    finally:
+        stop_group(proc)
+    err = proc.stderr.read().decode(errors="replace")
+    assert f"dynamic forward {dport} to 127.0.0.1:9: open failed: administratively prohibited: {LOCAL_OFF}" in err, err
 
 
 def test_peers_lists_under_a_header_and_says_why_when_empty(world: World, tmp_path: Path) -> None:
