@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from meshsshd.acl import SOURCE_REFUSED
 
 from .errors import AccessDenied, ClientError, HostKeyMismatch, NotLoggedIn
+from .forwards import PeerNotes, setup_forwards
 from .options import SSHArgs, env_to_send, want_pty
 from .target import Target, choose_source_address, resolve, source_hint
 from .terminal import RawTerminal, local_term_modes
@@ -71,6 +72,9 @@ def _client_class() -> type:
         def auth_completed(self) -> None:
             self.ctx.authenticated = True
 
+        def debug_msg_received(self, msg: str, lang: str, always_display: bool) -> None:
+            self.ctx.notes.messages.append(msg)   # why a tcpip-forward failed (client/forwards.py)
+
         def connection_lost(self, exc: Exception | None) -> None:
             # After login, a peer that hangs up says why (e.g. access revoked by a policy
             # change); show it — the proxy's stderr is the only place OpenSSH users see it.
@@ -96,6 +100,7 @@ class DialContext:
     prefetch: asyncio.Task | None = None
     held: list[str] = field(default_factory=list)
     own_prefetch: bool = True
+    notes: PeerNotes = field(default_factory=PeerNotes)
 
     def banner(self, msg: str) -> None:
         """Show what the peer says — except its refusal of a *cached* token, which we
@@ -266,34 +271,6 @@ def _restore_blocking() -> None:
             os.set_blocking(fd, True)
 
 
-async def _setup_forwards(conn: Any, args: SSHArgs) -> list[str]:
-    """Start -L/-R/-D; return warnings (OpenSSH warns and goes on unless told not to)."""
-    problems = []
-    for f in args.local:
-        try:
-            await conn.forward_local_port(f.listen_host, f.listen_port, f.dest_host, f.dest_port)
-        except (OSError, Exception) as exc:  # noqa: BLE001
-            problems.append(f"Warning: local port forwarding {f.listen_port} failed: {exc}")
-    for f in args.dynamic:
-        try:
-            await conn.forward_socks(f.listen_host, f.listen_port)
-        except (OSError, Exception) as exc:  # noqa: BLE001
-            problems.append(f"Warning: dynamic forwarding {f.listen_port} failed: {exc}")
-    for f in args.remote:
-        try:
-            listener = await conn.forward_remote_port(f.listen_host, f.listen_port,
-                                                      f.dest_host, f.dest_port)
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"Warning: remote port forwarding failed for listen port "
-                            f"{f.listen_port}: {getattr(exc, 'reason', exc)}")
-            continue
-        if f.listen_port == 0:
-            sys.stderr.write(f"Allocated port {listener.get_port()} for remote forward to "
-                             f"{f.dest_host}:{f.dest_port}\n")
-            sys.stderr.flush()
-    return problems
-
-
 @dataclass
 class Stdio:
     """Where a session's bytes and messages go: this process's own descriptors, or the
@@ -356,7 +333,7 @@ async def run_session(args: SSHArgs, session: Session) -> int:
     target = await resolve_for(args, session)
     conn = await dial_for(args, session, target, io)
     async with conn:
-        problems = await _setup_forwards(conn, args)
+        problems = await setup_forwards(conn, args, io.say)
         for p in problems:
             sys.stderr.write(p + "\n")
         if problems and (args.option("exitonforwardfailure") or "").lower() == "yes":

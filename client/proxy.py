@@ -297,7 +297,9 @@ def _classes() -> tuple[type, type, type]:
 
         def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                                  orig_port: int) -> Any:
-            return self.relay.backend  # asyncssh tunnels the direct-tcpip channel through it
+            if self.relay.backend is None:
+                return False
+            return self.relay.direct(dest_host, dest_port)
 
         def unix_connection_requested(self, dest_path: str) -> Any:
             return self.relay.backend
@@ -421,8 +423,24 @@ class Relay:
         setting its path here once OpenSSH asked for -A keeps it per user request."""
         conn._agent_forward_path = path  # noqa: SLF001 — see docstring
 
+    async def direct(self, dest_host: str, dest_port: int) -> Any:
+        """A direct-tcpip channel (-L, -D, -W) tunnelled through the peer connection. The
+        drop-in runs OpenSSH at LogLevel ERROR, which hides the peer's reason for a refusal
+        ("open failed: ..." is INFO there): the proxy says it."""
+        import asyncssh
+
+        from .forwards import describe_open_failure
+
+        try:
+            return await self.outer.forward_tunneled_connection(self.backend, dest_host, dest_port)
+        except asyncssh.ChannelOpenError as exc:
+            self.say(f"{self.name}: forward to {dest_host}:{dest_port}: open failed: {describe_open_failure(exc)}")
+            raise
+
     async def remote_forward(self, listen_host: str, listen_port: int) -> Any:
         import asyncssh
+
+        from .forwards import notes_of
 
         conn = await self.backend_conn()
         if conn is None:
@@ -435,11 +453,16 @@ class Relay:
                 self.forwarder, listen_host, port, orig_host, orig_port)
             return self.forwarder(peer)
 
+        notes = notes_of(conn)
+        mark = notes.mark()
         try:
             listener = await conn.create_server(accept, listen_host, listen_port)
         except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as exc:
+            cause = notes.since(mark)
+            if cause:   # OpenSSH's `ssh -v` shows it as "Remote: ...", as if it came from the peer
+                self.outer.send_debug(f"meshsshd: {cause}")
             self.say(f"{self.name}: remote forward {listen_host}:{listen_port} refused: "
-                 f"{getattr(exc, 'reason', exc)}")
+                     f"{cause or getattr(exc, 'reason', exc)}")
             return False
         holder["listener"] = listener
         return listener

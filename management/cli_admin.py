@@ -224,8 +224,10 @@ def register(main: click.Group) -> None:
     def peers() -> None:
         """Registered peers."""
 
-    _add_list(peers, "peers", ("id", "name", "mesh_ip", "connected", "ssh_enabled", "flags", "groups",
-                               "version", "last_seen"))
+    # ssh_enabled is the admin toggle, ssh_state what the peer's map makes of it (serving,
+    # toggle off, no policy...; the reason in --json's ssh_state_reason).
+    _add_list(peers, "peers", ("id", "name", "mesh_ip", "connected", "ssh_enabled", "ssh_state", "flags",
+                               "groups", "version", "last_seen"))
 
     @peers.command("rename")
     @click.argument("peer")
@@ -247,7 +249,8 @@ def register(main: click.Group) -> None:
         """Turn the admin SSH toggle of a peer on or off."""
         p = resolve_ref(ctx, "peers", peer, _PEER_KEYS)
         doc = call(ctx, "PUT", f"/api/peers/{p['id']}", {"ssh_enabled": state == "on"})
-        ok(ctx, f"SSH {state} for {p['name']}", doc)
+        effective = doc.get("ssh_state_reason") or doc.get("ssh_state", "")
+        ok(ctx, f"SSH {state} for {p['name']}" + (f"; effective: {effective}" if effective else ""), doc)
 
     @peers.command("approve-rekey")
     @click.argument("peer")

@@ -342,6 +342,12 @@ def _access(idx: _Index, peer: PeerRecord) -> tuple[AccessRule, ...]:
                                             a.accept_env or ())))
 
 
+def serves_ssh(state: MeshState, peer_id: str) -> bool:
+    """Whether the peer's map has its SSH section on: the one answer its map, the token
+    exchange and `meshmgmt peers list` give."""
+    return _index(state).ssh_enabled(peer_id)
+
+
 def compute_map(state: MeshState, peer_id: str) -> NetworkMap | None:
     """The network map of one peer, or None when the peer does not exist (deleted)."""
     idx = _index(state)

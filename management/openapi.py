@@ -141,8 +141,14 @@ def _schemas() -> dict[str, Any]:
                               "rules": {"type": "array", "items": rule, "minItems": 1}}),
         "Peer": _obj({"id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "hostname": _STR,
                       "wg_public_key": _STR, "ssh_host_key": _STR, "flags": flags, "version": _STR,
-                      "endpoints": _STRS, "ssh_enabled": _BOOL, "groups": _STRS, "connected": _BOOL,
-                      "created": _TIME, "last_seen": _TIME}),
+                      "endpoints": _STRS, "ssh_enabled": {**_BOOL, "description": "the admin toggle"},
+                      "ssh_state": {"type": "string", "description": "effective SSH state: serving, not served, "
+                                    "no policy, policy disabled, toggle off, no source peers"},
+                      "ssh_state_code": {"type": "string", "description": "the same as the token exchange's "
+                                         "reason code (serving, ssh-not-served, no-policy-for-peer, ...)"},
+                      "ssh_state_reason": {"type": "string", "description": "why it is not serving, naming the "
+                                           "fix; empty when serving"},
+                      "groups": _STRS, "connected": _BOOL, "created": _TIME, "last_seen": _TIME}),
         "PeerUpdate": _obj({"name": _LABEL, "ssh_enabled": _BOOL}),
         "Subsystem": _obj({"id": _STR, "name": _STR, "command": _STR,
                            "peer": {"type": "string", "nullable": True},

@@ -37,6 +37,7 @@ def base_settings(state: StateDir, config: UpConfig, netmap: NetworkMap,
         sftp_server=find_sftp_server(),
         agent_forwarding=not f.disable_ssh_agent_forwarding,
         forward_protected=forward_protected,
+        managed=True,
     )
 
 

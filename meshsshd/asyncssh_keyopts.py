@@ -4,7 +4,7 @@ asyncssh enforces a key's options (`command=`, `no-pty`, `permitopen=`, `restric
 from `SSHServerConnection._key_options`, but it fills that only for keys *it* checked
 against its own authorized_keys; a key that our `validate_public_key` accepted leaves it
 empty, and every new userauth request empties it again. So the server keeps the options
-of the key it accepted and puts them back in `auth_completed` (meshsshd/server.py).
+of the key it accepted and puts them back in `auth_completed` (meshsshd/connection.py).
 
 That writes a private attribute, so, as in asyncssh_tuning, only for the asyncssh
 versions it was read against and only if the pieces still use the attribute the way read

@@ -1,6 +1,6 @@
 """Audit events: what happened on the SSH server, as values, and where they go.
 
-Events are frozen dataclasses named in the past tense. `server.py` and the session code
+Events are frozen dataclasses named in the past tense. `connection.py` and the session code
 emit them through an `AuditSink`; the standalone daemon logs them, the managed daemon
 also posts them to management (`type` and fields follow docs/protocol.md AuditEvent).
 """

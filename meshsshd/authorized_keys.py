@@ -52,7 +52,7 @@ _KEEP = {
 _CANONICAL = {"no-x11-forwarding": "no-X11-forwarding", "x11-forwarding": "X11-forwarding"}
 _RESTRICTABLE = ("agent-forwarding", "port-forwarding", "pty", "user-rc", "x11-forwarding")
 _DROP = {"environment", "tunnel", "no-user-rc", "user-rc"}
-# cert-authority: meshsshd's key check (server.py) matches a presented key against the
+# cert-authority: meshsshd's key check (connection.py) matches a presented key against the
 # file's keys; a certificate signed by a listed CA never matched, so every such login was
 # refused as "unknown-key". Skipped, with its reason logged, until user certificates
 # (principals, validity, critical options) are checked as a whole.

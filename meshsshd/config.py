@@ -141,6 +141,9 @@ class ServerSettings:
     # sshd's ChannelTimeout session=… and UnusedConnectionTimeout, in seconds (0 = off).
     channel_timeout: float = 0.0
     unused_connection_timeout: float = 0.0
+    # Built by `meshsshd up` (flags and the network map), not from a TOML file: what a
+    # refusal tells the user to change (`meshsshd/remedies.py`) depends on it.
+    managed: bool = False
 
     def with_(self, **changes: Any) -> ServerSettings:
         return replace(self, **changes)

@@ -45,6 +45,7 @@ PRIVILEGED_PORTS_BELOW = 1024
 class ForwardDecision:
     allowed: bool
     reason: str = ""
+    setting: str = ""   # the ServerSettings field that refused ("": the request itself is wrong)
 
 
 def _is_loopback(host: str) -> bool:
@@ -73,7 +74,7 @@ def may_listen(host: str, port: int, *, uid: int, own_addresses: Sequence[str],
     if 0 < port < PRIVILEGED_PORTS_BELOW and uid != 0:
         return ForwardDecision(False, f"port {port} is privileged; only root may forward it")
     permitted = may_listen_on(permit_listen, host, port)
-    return ForwardDecision(permitted.allowed, permitted.reason)
+    return ForwardDecision(permitted.allowed, permitted.reason, "" if permitted.allowed else "permit_listen")
 
 
 async def _bind_as_user(conn: asyncssh.SSHServerConnection, user: LocalUser, host: str, port: int,
@@ -282,9 +283,11 @@ async def _resolve(host: str, port: int) -> list[str]:
 
 async def open_local(conn: asyncssh.SSHServerConnection, user: LocalUser, host: str, port: int, *,
                      policy: Callable[[], OpenPolicy], timeout: float, registry: LocalForwards,
-                     on_refused: Callable[[str], None]) -> SSHForwarder:
+                     on_refused: Callable[[str], str]) -> SSHForwarder:
     """Resolve, check each address against the policy, dial the first allowed one that
-    answers as the user, and give asyncssh the connected socket; or refuse the channel."""
+    answers as the user, and give asyncssh the connected socket; or refuse the channel.
+    `on_refused` gets a permit_open refusal's reason (to log) and gives back what the
+    client is told."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
@@ -302,8 +305,7 @@ async def open_local(conn: asyncssh.SSHServerConnection, user: LocalUser, host: 
         else:
             refusal = refusal or decision.reason
     if not allowed:
-        on_refused(refusal)
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, refusal)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, on_refused(refusal))
     error = ""
     for address in allowed:
         try:

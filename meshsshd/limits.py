@@ -1,7 +1,7 @@
 """Limits asyncssh does not have: MaxStartups, per-source penalties, auth tries.
 
 Pure bookkeeping with the clock and the random source injected, so the policy is tested
-without sockets. `server.py` calls it from the connection hooks and acts on the answers.
+without sockets. `connection.py` calls it from the connection hooks and acts on the answers.
 
 MaxStartups start:rate:full as in OpenSSH: below `start` unauthenticated connections
 everything is admitted; from `start` a new connection is refused with probability

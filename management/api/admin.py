@@ -24,12 +24,13 @@ from meshsshd.logs import event
 
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from ..idp.grants import revoke_user_families
+from ..idp.why_not import STATE_WORDS, ssh_state
 from ..netmap import RULE_PROTOCOLS, USER_PREFIX
 from ..store import Group, Peer, Policy, SetupKey, User, aware, hash_password_async, hash_secret, new_secret, utcnow
 from . import _validate as v
 from ._auth import require_admin
 from ._lookup import by_id_or_name, is_id_shaped
-from .keys import EVENTS, HUB, SETTINGS, STORE
+from .keys import EVENTS, HUB, LOAD_STATE, SETTINGS, STORE
 
 log = logging.getLogger("meshmgmt.api.admin")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -558,6 +559,19 @@ def peer_dict(p: Peer, dns_domain: str, connected: set[str]) -> dict[str, Any]:
     }
 
 
+async def _with_ssh_state(request: web.Request, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each peer's effective SSH state next to its admin toggle (`ssh_enabled`): in words
+    (`ssh_state`), as the token exchange's reason code, and why, naming the fix."""
+    state = await request.app[LOAD_STATE]()
+    for doc in docs:
+        record = state.peers_by_id.get(doc["id"])
+        if record is None:   # deleted since the row was read
+            continue
+        code, reason = ssh_state(state, record)
+        doc.update(ssh_state=STATE_WORDS.get(code, code), ssh_state_code=code, ssh_state_reason=reason)
+    return docs
+
+
 async def _find_peer(s: Any, ref: str) -> Peer:
     peer = await by_id_or_name(s, Peer, ref)
     if peer is None:
@@ -572,7 +586,8 @@ async def list_peers(request: web.Request) -> web.Response:
     connected = request.app[HUB].connected_peers
     async with request.app[STORE].session() as s:
         peers = await _all(s, Peer, Peer.name)
-        return web.json_response({"peers": [peer_dict(p, settings.dns_domain, connected) for p in peers]})
+        docs = [peer_dict(p, settings.dns_domain, connected) for p in peers]
+    return web.json_response({"peers": await _with_ssh_state(request, docs)})
 
 
 @routes.get("/api/peers/{id}")
@@ -580,7 +595,8 @@ async def get_peer(request: web.Request) -> web.Response:
     await require_admin(request)
     async with request.app[STORE].session() as s:
         peer = await _find_peer(s, _path_id(request))
-        return web.json_response(peer_dict(peer, request.app[SETTINGS].dns_domain, request.app[HUB].connected_peers))
+        doc = peer_dict(peer, request.app[SETTINGS].dns_domain, request.app[HUB].connected_peers)
+    return web.json_response((await _with_ssh_state(request, [doc]))[0])
 
 
 @routes.put("/api/peers/{id}")
@@ -604,7 +620,7 @@ async def update_peer(request: web.Request) -> web.Response:
         out = peer_dict(peer, request.app[SETTINGS].dns_domain, request.app[HUB].connected_peers)
     await request.app[EVENTS].record("peer.updated", peer_id=out["id"], name=out["name"],
                                      ssh_enabled=out["ssh_enabled"])
-    return web.json_response(out)
+    return web.json_response((await _with_ssh_state(request, [out]))[0])
 
 
 @routes.delete("/api/peers/{id}")

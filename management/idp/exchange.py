@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from management.netmap import compute_map, find_peer, ssh_access
+from management.netmap import find_peer, ssh_access
 from management.state import MeshState, PeerRecord
 from meshsshd.acl import is_valid_login
 
 from .tokens import Identity
-from .why_not import why_no_grant, why_ssh_is_off
+from .why_not import SERVING, ssh_state, why_no_grant
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,9 @@ def decide(state: MeshState, identity: Identity, asked: str) -> Allowed | Refuse
         users = resolve_local_users(grant.local_users, identity.email)
         if users:
             return Allowed(asked, peer, users)
-    if not peer.allow_server_ssh:
-        return Refused(asked, "access_denied", "ssh-not-served",
-                       f"{peer.name} does not serve SSH (start meshsshd there with --allow-server-ssh)", 403)
-    netmap = compute_map(state, peer.id)
-    if netmap is None or not netmap.ssh.enabled:
-        reason, message = why_ssh_is_off(state, peer)
-        return Refused(asked, "access_denied", reason, f"{peer.name} is not SSH-enabled: {message}", 403)
+    reason, message = ssh_state(state, peer)
+    if reason != SERVING:
+        return Refused(asked, "access_denied", reason, message, 403)
     reason, message = why_no_grant(state, identity.email, peer)
     return Refused(asked, "access_denied", reason, message, 403)
 

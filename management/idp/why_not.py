@@ -4,11 +4,24 @@ The token exchange refuses with "not SSH-enabled" or "no policy" when the map sa
 an admin (or the user asking) needs to know which of the causes it is: no policy names
 the peer at all, the policy that would is disabled, a policy only opens port 22 while the
 peer's SSH toggle is off, the user is in no rule of those policies, or the rule's source
-groups hold no peer to connect from. Pure, over one mesh snapshot."""
+groups hold no peer to connect from. Pure, over one mesh snapshot. `ssh_state` puts the
+same causes next to the admin toggle in `meshmgmt peers list`."""
 
 from __future__ import annotations
 
+from management.netmap import serves_ssh
 from management.state import MeshState, PeerRecord, PolicyRecord, RuleRecord
+
+SERVING = "serving"
+# Each state in a word or two, for the `meshmgmt peers list` column (the API's `ssh_state`).
+STATE_WORDS = {
+    SERVING: "serving",
+    "ssh-not-served": "not served",
+    "no-policy-for-peer": "no policy",
+    "policy-disabled": "policy disabled",
+    "ssh-toggle-off": "toggle off",
+    "no-source-peers": "no source peers",
+}
 
 
 def _groups_of_peer(state: MeshState, peer_id: str) -> set[str]:
@@ -46,6 +59,18 @@ def why_ssh_is_off(state: MeshState, peer: PeerRecord) -> tuple[str, str]:
     return ("no-source-peers",
             f"the policies that grant SSH to {peer.name} have no peer in their source groups to connect from "
             "(an admin adds your machine's peer to one of them: meshmgmt groups update GROUP --add-peer PEER)")
+
+
+def ssh_state(state: MeshState, peer: PeerRecord) -> tuple[str, str]:
+    """The peer's effective SSH state: (SERVING, "") when its map has SSH on, else the
+    reason code and a message naming the fix. The admin toggle is only one of the inputs:
+    the peer must advertise --allow-server-ssh, and a policy must grant SSH to it."""
+    if not peer.allow_server_ssh:
+        return ("ssh-not-served", f"{peer.name} does not serve SSH (start meshsshd there with --allow-server-ssh)")
+    if serves_ssh(state, peer.id):
+        return SERVING, ""
+    reason, message = why_ssh_is_off(state, peer)
+    return reason, f"{peer.name} is not SSH-enabled: {message}"
 
 
 def why_no_grant(state: MeshState, email: str, peer: PeerRecord) -> tuple[str, str]:

@@ -43,7 +43,7 @@ KILL_GRACE = 2.0
 
 @dataclass
 class SessionContext:
-    """What a session needs from its connection; built by server.py after auth."""
+    """What a session needs from its connection; built by connection.py after auth."""
 
     user: LocalUser
     conn: ConnectionInfo

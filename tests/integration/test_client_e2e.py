@@ -292,6 +292,50 @@ def test_meshssh_remote_forward_port_zero_is_reported(world: World, echo: EchoSe
     assert b"Allocated port" in r.stderr
 
 
+# imp-1 serves SSH without --enable-ssh-local/remote-port-forwarding.
+LOCAL_OFF = "local port forwarding is disabled on this peer (meshsshd up --enable-ssh-local-port-forwarding)"
+REMOTE_OFF = "remote port forwarding is disabled on this peer (meshsshd up --enable-ssh-remote-port-forwarding)"
+
+
+def _refused_through(argv: list[str], env: dict) -> str:
+    """Start a -L, send one connection through it, and return the client's stderr."""
+    lport = int(argv[argv.index("-L") + 1].split(":")[0])
+    proc = _background(argv, env)
+    try:
+        wait_for_port("127.0.0.1", lport, proc=proc)
+        with socket.create_connection(("127.0.0.1", lport), timeout=10) as s:
+            s.settimeout(10)
+            assert s.recv(10) == b""
+    finally:
+        stop_group(proc)
+    return proc.stderr.read().decode(errors="replace")
+
+
+def test_meshssh_says_why_a_forward_is_refused(world: World) -> None:
+    r = world.ms("-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{free_port()}:127.0.0.1:9",
+                 f"{world.user}@imp-1", "true")
+    assert r.returncode == 255, r.stderr
+    assert REMOTE_OFF in r.stderr.decode(), r.stderr
+    err = _refused_through([console_script("meshssh"), "-N", "-L", f"{free_port()}:127.0.0.1:9",
+                            f"{world.user}@imp-1"], world.mesh.client_env(world.alice))
+    assert f"open failed: administratively prohibited: {LOCAL_OFF}" in err, err
+    dport = free_port()   # -D: the SOCKS client sees its connection closed, the user the reason
+    proc = _background([console_script("meshssh"), "-N", "-D", f"127.0.0.1:{dport}", f"{world.user}@imp-1"],
+                       world.mesh.client_env(world.alice))
+    try:
+        wait_for_port("127.0.0.1", dport, proc=proc)
+        with socket.create_connection(("127.0.0.1", dport), timeout=10) as s:
+            s.sendall(b"\x05\x01\x00")
+            assert s.recv(2) == b"\x05\x00"
+            s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + (9).to_bytes(2, "big"))
+            s.settimeout(10)
+            _recv_all(s)   # asyncssh answers SOCKS before the channel opens, then closes
+    finally:
+        stop_group(proc)
+    err = proc.stderr.read().decode(errors="replace")
+    assert f"dynamic forward {dport} to 127.0.0.1:9: open failed: administratively prohibited: {LOCAL_OFF}" in err, err
+
+
 def test_peers_lists_under_a_header_and_says_why_when_empty(world: World, tmp_path: Path) -> None:
     r = world.ms("peers")
     assert r.returncode == 0, r.stderr
@@ -495,6 +539,23 @@ def test_openssh_local_and_remote_forward(world: World, dropin: Path, echo: Echo
         assert _echo_through(lport) == b"ping through the mesh"
     finally:
         stop_group(proc)
+
+
+def test_openssh_says_why_a_forward_is_refused(world: World, dropin: Path) -> None:
+    """Through the proxy: OpenSSH prints the -L refusal itself; a -R refusal is printed by
+    the proxy and relayed to `ssh -v` as "Remote: ..."."""
+    rport = free_port()
+    r = ossh(world, dropin, "-v", "-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{rport}:127.0.0.1:9",
+             f"{world.user}@imp-1", "true")
+    err = r.stderr.decode()
+    assert r.returncode == 255, err
+    assert f"meshssh: imp-1: remote forward 127.0.0.1:{rport} refused: {REMOTE_OFF}" in err, err
+    assert f"Remote: meshsshd: {REMOTE_OFF}" in err, err
+    env = world.mesh.client_env(world.alice)
+    env["PATH"] = f"{Path(console_script('meshssh')).parent}:{env.get('PATH', '')}"
+    err = _refused_through([require_tool("ssh"), "-F", str(dropin), "-N", "-L", f"{free_port()}:127.0.0.1:9",
+                            f"{world.user}@imp-1"], env)
+    assert f"open failed: administratively prohibited: {LOCAL_OFF}" in err, err
 
 
 def test_openssh_agent_forwarding(world: World, dropin: Path, tmp_path: Path) -> None:

@@ -112,6 +112,54 @@ async def test_admin_cli_end_to_end(sqlite_mgmt: Mgmt) -> None:
     assert groups == {"servers"} and json.loads(mgmt.cli("--json", "policies", "list").stdout)["policies"] == []
 
 
+async def test_peers_list_shows_the_effective_ssh_state_next_to_the_toggle(sqlite_mgmt: Mgmt) -> None:
+    """The admin toggle is one input of several; the list says what the maps make of it
+    (the token exchange's causes, management/idp/why_not.py), as words in the table and
+    as code and reason, naming the fix, in --json."""
+    mgmt = sqlite_mgmt
+
+    def states() -> dict[str, dict]:
+        return {p["name"]: p for p in json.loads(mgmt.cli("--json", "peers", "list").stdout)["peers"]}
+
+    def row(name: str) -> str:
+        return next(line for line in mgmt.cli("peers", "list").stdout.splitlines() if f" {name} " in line)
+
+    mgmt.cli("groups", "create", "servers")
+    mgmt.cli("groups", "create", "laptops")
+    key = mgmt.cli("setup-keys", "create", "--reusable").stdout.strip().splitlines()[-1].split(": ", 1)[1]
+    async with aiohttp.ClientSession() as http:
+        await register_peer(http, mgmt, key, "web")
+        await register_peer(http, mgmt, key, "laptop", allow_server_ssh=False)
+    mgmt.cli("groups", "update", "servers", "--add-peer", "web")
+    mgmt.cli("groups", "update", "laptops", "--add-peer", "laptop")
+
+    peers = states()
+    assert (peers["web"]["ssh_state"], peers["web"]["ssh_state_code"]) == ("no policy", "no-policy-for-peer")
+    assert "meshmgmt policies create" in peers["web"]["ssh_state_reason"]
+    assert (peers["laptop"]["ssh_state"], peers["laptop"]["ssh_state_code"]) == ("not served", "ssh-not-served")
+    assert "--allow-server-ssh" in peers["laptop"]["ssh_state_reason"]
+
+    mgmt.cli("policies", "create", "to-web", "--source", "laptops", "--destination", "servers", "--port", "22")
+    web = states()["web"]
+    assert (web["ssh_enabled"], web["ssh_state"], web["ssh_state_code"]) == (False, "toggle off", "ssh-toggle-off")
+    assert "meshmgmt peers ssh web on" in web["ssh_state_reason"]
+    assert " no " in row("web") and "toggle off" in row("web")
+
+    out = mgmt.cli("peers", "ssh", "web", "on").stdout
+    assert out.strip() == "SSH on for web; effective: serving", out
+    web = states()["web"]
+    assert (web["ssh_enabled"], web["ssh_state"], web["ssh_state_code"], web["ssh_state_reason"]) == (
+        True, "serving", "serving", "")
+    assert " yes " in row("web") and "serving" in row("web")
+
+    mgmt.cli("policies", "disable", "to-web")
+    web = states()["web"]
+    assert (web["ssh_enabled"], web["ssh_state"]) == (True, "policy disabled")
+    assert "meshmgmt policies enable to-web" in web["ssh_state_reason"]
+    _, doc = await _get(mgmt, "/api/peers/web")
+    assert doc["ssh_state"] == "policy disabled"
+
+
 async def test_a_peer_named_like_another_peers_id_cannot_stand_in_for_it(sqlite_mgmt: Mgmt) -> None:
     """Issue 11 item 11: admin commands take an id or a name; an id means that peer."""
     mgmt = sqlite_mgmt

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from management.idp.exchange import Refused, decide
+from management.idp.why_not import SERVING, STATE_WORDS, ssh_state
 from management.idp.tokens import Identity
 from management.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, UserRecord
 
@@ -69,3 +70,29 @@ def test_an_identity_in_no_rule_and_a_disabled_rule_for_it() -> None:
     mesh = dataclasses.replace(mesh, policies=(others_only, disabled_for_alice))
     got = refusal(mesh)
     assert got.reason == "policy-disabled" and "meshmgmt policies enable alice-in" in got.description
+
+
+@pytest.mark.parametrize("mesh, code", [
+    pytest.param(state(), "no-policy-for-peer", id="no-policy"),
+    pytest.param(state(PolicyRecord(id="x", name="port-22", rules=(rule("tcp", ports=("22",)),))),
+                 "ssh-toggle-off", id="toggle-off"),
+    pytest.param(state(PolicyRecord(id="x", name="port-22", rules=(rule("tcp", ports=("22",)),)), toggle=True),
+                 SERVING, id="toggle-on"),
+    pytest.param(state(PolicyRecord(id="x", name="ssh-in", enabled=False, rules=(rule(),))),
+                 "policy-disabled", id="policy-disabled"),
+    pytest.param(state(PolicyRecord(id="x", name="ssh-in", rules=(rule(),)), laptops=frozenset()),
+                 "no-source-peers", id="no-source-peers"),
+])
+def test_the_effective_state_is_the_exchanges_answer(mesh: MeshState, code: str) -> None:
+    """`meshmgmt peers list` shows what the token exchange would answer for the peer."""
+    got, message = ssh_state(mesh, mesh.peers_by_id["p1"])
+    assert got == code and code in STATE_WORDS
+    if code == SERVING:
+        assert message == ""
+    else:
+        assert refusal(mesh).reason == code and refusal(mesh).description == message
+
+
+def test_a_peer_that_does_not_offer_ssh_is_not_served() -> None:
+    code, message = ssh_state(state(), LAPTOP)
+    assert (STATE_WORDS[code], code) == ("not served", "ssh-not-served") and "--allow-server-ssh" in message
