@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
 from datetime import timedelta
 from collections.abc import Callable
@@ -28,11 +27,10 @@ from ..netmap import RULE_PROTOCOLS, USER_PREFIX
 from ..store import Group, Peer, Policy, SetupKey, User, aware, hash_password_async, hash_secret, new_secret, utcnow
 from . import _validate as v
 from ._auth import require_admin
-from ._lookup import by_id_or_name, is_id_shaped
+from ._lookup import by_id_or_name
 from .keys import EVENTS, HUB, SETTINGS, STORE
 
 log = logging.getLogger("meshmgmt.api.admin")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 routes = web.RouteTableDef()
 
 
@@ -86,22 +84,6 @@ async def _delete_recorded(request: web.Request, model: type[Any], what: str, ch
     return web.Response(status=204)
 
 
-def _password(doc: dict[str, Any]) -> str | None:
-    """The optional 'password' field; a short one is refused on create and update alike."""
-    password = v.string(doc, "password", max_len=1024)
-    if password is not None and len(password) < 8:
-        raise BadRequest("field 'password' must have at least 8 characters", field="password")
-    return password
-
-
-def _new_name(doc: dict[str, Any]) -> str | None:
-    """The optional 'name' of an update: checked like a create's name, None when absent."""
-    name = v.string(doc, "name", max_len=100)
-    if name is not None:
-        v.name(name)
-    return name
-
-
 async def _unique(s: Any, fn: Any) -> None:
     """Flush and turn a unique-constraint violation into 409."""
     try:
@@ -134,22 +116,15 @@ async def list_users(request: web.Request) -> web.Response:
     return await _list_response(request, "users", User, User.email, user_dict)
 
 
-def _role(doc: dict[str, Any], default: str | None) -> str | None:
-    role = v.string(doc, "role", default=default, max_len=16)
-    if role is not None and role not in ("admin", "user"):
-        raise BadRequest("field 'role' must be 'admin' or 'user'", field="role")
-    return role
-
-
 @routes.post("/api/users")
 async def create_user(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"email", "name", "password", "role", "service"})
-    email = v.email(v.string(doc, "email", required=True, max_len=320) or "")
-    name = v.string(doc, "name", default="", max_len=200) or ""
-    password = _password(doc)
-    role = _role(doc, "user")
+    email = (v.string(doc, "email", v.EMAIL, required=True) or "").lower()
+    name = v.string(doc, "name", v.USER_NAME, default="") or ""
+    password = v.string(doc, "password", v.PASSWORD)
+    role = v.string(doc, "role", v.ROLE, default="user")
     service = bool(v.boolean(doc, "service", False))
     if service and password is not None:
         raise Unprocessable("a service user has a client secret, not a password", field="password")
@@ -178,9 +153,9 @@ async def update_user(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "password", "role", "blocked"})
-    name = v.string(doc, "name", max_len=200)
-    password = _password(doc)
-    role = _role(doc, None)
+    name = v.string(doc, "name", v.USER_NAME)
+    password = v.string(doc, "password", v.PASSWORD)
+    role = v.string(doc, "role", v.ROLE)
     blocked = v.boolean(doc, "blocked")
     pw_hash = await hash_password_async(password) if password is not None else None
     async with request.app[STORE].change("user.updated") as s:
@@ -258,9 +233,9 @@ async def create_group(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "peers", "users"})
-    name = v.name(v.string(doc, "name", required=True, max_len=100) or "")
-    peers = v.str_list(doc, "peers", default=[], max_len=64) or []
-    users = v.str_list(doc, "users", default=[], max_len=320) or []
+    name = v.string(doc, "name", v.NAME, required=True) or ""
+    peers = v.str_list(doc, "peers", v.PEER_REF, default=[]) or []
+    users = v.str_list(doc, "users", v.USER_REF, default=[]) or []
     async with request.app[STORE].change("group.created") as s:
         group = Group(name=name)
         group.peers = await _resolve_peers(s, peers)
@@ -282,9 +257,9 @@ async def update_group(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "peers", "users"})
-    name = _new_name(doc)
-    peers = v.str_list(doc, "peers", max_len=64)
-    users = v.str_list(doc, "users", max_len=320)
+    name = v.string(doc, "name", v.NAME)
+    peers = v.str_list(doc, "peers", v.PEER_REF)
+    users = v.str_list(doc, "users", v.USER_REF)
     async with request.app[STORE].change("group.updated") as s:
         group = await _get(s, Group, request, "group")
         if name is not None and name != group.name:
@@ -360,11 +335,11 @@ async def create_setup_key(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "reusable", "expires_in", "usage_limit", "auto_groups"})
-    name = v.string(doc, "name", default="", max_len=100) or ""
+    name = v.string(doc, "name", v.SETUP_KEY_NAME, default="") or ""
     reusable = bool(v.boolean(doc, "reusable", False))
-    expires_in = v.integer(doc, "expires_in", 0, lo=0, hi=10 * 365 * 86400)
-    usage_limit = v.integer(doc, "usage_limit", 0, lo=0, hi=10_000_000) or 0
-    auto_groups = v.str_list(doc, "auto_groups", default=[], max_len=100) or []
+    expires_in = v.integer(doc, "expires_in", v.EXPIRES_IN, 0)
+    usage_limit = v.integer(doc, "usage_limit", v.USAGE_LIMIT, 0) or 0
+    auto_groups = v.str_list(doc, "auto_groups", v.GROUP_REF, default=[]) or []
     key = "mk_" + new_secret(24)
     async with request.app[STORE].write() as s:
         gids = []
@@ -401,10 +376,8 @@ _RULE_KEYS = {"sources", "destinations", "protocol", "ports", "bidirectional", "
 
 
 async def parse_rules(s: Any, value: Any) -> list[dict[str, Any]]:
-    from meshsshd.netmap import NetmapError, parse_port_range
-
-    if not isinstance(value, list) or not value or len(value) > 100:
-        raise BadRequest("field 'rules' must be a list of 1..100 rules", field="rules")
+    if not isinstance(value, list) or not value or len(value) > v.MAX_RULES:
+        raise BadRequest(f"field 'rules' must be a list of 1..{v.MAX_RULES} rules", field="rules")
     groups = set((await s.execute(select(Group.name))).scalars())
     out = []
     for i, r in enumerate(value):
@@ -416,49 +389,51 @@ async def parse_rules(s: Any, value: Any) -> list[dict[str, Any]]:
         if action != "accept":
             raise BadRequest(f"{where}.action: only 'accept' exists (everything else is denied)",
                              field=f"{where}.action")
-        sources = v.str_list(r, "sources", field=f"{where}.sources", max_items=100, max_len=330)
+        sources = v.str_list(r, "sources", v.SOURCE, field=f"{where}.sources", max_items=v.MAX_RULE_ITEMS)
         if not sources:
             raise BadRequest(f"{where}.sources must name at least one group or user:<email>",
                              field=f"{where}.sources")
         norm_sources = []
         for j, src in enumerate(sources):
             if src.startswith(USER_PREFIX):
-                norm_sources.append(USER_PREFIX + v.email(src[len(USER_PREFIX):], f"{where}.sources[{j}]"))
+                norm_sources.append(USER_PREFIX + src[len(USER_PREFIX):].lower())
             elif src in groups:
                 norm_sources.append(src)
             else:
                 raise Unprocessable(f"{where}.sources[{j}]: no group named {src!r}", field=f"{where}.sources[{j}]")
-        dests = v.str_list(r, "destinations", field=f"{where}.destinations", max_items=100, max_len=100)
+        dests = v.str_list(r, "destinations", v.NAME, field=f"{where}.destinations", max_items=v.MAX_RULE_ITEMS)
         if not dests:
             raise BadRequest(f"{where}.destinations must name at least one group", field=f"{where}.destinations")
         for j, d in enumerate(dests):
             if d not in groups:
                 raise Unprocessable(f"{where}.destinations[{j}]: no group named {d!r}",
-                                 field=f"{where}.destinations[{j}]")
+                                    field=f"{where}.destinations[{j}]")
         protocol = r.get("protocol", "tcp")
         if protocol not in RULE_PROTOCOLS:
             raise BadRequest(f"{where}.protocol must be one of {', '.join(RULE_PROTOCOLS)}",
                              field=f"{where}.protocol")
         raw_ports = r.get("ports", [])
-        if not isinstance(raw_ports, list) or len(raw_ports) > 100:
+        if not isinstance(raw_ports, list) or len(raw_ports) > v.MAX_RULE_ITEMS:
             raise BadRequest(f"{where}.ports must be a list like [\"22\", \"8000-8080\"]", field=f"{where}.ports")
         ports = []
         for j, p in enumerate(raw_ports):
+            at = f"{where}.ports[{j}]"
             if isinstance(p, int) and not isinstance(p, bool):
+                if not v.PORT.lo <= p <= v.PORT.hi:
+                    raise BadRequest(f"{at} must be between {v.PORT.lo} and {v.PORT.hi}", field=at)
                 p = str(p)
-            if not isinstance(p, str):
-                raise BadRequest(f"{where}.ports[{j}] must be a port or range", field=f"{where}.ports[{j}]")
-            try:
-                parse_port_range(p)
-            except NetmapError as exc:
-                raise BadRequest(f"{where}.ports[{j}]: {exc}", field=f"{where}.ports[{j}]") from exc
+            elif isinstance(p, str):
+                v.PORT_RANGE.check(p, at)
+            else:
+                raise BadRequest(f"{at} must be a port or range", field=at)
+            first, _, last = p.partition("-")
+            if last and int(last) < int(first):
+                raise Unprocessable(f"{at}: the range {p!r} ends below its start", field=at)
             ports.append(p)
-        if ports and protocol not in ("tcp", "udp"):
-            raise BadRequest(f"{where}.ports only apply to tcp and udp", field=f"{where}.ports")
-        local_users = v.str_list(r, "local_users", default=[], field=f"{where}.local_users", max_items=100,
-                                 max_len=32) or []
-        for j, u in enumerate(local_users):
-            v.login_pattern(u, f"{where}.local_users[{j}]")
+        if ports and protocol not in v.PORT_PROTOCOLS:
+            raise BadRequest(f"{where}.ports only apply to {' and '.join(v.PORT_PROTOCOLS)}", field=f"{where}.ports")
+        local_users = v.str_list(r, "local_users", v.LOGIN, default=[], field=f"{where}.local_users",
+                                 max_items=v.MAX_RULE_ITEMS) or []
         accept_env = v.accept_env(r, f"{where}.accept_env")
         out.append({
             "sources": list(dict.fromkeys(norm_sources)),
@@ -490,8 +465,8 @@ async def create_policy(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "description", "enabled", "rules"})
-    name = v.name(v.string(doc, "name", required=True, max_len=100) or "")
-    description = v.string(doc, "description", default="", max_len=1000) or ""
+    name = v.string(doc, "name", v.NAME, required=True) or ""
+    description = v.string(doc, "description", v.DESCRIPTION, default="") or ""
     enabled = bool(v.boolean(doc, "enabled", True))
     async with request.app[STORE].change("policy.created") as s:
         if "rules" not in doc:
@@ -510,8 +485,8 @@ async def update_policy(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "description", "enabled", "rules"})
-    name = _new_name(doc)
-    description = v.string(doc, "description", max_len=1000)
+    name = v.string(doc, "name", v.NAME)
+    description = v.string(doc, "description", v.DESCRIPTION)
     enabled = v.boolean(doc, "enabled")
     async with request.app[STORE].change("policy.updated") as s:
         policy = await _get(s, Policy, request, "policy")
@@ -588,11 +563,7 @@ async def update_peer(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "ssh_enabled"})
-    name = v.string(doc, "name", max_len=63)
-    if name is not None and not _DNS_LABEL.match(name):
-        raise BadRequest("field 'name' must be a DNS label: lowercase letters, digits and '-'", field="name")
-    if name is not None and is_id_shaped(name):
-        raise BadRequest("field 'name' must not look like a peer id (16 hex digits)", field="name")
+    name = v.string(doc, "name", v.PEER_NAME)
     ssh_enabled = v.boolean(doc, "ssh_enabled")
     async with request.app[STORE].change("peer.updated") as s:
         peer = await _find_peer(s, _path_id(request))
@@ -624,10 +595,10 @@ async def delete_peer(request: web.Request) -> web.Response:
 @routes.get("/api/events")
 async def list_events(request: web.Request) -> web.Response:
     await require_admin(request)
-    since = v.query_int(request, "since", 0, 0, 2**62)
-    limit = v.query_int(request, "limit", 100, 1, 1000)
-    peer = v.query_str(request, "peer_id", 64)
-    etype = v.query_str(request, "type", 64)
+    since = v.query_int(request, "since", 0, v.SINCE)
+    limit = v.query_int(request, "limit", 100, v.LIMIT)
+    peer = v.query_str(request, "peer_id", v.QUERY_ID)
+    etype = v.query_str(request, "type", v.QUERY_ID)
     events = await request.app[EVENTS].list(since=since, limit=limit, peer_id=peer, etype=etype)
     nxt = events[-1]["id"] if events else since
     return web.json_response({"events": events, "next": nxt})
@@ -640,7 +611,7 @@ async def follow_events(request: web.Request) -> web.StreamResponse:
     await require_admin(request)
     feed = request.app[EVENTS]
     since_q = request.query.get("since")
-    since = v.query_int(request, "since", 0, 0, 2**62) if since_q else await feed.latest_id()
+    since = v.query_int(request, "since", 0, v.SINCE) if since_q else await feed.latest_id()
     ws = web.WebSocketResponse(heartbeat=30.0)
     if not ws.can_prepare(request).ok:
         raise BadRequest("this endpoint is a WebSocket", field="Upgrade", code="websocket_required")
