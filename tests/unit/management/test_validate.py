@@ -44,6 +44,7 @@ def test_no_pattern_admits_a_nul(name: str, data: st.DataObject) -> None:
                                  "ecdsa-sha2-nistp521", "ssh-rsa"])
 def test_real_host_keys_are_admitted_without_their_comment(alg: str) -> None:
     line = asyncssh.generate_private_key(alg, comment="host@example").export_public_key().decode()
+    assert _admits(v.SSH_PUBLIC_KEY, line)
     assert v.ssh_public_key(line) == " ".join(line.split()[:2])
 
 
