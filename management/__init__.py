@@ -9,7 +9,7 @@ Layout (one job per module; pure cores, I/O at the edges):
     migrations/   Alembic environment and revisions
     sync.py       sync hub: recompute maps on change, push over WebSockets
     events.py     audit log: validate, store, list, follow
-    api/          aiohttp routes: peers (register/self/sync/events/me), admin CRUD
+    api/          aiohttp routes, one module per collection (see api/__init__.py)
     app.py        create_app(settings, store): wiring, error middleware, /healthz, /metrics
     openapi.py    the OpenAPI document of the REST API
     metrics.py    Prometheus text exposition

@@ -43,9 +43,11 @@ PEER_EVENT_TYPES = (
     "detached.killed",
     "detached.revoked",
 )
-_STR_FIELDS = ("session_id", "identity", "source_peer", "source_ip", "local_user", "command",
+STR_FIELDS = ("session_id", "identity", "source_peer", "source_ip", "local_user", "command",
                "subsystem", "forward", "reason", "via", "signal")
-_INT_FIELDS = ("bytes_in", "bytes_out", "exit_status")
+INT_FIELDS = ("bytes_in", "bytes_out", "exit_status")
+MAX_STRING = 4096  # characters of one string field
+INT_RANGE = (-(2**31), 2**63 - 1)  # exit statuses are signed, byte counts large
 log = logging.getLogger("meshmgmt.events")
 
 MAX_EVENTS_PER_POST = 1000
@@ -74,18 +76,18 @@ def parse_peer_event(doc: Any, where: str) -> tuple[str, datetime | None, dict[s
         raise BadRequest(f"{where}.type must be one of {', '.join(PEER_EVENT_TYPES)}", field=f"{where}.type")
     when = parse_time(doc["time"], f"{where}.time") if doc.get("time") is not None else None
     data: dict[str, Any] = {}
-    for k in _STR_FIELDS:
+    for k in STR_FIELDS:
         v = doc.get(k)
         if v is None:
             continue
-        if not isinstance(v, str) or len(v) > 4096:
-            raise BadRequest(f"{where}.{k} must be a string (≤ 4096 characters)", field=f"{where}.{k}")
+        if not isinstance(v, str) or len(v) > MAX_STRING:
+            raise BadRequest(f"{where}.{k} must be a string (≤ {MAX_STRING} characters)", field=f"{where}.{k}")
         data[k] = v  # a NUL or ESC in a command is evidence: kept, and escaped when stored
-    for k in _INT_FIELDS:
+    for k in INT_FIELDS:
         v = doc.get(k)
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, int) or not -(2**31) <= v < 2**63:
+        if isinstance(v, bool) or not isinstance(v, int) or not INT_RANGE[0] <= v <= INT_RANGE[1]:
             raise BadRequest(f"{where}.{k} must be an integer", field=f"{where}.{k}")
         data[k] = v
     return etype, when, data

@@ -3,20 +3,50 @@
 A test compares its paths and methods with the app's router, so a route cannot be added
 without documenting it; the schemathesis fuzz run reads it to generate requests.
 The OIDC endpoints are described by `/.well-known/openid-configuration`, not here.
+
+Request fields take their limits and patterns from the `Text` and `Int` rules the
+handlers check (management/api/_validate.py and the modules named below), so the
+document cannot promise more than the handlers accept, nor less.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from meshsshd.netmap import MAX_ENV_PATTERNS
+
+from .api import _validate as v
+from .api.peers import MAX_ENDPOINTS, PEER_FLAGS
+from .api.subsystems import COMMAND, RESERVED, SUBSYSTEM_NAME
+from .events import INT_FIELDS, INT_RANGE, MAX_EVENTS_PER_POST, MAX_STRING, PEER_EVENT_TYPES, STR_FIELDS
+from .netmap import RULE_PROTOCOLS
+
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _INT = {"type": "integer"}
 _STRS = {"type": "array", "items": {"type": "string"}}
 _TIME = {"type": "string", "format": "date-time", "nullable": True}
-_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"}
-_LABEL = {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}
-_WG_KEY = {"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$", "description": "32-byte key, base64"}
+
+
+def _text(spec: v.Text, **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"type": "string", "maxLength": spec.max_len, "pattern": spec.pattern}
+    if spec.min_len:
+        doc["minLength"] = spec.min_len
+    return {**doc, **extra}
+
+
+def _texts(item: v.Text, max_items: int = v.MAX_LIST, min_items: int = 0, **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"type": "array", "items": _text(item), "maxItems": max_items}
+    if min_items:
+        doc["minItems"] = min_items
+    return {**doc, **extra}
+
+
+def _int(spec: v.Int, **extra: Any) -> dict[str, Any]:
+    return {"type": "integer", "minimum": spec.lo, "maximum": spec.hi, **extra}
+
+
+_WG_KEY = _text(v.WG_KEY, description="32-byte key, base64")
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -37,7 +67,8 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "invalid input (the `field` names what)", 401: "missing or wrong credentials",
             403: "not allowed", 404: "no such object", 409: "conflict (name taken, object in use)",
-            422: "names a peer, user or group that does not exist, or combines fields that exclude each other",
+            422: "names a peer, user or group that does not exist, combines fields that exclude each other, "
+                 "or gives a port range that ends below its start",
             429: "rate limited (see Retry-After)"}
     return {str(c): {"description": text[c], **_json(_ref("Error"))} for c in codes}
 
@@ -57,56 +88,65 @@ def _op(summary: str, ok: dict[str, Any], *, body: dict[str, Any] | None = None,
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _SUBSYSTEM = {"name": "name", "in": "path", "required": True,
-              "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"}}
+              "schema": _text(SUBSYSTEM_NAME, **{"not": {"enum": list(RESERVED)}})}
 _NO_CONTENT = {"204": {"description": "done"}}
 
 
 def _schemas() -> dict[str, Any]:
-    flags = _obj({k: _BOOL for k in ("allow_server_ssh", "enable_ssh_sftp", "enable_ssh_local_port_forwarding",
-                                     "enable_ssh_remote_port_forwarding", "enable_ssh_root", "disable_ssh_auth",
-                                     "disable_ssh_agent_forwarding")},
-                 extra=True)
+    flags = _obj({k: _BOOL for k in PEER_FLAGS}, extra=True)
+    endpoints = _texts(v.ENDPOINT, MAX_ENDPOINTS, description="WireGuard endpoints, IPv4:port or [IPv6]:port")
     rule = _obj({
-        "sources": {**_STRS, "description": "group names or user:<email>"},
-        "destinations": {**_STRS, "description": "group names"},
-        "protocol": {"type": "string", "enum": ["tcp", "udp", "icmp", "all", "ssh"]},
-        "ports": {"type": "array", "items": {"oneOf": [_STR, _INT]}, "description": '"22", "8000-8080"'},
+        "sources": _texts(v.SOURCE, v.MAX_RULE_ITEMS, 1, description="group names or user:<email>"),
+        "destinations": _texts(v.NAME, v.MAX_RULE_ITEMS, 1, description="group names"),
+        "protocol": {"type": "string", "enum": list(RULE_PROTOCOLS), "description": "absent: tcp"},
+        "ports": {"type": "array", "items": {"oneOf": [_text(v.PORT_RANGE), _int(v.PORT)]},
+                  "maxItems": v.MAX_RULE_ITEMS,
+                  "description": f'"22", "8000-8080"; only with protocol {" or ".join(v.PORT_PROTOCOLS)}'},
         "bidirectional": _BOOL,
-        "local_users": {**_STRS, "description": "login names, localpart, or *"},
+        "local_users": _texts(v.LOGIN, v.MAX_RULE_ITEMS, description="login names, localpart, or *"),
         "allow_root": _BOOL,
-        "accept_env": {**_STRS, "description": "client variables SSH sessions keep (AcceptEnv patterns, * and ?); "
-                                                "absent: the peer's default, LANG LC_*; [] for none"},
+        "accept_env": _texts(v.ENV_PATTERN, MAX_ENV_PATTERNS,
+                             description="client variables SSH sessions keep (AcceptEnv patterns, * and ?); "
+                                         "absent: the peer's default, LANG LC_*; [] for none"),
         "action": {"type": "string", "enum": ["accept"]},
     }, ("sources", "destinations"))
+    # Ports only where they mean something; an absent protocol is tcp.
+    rule["anyOf"] = [{"properties": {"protocol": {"enum": list(v.PORT_PROTOCOLS)}}},
+                     {"properties": {"ports": {"maxItems": 0}}}]
+    host_key = _text(v.SSH_PUBLIC_KEY, description="an OpenSSH public key line, or empty")
     peer_info = _obj({"id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "wg_public_key": _STR,
                       "endpoints": _STRS, "ssh_host_keys": _STRS, "ssh_enabled": _BOOL, "local_users": _STRS,
                       "groups": {**_STRS, "description": "group names (in the per-user peer list)"}},
                      ("id", "name", "mesh_ip"))
+    rules = {"type": "array", "items": rule, "minItems": 1, "maxItems": v.MAX_RULES}
+    role = {"type": "string", "enum": list(v.ROLES)}
+    peer_refs = _texts(v.PEER_REF, description="peer ids or names")
+    user_refs = _texts(v.USER_REF, description="user ids or emails")
     return {
         "Error": _obj({"error": _STR, "message": _STR, "field": _STR}, ("error", "message")),
         "PeerFlags": flags,
-        "RegisterRequest": _obj({"setup_key": _STR, "wg_public_key": _WG_KEY, "ssh_host_key": _STR, "hostname": _STR,
-                                 "flags": flags, "version": _STR, "endpoints": _STRS, "challenge": _STR,
-                                 "proof": _STR},
+        "RegisterRequest": _obj({"setup_key": _text(v.SETUP_KEY), "wg_public_key": _WG_KEY, "ssh_host_key": host_key,
+                                 "hostname": _text(v.HOSTNAME), "flags": flags, "version": _text(v.VERSION),
+                                 "endpoints": endpoints, "challenge": _text(v.CHALLENGE), "proof": _text(v.PROOF)},
                                 ("setup_key", "wg_public_key", "hostname", "challenge", "proof"), extra=True),
         "ChallengeRequest": _obj({"wg_public_key": _WG_KEY}, ("wg_public_key",)),
         "Challenge": _obj({"challenge": _STR, "management_key": _WG_KEY, "version": _INT, "expires_in": _INT},
                           ("challenge", "management_key", "version", "expires_in")),
-        "RekeyApproval": _obj({"expires_in": {"type": "integer", "minimum": 60, "maximum": 604800}}),
+        "RekeyApproval": _obj({"expires_in": _int(v.REKEY_FOR, description="seconds")}),
         "RekeyApproved": _obj({"id": _STR, "name": _STR, "rekey_approved_until": _STR},
                               ("id", "name", "rekey_approved_until")),
         "RegisterResponse": _obj({"peer_id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "network": _STR,
                                   "credential": _STR}, ("peer_id", "name", "fqdn", "mesh_ip", "network", "credential")),
-        "SelfUpdate": _obj({"flags": flags, "version": _STR, "endpoints": _STRS, "ssh_host_key": _STR}, extra=True),
+        "SelfUpdate": _obj({"flags": flags, "version": _text(v.VERSION), "endpoints": endpoints,
+                            "ssh_host_key": host_key}, extra=True),
         "PeerSelf": _obj({"peer_id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "network": _STR}),
-        "AuditEvent": _obj({"type": {"type": "string", "enum": [
-            "session.started", "session.ended", "exec", "subsystem", "forward.opened", "forward.closed",
-            "auth.refused", "session.revoked", "detached.started", "detached.attached",
-            "detached.detached", "detached.killed", "detached.revoked"]}, "time": {"type": "string", "format": "date-time"},
-            **{k: _STR for k in ("session_id", "identity", "source_peer", "source_ip", "local_user", "command",
-                                 "subsystem", "forward", "reason", "via", "signal")},
-            **{k: _INT for k in ("bytes_in", "bytes_out", "exit_status")}}, ("type",), extra=True),
-        "EventsPost": _obj({"events": {"type": "array", "items": _ref("AuditEvent"), "maxItems": 1000}}, ("events",)),
+        "AuditEvent": _obj({"type": {"type": "string", "enum": list(PEER_EVENT_TYPES)},
+                            "time": {"type": "string", "format": "date-time", "maxLength": 64},
+                            **{k: {"type": "string", "maxLength": MAX_STRING} for k in STR_FIELDS},
+                            **{k: {"type": "integer", "minimum": INT_RANGE[0], "maximum": INT_RANGE[1]}
+                               for k in INT_FIELDS}}, ("type",), extra=True),
+        "EventsPost": _obj({"events": {"type": "array", "items": _ref("AuditEvent"), "maxItems": MAX_EVENTS_PER_POST}},
+                           ("events",)),
         "StoredEvent": _obj({"id": _INT, "type": _STR, "peer_id": _STR, "time": _STR, "received_at": _STR},
                             ("id", "type", "received_at"), extra=True),
         "EventList": _obj({"events": {"type": "array", "items": _ref("StoredEvent")}, "next": _INT}),
@@ -115,30 +155,31 @@ def _schemas() -> dict[str, Any]:
         "User": _obj({"id": _STR, "email": _STR, "name": _STR, "role": _STR, "service": _BOOL,
                       "client_id": {"type": "string", "nullable": True}, "client_secret": _STR, "blocked": _BOOL,
                       "has_password": _BOOL, "groups": _STRS, "created": _TIME}),
-        "UserCreate": _obj({"email": {"type": "string", "format": "email"}, "name": _STR,
-                            "password": {"type": "string", "minLength": 8},
-                            "role": {"type": "string", "enum": ["admin", "user"]}, "service": _BOOL}, ("email",)),
-        "UserUpdate": _obj({"name": _STR, "password": {"type": "string", "minLength": 8},
-                            "role": {"type": "string", "enum": ["admin", "user"]}, "blocked": _BOOL}),
+        "UserCreate": {**_obj({"email": _text(v.EMAIL), "name": _text(v.USER_NAME), "password": _text(v.PASSWORD),
+                               "role": role, "service": {**_BOOL, "description": "a service user has no password"}},
+                              ("email",)),
+                       "not": {"required": ["service", "password"], "properties": {"service": {"enum": [True]}}}},
+        "UserUpdate": _obj({"name": _text(v.USER_NAME), "password": _text(v.PASSWORD), "role": role,
+                            "blocked": _BOOL}),
         "Group": _obj({"id": _STR, "name": _STR, "peers": _STRS, "peer_names": _STRS, "users": _STRS,
                        "user_emails": _STRS, "created": _TIME}),
-        "GroupCreate": _obj({"name": _NAME, "peers": {**_STRS, "description": "peer ids or names"},
-                             "users": {**_STRS, "description": "user ids or emails"}}, ("name",)),
-        "GroupUpdate": _obj({"name": _NAME, "peers": _STRS, "users": _STRS}),
+        "GroupCreate": _obj({"name": _text(v.NAME), "peers": peer_refs, "users": user_refs}, ("name",)),
+        "GroupUpdate": _obj({"name": _text(v.NAME), "peers": peer_refs, "users": user_refs}),
         "SetupKey": _obj({"id": _STR, "name": _STR, "key": {**_STR, "description": "only in the create response"},
                           "reusable": _BOOL, "expires_at": _TIME, "usage_limit": _INT, "used_count": _INT,
                           "revoked": _BOOL, "valid": _BOOL, "state": _STR, "auto_groups": _STRS,
                           "created": _TIME, "last_used": _TIME}),
-        "SetupKeyCreate": _obj({"name": _STR, "reusable": _BOOL,
-                                "expires_in": {"type": "integer", "minimum": 0, "description": "seconds; 0 = never"},
-                                "usage_limit": {"type": "integer", "minimum": 0}, "auto_groups": _STRS}),
+        "SetupKeyCreate": _obj({"name": _text(v.SETUP_KEY_NAME), "reusable": _BOOL,
+                                "expires_in": _int(v.EXPIRES_IN, description="seconds; 0 = never"),
+                                "usage_limit": _int(v.USAGE_LIMIT, description="0 = no limit"),
+                                "auto_groups": _texts(v.GROUP_REF, description="group ids or names")}),
         "Rule": rule,
         "Policy": _obj({"id": _STR, "name": _STR, "description": _STR, "enabled": _BOOL,
                         "rules": {"type": "array", "items": rule}, "created": _TIME}),
-        "PolicyCreate": _obj({"name": _NAME, "description": _STR, "enabled": _BOOL,
-                              "rules": {"type": "array", "items": rule, "minItems": 1}}, ("name", "rules")),
-        "PolicyUpdate": _obj({"name": _NAME, "description": _STR, "enabled": _BOOL,
-                              "rules": {"type": "array", "items": rule, "minItems": 1}}),
+        "PolicyCreate": _obj({"name": _text(v.NAME), "description": _text(v.DESCRIPTION), "enabled": _BOOL,
+                              "rules": rules}, ("name", "rules")),
+        "PolicyUpdate": _obj({"name": _text(v.NAME), "description": _text(v.DESCRIPTION), "enabled": _BOOL,
+                              "rules": rules}),
         "Peer": _obj({"id": _STR, "name": _STR, "fqdn": _STR, "mesh_ip": _STR, "hostname": _STR,
                       "wg_public_key": _STR, "ssh_host_key": _STR, "flags": flags, "version": _STR,
                       "endpoints": _STRS, "ssh_enabled": {**_BOOL, "description": "the admin toggle"},
@@ -149,7 +190,7 @@ def _schemas() -> dict[str, Any]:
                       "ssh_state_reason": {"type": "string", "description": "why it is not serving, naming the "
                                            "fix; empty when serving"},
                       "groups": _STRS, "connected": _BOOL, "created": _TIME, "last_seen": _TIME}),
-        "PeerUpdate": _obj({"name": _LABEL, "ssh_enabled": _BOOL}),
+        "PeerUpdate": _obj({"name": _text(v.PEER_NAME), "ssh_enabled": _BOOL}),
         "Subsystem": _obj({"id": _STR, "name": _STR, "command": _STR,
                            "peer": {"type": "string", "nullable": True},
                            "peer_name": {"type": "string", "nullable": True},
@@ -158,8 +199,7 @@ def _schemas() -> dict[str, Any]:
         "SigningKey": _obj({"kid": _STR, "alg": _STR, "created": _TIME, "retired": _TIME, "signing": _BOOL,
                             "published": _BOOL, "withdrawn_at": {**_TIME, "description": "when it stops verifying"}}),
         "SigningKeyRotate": _obj({"drop_previous": {**_BOOL, "description": "withdraw the old keys at once"}}),
-        "SubsystemSet": _obj({"command": {"type": "string", "minLength": 1, "maxLength": 1024,
-                                          "description": "one command line, run through the user's shell"}},
+        "SubsystemSet": _obj({"command": _text(COMMAND, description="one command line, run through the user's shell")},
                              ("command",)),
     }
 
@@ -269,15 +309,14 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                                                  errors=(400, 401, 403))},
         "/api/events": {"get": _op("the audit log, oldest first after `since`", {"200": {
             "description": "events", **_json(_ref("EventList"))}}, errors=(400, 401, 403), params=[
-            {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-            {"name": "peer_id", "in": "query", "schema": _STR},
-            {"name": "type", "in": "query", "schema": _STR}])},
+            {"name": "since", "in": "query", "schema": _int(v.SINCE)},
+            {"name": "limit", "in": "query", "schema": _int(v.LIMIT)},
+            {"name": "peer_id", "in": "query", "schema": _text(v.QUERY_ID)},
+            {"name": "type", "in": "query", "schema": _text(v.QUERY_ID)}])},
         "/api/events/stream": {"get": _op(f"follow the audit log. {ws}",
                                           {"101": {"description": "switching to WebSocket"}},
                                           errors=(400, 401, 403),
-                                          params=[{"name": "since", "in": "query",
-                                                   "schema": {"type": "integer", "minimum": 0}}])},
+                                          params=[{"name": "since", "in": "query", "schema": _int(v.SINCE)}])},
     }
     doc: dict[str, Any] = {
         "openapi": "3.0.3",

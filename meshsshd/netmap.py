@@ -35,7 +35,8 @@ REDIRECTED_SSH_PORT = 22
 PROTOCOLS = ("tcp", "udp", "icmp", "all")
 
 # An AcceptEnv pattern as sshd takes it: a variable name with `*` and `?` wildcards.
-_ENV_PATTERN = re.compile(r"^[A-Za-z0-9_*?]{1,64}$")
+ENV_PATTERN = "[A-Za-z0-9_*?]{1,64}"  # management's policy API states it in its OpenAPI document
+_ENV_PATTERN = re.compile(ENV_PATTERN)
 MAX_ENV_PATTERNS = 64
 
 
@@ -87,7 +88,7 @@ def check_accept_env(patterns: tuple[str, ...], where: str = "accept_env") -> tu
     if len(patterns) > MAX_ENV_PATTERNS:
         raise NetmapError(f"{where}: at most {MAX_ENV_PATTERNS} patterns")
     for pattern in patterns:
-        if not _ENV_PATTERN.match(pattern):
+        if not _ENV_PATTERN.fullmatch(pattern):
             raise NetmapError(f"{where}: {pattern[:70]!r} is not a variable name pattern "
                               "(letters, digits, '_', wildcards '*' and '?')")
     return patterns

@@ -12,13 +12,14 @@ from typing import Any, TypeVar
 
 from sqlalchemy import select
 
-_ID_SHAPE = re.compile(r"^[0-9a-f]{16}$")
+ID_SHAPE = "[0-9a-f]{16}"  # what `new_id()` makes
+_ID_SHAPE = re.compile(ID_SHAPE)
 
 _Row = TypeVar("_Row")
 
 
 def is_id_shaped(name: str) -> bool:
-    return bool(_ID_SHAPE.match(name))
+    return bool(_ID_SHAPE.fullmatch(name))
 
 
 def reserve_id_shape(label: str) -> str:
@@ -34,4 +35,4 @@ async def by_id_or_name(s: Any, model: type[_Row], ref: str) -> _Row | None:
     return (await s.execute(select(model).where(model.name == ref))).scalars().first()  # type: ignore[attr-defined]
 
 
-__all__ = ["by_id_or_name", "is_id_shaped", "reserve_id_shape"]
+__all__ = ["ID_SHAPE", "by_id_or_name", "is_id_shaped", "reserve_id_shape"]

@@ -46,7 +46,7 @@ async def challenge(request: web.Request) -> web.Response:
                               decision.retry_after)
     doc = await v.json_object(request)
     v.only_known(doc, {"wg_public_key"})
-    wg = v.wg_key(v.string(doc, "wg_public_key", required=True, max_len=64) or "")
+    wg = v.string(doc, "wg_public_key", v.WG_KEY, required=True) or ""
     nonce = base64.b64encode(os.urandom(CHALLENGE_BYTES)).decode()
     box_key = public_key_b64(request.app[BOX_KEY])
     now = utcnow()
@@ -61,8 +61,8 @@ async def challenge(request: web.Request) -> web.Response:
 async def consume_proof(request: web.Request, s: Any, doc: dict[str, Any], wg: str) -> None:
     """Check the registration's proof and use up its challenge, inside the registration's
     transaction (a failed registration leaves the challenge for a retry until it expires)."""
-    nonce = v.string(doc, "challenge", max_len=64)
-    proof = v.string(doc, "proof", max_len=256)
+    nonce = v.string(doc, "challenge", v.CHALLENGE)
+    proof = v.string(doc, "proof", v.PROOF)
     if not nonce or not proof:
         raise BadRequest("registration needs a 'challenge' (POST /api/peers/challenge) and a 'proof' "
                          "made with the WireGuard private key; this meshsshd is too old for this "
@@ -112,7 +112,7 @@ async def approve_rekey(request: web.Request) -> web.Response:
     await require_admin(request)
     doc = await v.json_object(request) if request.can_read_body else {}
     v.only_known(doc, {"expires_in"})
-    expires_in = v.integer(doc, "expires_in", 3600, lo=60, hi=7 * 86400) or 3600
+    expires_in = v.integer(doc, "expires_in", v.REKEY_FOR, 3600) or 3600
     ref = request.match_info["id"]
     until = utcnow() + timedelta(seconds=expires_in)
     async with request.app[STORE].write() as s:

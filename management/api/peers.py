@@ -54,10 +54,7 @@ def parse_flags(value: Any) -> dict[str, bool]:
 
 
 def parse_endpoints(doc: dict[str, Any]) -> list[str] | None:
-    eps = v.str_list(doc, "endpoints", max_items=MAX_ENDPOINTS, max_len=64)
-    if eps is None:
-        return None
-    return [v.endpoint(e, f"endpoints[{i}]") for i, e in enumerate(eps)]
+    return v.str_list(doc, "endpoints", v.ENDPOINT, max_items=MAX_ENDPOINTS)
 
 
 _LABEL_BAD = re.compile(r"[^a-z0-9-]+")
@@ -114,12 +111,12 @@ async def register(request: web.Request) -> web.Response:
     if not decision.allowed:
         raise TooManyRequests("too many registrations from this address; slow down", decision.retry_after)
     doc = await v.json_object(request)
-    setup_key = v.string(doc, "setup_key", required=True, max_len=200, min_len=1)
-    wg = v.wg_key(v.string(doc, "wg_public_key", required=True, max_len=64) or "")
-    host_key = v.ssh_public_key(v.string(doc, "ssh_host_key", default="", max_len=16384) or "")
-    hostname = v.string(doc, "hostname", required=True, max_len=255, min_len=1) or ""
+    setup_key = v.string(doc, "setup_key", v.SETUP_KEY, required=True)
+    wg = v.string(doc, "wg_public_key", v.WG_KEY, required=True) or ""
+    host_key = v.ssh_public_key(v.string(doc, "ssh_host_key", v.SSH_PUBLIC_KEY, default="") or "")
+    hostname = v.string(doc, "hostname", v.HOSTNAME, required=True) or ""
     flags = parse_flags(doc.get("flags"))
-    version = v.string(doc, "version", default="", max_len=64) or ""
+    version = v.string(doc, "version", v.VERSION, default="") or ""
     endpoints = parse_endpoints(doc) or []
     settings = request.app[SETTINGS]
     store = request.app[STORE]
@@ -187,13 +184,13 @@ async def update_self(request: web.Request) -> web.Response:
     changes: dict[str, Any] = {}
     if "flags" in doc and doc["flags"] is not None:
         changes["flags"] = parse_flags(doc["flags"])
-    version = v.string(doc, "version", max_len=64)
+    version = v.string(doc, "version", v.VERSION)
     if version is not None:
         changes["version"] = version
     endpoints = parse_endpoints(doc)
     if endpoints is not None:
         changes["endpoints"] = endpoints
-    host_key = v.string(doc, "ssh_host_key", max_len=16384)
+    host_key = v.string(doc, "ssh_host_key", v.SSH_PUBLIC_KEY)
     if host_key is not None:
         changes["ssh_host_key"] = v.ssh_public_key(host_key)
     store = request.app[STORE]
