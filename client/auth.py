@@ -277,7 +277,9 @@ def _grant(login: Login, fields: list[tuple[str, str]]) -> dict[str, Any]:
         return doc
     code, msg = http.error_text(doc, f"HTTP {status}")
     if code in ("invalid_grant", "invalid_client", "unauthorized_client"):
-        raise NotLoggedIn(f"your login is no longer valid: {msg}")
+        # meshmgmt's refusal of a refresh token says what to do (docs/idp.md); others do not
+        described = code == "invalid_grant" and isinstance(doc, dict) and bool(doc.get("error_description"))
+        raise NotLoggedIn(f"your login is no longer valid: {msg}", names_fix=described)
     raise ManagementError(f"management refused the token request: {msg}", code, status)
 
 

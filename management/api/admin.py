@@ -191,7 +191,7 @@ async def update_user(request: web.Request) -> web.Response:
             user.password_hash = pw_hash
         if name is not None:
             user.name = name
-        stale = [why for why, changed in (("password-changed", pw_hash is not None),
+        stale = [why for why, changed in (("password-reset", pw_hash is not None),
                                           ("role-changed", role is not None and role != user.role),
                                           ("blocked", bool(blocked))) if changed]
         if role is not None:

@@ -287,9 +287,7 @@ class Issuer:
     async def device_token(self, device_code: str, client_id: str) -> dict[str, Any]:
         self._check_public_client(client_id)
         user_id, scope = await self.grants.poll_device(device_code, client_id)
-        identity = await self.grants.identity(user_id)
-        if identity is None:
-            raise IdpError("access_denied", "the user is blocked or deleted", reason="user-blocked")
+        identity = await self.grants.active_identity(user_id, "access_denied")
         refresh = await self.grants.issue_refresh(identity.sub, client_id, scope)
         event(log, "idp.login", user=identity.email, grant="device_code", client=client_id)
         return self._access_response(identity, client_id, scope, refresh)
@@ -326,9 +324,7 @@ class Issuer:
         except IdpError as exc:
             raise IdpError("invalid_request", f"subject_token: {exc.description}; run `meshssh login`",
                            reason=f"subject-{exc.reason}") from exc
-        identity = await self.grants.identity(str(claims["sub"]))
-        if identity is None:
-            raise IdpError("invalid_request", "the user is blocked or deleted", reason="user-blocked")
+        identity = await self.grants.active_identity(str(claims["sub"]), "invalid_request")
         if not audiences:
             raise IdpError("invalid_request", "name at least one peer in `audience`", reason="no-audience")
         if len(audiences) > MAX_AUDIENCES:
