@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .store.passwords import MAX_LENGTH, MIN_LENGTH
+
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _INT = {"type": "integer"}
@@ -16,6 +18,7 @@ _STRS = {"type": "array", "items": {"type": "string"}}
 _TIME = {"type": "string", "format": "date-time", "nullable": True}
 _NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"}
 _LABEL = {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}
+_PASSWORD = {"type": "string", "minLength": MIN_LENGTH, "maxLength": MAX_LENGTH}
 _WG_KEY = {"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$", "description": "32-byte key, base64"}
 
 
@@ -116,9 +119,9 @@ def _schemas() -> dict[str, Any]:
                       "client_id": {"type": "string", "nullable": True}, "client_secret": _STR, "blocked": _BOOL,
                       "has_password": _BOOL, "groups": _STRS, "created": _TIME}),
         "UserCreate": _obj({"email": {"type": "string", "format": "email"}, "name": _STR,
-                            "password": {"type": "string", "minLength": 8},
+                            "password": _PASSWORD,
                             "role": {"type": "string", "enum": ["admin", "user"]}, "service": _BOOL}, ("email",)),
-        "UserUpdate": _obj({"name": _STR, "password": {"type": "string", "minLength": 8},
+        "UserUpdate": _obj({"name": _STR, "password": {**_PASSWORD, "description": "signs the user's logins out"},
                             "role": {"type": "string", "enum": ["admin", "user"]}, "blocked": _BOOL}),
         "Group": _obj({"id": _STR, "name": _STR, "peers": _STRS, "peer_names": _STRS, "users": _STRS,
                        "user_emails": _STRS, "created": _TIME}),

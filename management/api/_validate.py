@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import BadRequest, RequestTimeout
+from ..store.passwords import password_problem
 
 MAX_BODY = 1 << 20
 BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
@@ -120,6 +121,15 @@ def str_list(doc: dict[str, Any], name: str, *, default: list[str] | None = None
         if not isinstance(v, str) or not v or len(v) > max_len or "\x00" in v:
             raise BadRequest(f"field {field}[{i}] must be a non-empty string", field=f"{field}[{i}]")
     return list(value)
+
+
+def password(doc: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    """A new password in field `name`, held to the rules of `store.passwords`."""
+    value = string(doc, name, required=required, max_len=MAX_BODY)
+    problem = password_problem(value) if value is not None else None
+    if problem:
+        raise BadRequest(f"field {name!r} {problem}", field=name)
+    return value
 
 
 def email(value: str, field: str = "email") -> str:

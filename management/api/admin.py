@@ -86,14 +86,6 @@ async def _delete_recorded(request: web.Request, model: type[Any], what: str, ch
     return web.Response(status=204)
 
 
-def _password(doc: dict[str, Any]) -> str | None:
-    """The optional 'password' field; a short one is refused on create and update alike."""
-    password = v.string(doc, "password", max_len=1024)
-    if password is not None and len(password) < 8:
-        raise BadRequest("field 'password' must have at least 8 characters", field="password")
-    return password
-
-
 def _new_name(doc: dict[str, Any]) -> str | None:
     """The optional 'name' of an update: checked like a create's name, None when absent."""
     name = v.string(doc, "name", max_len=100)
@@ -148,7 +140,7 @@ async def create_user(request: web.Request) -> web.Response:
     v.only_known(doc, {"email", "name", "password", "role", "service"})
     email = v.email(v.string(doc, "email", required=True, max_len=320) or "")
     name = v.string(doc, "name", default="", max_len=200) or ""
-    password = _password(doc)
+    password = v.password(doc, "password")
     role = _role(doc, "user")
     service = bool(v.boolean(doc, "service", False))
     if service and password is not None:
@@ -179,7 +171,7 @@ async def update_user(request: web.Request) -> web.Response:
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "password", "role", "blocked"})
     name = v.string(doc, "name", max_len=200)
-    password = _password(doc)
+    password = v.password(doc, "password")
     role = _role(doc, None)
     blocked = v.boolean(doc, "blocked")
     pw_hash = await hash_password_async(password) if password is not None else None
