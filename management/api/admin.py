@@ -167,7 +167,7 @@ async def create_user(request: web.Request) -> web.Response:
 
 @routes.put("/api/users/{id}")
 async def update_user(request: web.Request) -> web.Response:
-    await require_admin(request)
+    caller = await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "password", "role", "blocked"})
     name = v.string(doc, "name", max_len=200)
@@ -190,9 +190,14 @@ async def update_user(request: web.Request) -> web.Response:
             user.role = role
         if blocked is not None:
             user.blocked = blocked
+        logins = 0
         if stale:  # the logins made under the old password, role or access end with it
-            await revoke_user_families(s, user.id, ",".join(stale))
+            logins = await revoke_user_families(s, user.id, ",".join(stale))
         out = user_dict(user)
+    if pw_hash is not None:
+        event(log, "user.password_reset", user=out["id"], logins=logins)
+        await request.app[EVENTS].record("user.password_reset", user_id=out["id"], email=out["email"],
+                                         actor=caller.email or caller.kind, logins_signed_out=logins)
     return web.json_response(out)
 
 

@@ -30,6 +30,7 @@ from .keys import ALGORITHMS, KeyRing
 from .keystore import KeyStore
 from .metrics import IdpMetrics
 from .secret import SECRET_BYTES, KeySecretError, create_key_secret, read_key_secret
+from .signin import SignInThrottle
 
 log = logging.getLogger("meshmgmt.idp")
 
@@ -91,6 +92,10 @@ class Issuer:
         self.grants = Grants(store, clock=self.clock, device_ttl=self.settings.device_ttl,
                              poll_interval=self.settings.poll_interval, refresh_ttl=self.settings.refresh_ttl,
                              refresh_family_ttl=self.settings.refresh_family_ttl)
+        # Every check of a person's password (the verification page, a password change)
+        # shares one throttle, so no endpoint is a faster guessing oracle than another.
+        self.sign_in = SignInThrottle(self.settings.login_backoff, self.settings.login_email_ceiling,
+                                      self.settings.login_remember)
         self._ring = KeyRing([], self.settings.key_overlap)
         self._published: tuple[str, ...] = ()
         self._fingerprint: tuple[tuple[str, float | None], ...] = ()
