@@ -277,7 +277,9 @@ def _grant(login: Login, fields: list[tuple[str, str]]) -> dict[str, Any]:
         return doc
     code, msg = http.error_text(doc, f"HTTP {status}")
     if code in ("invalid_grant", "invalid_client", "unauthorized_client"):
-        raise NotLoggedIn(f"your login is no longer valid: {msg}")
+        # meshmgmt's refusal of a refresh token says what to do (docs/idp.md); others do not
+        described = code == "invalid_grant" and isinstance(doc, dict) and bool(doc.get("error_description"))
+        raise NotLoggedIn(f"your login is no longer valid: {msg}", names_fix=described)
     raise ManagementError(f"management refused the token request: {msg}", code, status)
 
 
@@ -346,10 +348,19 @@ class Session:
 
     def get_api(self, path: str) -> Any:
         """GET a user endpoint; one forced refresh if the access token was refused."""
+        return self.call_api(path)
+
+    def call_api(self, path: str, body: Any = None) -> Any:
+        """GET a user endpoint, or POST `body` to it as JSON; one forced refresh if the
+        access token was refused."""
         url = f"{self.login.management_url}{path}"
-        status, doc = http.get_json(url, self.access_token())
+
+        def send(token: str) -> tuple[int, Any]:
+            return http.get_json(url, token) if body is None else http.post_json(url, body, token)
+
+        status, doc = send(self.access_token())
         if status == 401:
-            status, doc = http.get_json(url, self.access_token(force=True))
+            status, doc = send(self.access_token(force=True))
         if status == 401:
             raise NotLoggedIn("your login is no longer valid")
         if status != 200:

@@ -31,7 +31,7 @@ usage: meshssh [-46AaNnqsTtVv] [-b bind_address] [-D [bind_address:]port]
                [--delegate-confirm] [user@]host [command ...]
        meshssh login [--management-url URL] [--no-browser]
        meshssh login --client-id ID --client-secret-file FILE
-       meshssh logout | peers | cp [-r] SRC... DST
+       meshssh logout | peers | passwd [--password-stdin] | cp [-r] SRC... DST
        meshssh exec [-l user] --hosts a,b,group:NAME [--throttle N] [--json] -- command
        meshssh -d [user@]host [command] | exec --detach host -- command   (detached session)
        meshssh sessions host [--kill ID] | attach host ID | receive host ID [--follow]
@@ -179,6 +179,22 @@ def logout() -> None:
         click.echo("Not logged in.", err=True)
     if stopped:
         click.echo("Control master stopped.", err=True)
+
+
+@cli.command()
+@click.option("--password-stdin", is_flag=True,
+              help="read the current and the new password from stdin, one per line (for scripts)")
+def passwd(password_stdin: bool) -> None:
+    """Change your password (asked without echo); every login of yours is signed out."""
+    from .errors import ClientError
+    from .passwd import change_password
+
+    try:
+        click.echo(change_password(from_stdin=password_stdin), err=True)
+    except ClientError as exc:
+        _fail(exc)
+    except (KeyboardInterrupt, EOFError):
+        _fail("cancelled; nothing was changed", 130)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

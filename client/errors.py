@@ -19,14 +19,16 @@ class ClientError(Exception):
     exit_code = 255
 
 
-class NotLoggedIn(ClientError):
-    """The fix is always a new login; said once, even when management's reason says it."""
+LOGIN_FIX = "run `meshssh login`"
 
-    def __init__(self, detail: str = "") -> None:
-        if "meshssh login" in detail:
-            super().__init__(detail)
-        else:
-            super().__init__(f"{detail or 'not logged in'} — run `meshssh login`")
+
+class NotLoggedIn(ClientError):
+    """No usable login. The fix is said once, by whoever wrote the reason: management's
+    refusals of a refresh token name their own (it knows whether a new login helps or an
+    administrator must act first: `names_fix`); the client's own reasons get LOGIN_FIX."""
+
+    def __init__(self, detail: str = "not logged in", *, names_fix: bool = False) -> None:
+        super().__init__(detail if names_fix else f"{detail} — {LOGIN_FIX}")
 
 
 class ManagementError(ClientError):

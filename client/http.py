@@ -50,6 +50,15 @@ def get_json(url: str, bearer: str | None = None, timeout: float = TIMEOUT) -> t
     return _request(urllib.request.Request(url, headers=headers), timeout)
 
 
+def post_json(url: str, doc: Any, bearer: str, timeout: float = TIMEOUT) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        url, data=json.dumps(doc).encode(), method="POST",
+        headers={"Content-Type": "application/json", "Accept": "application/json",
+                 "Authorization": f"Bearer {bearer}"},
+    )
+    return _request(req, timeout)
+
+
 def post_form(url: str, fields: list[tuple[str, str]], timeout: float = TIMEOUT) -> tuple[int, Any]:
     data = urllib.parse.urlencode(fields).encode()
     req = urllib.request.Request(

@@ -23,7 +23,7 @@ SUPPORTED = set("46AaCNnqsTtvVbDiLlopR")
 LONG_WITHARG = {"--ssh-jwt-cache-ttl", "--delegate-to", "--delegate-max"}
 LONG_NOARG = {"--no-cache", "--help", "--delegate-confirm", "--version"}
 # `meshssh WORD ...` that are sub-commands, not destinations (client/cli.py, client/front.py).
-SUBCOMMANDS = ("login", "logout", "detect", "proxy", "config", "cp", "peers", "exec", "sessions",
+SUBCOMMANDS = ("login", "logout", "detect", "proxy", "config", "cp", "peers", "passwd", "exec", "sessions",
                "attach", "receive", "control", "completion")
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from meshsshd.logs import event
 from meshsshd.metrics import PROMETHEUS_CONTENT_TYPE
 
-from .api import audit, enrol, groups, peer_admin, peers, policies, setup_keys, signing_keys, subsystems, users
+from .api import account, audit, enrol, groups, peer_admin, peers, policies, setup_keys, signing_keys, subsystems, users
 from .api.keys import (AUDIT_LIMITER, BOX_KEY, CHALLENGE_LIMITER, EVENTS, HUB, ISSUER, LOAD_STATE, METRICS, METRICS_TOKEN,
                        REGISTER_LIMITER, SETTINGS, STORE)
 from .boxkey import load_or_create_box_key
@@ -207,6 +207,7 @@ def create_app(settings: MgmtSettings, store: Store | None = None) -> web.Applic
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_routes(enrol.routes)
+    app.router.add_routes(account.routes)
     app.router.add_routes(peers.routes)  # before peer_admin: /api/peers/sync must win over /api/peers/{id}
     for admin in (users, groups, setup_keys, policies, peer_admin, audit):
         app.router.add_routes(admin.routes)

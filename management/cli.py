@@ -99,8 +99,11 @@ def init(data_dir: Path, admin_email: str, admin_password_stdin: bool, database:
     password = None
     if admin_password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
-        if len(password) < 8:
-            raise click.ClickException("the admin password must have at least 8 characters")
+        from .store.passwords import password_problem
+
+        problem = password_problem(password)
+        if problem:
+            raise click.ClickException(f"the admin password {problem}")
     try:
         result = asyncio.run(initialise(data_dir, admin_email, password, database, admin_token_lifetime))
     except AlreadyInitialised as exc:

@@ -94,6 +94,24 @@ def register(main: click.Group) -> None:
         if doc.get("client_secret") and not json_mode(ctx):
             click.echo(f"client secret (shown once): {doc['client_secret']}")
 
+    @users.command("set-password")
+    @click.argument("user")
+    @click.option("--password-stdin", is_flag=True, help="read the new password from stdin (for scripts)")
+    @click.pass_context
+    def users_set_password(ctx: click.Context, user: str, password_stdin: bool) -> None:
+        """Set a new password for USER (by id or email), asked without echo; signs out all of their logins."""
+        from meshsshd.password_input import PasswordInputError, read_passwords
+
+        item = resolve_ref(ctx, "users", user, ("email",))
+        email = cell(item["email"])  # escaped: a federated provider chose it
+        try:
+            (password,) = read_passwords((f"New password for {email}: ",), from_stdin=password_stdin)
+        except PasswordInputError as exc:
+            raise click.ClickException(str(exc)) from None
+        doc = call(ctx, "PUT", f"/api/users/{item['id']}", {"password": password})
+        ok(ctx, f"password of {email} set; their logins were signed out (they log in again with "
+                "`meshssh login`)", doc)
+
     _add_delete(users, "users", "user", ("email",), "deleted user {email}")
     _add_setter(users, "block", "users", "user", ("email",), {"blocked": True}, "blocked {email}")
     _add_setter(users, "unblock", "users", "user", ("email",), {"blocked": False}, "unblocked {email}")

@@ -159,8 +159,14 @@ def _schemas() -> dict[str, Any]:
                                "role": role, "service": {**_BOOL, "description": "a service user has no password"}},
                               ("email",)),
                        "not": {"required": ["service", "password"], "properties": {"service": {"enum": [True]}}}},
-        "UserUpdate": _obj({"name": _text(v.USER_NAME), "password": _text(v.PASSWORD), "role": role,
+        "UserUpdate": _obj({"name": _text(v.USER_NAME),
+                            "password": _text(v.PASSWORD, description="signs the user's logins out"), "role": role,
                             "blocked": _BOOL}),
+        "PasswordChange": _obj({"current_password": _text(v.CURRENT_PASSWORD),
+                                "new_password": _text(v.PASSWORD)}, ("current_password", "new_password")),
+        "PasswordChanged": _obj({"logins_signed_out": {**_INT, "description": "refresh-token logins ended, "
+                                                                               "the caller's own included"}},
+                                ("logins_signed_out",)),
         "Group": _obj({"id": _STR, "name": _STR, "peers": _STRS, "peer_names": _STRS, "users": _STRS,
                        "user_emails": _STRS, "created": _TIME}),
         "GroupCreate": _obj({"name": _text(v.NAME), "peers": peer_refs, "users": user_refs}, ("name",)),
@@ -242,6 +248,10 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             security="peer", errors=(400, 401), tag="peer")},
         "/api/me/peers": {"get": _op("peers the caller may reach by SSH, with the local users", {"200": {
             "description": "peers", **_json(_ref("PeerList"))}}, security="bearer", errors=(401, 403), tag="user")},
+        "/api/me/password": {"post": _op(
+            "change the caller's own password (the current one proves it); every login of the user ends, "
+            "this one too", _one("PasswordChanged"), body=_ref("PasswordChange"), security="bearer",
+            errors=(400, 401, 403, 409, 422, 429), tag="user")},
         "/api/users": {
             "get": _op("list users", _list("users", "User"), errors=(401, 403)),
             "post": _op("create a user (service users get client_id and a one-time client_secret)",

@@ -25,6 +25,7 @@ from meshsshd.netmap import ENV_PATTERN as _ENV_PATTERN, MAX_ENV_PATTERNS
 
 from ..errors import BadRequest, RequestTimeout
 from ._lookup import ID_SHAPE
+from ..store.passwords import MAX_LENGTH as _PASSWORD_MAX, MIN_LENGTH as _PASSWORD_MIN
 
 MAX_BODY = 1 << 20
 BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
@@ -150,7 +151,8 @@ SOURCE = Text(330, 1, whole(f"user:{_EMAIL_BODY}|{_NAME_BODY}"), "is neither a g
 PORT_RANGE = Text(11, 1, whole(f"(?:{_PORT})(?:-(?:{_PORT}))?"), 'must be a port or a range like "8000-8080"')
 DESCRIPTION = Text(1000)
 USER_NAME = Text(200)
-PASSWORD = Text(1024, 8)
+PASSWORD = Text(_PASSWORD_MAX, _PASSWORD_MIN)  # store/passwords.py's rules
+CURRENT_PASSWORD = Text(_PASSWORD_MAX)  # checked against the hash, whatever rules it was set under
 ROLES = ("admin", "user")
 ROLE = Text(16, 1, whole("|".join(ROLES)), f"must be {' or '.join(map(repr, ROLES))}")
 PEER_REF = Text(64, 1)  # a peer's id or name

@@ -81,7 +81,7 @@ async def create_user(request: web.Request) -> web.Response:
 
 @routes.put("/api/users/{id}")
 async def update_user(request: web.Request) -> web.Response:
-    await require_admin(request)
+    caller = await require_admin(request)
     doc = await v.json_object(request)
     v.only_known(doc, {"name", "password", "role", "blocked"})
     name = v.string(doc, "name", v.USER_NAME)
@@ -97,16 +97,21 @@ async def update_user(request: web.Request) -> web.Response:
             user.password_hash = pw_hash
         if name is not None:
             user.name = name
-        stale = [why for why, changed in (("password-changed", pw_hash is not None),
+        stale = [why for why, changed in (("password-reset", pw_hash is not None),
                                           ("role-changed", role is not None and role != user.role),
                                           ("blocked", bool(blocked))) if changed]
         if role is not None:
             user.role = role
         if blocked is not None:
             user.blocked = blocked
+        logins = 0
         if stale:  # the logins made under the old password, role or access end with it
-            await revoke_user_families(s, user.id, ",".join(stale))
+            logins = await revoke_user_families(s, user.id, ",".join(stale))
         out = user_dict(user)
+    if pw_hash is not None:
+        event(log, "user.password_reset", user=out["id"], logins=logins)
+        await request.app[EVENTS].record("user.password_reset", user_id=out["id"], email=out["email"],
+                                         actor=caller.email or caller.kind, logins_signed_out=logins)
     return web.json_response(out)
 
 

@@ -9,8 +9,13 @@ Refresh tokens rotate on every use. Presenting a token that was already used or 
 means two parties hold it (the OAuth 2.0 Security BCP's reuse detection): the whole
 family (every token descended from the same login) is revoked and the user logs in again.
 A family also ends at a fixed time after its login (`refresh_family_ttl`), however often
-it is used, and all of a user's families end when an admin changes the user's password
-or role or blocks the user (`revoke_user_families`; deleting the user deletes its rows).
+it is used, and all of a user's families end when the user's password or role changes or
+an admin blocks the user (`revoke_user_families`; deleting the user deletes its rows).
+
+Each revoked row keeps why (`revoked_reason`), so a refusal says what happened, and each
+refusal names its fix once (`_refused`): the client shows it as it comes. A blocked
+user's token is refused as blocked before any reuse check: the block revoked every live
+token already, so such a refusal is no sign of theft.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, distinct, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from management.store.models import User, aware, hash_secret, new_id
@@ -39,6 +44,19 @@ from .tokens import Identity
 log = logging.getLogger("meshmgmt.idp")
 
 REFRESH_PREFIX = "mrt_"
+RELOGIN = "run `meshssh login`"
+BLOCKED = "your account is blocked by an administrator; ask one to unblock it, then run `meshssh login`"
+
+# What ended a login, by the `revoked_reason` its tokens carry (first match wins), for
+# the refusal of a revoked token.
+_REVOKED_BECAUSE = (
+    ("blocked", "this login was signed out when an administrator blocked your account"),
+    ("password-reset", "this login was signed out when an administrator set a new password for your account"),
+    ("password-changed", "this login was signed out when your password was changed"),
+    ("role-changed", "this login was signed out when an administrator changed your role"),
+    ("refresh-reused", "this login was revoked because one of its refresh tokens was used twice "
+                       "(a copy of it may exist elsewhere)"),
+)
 
 
 def _dt(ts: float) -> datetime:
@@ -81,17 +99,39 @@ def judge_refresh(*, client_matches: bool, used: bool, revoked: bool, expires_at
     return RefreshVerdict.OK
 
 
+def revoked_text(reasons: str | None) -> str:
+    """What a revoked token's `revoked_reason` (comma-separated causes) tells its holder."""
+    causes = set((reasons or "").split(","))
+    return next((text for cause, text in _REVOKED_BECAUSE if cause in causes), "this login was revoked")
+
+
+def _refused(what: str, reason: str) -> IdpError:
+    """A refresh token's refusal: what happened, then the fix, each said once."""
+    return IdpError("invalid_grant", f"{what}; {RELOGIN}", reason=reason)
+
+
+def blocked(error: str = "invalid_grant") -> IdpError:
+    """The refusal of whatever a blocked user asks for: no theft alarm, and the fix that
+    works (a new login alone would be refused too)."""
+    return IdpError(error, BLOCKED, reason="user-blocked")
+
+
 async def revoke_user_families(session: Any, user_id: str, why: str) -> int:
-    """Revoke every live refresh token of a user, inside the caller's transaction (the
-    admin change that made them stale commits with it); how many were live."""
-    result = await session.execute(
-        update(RefreshTokenRow)
+    """Revoke every refresh token of a user (spent ones too, so a copy presented later is
+    told `why`, not taken for a theft), inside the caller's transaction: the change that
+    made them stale commits with it. How many logins were live."""
+    live = await session.execute(
+        select(func.count(distinct(RefreshTokenRow.family_id)))
         .where(RefreshTokenRow.user_id == user_id, RefreshTokenRow.revoked_at.is_(None),
                RefreshTokenRow.used_at.is_(None))
-        .values(revoked_at=datetime.now(timezone.utc))
     )
-    revoked = int(result.rowcount or 0)
-    event(log, "idp.user_refresh_revoked", user=user_id, reason=why, revoked=revoked)
+    await session.execute(
+        update(RefreshTokenRow)
+        .where(RefreshTokenRow.user_id == user_id, RefreshTokenRow.revoked_at.is_(None))
+        .values(revoked_at=datetime.now(timezone.utc), revoked_reason=why)
+    )
+    revoked = int(live.scalar() or 0)
+    event(log, "idp.user_refresh_revoked", user=user_id, reason=why, logins=revoked)
     return revoked
 
 
@@ -124,12 +164,15 @@ class Grants:
 
     # --- users and clients ----------------------------------------------------------
 
-    async def identity(self, user_id: str) -> Identity | None:
-        """The user as stored now; None when deleted or blocked (no new tokens for them)."""
+    async def active_identity(self, user_id: str, error: str) -> Identity:
+        """The user as stored now, or the OAuth `error` saying they are blocked or deleted."""
         async with self.store.session() as s:
             user = await s.get(User, user_id)
-        if user is None or user.blocked:
-            return None
+        if user is None:
+            raise IdpError(error, "your account no longer exists on this management server; "
+                           "ask an administrator", reason="user-deleted")
+        if user.blocked:
+            raise blocked(error)
         return identity_of(user)
 
     async def authenticate_user(self, email: str, password: str) -> Identity | None:
@@ -269,14 +312,16 @@ class Grants:
         return token
 
     async def _revoke_family(self, family_id: str, now: float, why: str) -> None:
+        """Revoke what is left of a login; a warning when that was anything (a reuse)."""
         async with self.store.write() as s:
             result = await s.execute(
                 update(RefreshTokenRow)
                 .where(RefreshTokenRow.family_id == family_id, RefreshTokenRow.revoked_at.is_(None))
-                .values(revoked_at=_dt(now))
+                .values(revoked_at=_dt(now), revoked_reason=why)
             )
-        event(log, "idp.refresh_family_revoked", level=logging.WARNING, family=family_id,
-              reason=why, revoked=int(result.rowcount or 0))
+        revoked = int(result.rowcount or 0)
+        event(log, "idp.refresh_family_revoked", level=logging.WARNING if revoked else logging.INFO,
+              family=family_id, reason=why, revoked=revoked)
 
     async def rotate_refresh(self, token: str, client_id: str) -> tuple[Identity, str, str]:
         """Redeem a refresh token: (identity, scope, successor token); the old one is spent."""
@@ -285,8 +330,11 @@ class Grants:
             row = (
                 await s.execute(select(RefreshTokenRow).where(RefreshTokenRow.token_hash == device.hash_secret(token)))
             ).scalar_one_or_none()
-        if row is None:
-            raise IdpError("invalid_grant", "unknown refresh token; run `meshssh login`", reason=RefreshVerdict.UNKNOWN.value)
+            user = await s.get(User, row.user_id) if row is not None else None
+        if row is None or user is None:  # deleting a user deletes its rows: unknown either way
+            raise _refused("unknown refresh token", RefreshVerdict.UNKNOWN.value)
+        if user.blocked:
+            raise blocked()
         expires, family_end = _ts(row.expires_at), _ts(row.family_expires_at)
         assert expires is not None and family_end is not None
         verdict = judge_refresh(client_matches=row.client_id == client_id, used=row.used_at is not None,
@@ -302,25 +350,26 @@ class Grants:
                 )
             if spent.rowcount != 1:  # someone redeemed it between our read and write
                 verdict = RefreshVerdict.REUSED
-        if verdict in (RefreshVerdict.REUSED, RefreshVerdict.REVOKED):
+        if verdict is RefreshVerdict.REUSED:
             await self._revoke_family(row.family_id, now, verdict.value)
-            why = ("this refresh token was already used, so every token of this login is revoked"
-                   if verdict is RefreshVerdict.REUSED else
-                   "this login was revoked (password or role changed, user blocked, or a token reused)")
-            raise IdpError("invalid_grant", f"{why}; run `meshssh login`", reason=verdict.value)
+            raise _refused("this refresh token was already used, so every token of this login is revoked",
+                           verdict.value)
+        if verdict is RefreshVerdict.REVOKED:
+            await self._revoke_family(row.family_id, now, row.revoked_reason or verdict.value)
+            raise _refused(revoked_text(row.revoked_reason), verdict.value)
         if verdict is RefreshVerdict.WRONG_CLIENT:
-            raise IdpError("invalid_grant", "the refresh token was issued to another client", reason=verdict.value)
+            raise _refused("the refresh token was issued to another client", verdict.value)
         if verdict is RefreshVerdict.FAMILY_EXPIRED:
             ttl = self.refresh_family_ttl
             age = f"{ttl // 86400} days" if ttl >= 86400 else f"{ttl} s"
-            raise IdpError("invalid_grant", f"this login has reached its maximum age ({age}); "
-                           "run `meshssh login`", reason=verdict.value)
+            raise _refused(f"this login has reached its maximum age ({age})", verdict.value)
         if verdict is RefreshVerdict.EXPIRED:
-            raise IdpError("invalid_grant", "the refresh token has expired; run `meshssh login`", reason=verdict.value)
-        ident = await self.identity(row.user_id)
-        if ident is None:
-            await self._revoke_family(row.family_id, now, "user-blocked")
-            raise IdpError("invalid_grant", "the user is blocked or deleted", reason="user-blocked")
+            raise _refused("the refresh token has expired", verdict.value)
+        try:
+            ident = await self.active_identity(row.user_id, "invalid_grant")
+        except IdpError:  # blocked or deleted since the read above
+            await self._revoke_family(row.family_id, now, "blocked")
+            raise
         successor = await self.issue_refresh(row.user_id, client_id, row.scope, (row.family_id, family_end))
         return ident, row.scope, successor
 

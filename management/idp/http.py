@@ -30,7 +30,7 @@ from . import page
 from .device import normalize_user_code
 from .errors import IdpError
 from .issuer import BAD_PASSWORD, Issuer
-from .signin import BACKOFF, CEILING, SignInThrottle
+from .signin import BACKOFF, CEILING
 from .tokens import SSH_TOKEN_TYPE_URN
 
 log = logging.getLogger("meshmgmt.idp")
@@ -81,7 +81,7 @@ class IdpRoutes:
         self.issuer = issuer
         s = issuer.settings
         self.login_ip = RateLimiter(*s.login_limit)
-        self.sign_in = SignInThrottle(s.login_backoff, s.login_email_ceiling, s.login_remember)
+        self.sign_in = issuer.sign_in
         self.device_code = RateLimiter(*s.device_code_limit)
         self.token = RateLimiter(*s.token_limit)
 

@@ -30,6 +30,7 @@ from .keys import ALGORITHMS, KeyRing
 from .keystore import KeyStore
 from .metrics import IdpMetrics
 from .secret import SECRET_BYTES, KeySecretError, create_key_secret, read_key_secret
+from .signin import SignInThrottle
 
 log = logging.getLogger("meshmgmt.idp")
 
@@ -91,6 +92,10 @@ class Issuer:
         self.grants = Grants(store, clock=self.clock, device_ttl=self.settings.device_ttl,
                              poll_interval=self.settings.poll_interval, refresh_ttl=self.settings.refresh_ttl,
                              refresh_family_ttl=self.settings.refresh_family_ttl)
+        # Every check of a person's password (the verification page, a password change)
+        # shares one throttle, so no endpoint is a faster guessing oracle than another.
+        self.sign_in = SignInThrottle(self.settings.login_backoff, self.settings.login_email_ceiling,
+                                      self.settings.login_remember)
         self._ring = KeyRing([], self.settings.key_overlap)
         self._published: tuple[str, ...] = ()
         self._fingerprint: tuple[tuple[str, float | None], ...] = ()
@@ -287,9 +292,7 @@ class Issuer:
     async def device_token(self, device_code: str, client_id: str) -> dict[str, Any]:
         self._check_public_client(client_id)
         user_id, scope = await self.grants.poll_device(device_code, client_id)
-        identity = await self.grants.identity(user_id)
-        if identity is None:
-            raise IdpError("access_denied", "the user is blocked or deleted", reason="user-blocked")
+        identity = await self.grants.active_identity(user_id, "access_denied")
         refresh = await self.grants.issue_refresh(identity.sub, client_id, scope)
         event(log, "idp.login", user=identity.email, grant="device_code", client=client_id)
         return self._access_response(identity, client_id, scope, refresh)
@@ -326,9 +329,7 @@ class Issuer:
         except IdpError as exc:
             raise IdpError("invalid_request", f"subject_token: {exc.description}; run `meshssh login`",
                            reason=f"subject-{exc.reason}") from exc
-        identity = await self.grants.identity(str(claims["sub"]))
-        if identity is None:
-            raise IdpError("invalid_request", "the user is blocked or deleted", reason="user-blocked")
+        identity = await self.grants.active_identity(str(claims["sub"]), "invalid_request")
         if not audiences:
             raise IdpError("invalid_request", "name at least one peer in `audience`", reason="no-audience")
         if len(audiences) > MAX_AUDIENCES:

@@ -12,7 +12,9 @@
   successor in the same `family`; presenting a used (or revoked) token again revokes
   the whole family (reuse detection, OAuth 2.0 Security BCP §4.14). Every token of a
   family carries the family's end (`family_expires_at`, the login time plus the absolute
-  lifetime), and its own `expires_at` never passes it.
+  lifetime), and its own `expires_at` never passes it. `revoked_reason` says what ended
+  it (`blocked`, `password-changed`, `role-changed`, `refresh-reused`…), so a client that
+  presents it later is told why.
 """
 
 from __future__ import annotations
@@ -68,3 +70,4 @@ class RefreshTokenRow(Base):
     family_expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    revoked_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -1,7 +1,8 @@
-"""Password hashing for local users (argon2id via argon2-cffi).
+"""Password hashing for local users (argon2id via argon2-cffi), and the rules a new
+password must meet.
 
-The verification page (`management/idp`) and `meshmgmt init` use these two functions;
-nothing else should touch password hashes.
+The verification page (`management/idp`), `meshmgmt init` and the user routes use these
+functions; nothing else should touch password hashes or restate the rules.
 """
 
 from __future__ import annotations
@@ -11,9 +12,22 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 _hasher = PasswordHasher()
 
+MIN_LENGTH = 8
+MAX_LENGTH = 1024  # argon2 takes any length; this bounds the work a request can cause
+
 # Verified against when a user has no password, so a missing user costs as much time as
 # a wrong password (no user-enumeration by timing).
 _DUMMY_HASH = _hasher.hash("meshsshd-dummy-password")
+
+
+def password_problem(password: str) -> str | None:
+    """What is wrong with `password` as a new password ("must have …"), or None. The one
+    rule set of `meshmgmt init`, user creation, an admin's reset and a user's own change."""
+    if len(password) < MIN_LENGTH:
+        return f"must have at least {MIN_LENGTH} characters"
+    if len(password) > MAX_LENGTH:
+        return f"must have at most {MAX_LENGTH} characters"
+    return None
 
 
 def hash_password(password: str) -> str:

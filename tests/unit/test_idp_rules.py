@@ -11,6 +11,7 @@ import pytest
 
 from management.idp import device, tokens
 from management.idp.errors import IdpError
+from management.idp.grants import revoked_text
 from management.idp.keys import (
     KeyRing,
     generate_key,
@@ -234,3 +235,19 @@ def test_device_flow_denied_and_expired() -> None:
     approved = device.decide(g, True, "u1", T0 + 5)
     assert isinstance(approved, device.DeviceGrant)
     assert device.poll(approved, T0 + 601)[0] is device.PollOutcome.EXPIRED  # approved too late to redeem
+
+
+# --- what a revoked refresh token's holder is told -----------------------------------------
+
+
+@pytest.mark.parametrize(("reasons", "says"), [
+    pytest.param("blocked", "when an administrator blocked your account", id="blocked"),
+    pytest.param("password-reset,blocked", "when an administrator blocked your account", id="block-wins"),
+    pytest.param("password-changed", "when your password was changed", id="own-password"),
+    pytest.param("password-reset", "when an administrator set a new password", id="admin-password"),
+    pytest.param("role-changed", "when an administrator changed your role", id="role"),
+    pytest.param("refresh-reused", "used twice", id="reuse"),
+    pytest.param(None, "this login was revoked", id="before-reasons-were-kept"),
+])
+def test_revoked_text_names_what_ended_the_login(reasons: str | None, says: str) -> None:
+    assert says in revoked_text(reasons)

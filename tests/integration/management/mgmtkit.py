@@ -47,12 +47,17 @@ class Mgmt:
         return {"Authorization": f"Bearer {self.token}"}
 
     def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        argv = [console_script("meshmgmt"), "--url", self.url, "--token-file", str(self.data_dir / "admin.token"),
-                *args]
-        res = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=60)
-        if check and res.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({res.returncode}): {res.stdout}\n{res.stderr}")
-        return res
+        return admin_cli(self.url, self.data_dir / "admin.token", *args, input=input, check=check)
+
+
+def admin_cli(url: str, token_file: Path, *args: str, input: str | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """An admin sub-command of `meshmgmt` against `url`; `check`: fail unless it exits 0."""
+    argv = [console_script("meshmgmt"), "--url", url, "--token-file", str(token_file), *args]
+    res = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=60)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({res.returncode}): {res.stdout}\n{res.stderr}")
+    return res
 
 
 def init_data_dir(data_dir: Path, database: str | None = None, email: str = "admin@example.com",

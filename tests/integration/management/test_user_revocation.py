@@ -1,7 +1,7 @@
 """Admin changes to a user end that user's logins, against a real `meshmgmt serve`
 (SQLite and PostgreSQL): a password change, a role change, a block and a delete each
-revoke the user's refresh tokens; a rename or a role set to what it was does not, and
-unblocking revives nothing. Logins are real device flows approved on the HTML page."""
+revoke the user's refresh tokens, and a refused token says which change ended its login;
+a rename or a role set to what it was does not, and unblocking revives nothing. Logins are real device flows approved on the HTML page."""
 
 from __future__ import annotations
 
@@ -38,12 +38,14 @@ async def _refresh(cli: aiohttp.ClientSession, token: str) -> tuple[int, dict[st
                                                   "refresh_token": token})
 
 
-@pytest.mark.parametrize("change", [
-    pytest.param({"password": PASSWORD + "-new"}, id="password"),
-    pytest.param({"role": "admin"}, id="role"),
-    pytest.param({"blocked": True}, id="block"),
+@pytest.mark.parametrize(("change", "said"), [
+    pytest.param({"password": PASSWORD + "-new"},
+                 "this login was signed out when an administrator set a new password for your account", id="password"),
+    pytest.param({"role": "admin"}, "this login was signed out when an administrator changed your role", id="role"),
+    pytest.param({"blocked": True}, "your account is blocked by an administrator", id="block"),
 ])
-async def test_a_change_revokes_every_login_of_the_user(mgmt: Mgmt, sessions: Any, change: dict[str, Any]) -> None:
+async def test_a_change_revokes_every_login_of_the_user(mgmt: Mgmt, sessions: Any, change: dict[str, Any],
+                                                        said: str) -> None:
     cli, browser = sessions
     email = f"{next(iter(change))}-{mgmt.database is not None}@example.com"
     user = await _user(cli, mgmt, email)
@@ -59,11 +61,14 @@ async def test_a_change_revokes_every_login_of_the_user(mgmt: Mgmt, sessions: An
     for token in (first, second):
         status, body = await _refresh(cli, token)
         assert (status, body["error"]) == (400, "invalid_grant"), body
-        assert body["error_description"].startswith("this login was revoked"), body
+        assert body["error_description"].startswith(said), body
+        assert body["error_description"].count("meshssh login") == 1, body
     if change.get("blocked"):
         await _update(cli, mgmt, user, {"blocked": False})
         status, body = await _refresh(cli, second)
         assert status == 400, "unblocking must not revive a revoked login"
+        assert body["error_description"].startswith(
+            "this login was signed out when an administrator blocked your account"), body
 
 
 async def test_deleting_a_user_ends_their_logins(mgmt: Mgmt, sessions: Any) -> None:
