@@ -3,11 +3,12 @@ options of `meshmgmt serve` (meshsshd/remedies.py)."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from management.cli import main as meshmgmt
 from meshsshd.cli import main as meshsshd
-from meshsshd.config import KNOWN_KEYS, ServerSettings
+from meshsshd.config import ConfigFile, ServerSettings
 from meshsshd.remedies import _REMEDIES, remedy, with_remedy
 
 
@@ -20,7 +21,7 @@ def test_each_remedy_names_a_real_setting_flag_and_key(setting):
     managed, standalone = _REMEDIES[setting]
     assert setting in {f for f in ServerSettings.__dataclass_fields__}
     key = standalone.split()[0]
-    assert key in KNOWN_KEYS, standalone
+    assert key in {f.name for f in msgspec.structs.fields(ConfigFile)}, standalone
     program, command, flag = managed.split()[-3:]
     cli = {"meshsshd": meshsshd, "meshmgmt": meshmgmt}[program]
     assert flag in _options(cli.commands[command]), managed
