@@ -3,8 +3,8 @@
 `Connection` is asyncssh's per-connection `SSHServer`: its hooks parse, ask the pure
 cores (`acl.evaluate`, `account.decide`, `limits`, `forwarding.may_listen`,
 `permit_open`) and apply the answer. It reads the server's state of the moment
-(`MeshSSHServer` in `server.py`: settings, validator, limits, audit sink) and never
-changes settings itself.
+(`ServerState`, which `MeshSSHServer` in `server.py` is: settings, validator, limits,
+audit sink) and never changes settings itself.
 
 Authentication paths, all ending in the same access-rule check:
 - JWT as the SSH password (keyboard-interactive is bridged to it by asyncssh);
@@ -23,26 +23,25 @@ import logging
 import time
 from collections.abc import Hashable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import asyncssh
 
 from . import account, acl, asyncssh_keyopts, forwarding, handshake
-from .audit import ForwardClosed, ForwardOpened, SessionRevoked
+from .audit import AuditSink, ForwardClosed, ForwardOpened, SessionRevoked
 from .audit import AuthRefused as AuthRefusedEvent
-from .auth import Identity, key_identity, peer_identity
+from .auth import Identity, JWTValidator, key_identity, peer_identity
 from .config import ServerSettings
-from .detached import DetachableSession
+from .detached import DetachableSession, DetachedSessions
 from .errors import AuthRefused
 from .idle import IdleWatch
-from .limits import FD_RESERVE, AuthTries, fds_free
+from .limits import FD_RESERVE, AuthTries, Penalties, StartupGate, fds_free
+from .log_budget import LogBudget
 from .logs import event
 from .remedies import with_remedy
 from .session import ChildSession, ConnectionInfo, SessionContext, resolve_subsystem
 from .users import LocalUser, lookup_user_sync
 
-if TYPE_CHECKING:   # type hints only: server.py imports this module, never the reverse
-    from .server import MeshSSHServer
 
 # The logger of the whole SSH server: log lines name it, and metrics.py counts logins there.
 log = logging.getLogger("meshsshd.server")
@@ -84,10 +83,30 @@ def _resolve_user(name: str, nologin_files: tuple[Path, ...]) -> tuple[LocalUser
     return user, (account.read_account_sync(user, nologin_files) if user is not None else None)
 
 
+
+class ServerState(Protocol):
+    """What a connection reads of its server (`MeshSSHServer` is one): the settings and
+    validator of the moment, the shared limits and registries, the audit sink. A
+    protocol, so this module needs nothing from server.py, which imports it."""
+
+    settings: ServerSettings
+    validator: JWTValidator | None
+    audit: AuditSink
+    gate: StartupGate
+    penalties: Penalties
+    connections: set[Connection]
+    session_registry: dict[str, dict[str, Any]]
+    cgroup_scope: Any
+    detached: DetachedSessions
+    stats: dict[str, int]
+    forward_log: LogBudget
+
+    def open_sessions(self, identity: str) -> int: ...
+
 class Connection(asyncssh.SSHServer):
     """One client connection, from TCP accept to close."""
 
-    def __init__(self, server: MeshSSHServer) -> None:
+    def __init__(self, server: ServerState) -> None:
         self.server = server
         self.conn: asyncssh.SSHServerConnection | None = None
         self.info = ConnectionInfo("", 0, "", 0)
