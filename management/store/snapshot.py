@@ -37,16 +37,20 @@ def peer_record(p: Any, dns_domain: str = DEFAULT_DNS_DOMAIN) -> PeerRecord:
 
 async def load_state(s: AsyncSession, network: str = "", dns_domain: str = "") -> MeshState:
     dns_domain = dns_domain or DEFAULT_DNS_DOMAIN
-    async with s.begin():
-        serial = (await s.execute(select(Meta.value).where(Meta.key == "serial"))).scalar() or 0
-        peers = (await s.execute(select(*_PEER_COLUMNS))).all()  # rows, not ORM objects: no relationships
-        users = (await s.execute(select(User.id, User.email, User.name, User.role, User.is_service, User.blocked))).all()
-        groups = (await s.execute(select(Group.id, Group.name))).all()
-        gp = (await s.execute(select(group_peers.c.group_id, group_peers.c.peer_id))).all()
-        gu = (await s.execute(select(group_users.c.group_id, group_users.c.user_id))).all()
-        policies = (await s.execute(select(Policy.id, Policy.name, Policy.enabled, Policy.rules))).all()
-        subsystems = (await s.execute(select(Subsystem.name, Subsystem.command, Subsystem.peer_id,
-                                             Subsystem.group_id))).all()
+    # No `s.begin()` block: ending it would hand the connection back to the pool inside
+    # this task, and a cancel landing there (a sync stream or the hub loop stopped at
+    # shutdown) cuts the pool's reset short ("Exception during reset or similar"). The
+    # session's first statement begins the one transaction all reads share, and the
+    # session's own close, which runs to its end when cancelled, ends it.
+    serial = (await s.execute(select(Meta.value).where(Meta.key == "serial"))).scalar() or 0
+    peers = (await s.execute(select(*_PEER_COLUMNS))).all()  # rows, not ORM objects: no relationships
+    users = (await s.execute(select(User.id, User.email, User.name, User.role, User.is_service, User.blocked))).all()
+    groups = (await s.execute(select(Group.id, Group.name))).all()
+    gp = (await s.execute(select(group_peers.c.group_id, group_peers.c.peer_id))).all()
+    gu = (await s.execute(select(group_users.c.group_id, group_users.c.user_id))).all()
+    policies = (await s.execute(select(Policy.id, Policy.name, Policy.enabled, Policy.rules))).all()
+    subsystems = (await s.execute(select(Subsystem.name, Subsystem.command, Subsystem.peer_id,
+                                         Subsystem.group_id))).all()
     members_p: dict[str, set[str]] = {}
     members_u: dict[str, set[str]] = {}
     for gid, pid in gp:

@@ -111,3 +111,27 @@ async def test_cancelled_changes_commit_notify_and_close_cleanly(
     async with store.change("after") as s:
         s.add(Group(id="after", name="after"))
     assert await store.serial() == serial + 1
+
+
+
+async def test_a_snapshot_read_cancelled_while_it_hands_its_connection_back(
+        store: Store, pool_errors: list[str]) -> None:
+    """The hub loop and sync streams are cancelled at shutdown, often inside
+    `load_state()`. Its reads once ended in a `begin()` block whose exit handed the
+    connection back inside the cancelled task: CI logged "Exception during reset or
+    similar … CancelledError" when meshmgmt stopped. The reset is made slow here, so the
+    cancel lands in it."""
+    released = asyncio.Event()
+
+    def slow_reset(*_: object) -> None:
+        released.set()
+        await_(asyncio.sleep(SLOW))
+
+    event.listen(store.engine.sync_engine.pool, "reset", slow_reset)
+    task = asyncio.create_task(store.load_state())
+    await asyncio.wait_for(released.wait(), 30)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    state = await store.load_state()   # the pool is whole: the next snapshot reads fine
+    assert state.serial == await store.serial()
+    assert not pool_errors, pool_errors
