@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DEFAULT_STATE_DIR
-from .state import DIR_MODE, PUBLIC_MODE, StateDir, atomic_write
+from .state import DIR_MODE, PUBLIC_MODE, StateDir, atomic_write, pid_alive
 
 ROOT_POINTERS = Path("/run/meshsshd/peers")
 
@@ -99,15 +99,7 @@ def status_files(environ: Mapping[str, str] | None = None) -> list[Path]:
 
 
 def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return isinstance(pid, int) and pid > 0 and pid_alive(pid)
 
 
 def read_peer(path: Path, *, running: bool = True) -> LocalPeer | None:
