@@ -97,6 +97,14 @@ async def update_user(request: web.Request) -> web.Response:
             user.password_hash = pw_hash
         if name is not None:
             user.name = name
+        # What an admin changed about who may do what: each is an audit event with its actor.
+        audited: list[tuple[str, dict[str, Any]]] = []
+        if pw_hash is not None:
+            audited.append(("user.password_reset", {}))
+        if role is not None and role != user.role:
+            audited.append(("user.role_changed", {"role_from": user.role, "role_to": role}))
+        if blocked is not None and blocked != user.blocked:
+            audited.append(("user.blocked" if blocked else "user.unblocked", {}))
         stale = [why for why, changed in (("password-reset", pw_hash is not None),
                                           ("role-changed", role is not None and role != user.role),
                                           ("blocked", bool(blocked))) if changed]
@@ -108,10 +116,10 @@ async def update_user(request: web.Request) -> web.Response:
         if stale:  # the logins made under the old password, role or access end with it
             logins = await revoke_user_families(s, user.id, ",".join(stale))
         out = user_dict(user)
-    if pw_hash is not None:
-        event(log, "user.password_reset", user=out["id"], logins=logins)
-        await request.app[EVENTS].record("user.password_reset", user_id=out["id"], email=out["email"],
-                                         actor=caller.email or caller.kind, logins_signed_out=logins)
+    for etype, fields in audited:
+        event(log, etype, user=out["id"], logins=logins)
+        await request.app[EVENTS].record(etype, user_id=out["id"], email=out["email"],
+                                         actor=caller.email or caller.kind, logins_signed_out=logins, **fields)
     return web.json_response(out)
 
 

@@ -223,3 +223,7 @@ def test_blocked_user_is_told_so_and_after_unblock_why_the_login_ended(mesh: Mes
     assert b"this login was signed out when an administrator blocked your account" in r.stderr, r.stderr
     assert r.stderr.count(b"meshssh login") == 1, r.stderr
     assert mesh.meshssh(mesh.login(email, PASSWORD, cfg), "peers").returncode == 0
+    # Both are in the audit log, with who did it.
+    for etype, logins in (("user.blocked", 1), ("user.unblocked", 0)):
+        mine = [e for e in _events(mesh, etype) if e.get("email") == email]
+        assert mine and mine[-1]["actor"] == "admin-token" and mine[-1]["logins_signed_out"] == logins, mine
