@@ -426,11 +426,20 @@ class Connection(asyncssh.SSHServer):
                                          own_addresses=settings.own_addresses, permit_listen=settings.permit_listen)
         if not decision.allowed:
             return self._refuse_listen(decision.reason, decision.setting, host=listen_host, port=listen_port)
-        ctx = self.ctx
-        assert self.conn is not None
-        return self.remote_listeners.listen(   # forward.opened once the port is bound
-            self.conn, ctx.user, listen_host, listen_port, settings.own_addresses,
-            lambda: self.server.audit.emit(ForwardOpened(**ctx.base_event(""), forward=f"remote {listen_host}:{listen_port}")))
+        ctx, conn = self.ctx, self.conn
+        assert conn is not None
+
+        async def listen() -> Any:
+            try:
+                return await self.remote_listeners.listen(   # forward.opened once the port is bound
+                    conn, ctx.user, listen_host, listen_port, settings.own_addresses,
+                    lambda: self.server.audit.emit(ForwardOpened(**ctx.base_event(""),
+                                                                 forward=f"remote {listen_host}:{listen_port}")))
+            except OSError as exc:   # port in use, an address not here: sshd logs it too
+                why = exc.strerror or str(exc).rsplit(": ", 1)[-1]   # the helper's text ends in the errno's
+                return self._refuse_listen(f"cannot listen on {listen_host} port {listen_port}: {why}",
+                                           host=listen_host, port=listen_port)
+        return listen()
 
     def recheck_forwards(self, settings: ServerSettings) -> None:
         """Close the forwards the new settings would not open (flags, permit_open, -R binds)."""

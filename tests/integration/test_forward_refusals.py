@@ -121,6 +121,23 @@ def test_a_narrowing_list_names_itself(tmp_path, make_user, kind):
         assert line["setting"] == ("permit_open" if kind == "local" else "permit_listen"), line
 
 
+def test_a_remote_forward_that_cannot_bind_says_why(tmp_path, make_user):
+    """Forwarding on and allowed, but the port is taken: the client hears the kernel's
+    reason (as sshd logs "bind ... Address already in use") and the peer logs it."""
+    require_root()
+    require_tool("ssh")
+    user = make_user("mfb").pw_name
+    config = {"disable_auth": True, "access": [RULE], "remote_port_forwarding": True}
+    with ServerKit(tmp_path / "srv", config) as srv, socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = _remote_forward(srv, user, f"127.0.0.1:{port}")
+        assert r.returncode == 255, r.stderr
+        why = f"cannot listen on 127.0.0.1 port {port}: Address already in use"
+        assert f"Remote: meshsshd: {why}" in r.stderr, r.stderr
+        [line] = _refusals(srv)
+        assert (line["kind"], line["reason"], line["port"]) == ("remote", why, port), line
+
+
 def test_a_flood_of_refusals_costs_a_few_lines(off):
     """40 refused channels at once: every one is refused, the log keeps the budget's
     burst (10), and the next line after a pause counts what it held back."""
