@@ -10,6 +10,9 @@ DEBIAN_PACKAGES=(
   postgresql procps passwd login util-linux tmux
   putty-tools dropbear-bin curl
 )
+# node's ssh2 is one of the SFTP clients the tests drive. A node that came with its own
+# npm (NodeSource's nodejs conflicts with Debian's npm package) is used as it is.
+command -v npm >/dev/null || DEBIAN_PACKAGES+=(nodejs npm)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
@@ -36,4 +39,14 @@ if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[
   tail -n 40 "$LOG" >&2
   echo "install-deps: pip failed; the whole log is in $LOG" >&2
   exit 1
+fi
+# The same for npm, from the committed lock file. --ignore-scripts: ssh2's optional native
+# crypto binding would need a compiler; its pure-JavaScript fallback is what the tests need.
+if command -v npm >/dev/null; then
+  NODE_LOG=.venv/npm-install.log
+  if ! npm ci --prefix tests/clients/node --ignore-scripts --omit=optional --no-audit --no-fund >"$NODE_LOG" 2>&1; then
+    tail -n 40 "$NODE_LOG" >&2
+    echo "install-deps: npm ci failed; the whole log is in $NODE_LOG" >&2
+    exit 1
+  fi
 fi

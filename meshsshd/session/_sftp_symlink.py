@@ -2,9 +2,9 @@
 
 SFTP v3 says SYMLINK carries (linkpath, targetpath); OpenSSH's sftp-server, which serves
 `sftp` here, has always read them the other way round, and its own client, paramiko,
-PuTTY, sshfs and Go's pkg/sftp send them that way. Some clients send the draft's order
-unless the server's version string says OpenSSH (asyncssh, node's ssh2, libssh): against
-meshsshd their links came out backwards or failed. For those clients only, this filter
+curl (libssh2), PuTTY, sshfs and Go's pkg/sftp send them that way. Some clients send the
+draft's order unless the server's version string says OpenSSH (asyncssh, node's ssh2,
+libssh): against meshsshd their links came out backwards or failed. For those clients only, this filter
 sits in the client-to-server byte stream and swaps the two strings of each SYMLINK
 packet; it reads packet headers and otherwise passes bytes through untouched, so the
 data path of everyone else is not even wrapped."""
@@ -14,9 +14,12 @@ from __future__ import annotations
 import struct
 
 FXP_SYMLINK = 20
-# Client software names (from the SSH identification string) that send SYMLINK in the
-# draft's order to a server that does not call itself OpenSSH.
-DRAFT_ORDER_CLIENTS = ("AsyncSSH", "ssh2js", "libssh")
+# How the software part of the identification string starts for clients that send
+# SYMLINK in the draft's order to a server that does not call itself OpenSSH. Each ends
+# where the name does: libssh2 (`libssh2_1.10.0`, curl's) sends what its caller passes,
+# which is OpenSSH's order, and must not be taken for libssh (`libssh_0.10.4`). node's
+# ssh2 puts its version right after the name (`ssh2js1.17.0`).
+DRAFT_ORDER_CLIENTS = ("AsyncSSH_", "ssh2js", "libssh_")
 _MAX_SYMLINK = 64 * 1024   # a longer SYMLINK packet is passed through as it is
 
 

@@ -239,6 +239,14 @@ class ServerKit:
             argv += ["-i", str(key.path), "-o", "IdentitiesOnly=yes"]
         return argv
 
+    # ---- other clients --------------------------------------------------------------
+    def curl_sftp(self, user: str, key: ClientKey, path: str, *opts: str) -> subprocess.CompletedProcess:
+        """curl (libssh2) on sftp://user@server/path; -k: as with SSH_BASE_OPTS, the tests
+        are not about the host key."""
+        return subprocess.run([require_tool("curl"), "-sS", "-k", *opts, "--key", str(key.path),
+                               "--pubkey", f"{key.path}.pub", f"sftp://{user}@{self.host}:{self.port}/{path}"],
+                              capture_output=True, timeout=60)
+
 
 def read_until(fd: int, pattern: bytes, timeout: float = 15.0, buf: bytes = b"") -> tuple[re.Match[bytes], bytes]:
     """Read a pty master `fd` until the regex `pattern` matches what was read (plus `buf`,

@@ -40,24 +40,18 @@ def test_dropbear_client_logs_in_and_runs_a_command(tmp_path, keyed):
     assert r.stdout == f"in\n{user.pw_name}\n".encode(), r.stderr
 
 
-def _curl_sftp(curl: str, key, user, port: int, path: str) -> subprocess.CompletedProcess:
-    return subprocess.run([curl, "-sS", "-k", "--key", str(key.path), "--pubkey", f"{key.path}.pub",
-                           f"sftp://{user.pw_name}@127.0.0.1:{port}/{path}"], capture_output=True, timeout=60)
-
-
 def test_libssh2_curl_fetches_over_sftp_unless_strict_algorithms(tmp_path, keyed):
     """Debian 12's libssh2 1.10 knows no -etm MAC: it needs hmac-sha2-256/512, which
     `strict_algorithms = true` drops again (reloadable)."""
-    curl = require_tool("curl")
     user, key, rule = keyed
     target = f"{user.pw_dir}/hello.txt"
     subprocess.run(["runuser", "-u", user.pw_name, "--", "sh", "-c", f"echo over-sftp > {target}"], check=True)
     with ServerKit(tmp_path / "srv", {"authorized_keys": True, "sftp": True, "access": [rule]}) as srv:
-        r = _curl_sftp(curl, key, user, srv.port, target)
+        r = srv.curl_sftp(user.pw_name, key, target)
         assert (r.returncode, r.stdout) == (0, b"over-sftp\n"), r.stderr
         srv.reload(strict_algorithms=True)
         for _ in range(50):   # the reload lands within a few hundred ms
-            r = _curl_sftp(curl, key, user, srv.port, target)
+            r = srv.curl_sftp(user.pw_name, key, target)
             if r.returncode != 0:
                 break
         assert r.returncode != 0 and r.stdout == b"", r.stdout

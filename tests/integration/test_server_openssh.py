@@ -7,6 +7,7 @@ start their own server with ServerKit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -23,13 +24,17 @@ import termios
 import time
 from pathlib import Path
 
+import asyncssh
+import paramiko
 import pytest
 
-from tests.support import free_port, os_user, require_root, require_tool
+from tests.support import REPO, free_port, os_user, require, require_root, require_tool
 
-from .serverkit import ServerKit, client_key, install_key, read_until
+from .serverkit import ClientKey, ServerKit, client_key, install_key, read_until
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root]
+
+NODE_CLIENTS = REPO / "tests" / "clients" / "node"   # npm ci there: scripts/install-deps.sh
 
 SUBSYSTEM_SCRIPT = """#!/bin/sh
 echo "subsystem as $(id -un)"
@@ -222,33 +227,68 @@ def test_sftp_put_get_100mib(world, tmp_path):
     assert _sha256(src) == _sha256(back) == _sha256(remote)
 
 
-@pytest.mark.parametrize("target", ["existing.txt", "missing.txt"])
-@pytest.mark.parametrize("client", ["openssh", "asyncssh"])   # psftp 0.78 has no ln
-def test_sftp_symlink_points_at_its_target_from_every_client(world, tmp_path, client, target):
-    """SYMLINK's two paths come in OpenSSH's order from OpenSSH (and paramiko), in the
-    draft's from asyncssh (which swaps only for servers calling themselves
-    OpenSSH); the link must point at the target either way, also when the target is
-    missing (a backwards link would then be created silently)."""
-    import asyncio
+def _ln_openssh(srv: ServerKit, user: pwd.struct_passwd, key: ClientKey, target: str, link: str) -> None:
+    r = subprocess.run([require_tool("sftp"), *srv.tool_opts(key), "-b", "-", f"{user.pw_name}@127.0.0.1"],
+                       input=f"ln -s {target} {link}\n".encode(), capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
-    import asyncssh
 
+def _ln_asyncssh(srv: ServerKit, user: pwd.struct_passwd, key: ClientKey, target: str, link: str) -> None:
+    async def make() -> None:
+        async with asyncssh.connect("127.0.0.1", srv.port, username=user.pw_name, client_keys=[str(key.path)],
+                                    known_hosts=None, agent_path=None, config=None) as conn:
+            async with conn.start_sftp_client() as sftp:
+                await sftp.symlink(target, link)
+    asyncio.run(make())
+
+
+def _ln_paramiko(srv: ServerKit, user: pwd.struct_passwd, key: ClientKey, target: str, link: str) -> None:
+    with paramiko.SSHClient() as ssh:
+        ssh.set_missing_host_key_policy(paramiko.AutoAddPolicy())   # as SSH_BASE_OPTS
+        ssh.connect("127.0.0.1", srv.port, user.pw_name, key_filename=str(key.path), timeout=20,
+                    allow_agent=False, look_for_keys=False)
+        with ssh.open_sftp() as sftp:
+            sftp.symlink(target, link)
+
+
+def _ln_node_ssh2(srv: ServerKit, user: pwd.struct_passwd, key: ClientKey, target: str, link: str) -> None:
+    node = require_tool("node")
+    require((NODE_CLIENTS / "node_modules" / "ssh2").is_dir(),
+            f"needs node's ssh2 in {NODE_CLIENTS}: run scripts/install-deps.sh")
+    r = subprocess.run([node, str(NODE_CLIENTS / "sftp_symlink.js"), "127.0.0.1", str(srv.port), user.pw_name,
+                        str(key.path), target, link], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def _ln_curl(srv: ServerKit, user: pwd.struct_passwd, key: ClientKey, target: str, link: str) -> None:
+    # The quote command's paths are relative to the login directory, as sftp-server sees them.
+    r = srv.curl_sftp(user.pw_name, key, "~/", "-o", "/dev/null", "-Q", f"symlink {target} {link}")
+    assert r.returncode == 0, r.stderr
+
+
+SYMLINK_CLIENTS = {"openssh": _ln_openssh, "asyncssh": _ln_asyncssh, "paramiko": _ln_paramiko,
+                   "node-ssh2": _ln_node_ssh2, "curl-libssh2": _ln_curl}
+
+
+@pytest.mark.parametrize("kind", ["existing", "missing"])
+@pytest.mark.parametrize("client", list(SYMLINK_CLIENTS))
+def test_sftp_symlink_points_at_its_target_from_every_client(world, client, kind):
+    """SYMLINK's two paths come in OpenSSH's order from OpenSSH's sftp, paramiko and
+    curl/libssh2 (which must not be swapped: its `libssh2_` once passed for libssh), and
+    in the draft's from asyncssh and node's ssh2 (which swap only for servers calling
+    themselves OpenSSH); the link must point at the target either way, also when the
+    target is missing (a backwards link would then be created silently).
+    The other clients of issue 12 cannot make a symlink: PuTTY's psftp 0.78 has no ln
+    command (its `help` lists none), and dropbear ships no SFTP client at all."""
     srv, user, key, _ = world
     home = Path(user.pw_dir)
-    (home / "existing.txt").write_text("x")
-    link = f"link-{client}-{target}"
-    (home / link).unlink(missing_ok=True)
-    if client == "openssh":
-        r = subprocess.run([require_tool("sftp"), *srv.tool_opts(key), "-b", "-", f"{user.pw_name}@127.0.0.1"],
-                           input=f"ln -s {target} {link}\n".encode(), capture_output=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-    else:
-        async def make() -> None:
-            async with asyncssh.connect("127.0.0.1", srv.port, username=user.pw_name, client_keys=[str(key.path)],
-                                        known_hosts=None, agent_path=None, config=None) as conn:
-                async with conn.start_sftp_client() as sftp:
-                    await sftp.symlink(target, link)
-        asyncio.run(make())
+    # Names of its own per case: a backwards link one client left must not be another's target.
+    target, link = f"{kind}-{client}.txt", f"link-to-{kind}-{client}"
+    for name in (target, link):
+        (home / name).unlink(missing_ok=True)
+    if kind == "existing":
+        (home / target).write_text("x")
+    SYMLINK_CLIENTS[client](srv, user, key, target, link)
     assert os.readlink(home / link) == target
 
 

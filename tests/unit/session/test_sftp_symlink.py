@@ -26,6 +26,7 @@ def symlink(req: int, first: bytes, second: bytes) -> bytes:
 @pytest.mark.parametrize("version, swap", [
     ("SSH-2.0-AsyncSSH_2.24.1", True), ("SSH-2.0-ssh2js1.16.0", True), ("SSH-2.0-libssh_0.10.4", True),
     ("SSH-2.0-OpenSSH_9.2p1 Debian-2", False), ("SSH-2.0-paramiko_3.4.0", False),
+    ("SSH-2.0-libssh2_1.10.0", False),
     ("SSH-2.0-PuTTY_Release_0.78", False), ("SSH-2.0-Go", False), ("garbage", False), ("", False),
 ])
 def test_which_clients_are_swapped(version: str, swap: bool) -> None:
