@@ -188,7 +188,9 @@ for page in "$R$VENV"/share/man/man1/*.1; do
     new_pages=$((new_pages + 1))
   fi
 done
-say "man pages: $pages in $R$MAN_DIR, $new_pages of them new"
+# Links to pages an upgrade dropped would dangle: remove those that point into our venv.
+stale=$(find "$R$MAN_DIR" -maxdepth 1 -type l -lname "*$VENV/share/man/man1/*" ! -exec test -e {} \; -print -delete | wc -l)
+say "man pages: $pages in $R$MAN_DIR, $new_pages of them new, $stale stale removed"
 
 # --- units, config, PAM ----------------------------------------------------------------
 for unit in "${UNITS[@]}"; do

@@ -9,6 +9,7 @@ own root or restore what they changed.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_second_run_changes_nothing_and_keeps_an_edited_config(installed: Path) 
         assert _tree(installed) == before
         assert config.read_text() == edited
         assert f"config: {config} kept as it is" in res.stdout, res.stdout
-        assert "package: meshsshd-" in res.stdout and " unchanged in " in res.stdout, res.stdout
+        assert re.search(r"package: \S+\.whl unchanged in ", res.stdout), res.stdout
         assert " installed" not in res.stdout and "created" not in res.stdout, res.stdout
     finally:
         config.write_text(original)
@@ -115,3 +116,28 @@ def test_refuses_a_venv_that_others_may_write(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert f"{venv} is writable by group or others (mode 777): chmod go-w {venv}" in res.stderr, res.stderr
     assert not (venv / "bin").exists()
+
+
+def test_an_upgrade_drops_links_to_man_pages_the_package_no_longer_has(installed: Path) -> None:
+    man = installed / "usr/local/share/man/man1"
+    gone = man / "meshsshd-retired.1"
+    gone.symlink_to("../../../../../opt/meshsshd/share/man/man1/meshsshd-retired.1")
+    theirs = man / "other-tool.1"
+    theirs.symlink_to("/nonexistent/other-tool.1")  # not ours: left alone
+    try:
+        res = _install(installed)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert not gone.is_symlink() and theirs.is_symlink()
+        assert "0 of them new, 1 stale removed" in res.stdout, res.stdout
+    finally:
+        theirs.unlink()
+
+
+def test_enable_with_a_root_enables_only_the_unit_asked_for(installed: Path) -> None:
+    require_tool("systemctl")
+    res = _install(installed, "--enable", "meshsshd")
+    assert res.returncode == 0, res.stdout + res.stderr
+    wants = installed / "etc/systemd/system/multi-user.target.wants"
+    assert os.readlink(wants / "meshsshd.service") == "/usr/local/lib/systemd/system/meshsshd.service"
+    assert not (wants / "meshmgmt.service").exists()
+    assert "systemd: meshsshd enabled" in res.stdout, res.stdout
