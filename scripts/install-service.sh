@@ -195,6 +195,11 @@ say "man pages: $pages in $R$MAN_DIR, $new_pages of them new, $stale stale remov
 # --- units, config, PAM ----------------------------------------------------------------
 for unit in "${UNITS[@]}"; do
   place_file "$SRC/deploy/$unit" "$R$UNIT_DIR/$unit" 0644 yes unit
+  # A whole copy in /etc (an older manual install) shadows ours; drop-ins (unit.d/) do not.
+  if [ -f "$R/etc/systemd/system/$unit" ]; then
+    say "unit: note: $R/etc/systemd/system/$unit overrides $UNIT_DIR/$unit; remove it to use the" \
+      "new one, or keep your changes as a drop-in (systemctl edit ${unit%.service})"
+  fi
 done
 place_file "$SRC/deploy/meshsshd.example.toml" "$R/etc/meshsshd/meshsshd.toml" 0644 no config
 place_file "$SRC/deploy/pam.d/meshsshd" "$R/etc/pam.d/meshsshd" 0644 no PAM

@@ -141,3 +141,16 @@ def test_enable_with_a_root_enables_only_the_unit_asked_for(installed: Path) -> 
     assert os.readlink(wants / "meshsshd.service") == "/usr/local/lib/systemd/system/meshsshd.service"
     assert not (wants / "meshmgmt.service").exists()
     assert "systemd: meshsshd enabled" in res.stdout, res.stdout
+
+
+def test_a_unit_copy_in_etc_that_shadows_ours_is_named(installed: Path) -> None:
+    copy = installed / "etc/systemd/system/meshmgmt.service"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text("[Service]\nExecStart=/bin/true\n")
+    try:
+        res = _install(installed)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"unit: note: {copy} overrides /usr/local/lib/systemd/system/meshmgmt.service" in res.stdout, res.stdout
+        assert "meshsshd.service overrides" not in res.stdout
+    finally:
+        copy.unlink()
