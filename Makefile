@@ -1,4 +1,4 @@
-.PHONY: demo test bench deps
+.PHONY: demo test bench deps install
 
 # The main job: management (embedded IdP, SQLite), one peer, a first SSH login.
 demo:
@@ -13,3 +13,7 @@ bench:
 
 deps:
 	scripts/install-deps.sh
+
+# A server install (as root): /opt/meshsshd, /usr/local/bin, the units; DESTDIR=DIR below DIR.
+install:
+	scripts/install-service.sh $(if $(DESTDIR),--root $(DESTDIR))
