@@ -87,7 +87,7 @@ def write_user_launcher(directory: Path) -> Path:
     paths = ":".join(p for p in sys.path if "/site-packages" in p and os.path.isdir(p))
     launcher = directory / "meshssh"
     launcher.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT}:{paths} exec {python} -c "
-                        "'import sys; sys.argv[0] = \"meshssh\"; from client.cli import main; main()' \"$@\"\n")
+                        "'import sys; sys.argv[0] = \"meshssh\"; from meshssh_client.cli import main; main()' \"$@\"\n")
     launcher.chmod(0o755)
     return launcher
 
