@@ -248,8 +248,8 @@ def available() -> str | None:
         except FileNotFoundError:
             return f"{script} is not installed"
     try:
-        import client.proxy  # noqa: F401
-        import management.app  # noqa: F401
+        import meshssh_client.proxy  # noqa: F401
+        import meshmgmt.app  # noqa: F401
         import meshsshd.agent  # noqa: F401
     except ImportError as exc:
         return f"not available yet ({exc})"

@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
 
-from management.netmap import compute_map  # noqa: E402
-from management.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, UserRecord  # noqa: E402
+from meshmgmt.netmap import compute_map  # noqa: E402
+from meshmgmt.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, UserRecord  # noqa: E402
 from meshsshd.peerproof import prove, public_key_b64  # noqa: E402
 
 

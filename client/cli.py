@@ -4,7 +4,7 @@
 (bundled flags, attached values), which click cannot express, while `login`, `cp`,
 `config` ... are ordinary click commands. So `main` looks at the first word that is
 not an option (skipping the values of options that take one): a known sub-command goes
-to click, anything else is a destination for `client.options`/`client.connect`.
+to click, anything else is a destination for `meshssh_client.options`/`meshssh_client.connect`.
 Imports are lazy: `detect` and `proxy` run once per `ssh` invocation.
 """
 

@@ -171,7 +171,7 @@ def connect_or_start() -> socket.socket | None:
 
 
 def _spawn_master(path: Path) -> None:
-    """Start `python -m client.mux_master` detached: its own session, stdio on /dev/null
+    """Start `python -m meshssh_client.mux_master` detached: its own session, stdio on /dev/null
     (stderr to its log), not our child (double fork), so our exit does not touch it."""
     log = path.with_suffix(".log")
     pid = os.fork()
@@ -189,7 +189,7 @@ def _spawn_master(path: Path) -> None:
             # It runs in "/": a relative MESHSSH_CONFIG_DIR must keep naming the same place.
             os.environ[state.CONFIG_DIR_ENV] = str(state.config_dir().absolute())
             os.chdir("/")
-            os.execv(sys.executable, [sys.executable, "-m", "client.mux_master"])
+            os.execv(sys.executable, [sys.executable, "-m", "meshssh_client.mux_master"])
         finally:
             os._exit(127)
     os.waitpid(pid, 0)

@@ -23,7 +23,7 @@ The shape of a run, outside in:
   be reached or refused (as `ssh` does for connection errors).
 
 The `exec` sub-command itself (client/cli_exec.py) parses the options into an
-`ExecRequest` and hands it here, or with `--detach` to `client.detach.exec_detached`.
+`ExecRequest` and hands it here, or with `--detach` to `meshssh_client.detach.exec_detached`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Most of a short `meshssh host true` used to be Python starting and importing asyncssh,
 click and cryptography, then a fresh login. This module imports only the standard
-library (and the stdlib-only `client.options`, `client.control`, `client.detect`), so:
+library (and the stdlib-only `meshssh_client.options`, `meshssh_client.control`, `meshssh_client.detect`), so:
 
 - `meshssh [-l user] [-p port] [-t|-T|-tt] [-q] [-n] [-s] [user@]host [command ...]`
   and `meshssh proxy HOST PORT [--user LOGIN]` go to the control master (client/mux_master.py),
@@ -12,7 +12,7 @@ library (and the stdlib-only `client.options`, `client.control`, `client.detect`
 - `meshssh control status|stop` runs here;
 - everything else — other options, sub-commands, MESHSSH_CONTROL=no, or a master that
   cannot be reached or asks for it before the session started — runs in this process
-  through `client.cli.main`, exactly as before.
+  through `meshssh_client.cli.main`, exactly as before.
 """
 
 from __future__ import annotations

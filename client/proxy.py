@@ -106,7 +106,7 @@ async def _bridge_stdio(sock: socket.socket, done: asyncio.Future, io: Stdio) ->
 
 
 def _classes() -> tuple[type, type, type]:
-    """asyncssh subclasses, built on first use (keeps `import client.proxy` cheap)."""
+    """asyncssh subclasses, built on first use (keeps `import meshssh_client.proxy` cheap)."""
     import asyncssh
     from asyncssh.forward import SSHForwarder
 

@@ -2,7 +2,7 @@
 
 Wiring, in order: the store (migrated at startup, LISTENing on PostgreSQL), the audit
 feed, the sync hub (recomputes maps on every store change), the embedded issuer
-(`management.idp.setup_idp`; its JWKS goes into every map and its access tokens
+(`meshmgmt.idp.setup_idp`; its JWKS goes into every map and its access tokens
 authenticate admins and users), then the REST routes, /metrics, /healthz and the
 OpenAPI document. Every error leaves as JSON (`{"error", "message", "field"?}`).
 """

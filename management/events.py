@@ -3,7 +3,7 @@ management records itself (peer registered/deleted, policy changed), listed and 
 
 Peer events are validated field by field (`parse_peer_event`), stored with `peer_id` and
 `received_at`, and handed out in id order, so `since=<last id>` pages without gaps.
-Control characters in any string are stored as visible escapes (`management.escaping`).
+Control characters in any string are stored as visible escapes (`meshmgmt.escaping`).
 Following (`EventFeed.wait`) wakes at once for events written through this process and
 polls the database about once a second for those written through other replicas.
 """

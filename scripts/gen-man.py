@@ -16,8 +16,8 @@ from pathlib import Path
 
 from click_man.core import write_man_pages
 
-from client.cli import SSH_USAGE, _add_heavy_commands, cli as meshssh_cli
-from management.cli import main as meshmgmt_cli
+from meshssh_client.cli import SSH_USAGE, _add_heavy_commands, cli as meshssh_cli
+from meshmgmt.cli import main as meshmgmt_cli
 from meshsshd import __version__
 from meshsshd.cli import main as meshsshd_cli
 

@@ -24,7 +24,7 @@ REGISTER_LIMITER = web.AppKey("register_limiter", RateLimiter)
 CHALLENGE_LIMITER = web.AppKey("challenge_limiter", RateLimiter)
 AUDIT_LIMITER = web.AppKey("audit_limiter", RateLimiter)  # audit events per peer id
 BOX_KEY = web.AppKey("box_key", X25519PrivateKey)  # management/boxkey.py
-ISSUER = web.AppKey("issuer", Any)  # management.idp.Issuer, or None before the issuer exists
+ISSUER = web.AppKey("issuer", Any)  # meshmgmt.idp.Issuer, or None before the issuer exists
 
 # async () -> MeshState with the issuer's URL and JWKS filled in
 LOAD_STATE = web.AppKey("load_state", Any)

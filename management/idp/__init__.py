@@ -34,7 +34,7 @@ __all__ = ["ISSUER_KEY", "SECRET_FILE", "Identity", "IdpError", "Issuer", "Issue
 ISSUER_KEY: web.AppKey[Issuer] = web.AppKey("meshmgmt_issuer", Issuer)
 
 try:  # the management app's snapshot loader (fills in the DNS domain of FQDNs)
-    from management.api.keys import LOAD_STATE as _LOAD_STATE
+    from meshmgmt.api.keys import LOAD_STATE as _LOAD_STATE
 except ImportError:  # the issuer also runs on a bare app (tests)
     _LOAD_STATE = None
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from management.netmap import find_peer, ssh_access
-from management.state import MeshState, PeerRecord
+from meshmgmt.netmap import find_peer, ssh_access
+from meshmgmt.state import MeshState, PeerRecord
 from meshsshd.acl import is_valid_login
 
 from .tokens import Identity

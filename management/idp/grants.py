@@ -32,8 +32,8 @@ from typing import Any
 from sqlalchemy import delete, distinct, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from management.store.models import User, aware, hash_secret, new_id
-from management.store.passwords import verify_password_async
+from meshmgmt.store.models import User, aware, hash_secret, new_id
+from meshmgmt.store.passwords import verify_password_async
 from meshsshd.logs import event
 
 from . import device

@@ -23,7 +23,7 @@ from urllib.parse import unquote_plus, urlsplit
 
 from aiohttp import web
 
-from management.ratelimit import RateLimiter
+from meshmgmt.ratelimit import RateLimiter
 from meshsshd.logs import event
 
 from . import page

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from management.ratelimit import RateLimiter
+from meshmgmt.ratelimit import RateLimiter
 from meshsshd.logs import event
 
 from . import exchange, tokens

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import delete, func, select, update
 
-from management.store.models import aware
+from meshmgmt.store.models import aware
 
 from . import sealing
 from .keys import (KeyRing, SigningKey, generate_key, kid_of, private_key_from_der, private_key_from_pem,

@@ -24,7 +24,7 @@ from datetime import datetime
 from sqlalchemy import Boolean, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from management.store.models import Base, Created, RowId
+from meshmgmt.store.models import Base, Created, RowId
 
 
 class SigningKeyRow(Base):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from management.ratelimit import Backoff, Decision, RateLimiter, prune
+from meshmgmt.ratelimit import Backoff, Decision, RateLimiter, prune
 
 BACKOFF = "signin-backoff"
 CEILING = "signin-ceiling"

@@ -9,8 +9,8 @@ same causes next to the admin toggle in `meshmgmt peers list`."""
 
 from __future__ import annotations
 
-from management.netmap import serves_ssh
-from management.state import MeshState, PeerRecord, PolicyRecord, RuleRecord
+from meshmgmt.netmap import serves_ssh
+from meshmgmt.state import MeshState, PeerRecord, PolicyRecord, RuleRecord
 
 SERVING = "serving"
 # Each state in a word or two, for the `meshmgmt peers list` column (the API's `ssh_state`).

@@ -2,8 +2,8 @@
 
 from alembic import context
 
-from management.store.migrate import import_all_models
-from management.store.models import Base
+from meshmgmt.store.migrate import import_all_models
+from meshmgmt.store.models import Base
 
 import_all_models()
 

@@ -1,6 +1,6 @@
 """The management store: models, engine/sessions, password helpers.
 
-    from management.store import Base, Store, User, hash_password, verify_password
+    from meshmgmt.store import Base, Store, User, hash_password, verify_password
 """
 
 from .engine import Store, normalise_url, sqlite_url

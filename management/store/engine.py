@@ -322,7 +322,7 @@ class Store:
     # --- snapshot -------------------------------------------------------------------
 
     async def load_state(self, network: str = "", dns_domain: str = "") -> Any:
-        """A consistent `management.netmap.MeshState` snapshot (no issuer/JWKS filled in):
+        """A consistent `meshmgmt.netmap.MeshState` snapshot (no issuer/JWKS filled in):
         its serial and its rows come from one commit, on SQLite and on PostgreSQL."""
         from .snapshot import load_state
 

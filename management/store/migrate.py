@@ -20,12 +20,12 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def import_all_models() -> None:
-    """Register every table on `Base.metadata` (core here, issuer in management.idp)."""
-    importlib.import_module("management.store.models")
+    """Register every table on `Base.metadata` (core here, issuer in meshmgmt.idp)."""
+    importlib.import_module("meshmgmt.store.models")
     try:
-        importlib.import_module("management.idp.models")
+        importlib.import_module("meshmgmt.idp.models")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("management.idp", "management.idp.models"):
+        if exc.name not in ("meshmgmt.idp", "meshmgmt.idp.models"):
             raise
 
 

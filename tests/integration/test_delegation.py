@@ -74,7 +74,10 @@ def _others_may_run(path: str) -> bool:
 def write_user_launcher(directory: Path) -> Path:
     """`meshssh` for the unprivileged user on B. The venv's interpreter may sit under
     /root (pyenv), which other users cannot enter; then use the system's python3 of the
-    same version with the venv's packages and the project on its path."""
+    same version with the venv's packages and the project's packages on its path: links
+    under their installed names (`meshssh_client` is the folder client/), since PYTHONPATH
+    does not run the editable install's finder, and `-m meshssh_client.mux_master` children
+    inherit PYTHONPATH."""
     script = console_script("meshssh")
     if _others_may_run(sys.executable):
         return Path(script)
@@ -85,9 +88,13 @@ def write_user_launcher(directory: Path) -> Path:
     require(out.stdout.strip() == str(tuple(sys.version_info[:2])),
             f"no python{sys.version_info[0]}.{sys.version_info[1]} that other users may run")
     paths = ":".join(p for p in sys.path if "/site-packages" in p and os.path.isdir(p))
+    packages = directory / "packages"
+    packages.mkdir()
+    for name, folder in (("meshsshd", "meshsshd"), ("meshssh_client", "client"), ("meshmgmt", "management")):
+        (packages / name).symlink_to(ROOT / folder)
     launcher = directory / "meshssh"
-    launcher.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT}:{paths} exec {python} -c "
-                        "'import sys; sys.argv[0] = \"meshssh\"; from client.cli import main; main()' \"$@\"\n")
+    launcher.write_text(f"#!/bin/sh\nPYTHONPATH={packages}:{paths} exec {python} -c "
+                        "'import sys; sys.argv[0] = \"meshssh\"; from meshssh_client.cli import main; main()' \"$@\"\n")
     launcher.chmod(0o755)
     return launcher
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from client.sshconfig import DROPIN_NAME, peer_names, render_dropin, render_known_hosts
+from meshssh_client.sshconfig import DROPIN_NAME, peer_names, render_dropin, render_known_hosts
 from meshsshd.netmap import PeerInfo
 from tests.support import console_script, os_user, require_root, require_tool
 

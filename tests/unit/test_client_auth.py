@@ -10,10 +10,10 @@ import threading
 
 import pytest
 
-from client import state
-from client.auth import (SSH_MARGIN, TokenCache, device_poll_step, jwt_claims, parse_exchange,
+from meshssh_client import state
+from meshssh_client.auth import (SSH_MARGIN, TokenCache, device_poll_step, jwt_claims, parse_exchange,
                          parse_ttl, token_expiry)
-from client.errors import ClientError
+from meshssh_client.errors import ClientError
 
 
 def fake_jwt(claims: dict) -> str:

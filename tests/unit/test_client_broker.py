@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from client import broker
-from client import agent_wire
-from client.agent_wire import (
+from meshssh_client import broker
+from meshssh_client import agent_wire
+from meshssh_client.agent_wire import (
     AGENT_EXTENSION_FAILURE,
     AGENT_FAILURE,
     AGENT_IDENTITIES_ANSWER,
@@ -22,9 +22,9 @@ from client.agent_wire import (
     EXT_PEERS,
     EXT_TOKEN,
 )
-from client.broker import Broker, DelegationList, judge
-from client.broker_client import BrokerClient, BrokerSession, DelegationRefused, broker_session
-from client.errors import UsageError
+from meshssh_client.broker import Broker, DelegationList, judge
+from meshssh_client.broker_client import BrokerClient, BrokerSession, DelegationRefused, broker_session
+from meshssh_client.errors import UsageError
 from meshsshd.netmap import PeerInfo
 
 DB1 = PeerInfo(id="p-db1", name="db-1", fqdn="db-1.mesh.internal", mesh_ip="100.64.0.30",
@@ -212,8 +212,8 @@ def test_broker_session_only_for_a_broker(tmp_path: Path) -> None:
 
 
 async def test_a_delegated_session_forwards_no_agent_further(capsys: pytest.CaptureFixture[str]) -> None:
-    from client.target import Target
-    from client.options import parse_ssh_args
+    from meshssh_client.target import Target
+    from meshssh_client.options import parse_ssh_args
 
     args = parse_ssh_args(["-A", "--delegate-to", "db-1", "db-1"])
     sess = BrokerSession(BrokerClient("/nonexistent"))
@@ -226,8 +226,8 @@ async def test_a_delegated_session_forwards_no_agent_further(capsys: pytest.Capt
 
 
 async def test_logged_in_client_starts_a_broker_only_when_asked(tmp_path: Path) -> None:
-    from client.target import Target
-    from client.options import parse_ssh_args
+    from meshssh_client.target import Target
+    from meshssh_client.options import parse_ssh_args
 
     target = Target(peer=HOP, port=22022, username="alice")
     assert await broker.agent_to_forward(parse_ssh_args(["hop-b"]), FakeSession(), target) == (None, False)
@@ -249,8 +249,8 @@ async def test_logged_in_client_starts_a_broker_only_when_asked(tmp_path: Path) 
     ],
 )
 def test_delegate_to_option(argv: list[str], dest: str, delegate: tuple[str, ...], command: tuple[str, ...]) -> None:
-    from client.options import first_word
-    from client.options import parse_ssh_args
+    from meshssh_client.options import first_word
+    from meshssh_client.options import parse_ssh_args
 
     args = parse_ssh_args(argv)
     assert (args.destination, args.delegate_to, args.command) == (dest, delegate, command)
@@ -258,7 +258,7 @@ def test_delegate_to_option(argv: list[str], dest: str, delegate: tuple[str, ...
 
 
 def test_delegate_to_needs_a_value() -> None:
-    from client.options import parse_ssh_args
+    from meshssh_client.options import parse_ssh_args
 
     with pytest.raises(UsageError, match="--delegate-to needs a value"):
         parse_ssh_args(["web-1", "--delegate-to"])
@@ -286,7 +286,7 @@ def test_socket_directory_is_removed_when_a_signal_ends_the_process(tmp_path: Pa
 
     code = (
         "import asyncio, os, sys\n"
-        "from client.broker import Broker, DelegationList\n"
+        "from meshssh_client.broker import Broker, DelegationList\n"
         "from meshsshd.netmap import PeerInfo\n"
         "async def main():\n"
         "    b = Broker(session=None, delegation=DelegationList(), via=PeerInfo(id='p', name='b', fqdn='', mesh_ip='1.2.3.4'), origin='a')\n"
@@ -316,7 +316,7 @@ class MintingBroker(Broker):
     minted = 0
 
     def _mint(self, peer: PeerInfo) -> Any:
-        from client.auth import ExchangeResult
+        from meshssh_client.auth import ExchangeResult
 
         self.minted += 1
         return ExchangeResult(token=f"tok-{self.minted}", exp=0)
@@ -391,7 +391,7 @@ async def test_confirmation_asks_askpass_before_each_token(tmp_path: Path, body:
 
 
 def test_confirmation_without_askpass_is_a_usage_error() -> None:
-    from client.askpass import askpass_program
+    from meshssh_client.askpass import askpass_program
 
     with pytest.raises(UsageError, match="--delegate-confirm needs SSH_ASKPASS"):
         askpass_program({})
@@ -408,7 +408,7 @@ def test_confirmation_without_askpass_is_a_usage_error() -> None:
     ],
 )
 def test_delegate_max_and_confirm_options(argv: list[str], budget: int | None, confirm: bool) -> None:
-    from client.options import parse_ssh_args
+    from meshssh_client.options import parse_ssh_args
 
     args = parse_ssh_args(argv)
     assert (args.destination, args.delegate_max, args.delegate_confirm) == ("web-1", budget, confirm)
@@ -416,7 +416,7 @@ def test_delegate_max_and_confirm_options(argv: list[str], budget: int | None, c
 
 @pytest.mark.parametrize("value", ["0", "-1", "many", ""])
 def test_delegate_max_must_be_positive(value: str) -> None:
-    from client.options import parse_ssh_args
+    from meshssh_client.options import parse_ssh_args
 
     with pytest.raises(UsageError, match="--delegate-max: .* is not a positive number"):
         parse_ssh_args(["--delegate-max", value, "web-1"])

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from click.testing import CliRunner
 
-from client.auth import ExchangeResult
-from client.errors import AccessDenied, UsageError
-from client.fanout import (
+from meshssh_client.auth import ExchangeResult
+from meshssh_client.errors import AccessDenied, UsageError
+from meshssh_client.fanout import (
     MAX_LINE,
     Capture,
     HostResult,
@@ -21,9 +21,9 @@ from client.fanout import (
     split_lines,
     summary_lines,
 )
-from client.cli_exec import exec_command
-from client.options import parse_ssh_args, want_pty
-from client.tokenpool import MAX_AUDIENCES, TokenPool
+from meshssh_client.cli_exec import exec_command
+from meshssh_client.options import parse_ssh_args, want_pty
+from meshssh_client.tokenpool import MAX_AUDIENCES, TokenPool
 from meshsshd.netmap import PeerInfo
 
 
@@ -203,7 +203,7 @@ class _Reader:
 def test_pump_prefixes_lines_as_they_arrive_and_keeps_streams_apart() -> None:
     import io
 
-    from client.fanout import Sink, _pump
+    from meshssh_client.fanout import Sink, _pump
 
     out, err = io.BytesIO(), io.BytesIO()
     sink = Sink(as_json=False, width=6, out=out, err=err)
@@ -221,7 +221,7 @@ def test_json_sink_writes_one_object_per_result() -> None:
     import io
     import json as _json
 
-    from client.fanout import Sink, _pump
+    from meshssh_client.fanout import Sink, _pump
 
     out = io.BytesIO()
     sink = Sink(as_json=True, width=5, out=out, err=io.BytesIO())

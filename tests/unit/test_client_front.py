@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from client.front import _request
+from meshssh_client.front import _request
 
 
 def test_front_imports_nothing_heavy() -> None:
-    code = ("import sys, client.front\n"
-            "heavy = [m for m in ('asyncssh', 'click', 'cryptography', 'rich', 'jwt', 'client.cli',"
-            " 'client.connect', 'meshsshd') if m in sys.modules]\n"
+    code = ("import sys, meshssh_client.front\n"
+            "heavy = [m for m in ('asyncssh', 'click', 'cryptography', 'rich', 'jwt', 'meshssh_client.cli',"
+            " 'meshssh_client.connect', 'meshsshd') if m in sys.modules]\n"
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

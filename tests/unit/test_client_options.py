@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from client.options import first_word
-from client.errors import UsageError
-from client.options import (Forward, env_to_send, parse_forward, parse_ssh_args,
+from meshssh_client.options import first_word
+from meshssh_client.errors import UsageError
+from meshssh_client.options import (Forward, env_to_send, parse_forward, parse_ssh_args,
                             split_destination, want_pty)
 
 
@@ -154,7 +154,7 @@ def test_unknown_and_hostkey_options_warn() -> None:
     (["-d", "-l", "bob", "-p", "2222", "db-1"], "meshssh attach -p 2222 bob@db-1 S1"),
 ])
 def test_detach_hint_reaches_the_same_session(argv: list[str], hint: str) -> None:
-    from client.detach import attach_hint
+    from meshssh_client.detach import attach_hint
 
     args = parse_ssh_args([a for a in argv if a != "-d"])
     assert attach_hint(args, "S1") == hint

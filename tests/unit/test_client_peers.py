@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from client.cp import CpPath, parse_cp_path, plan
-from client.detect import JWT_REQUIRED, NO_JWT, OTHER, classify
-from client.errors import ManagementError, UsageError
-from client.peers import match_peer, parse_peer_list
+from meshssh_client.cp import CpPath, parse_cp_path, plan
+from meshssh_client.detect import JWT_REQUIRED, NO_JWT, OTHER, classify
+from meshssh_client.errors import ManagementError, UsageError
+from meshssh_client.peers import match_peer, parse_peer_list
 from meshsshd.netmap import PeerInfo
 
 PEERS = [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from client.errors import ClientError
-from client.sshconfig import (DROPIN_NAME, SYSTEM_DROPIN_DIR, SYSTEM_KNOWN_HOSTS, add_include,
+from meshssh_client.errors import ClientError
+from meshssh_client.sshconfig import (DROPIN_NAME, SYSTEM_DROPIN_DIR, SYSTEM_KNOWN_HOSTS, add_include,
                               drop_include, locations, peer_names, render_dropin,
                               render_known_hosts, system_includes, valid_key_line)
 from meshsshd.netmap import PeerInfo
@@ -142,7 +142,7 @@ def test_openssh_direct_peer_gets_managed_known_hosts(tmp_path: Path) -> None:
 def test_untrusted_by_root(tmp_path: Path) -> None:
     import os
 
-    from client.sshconfig import untrusted_by_root
+    from meshssh_client.sshconfig import untrusted_by_root
 
     os.chmod(tmp_path, 0o755)
     interp = tmp_path / "python"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from client import control, userconfig
-from client.errors import UsageError
-from client.target import choose_source_address, default_login, local_username
+from meshssh_client import control, userconfig
+from meshssh_client.errors import UsageError
+from meshssh_client.target import choose_source_address, default_login, local_username
 
 
 @pytest.fixture

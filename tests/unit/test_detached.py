@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.detach import format_table, split_destination
+from meshssh_client.detach import format_table, split_destination
 from meshsshd.detached import is_expired, may_see, summary
 from meshsshd.detached._frames import frame, iter_frames
 

@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from management.idp import IssuerSettings, setup_idp
-from management.store import Group, Peer, Policy, Store, User, hash_password, hash_secret, sqlite_url
+from meshmgmt.idp import IssuerSettings, setup_idp
+from meshmgmt.store import Group, Peer, Policy, Store, User, hash_password, hash_secret, sqlite_url
 from tests.support import free_port
 
 DEVICE = "urn:ietf:params:oauth:grant-type:device_code"
@@ -189,9 +189,9 @@ async def test_discovery_and_jwks(mesh: Mesh) -> None:
 async def test_private_keys_are_sealed_at_rest(tmp_path: Path) -> None:
     from sqlalchemy import select
 
-    from management.idp import KeySecretError
-    from management.idp.issuer import Issuer
-    from management.idp.models import SigningKeyRow
+    from meshmgmt.idp import KeySecretError
+    from meshmgmt.idp.issuer import Issuer
+    from meshmgmt.idp.models import SigningKeyRow
 
     store = Store(sqlite_url(tmp_path))
     await store.migrate()
@@ -514,7 +514,7 @@ async def test_exchange_fan_out(mesh: Mesh) -> None:
 
 async def test_exchange_fan_out_of_hundreds_in_one_request(mesh: Mesh) -> None:
     """`meshssh exec` over 500 peers asks once; the limit is MAX_AUDIENCES."""
-    from management.idp.issuer import MAX_AUDIENCES
+    from meshmgmt.idp.issuer import MAX_AUDIENCES
 
     async with mesh.store.session() as s:
         fleet = [Peer(name=f"fleet-{i}", mesh_ip=f"100.64.{2 + i // 250}.{1 + i % 250}", wg_public_key=f"wg-f{i}",
@@ -639,8 +639,8 @@ async def test_logs_never_contain_tokens_or_passwords(mesh: Mesh, caplog: pytest
 async def test_two_replicas_share_keys_and_follow_a_rotation(tmp_path: Path) -> None:
     """Replica B learns A's new key from the store: at once for a token with an unknown
     kid, and through reload_keys (the store change feed) for its JWKS."""
-    from management.idp.issuer import Issuer
-    from management.idp.tokens import ACCESS_TOKEN_TYPE, Identity, access_claims, sign
+    from meshmgmt.idp.issuer import Issuer
+    from meshmgmt.idp.tokens import ACCESS_TOKEN_TYPE, Identity, access_claims, sign
 
     store = Store(sqlite_url(tmp_path))
     await store.migrate()
@@ -665,7 +665,7 @@ async def test_two_replicas_share_keys_and_follow_a_rotation(tmp_path: Path) -> 
 
 
 async def test_automatic_rotation_and_pruning(tmp_path: Path) -> None:
-    from management.idp.issuer import Issuer
+    from meshmgmt.idp.issuer import Issuer
 
     store = Store(sqlite_url(tmp_path))
     await store.migrate()

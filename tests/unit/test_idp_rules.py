@@ -9,10 +9,10 @@ import json
 import jwt
 import pytest
 
-from management.idp import device, tokens
-from management.idp.errors import IdpError
-from management.idp.grants import revoked_text
-from management.idp.keys import (
+from meshmgmt.idp import device, tokens
+from meshmgmt.idp.errors import IdpError
+from meshmgmt.idp.grants import revoked_text
+from meshmgmt.idp.keys import (
     KeyRing,
     generate_key,
     thumbprint,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from management.idp import sealing
-from management.idp.keys import generate_key, kid_of, private_key_from_der, private_key_to_der
-from management.idp.secret import KeySecretError, create_key_secret, load_or_create_key_secret, read_key_secret
+from meshmgmt.idp import sealing
+from meshmgmt.idp.keys import generate_key, kid_of, private_key_from_der, private_key_to_der
+from meshmgmt.idp.secret import KeySecretError, create_key_secret, load_or_create_key_secret, read_key_secret
 
 SECRET = bytes(range(32))
 

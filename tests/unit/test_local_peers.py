@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from client.target import choose_source_address, own_peers, source_hint
+from meshssh_client.target import choose_source_address, own_peers, source_hint
 from meshsshd import local_peers
 from meshsshd.state import StateDir
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from management.cli import main as meshmgmt
+from meshmgmt.cli import main as meshmgmt
 from meshsshd.cli import main as meshsshd
 from meshsshd.config import ConfigFile, ServerSettings
 from meshsshd.remedies import _REMEDIES, remedy, with_remedy

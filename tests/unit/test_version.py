@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from meshsshd import __version__
-from client.options import wants_version
+from meshssh_client.options import wants_version
 from tests.support import console_script
 
 

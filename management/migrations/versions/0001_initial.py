@@ -12,8 +12,8 @@ Create Date: 2026-11-23
 
 from alembic import op
 
-from management.store.migrate import import_all_models
-from management.store.models import Base
+from meshmgmt.store.migrate import import_all_models
+from meshmgmt.store.models import Base
 
 revision = "0001"
 down_revision = None

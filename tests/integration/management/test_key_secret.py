@@ -232,7 +232,7 @@ async def test_plaintext_keys_of_an_older_version_are_sealed_and_rotated(tmp_pat
     legacy = ed25519.Ed25519PrivateKey.generate()
     pem = legacy.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                serialization.NoEncryption()).decode()
-    from management.idp.keys import kid_of
+    from meshmgmt.idp.keys import kid_of
 
     old_kid = kid_of(legacy)
     with sqlite3.connect(data / "meshmgmt.db") as conn:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from management.app import create_app
-from management.openapi import openapi_document
-from management.settings import MgmtSettings
+from meshmgmt.app import create_app
+from meshmgmt.openapi import openapi_document
+from meshmgmt.settings import MgmtSettings
 from tests.support import console_script
 
 from .mgmtkit import Mgmt

@@ -19,8 +19,8 @@ import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.util import await_
 
-from management.store import Group, Store
-from management.store.engine import sqlite_url
+from meshmgmt.store import Group, Store
+from meshmgmt.store.engine import sqlite_url
 
 from .mgmtkit import PgCluster
 

@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.util import await_
 
-from management.idp.device import hash_secret
-from management.idp.grants import Grants
-from management.idp.errors import IdpError
-from management.idp.models import DeviceCodeRow
-from management.store import Group, Store
-from management.store.engine import sqlite_url
+from meshmgmt.idp.device import hash_secret
+from meshmgmt.idp.grants import Grants
+from meshmgmt.idp.errors import IdpError
+from meshmgmt.idp.models import DeviceCodeRow
+from meshmgmt.store import Group, Store
+from meshmgmt.store.engine import sqlite_url
 
 from .mgmtkit import PgCluster
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
-from management.store import Store, sqlite_url
-from management.store.migrate import alembic_config
+from meshmgmt.store import Store, sqlite_url
+from meshmgmt.store.migrate import alembic_config
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 

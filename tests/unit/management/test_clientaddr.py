@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from management.clientaddr import client_address, parse_trusted_proxies
-from management.errors import BadRequest
+from meshmgmt.clientaddr import client_address, parse_trusted_proxies
+from meshmgmt.errors import BadRequest
 
 PROXIES = parse_trusted_proxies(["10.0.0.0/8", "2001:db8::/32"])
 

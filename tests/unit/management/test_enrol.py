@@ -9,12 +9,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from management.app import create_app
-from management.bootstrap import initialise
-from management.boxkey import BOX_KEY_FILE, BoxKeyError, load_or_create_box_key
-from management.idp import SECRET_FILE
-from management.settings import MgmtSettings
-from management.store import sqlite_url
+from meshmgmt.app import create_app
+from meshmgmt.bootstrap import initialise
+from meshmgmt.boxkey import BOX_KEY_FILE, BoxKeyError, load_or_create_box_key
+from meshmgmt.idp import SECRET_FILE
+from meshmgmt.settings import MgmtSettings
+from meshmgmt.store import sqlite_url
 from meshsshd.peerproof import prove, public_key_b64
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from management.escaping import escape_controls, escape_strings
+from meshmgmt.escaping import escape_controls, escape_strings
 
 
 @pytest.mark.parametrize(("raw", "shown"), [

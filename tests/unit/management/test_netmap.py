@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from management.netmap import compute_map, find_peer, map_fingerprint, reachable_peers, ssh_access
-from management.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, UserRecord
+from meshmgmt.netmap import compute_map, find_peer, map_fingerprint, reachable_peers, ssh_access
+from meshmgmt.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, UserRecord
 from meshsshd.netmap import NetworkMap
 
 JWKS = {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "abc", "kid": "k1"}]}
@@ -267,7 +267,7 @@ def test_deterministic_and_serial_only_in_serial() -> None:
 def test_encoded_message_is_the_wire_form() -> None:
     import json
 
-    from management.netmap import encode_map
+    from meshmgmt.netmap import encode_map
 
     st = state((LAPTOP, DB), BASE_GROUPS, (RuleRecord(("admins",), ("servers",), "ssh"),))
     netmap = m(st, "db")
@@ -297,8 +297,8 @@ def test_permit_lists_reach_ssh_peers_only(key, entries, bad):
 
 @pytest.mark.parametrize("key, entries, bad", PERMIT_LISTS)
 def test_mgmt_settings_validate_permit_lists(tmp_path, key, entries, bad):
-    from management.errors import BadRequest
-    from management.settings import MgmtSettings
+    from meshmgmt.errors import BadRequest
+    from meshmgmt.settings import MgmtSettings
 
     assert getattr(MgmtSettings(data_dir=tmp_path, **{f"ssh_{key}": entries}), f"ssh_{key}") == entries
     with pytest.raises(BadRequest, match=f"--ssh-{key.replace('_', '-')}"):

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from management.app import create_app
-from management.idp.signin import BACKOFF, CEILING, SignInThrottle
-from management.metrics import Registry
-from management.ratelimit import Backoff, Decision, RateLimiter
-from management.settings import MgmtSettings
+from meshmgmt.app import create_app
+from meshmgmt.idp.signin import BACKOFF, CEILING, SignInThrottle
+from meshmgmt.metrics import Registry
+from meshmgmt.ratelimit import Backoff, Decision, RateLimiter
+from meshmgmt.settings import MgmtSettings
 
 
 class Clock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from management.idp.grants import revoked_text
+from meshmgmt.idp.grants import revoked_text
 
 from .migrations import HEAD, upgraded_from
 

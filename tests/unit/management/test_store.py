@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from management.store import Group, Peer, Policy, Store, User, hash_password, verify_password
-from management.store.engine import normalise_url
+from meshmgmt.store import Group, Peer, Policy, Store, User, hash_password, verify_password
+from meshmgmt.store.engine import normalise_url
 
 from .migrations import HEAD, upgraded_from
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from management.app import create_app
-from management.bootstrap import initialise
-from management.netmap import compute_map, subsystems_for
-from management.settings import MgmtSettings
-from management.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, SubsystemRecord, UserRecord
-from management.store import Group, Peer, Store, sqlite_url
+from meshmgmt.app import create_app
+from meshmgmt.bootstrap import initialise
+from meshmgmt.netmap import compute_map, subsystems_for
+from meshmgmt.settings import MgmtSettings
+from meshmgmt.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, SubsystemRecord, UserRecord
+from meshmgmt.store import Group, Peer, Store, sqlite_url
 
 from .migrations import HEAD, upgraded_from
 
@@ -87,7 +87,7 @@ async def test_admin_api_set_list_unset(admin) -> None:
     listed = (await (await client.get("/api/subsystems")).json())["subsystems"]
     assert sorted((x["peer_name"] or "", x["group_name"] or "", x["command"]) for x in listed) == [
         ("", "windows", "pwsh -sshs -NoLogo"), ("win-1", "", "/opt/pwsh -sshs -NoProfile")]
-    from management.store.snapshot import load_state
+    from meshmgmt.store.snapshot import load_state
 
     async with store.session() as s:
         st = await load_state(s)

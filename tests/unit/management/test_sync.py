@@ -7,9 +7,9 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from management.metrics import Registry
-from management.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord
-from management.sync import SyncHub
+from meshmgmt.metrics import Registry
+from meshmgmt.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord
+from meshmgmt.sync import SyncHub
 
 
 class FakeWS:

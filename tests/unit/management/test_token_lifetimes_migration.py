@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from management.store import Store, sqlite_url
-from management.store.models import aware
+from meshmgmt.store import Store, sqlite_url
+from meshmgmt.store.models import aware
 
 from .migrations import HEAD, upgraded_from
 

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from management.api import _validate as v
-from management.api.subsystems import COMMAND, SUBSYSTEM_NAME
-from management.errors import BadRequest
+from meshmgmt.api import _validate as v
+from meshmgmt.api.subsystems import COMMAND, SUBSYSTEM_NAME
+from meshmgmt.errors import BadRequest
 
 SPECS = {name: spec for name, spec in vars(v).items() if isinstance(spec, v.Text)} | {
     "COMMAND": COMMAND, "SUBSYSTEM_NAME": SUBSYSTEM_NAME}

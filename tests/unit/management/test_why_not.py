@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
-from management.idp.exchange import Refused, decide
-from management.idp.why_not import SERVING, STATE_WORDS, ssh_state
-from management.idp.tokens import Identity
-from management.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, UserRecord
+from meshmgmt.idp.exchange import Refused, decide
+from meshmgmt.idp.why_not import SERVING, STATE_WORDS, ssh_state
+from meshmgmt.idp.tokens import Identity
+from meshmgmt.state import GroupRecord, MeshState, PeerRecord, PolicyRecord, RuleRecord, UserRecord
 
 ALICE = UserRecord(id="u1", email="alice@example.com")
 SRV = PeerRecord(id="p1", name="srv-1", mesh_ip="100.64.0.10", allow_server_ssh=True)
