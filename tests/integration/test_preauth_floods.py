@@ -115,10 +115,14 @@ class Flood:
     def _main(self) -> None:
         asyncio.set_event_loop(self._loop)
         task = self._loop.create_task(self._run)
-        self._loop.run_until_complete(asyncio.wait([task], timeout=FLOOD_SECONDS + 30))
-        for pending in asyncio.all_tasks(self._loop):
-            pending.cancel()
-        self._loop.run_until_complete(asyncio.sleep(0.1))
+        stopped = self._loop.create_task(self._stop.wait())   # idle sockets never look at it
+        self._loop.run_until_complete(asyncio.wait([task, stopped], timeout=FLOOD_SECONDS + 30,
+                                                   return_when=asyncio.FIRST_COMPLETED))
+        pending = asyncio.all_tasks(self._loop)
+        for t in pending:
+            t.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
 
     def __enter__(self) -> Flood:
         self._thread.start()
