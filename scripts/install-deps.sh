@@ -9,6 +9,7 @@ DEBIAN_PACKAGES=(
   nftables wireguard-tools wireguard-go iproute2
   postgresql procps passwd login util-linux tmux
   putty-tools dropbear-bin curl
+  systemd   # systemd-analyze: the units are verified and scored offline (no running systemd needed)
 )
 # node's ssh2 is one of the SFTP clients the tests drive. A node that came with its own
 # npm (NodeSource's nodejs conflicts with Debian's npm package) is used as it is.
